@@ -1,0 +1,191 @@
+"""What every Ray entry point shares: presets, logging, Ray start-up, the run folder layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger("wsseg")
+
+# Pipeline presets. "small" runs the whole pipeline on a 2-core CPU in minutes; "paper" is
+# Früh et al.'s setting (VGG16 at 256x256, 50 epochs, batch 64) for a GPU cluster.
+PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(model_preset="small", epochs=8, batch_size=64, negative_keep=0.5,
+                  phantom_n=24, phantom_shape=(128, 128, 96), cam_batch_size=64),
+    "paper": dict(model_preset="paper", epochs=50, batch_size=64, negative_keep=1.0,
+                  phantom_n=100, phantom_shape=(256, 256, 326), cam_batch_size=32),
+}
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One readable line per event, on stderr (Ray forwards it into the job log)."""
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster a job was submitted to, or start a local one.
+
+    Under `ray job submit`, RAY_ADDRESS is set and `ray.init()` attaches to that cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+    LOG.info("Ray resources: %s", ray.cluster_resources())
+
+
+def torch_threads_for(num_cpus: float) -> None:
+    """Give torch as many threads as Ray gave CPUs, so actors do not oversubscribe the node."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(identifier: str) -> str:
+    """A file-name-safe form of a patient or study id: it can never leave its folder.
+
+    Separators, spaces and anything outside [A-Za-z0-9._-] become '_'; a name made only of
+    dots ('.', '..') is rejected so `<out>/masks/<id>` stays under `<out>`.
+    """
+    name = _SAFE.sub("_", str(identifier)).strip("_")
+    if not name or set(name) <= {"."}:
+        raise ValueError(f"identifier {identifier!r} cannot be used as a file name")
+    return name
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run keeps its outputs: the contract pandas users and later jobs rely on."""
+
+    out: Path
+
+    @property
+    def cohort(self) -> Path:  # the resolved cohort with splits (manifest, Parquet)
+        return self.out / "cohort.parquet"
+
+    @property
+    def classifier(self) -> Path:
+        return self.out / "models" / "classifier.pt"
+
+    @property
+    def thresholds(self) -> Path:
+        return self.out / "thresholds.json"
+
+    @property
+    def tune_grid(self) -> Path:
+        return self.out / "tune" / "grid.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics"
+
+    @property
+    def icc(self) -> Path:
+        return self.out / "icc.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "summary.parquet"
+
+    @property
+    def run_json(self) -> Path:
+        return self.out / "run.json"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.out / "ray"
+
+    def mask(self, method: str, patient_id: str, study_id: str) -> Path:
+        """Relative to `out`: masks/<method>/<patient>/<study>.nii.gz, ids sanitised."""
+        return (Path("masks") / safe_name(method.replace("+", "p")) / safe_name(patient_id)
+                / f"{safe_name(study_id)}.nii.gz")
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import pandas
+    import torch
+
+    import wsseg_core
+
+    out = {"python": sys.version.split()[0], "wsseg": wsseg_core.__version__,
+           "torch": torch.__version__, "numpy": numpy.__version__, "pandas": pandas.__version__}
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:  # the library half can run without Ray
+        pass
+    return out
+
+
+def resolve_cohort(source: str | os.PathLike, seed: int = 0) -> list:
+    """Studies of a cohort folder or manifest, each with its subject-level split."""
+    from wsseg_core.data import assign_splits, load_cohort
+
+    return assign_splits(load_cohort(source), seed=seed)
+
+
+def write_manifest(refs: list, path: str | os.PathLike) -> Path:
+    """The resolved cohort (absolute paths + split) as a Parquet manifest, written atomically."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pd.DataFrame([r.to_dict() for r in refs]).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def add_common_args(parser, *, cohort_required: bool = False) -> None:
+    parser.add_argument("--cohort", required=cohort_required,
+                        help="autoPET-layout folder or manifest (CSV/Parquet)")
+    parser.add_argument("--out", required=True, help="run folder (outputs, models, masks)")
+    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="small",
+                        help="small: CPU minutes; paper: Früh et al. settings for GPUs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--address", default=None,
+                        help="Ray address; default: RAY_ADDRESS (set by `ray job submit`) or a local cluster")

@@ -1,0 +1,183 @@
+"""Ray Train: fit the VGG16 slice classifier (Früh et al.) with DDP, checkpoints and resume.
+
+    python -m jobs.train_classifier --cohort runs/demo/cohort.parquet --out runs/demo
+    ray job submit --working-dir . -- python -m jobs.train_classifier --cohort ... --use-gpu --num-workers 4
+
+Resume after a failure: run the same command again (same --out / --storage-path / --name); each
+worker picks up the latest checkpoint (Ray Train V2 semantics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
+                         setup_logging)
+
+LOG = logging.getLogger("wsseg.train_classifier")
+CKPT_FILE = "classifier.pt"
+STATE_FILE = "train_state.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: builds slices of its patients, trains, reports and checkpoints per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from wsseg_core.data import StudyRef, load_study
+    from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
+    from wsseg_core.train import (evaluate, make_loss, make_optimizer, slices_from_studies,
+                                  train_one_epoch)
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+
+    train_refs = [StudyRef(**r) for r in config["train_refs"]]
+    val_refs = [StudyRef(**r) for r in config["val_refs"]]
+    # Each worker loads only its share of the training studies: memory scales down with workers.
+    mine = train_refs[rank::world]
+    model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
+                                        input_size=config.get("input_size"),
+                                        weights=config.get("weights"))
+    x_tr, y_tr = slices_from_studies([load_study(r) for r in mine], pre,
+                                     negative_keep=config["negative_keep"], generator=gen)
+    x_va, y_va = slices_from_studies([load_study(r) for r in val_refs], pre)
+
+    start_epoch = 0
+    optimizer_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model, pre, _ = load_classifier(Path(d) / CKPT_FILE)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        start_epoch = int(state["epoch"]) + 1
+        optimizer_state = state["optimizer"]
+        if rank == 0:
+            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    loss_fn = make_loss(config["tumour_weight"]).to(device)
+    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=config["batch_size"], shuffle=True,
+                        generator=gen, drop_last=len(y_tr) > config["batch_size"])
+
+    bare = model.module if hasattr(model, "module") else model
+    for epoch in range(start_epoch, config["epochs"]):
+        train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
+                                     augment=config["augment"], generator=gen)
+        val = evaluate(bare, x_va, y_va, loss_fn, device=device)
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
+                   "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"])}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:  # one copy of the weights; the others only report metrics
+                save_classifier(Path(d) / CKPT_FILE, bare, pre, meta=metrics)
+                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
+                         config["epochs"], train_loss, val["loss"], val["auc"])
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
+        epochs: int = 8, batch_size: int = 64, lr: float = 1e-3, momentum: float = 0.9,
+        tumour_weight: float = 7.7, negative_keep: float = 1.0, augment: bool = True,
+        weights: str | None = "imagenet", width: float | None = None,
+        input_size: int | None = None, num_workers: int = 1, use_gpu: bool = False,
+        storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
+        seed: int = 0, callbacks: list | None = None) -> dict[str, Any]:
+    """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
+
+    Returns the checkpoint path in the run folder and the per-epoch history.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    layout = RunLayout(Path(out))
+    from wsseg_core.models import PRESETS
+
+    if weights == "imagenet" and (width or PRESETS[model_preset]["width"]) != 1.0:
+        # ImageNet VGG16 weights exist only for the full-width network.
+        LOG.info("width-reduced preset %r: random initialisation (ImageNet weights need width 1.0)",
+                 model_preset)
+        weights = None
+    config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
+                  model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
+                  momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
+                  augment=augment, weights=weights, width=width, input_size=input_size, seed=seed)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path or layout.ray_storage).absolute()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
+    if best is None:
+        raise RuntimeError("training finished without a checkpoint")
+    layout.classifier.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.classifier.with_name(f".{layout.classifier.name}.tmp")
+    with best.as_directory() as d:
+        shutil.copyfile(Path(d) / CKPT_FILE, tmp)
+    tmp.replace(layout.classifier)
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return {"checkpoint": str(layout.classifier), "ray_checkpoint": best.path,
+            "history": history, "best": dict(result.metrics or {})}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, cohort_required=True)
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
+    p.add_argument("--max-failures", type=int, default=3)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    preset = PIPELINE_PRESETS[args.preset]
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    train = [r for r in refs if r.split == "train" and r.seg_path]
+    val = [r for r in refs if r.split == "val" and r.seg_path]
+    init_ray(args.address)
+    res = fit(train, val, args.out, model_preset=preset["model_preset"],
+              epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
+              lr=args.lr, tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
+              weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
+              use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
+              seed=args.seed)
+    print(f"classifier checkpoint: {res['checkpoint']}  (val AUC {res['best'].get('val_auc', float('nan')):.3f})")
+    return res
+
+
+if __name__ == "__main__":
+    main()

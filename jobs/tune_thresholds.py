@@ -1,0 +1,191 @@
+"""Ray Tune: choose Algorithm 1's (t_m, q_m) per CAM method and the Threshold baseline's percentile.
+
+Grid (Früh et al. 2.2.1): t in linspace(0.1, 0.9, 10), q in linspace(20, 50, 20); score = 3-D Dice
+per study, averaged per patient, then over the validation patients. Each validation study's CAMs
+are computed ONCE (Ray tasks, one per study) and cached; the Tune trials then only threshold.
+One trial is one (method, t_m) cell and evaluates all 20 q_m at once (the percentiles of a region
+for every q cost one sort), so the 200-point grid per method runs as 10 trials.
+
+    python -m jobs.tune_thresholds --cohort runs/demo/cohort.parquet --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.common import (RunLayout, add_common_args, init_ray, resolve_cohort, safe_name,
+                         setup_logging, torch_threads_for, write_json)
+
+LOG = logging.getLogger("wsseg.tune_thresholds")
+THRESHOLD_REFERENCE = "body"
+
+
+def cache_study_cams(ref: dict, classifier_path: str, cache_dir: str, cam_batch_size: int,
+                     num_cpus: float = 1.0) -> str | None:
+    """Classify one validation study, compute its CAMs on flagged slices, save them (npz).
+
+    Returns the cache file, or None for a study that cannot be used (unlabeled or unreadable;
+    logged, never fatal for the search).
+    """
+    from wsseg_core.cams import CAM_METHODS, CamEngine
+    from wsseg_core.data import StudyError, StudyRef, load_study
+    from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
+    from wsseg_core.models import load_classifier
+
+    torch_threads_for(num_cpus)
+    ref = StudyRef(**ref)
+    try:
+        study = load_study(ref)
+    except StudyError as e:
+        LOG.warning("tuning skips %s/%s: %s", ref.patient_id, ref.study_id, e)
+        return None
+    if study.seg is None:
+        return None
+    model, pre, _ = load_classifier(classifier_path)
+    probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
+    z = flagged_slices(probs)
+    maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
+    path = Path(cache_dir) / f"{safe_name(ref.patient_id)}__{safe_name(ref.study_id)}.npz"
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
+             patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in CAM_METHODS})
+    os.replace(tmp, path)
+    return str(path)
+
+
+def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[float]) -> dict:
+    """One Tune trial: mean validation Dice over patients for every q at one (method, t)."""
+    from wsseg_core.segment import dice_grid, threshold_dice_grid
+
+    method, t = config["cell"]["method"], config["cell"]["t"]
+    per_patient: dict[str, list[np.ndarray]] = {}
+    for f in cache_files:
+        with np.load(f) as c:
+            if method == "Threshold":
+                d = threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
+                                        reference=THRESHOLD_REFERENCE, ct=c["ct"])
+            else:
+                d = dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], [t], q_grid)[0]
+            per_patient.setdefault(str(c["patient_id"]), []).append(np.asarray(d, dtype=float))
+    # Dice is NaN for studies without tumour: average what exists, per patient then over patients.
+    with np.errstate(all="ignore"):
+        patient_means = np.array([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
+        mean = np.nanmean(patient_means, axis=0) if len(patient_means) else np.full(len(q_grid), np.nan)
+    n = int(np.sum(~np.isnan(patient_means[:, 0]))) if len(patient_means) else 0
+    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
+    return {"mean_dice": float(mean[best]) if np.isfinite(mean[best]) else 0.0,
+            "q": float(q_grid[best]), "dice_by_q": [float(v) for v in mean], "n_patients": n}
+
+
+def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
+         storage_path: str | None = None, cpus_per_trial: float = 0.5,
+         cpus_per_study: float = 1.0) -> dict[str, Any]:
+    """Cache validation CAMs, grid-search with Ray Tune, write the grid and the chosen values."""
+    import pandas as pd
+    import ray
+    from ray import tune as rtune
+
+    from wsseg_core.cams import CAM_METHODS
+    from wsseg_core.segment import Q_GRID, T_GRID
+
+    layout = RunLayout(Path(out))
+    cache_dir = layout.out / "tune" / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
+    LOG.info("computing CAMs of %d validation studies once", len(val_refs))
+    files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(layout.classifier.absolute()),
+                                                   str(cache_dir.absolute()), cam_batch_size,
+                                                   cpus_per_study) for r in val_refs]) if f]
+    if not files:
+        raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
+
+    q_grid = [float(q) for q in Q_GRID]
+    cells = [{"method": m, "t": float(t)} for m in CAM_METHODS for t in T_GRID]
+    cells.append({"method": "Threshold", "t": float("nan")})
+    trainable = rtune.with_resources(
+        rtune.with_parameters(evaluate_cell, cache_files=files, q_grid=q_grid), {"cpu": cpus_per_trial})
+    tuner = rtune.Tuner(
+        trainable,
+        param_space={"cell": rtune.grid_search(cells)},
+        tune_config=rtune.TuneConfig(metric="mean_dice", mode="max"),
+        run_config=rtune.RunConfig(name="thresholds",
+                                   storage_path=str(Path(storage_path or layout.ray_storage).absolute())),
+    )
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        if r.error:
+            raise RuntimeError(f"tuning trial {r.config} failed: {r.error}")
+        cell = r.config["cell"]
+        for q, d in zip(q_grid, r.metrics["dice_by_q"]):
+            rows.append({"method": cell["method"], "t": cell["t"], "q": q, "mean_dice": d,
+                         "n_patients": r.metrics["n_patients"]})
+    grid = pd.DataFrame(rows)
+    layout.tune_grid.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.tune_grid.with_name(f".{layout.tune_grid.name}.tmp")
+    grid.to_parquet(tmp, index=False)
+    tmp.replace(layout.tune_grid)
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for method, g in grid.groupby("method", sort=False):
+        g = g.dropna(subset=["mean_dice"])
+        if g.empty:
+            continue
+        best = g.loc[g["mean_dice"].idxmax()]
+        entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
+        if method == "Threshold":
+            entry["reference"] = THRESHOLD_REFERENCE
+        else:
+            entry["t"] = float(best["t"])
+        chosen[str(method)] = entry
+    write_json(layout.thresholds, {"source": "tuned", "n_val_studies": len(files), "methods": chosen})
+    for m, e in chosen.items():
+        LOG.info("%-9s t=%s q=%.1f validation Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
+                 e["q"], e["val_dice"])
+    return {"thresholds": chosen, "grid": str(layout.tune_grid)}
+
+
+def load_thresholds(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Tuned values from thresholds.json, or the paper's values where none were tuned."""
+    import json
+
+    from wsseg_core.segment import PAPER_THRESHOLDS
+
+    chosen = {m: {"t": t, "q": q, "source": "paper"} for m, (t, q) in PAPER_THRESHOLDS.items()}
+    chosen["Threshold"] = {"q": 31.0, "reference": THRESHOLD_REFERENCE, "source": "default"}
+    if path is not None and Path(path).exists():
+        for m, e in json.loads(Path(path).read_text())["methods"].items():
+            chosen[m] = {**e, "source": "tuned"}
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.tune_thresholds", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, cohort_required=True)
+    p.add_argument("--storage-path", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from jobs.common import PIPELINE_PRESETS
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    init_ray(args.address)
+    res = tune([r for r in refs if r.split == "val" and r.seg_path], args.out,
+               cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
+               storage_path=args.storage_path)
+    print(f"thresholds: {RunLayout(Path(args.out)).thresholds}\ngrid: {res['grid']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Run a trained slice classifier and the CAM engine over a whole volume, slice batch by slice batch."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from wsseg_core.cams import CAM_METHODS, CamEngine
+from wsseg_core.models import SliceClassifier, SlicePreprocessor, volume_to_batch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def classify_volume(model: SliceClassifier, pre: SlicePreprocessor, suv: np.ndarray, ct: np.ndarray,
+                    batch_size: int = 64) -> np.ndarray:
+    """Tumour probability of every axial slice, shape (Z,), float32.
+
+    Slices are built batch by batch so a 400x400x326 study never exists as one input tensor.
+    """
+    device = model_device(model)
+    model.eval()
+    out = np.empty(suv.shape[2], dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, suv.shape[2], batch_size):
+            z = np.arange(start, min(start + batch_size, suv.shape[2]))
+            logits = model(volume_to_batch(suv, ct, z, pre).to(device))
+            out[z] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+    return out
+
+
+def flagged_slices(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Indices of slices the classifier calls tumorous (Algorithm 1, step 1)."""
+    return np.flatnonzero(np.asarray(probs) >= threshold)
+
+
+def volume_cams(engine: CamEngine, pre: SlicePreprocessor, suv: np.ndarray, ct: np.ndarray,
+                z_indices: Sequence[int], methods: Sequence[str] = CAM_METHODS,
+                batch_size: int = 64) -> dict[str, np.ndarray]:
+    """CAMs of the given slices for every method, each (n, h, w) float32 in [0, 1]."""
+    z_indices = np.asarray(z_indices, dtype=int)
+    device = model_device(engine.model)
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for start in range(0, len(z_indices), batch_size):
+        x = volume_to_batch(suv, ct, z_indices[start:start + batch_size], pre).to(device)
+        res = engine(x, methods=methods)
+        for m in methods:
+            parts[m].append(res.maps[m])
+    if len(z_indices) == 0:
+        h = pre.input_size // 8
+        return {m: np.zeros((0, h, h), dtype=np.float32) for m in methods}
+    return {m: np.concatenate(parts[m], axis=0) for m in methods}

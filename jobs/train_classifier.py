@@ -24,6 +24,19 @@ CKPT_FILE = "classifier.pt"
 STATE_FILE = "train_state.pt"
 
 
+def load_readable(refs: list) -> list:
+    """Load the studies that can be read; a bad file is logged and left out of training."""
+    from wsseg_core.data import StudyError, load_study
+
+    studies = []
+    for r in refs:
+        try:
+            studies.append(load_study(r))
+        except StudyError as e:
+            LOG.warning("training skips %s/%s: %s", r.patient_id, r.study_id, e)
+    return studies
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: builds slices of its patients, trains, reports and checkpoints per epoch."""
     import ray.train
@@ -31,7 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from wsseg_core.data import StudyRef, load_study
+    from wsseg_core.data import StudyRef
     from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
     from wsseg_core.train import (evaluate, make_loss, make_optimizer, slices_from_studies,
                                   train_one_epoch)
@@ -48,9 +61,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
                                         input_size=config.get("input_size"),
                                         weights=config.get("weights"))
-    x_tr, y_tr = slices_from_studies([load_study(r) for r in mine], pre,
+    x_tr, y_tr = slices_from_studies(load_readable(mine), pre,
                                      negative_keep=config["negative_keep"], generator=gen)
-    x_va, y_va = slices_from_studies([load_study(r) for r in val_refs], pre)
+    x_va, y_va = slices_from_studies(load_readable(val_refs), pre)
 
     start_epoch = 0
     optimizer_state = None

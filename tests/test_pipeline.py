@@ -1,0 +1,117 @@
+"""End to end on a tiny phantom cohort with a real local Ray cluster: the SPEC's output contract.
+
+Every number in the outputs is recomputed here from the written masks and the source NIfTI files
+(Dice, MTV, TLG) and from the rows (ICC), with code independent of wsseg_core.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pingouin as pg
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SPEC_COLUMNS = ["patient_id", "study_id", "split", "method", "status", "error", "dice", "mtv_true_ml",
+                "mtv_pred_ml", "tlg_true_g", "tlg_pred_g", "voxel_volume_ml", "suv_path", "seg_path",
+                "mask_path"]
+METHODS = {"CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_cluster):
+    """Run the pipeline once on 12 tiny phantom studies plus one corrupt study."""
+    from jobs import pipeline
+    from wsseg_core.phantom import write_phantom_cohort
+
+    root = tmp_path_factory.mktemp("run")
+    cohort = root / "cohort"
+    write_phantom_cohort(cohort, n=12, shape=(64, 64, 40), seed=3)
+    # A study whose SUV is a truncated gzip: it must become failed rows, and nothing else fails.
+    bad = cohort / "PETCT_bad" / "01-01-2000-NA-PET-CT broken"
+    bad.mkdir(parents=True)
+    good = next(cohort.glob("*/*/SUV.nii.gz"))
+    data = good.read_bytes()
+    (bad / "SUV.nii.gz").write_bytes(data[: len(data) // 2])
+    for name in ("CTres.nii.gz", "SEG.nii.gz"):
+        (bad / name).write_bytes((good.parent / name).read_bytes())
+    out = root / "out"
+    run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3"])
+    return out, run
+
+
+def test_metrics_follow_the_contract(finished_run):
+    out, _ = finished_run
+    df = pd.read_parquet(out / "metrics")
+    assert list(df.columns[: len(SPEC_COLUMNS)]) == SPEC_COLUMNS
+    assert set(df["method"]) == METHODS
+    n_studies = df[["patient_id", "study_id"]].drop_duplicates().shape[0]
+    assert n_studies == 13 and len(df) == 13 * len(METHODS)
+    assert not df.duplicated(["patient_id", "study_id", "method"]).any()
+    failed = df[df["status"] == "failed"]
+    assert set(failed["patient_id"]) == {"PETCT_bad"} and len(failed) == len(METHODS)
+    assert failed["error"].str.contains("SUV.nii.gz").all()
+    ok = df[df["status"] == "ok"]
+    assert ok["error"].isna().all() and ok["mask_path"].notna().all()
+    assert set(ok["split"]) <= {"train", "val", "test"}
+
+
+def test_numbers_recompute_from_masks_and_sources(finished_run):
+    out, _ = finished_run
+    df = pd.read_parquet(out / "metrics")
+    ok = df[df["status"] == "ok"]
+    for row in ok.itertuples():
+        suv_img = nib.load(row.suv_path)
+        mask_img = nib.load(out / row.mask_path)
+        assert mask_img.get_data_dtype() == np.uint8
+        assert mask_img.shape == suv_img.shape
+        np.testing.assert_allclose(mask_img.affine, suv_img.affine, atol=1e-5)
+        pred = np.asarray(mask_img.dataobj) > 0
+        suv = np.asarray(suv_img.dataobj, dtype=np.float64)
+        ref = np.asarray(nib.load(row.seg_path).dataobj) > 0
+        voxel_ml = float(np.prod(suv_img.header.get_zooms()[:3])) / 1000.0
+        assert row.voxel_volume_ml == pytest.approx(voxel_ml)
+        assert row.mtv_pred_ml == pytest.approx(pred.sum() * voxel_ml)
+        assert row.mtv_true_ml == pytest.approx(ref.sum() * voxel_ml)
+        assert row.tlg_pred_g == pytest.approx(suv[pred].sum() * voxel_ml, rel=1e-5, abs=1e-6)
+        assert row.tlg_true_g == pytest.approx(suv[ref].sum() * voxel_ml, rel=1e-5, abs=1e-6)
+        if ref.sum() == 0:
+            assert np.isnan(row.dice)
+        else:
+            assert row.dice == pytest.approx(2 * (pred & ref).sum() / (pred.sum() + ref.sum()))
+
+
+def test_icc_recomputes_from_rows(finished_run):
+    out, _ = finished_run
+    icc = pd.read_parquet(out / "icc.parquet")
+    df = pd.read_parquet(out / "metrics")
+    test = df[(df["status"] == "ok") & (df["split"] == "test")]
+    for row in icc.itertuples():
+        col_true, col_pred = {"MTV": ("mtv_true_ml", "mtv_pred_ml"), "TLG": ("tlg_true_g", "tlg_pred_g")}[row.quantity]
+        sub = test[test["method"] == row.method].dropna(subset=[col_true, col_pred])
+        assert row.n == len(sub)
+        if len(sub) < 3 or np.isnan(row.icc):
+            continue
+        long = pd.concat([
+            pd.DataFrame({"target": range(len(sub)), "rater": "true", "y": sub[col_true].to_numpy()}),
+            pd.DataFrame({"target": range(len(sub)), "rater": "pred", "y": sub[col_pred].to_numpy()})])
+        ref = pg.intraclass_corr(long, targets="target", raters="rater", ratings="y").set_index("Type")
+        assert row.icc == pytest.approx(ref.loc["ICC2", "ICC"], abs=1e-9)
+
+
+def test_run_json_records_the_run(finished_run):
+    out, run = finished_run
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["seed"] == 0
+    assert set(rec["thresholds"]) >= METHODS
+    assert len(rec["classifier"]["sha256"]) == 64 and Path(rec["classifier"]["path"]).exists()
+    assert {"torch", "ray", "numpy"} <= set(rec["versions"])
+    assert rec["studies"] == {"total": 13, "ok": 12, "failed": 1}
+    grid = pd.read_parquet(out / "tune" / "grid.parquet")
+    assert len(grid[grid["method"] == "CAM"]) == 10 * 20

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)
+    p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
+    p.add_argument("--tune-loss-weight", action="store_true",
+                   help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
     return p
 
 
@@ -75,10 +78,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train = [r for r in refs if r.split == "train" and r.seg_path]
     val = [r for r in refs if r.split == "val" and r.seg_path]
+    tumour_weight = args.tumour_weight
+    if args.tune_loss_weight:
+        from jobs.tune_loss_weight import search
+
+        t0 = time.perf_counter()
+        searched = search(train, val, layout.out, storage_path=args.storage_path,
+                          model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+                          batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
+                          weights=None if args.weights == "none" else args.weights,
+                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+        tumour_weight = searched["tumour_weight"]
+        timings["loss_weight_search_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     fit = train_classifier.fit(
         train, val, layout.out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-        batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
+        batch_size=preset["batch_size"], negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
         weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
     timings["train_s"] = time.perf_counter() - t0
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv if argv is None else ["python", "-m", "jobs.pipeline", *argv],
         "config": {**vars(args), "preset_values": preset, "cohort_resolved": str(cohort)},
         "seed": args.seed,
+        "tumour_weight": tumour_weight,
         "thresholds": thresholds,
         "classifier": {"path": str(layout.classifier), "sha256": sha256_file(layout.classifier),
                        "best_epoch_metrics": fit["best"]},

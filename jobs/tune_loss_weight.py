@@ -1,0 +1,127 @@
+"""Ray Tune over the classifier's tumour-class weight w of the weighted cross-entropy.
+
+Each trial is a Ray Train fit (Train V2: `TorchTrainer.fit()` inside a Tune function trainable, with
+Train's per-epoch metrics forwarded to Tune by `TuneReportCallback`). A trial is ranked by its best
+validation AUC and, as a tie-breaker and for the record, by the best validation Dice that tuned CAM
+thresholds reach with that classifier (its validation CAMs computed once, every (t_m, q_m) scored).
+
+    python -m jobs.tune_loss_weight --cohort runs/demo/cohort.parquet --out runs/demo --weights 1 3.85 7.7 15.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
+                         safe_name, setup_logging, write_json)
+
+LOG = logging.getLogger("wsseg.tune_loss_weight")
+PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
+
+
+def best_val_dice(cache_files: Sequence[str]) -> dict[str, float]:
+    """Best mean validation Dice per CAM method over the full (t_m, q_m) grid (pooled over studies)."""
+    from wsseg_core.cams import CAM_METHODS
+    from wsseg_core.segment import Q_GRID, T_GRID, dice_grid
+
+    best = {}
+    for m in CAM_METHODS:
+        grids = []
+        for f in cache_files:
+            with np.load(f) as c:
+                grids.append(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{m}"], T_GRID, Q_GRID))
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(np.stack(grids), axis=0) if grids else np.full((1, 1), np.nan)
+        best[m] = float(np.nanmax(mean)) if np.isfinite(mean).any() else float("nan")
+    return best
+
+
+def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fit_kwargs: dict) -> dict:
+    """One Tune trial: a Ray Train fit at weight w, then the Dice its CAMs reach on validation."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train_classifier import fit
+    from jobs.tune_thresholds import cache_study_cams
+
+    w = float(config["tumour_weight"])
+    trial_out = Path(out) / "loss_weight" / safe_name(f"w{w:g}")
+    res = fit(train_refs, val_refs, trial_out, tumour_weight=w, name=f"classifier_w{w:g}",
+              callbacks=[TuneReportCallback()], **fit_kwargs)
+    cache_dir = trial_out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = [f for f in (cache_study_cams(r.to_dict(), res["checkpoint"], str(cache_dir), 64) for r in val_refs) if f]
+    dice = best_val_dice(files)
+    return {"val_auc": float(res["best"].get("val_auc", float("nan"))),
+            "best_cam_dice": float(np.nanmax(list(dice.values()))) if dice else float("nan"),
+            **{f"dice_{m}": v for m, v in dice.items()}, "checkpoint": res["checkpoint"]}
+
+
+def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[float] = PAPER_WEIGHT_GRID,
+           *, storage_path: str | None = None, max_concurrent_trials: int = 1, **fit_kwargs) -> dict[str, Any]:
+    """Run the search; write `<out>/loss_weight/results.parquet` and return the chosen weight."""
+    from ray import tune
+
+    layout = RunLayout(Path(out).absolute())
+    storage = str(Path(storage_path or layout.ray_storage).absolute())
+    fit_kwargs = {**fit_kwargs, "storage_path": storage}
+    tuner = tune.Tuner(
+        # The trial itself only waits on its Train run; the Train workers hold the real resources.
+        tune.with_resources(tune.with_parameters(trial, train_refs=train_refs, val_refs=val_refs,
+                                                 out=str(layout.out), fit_kwargs=fit_kwargs), {"cpu": 0}),
+        param_space={"tumour_weight": tune.grid_search([float(w) for w in weights])},
+        tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
+        run_config=tune.RunConfig(name="loss_weight", storage_path=storage),
+    )
+    results = tuner.fit()
+    df = results.get_dataframe()
+    errors = [str(r.error) for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"loss-weight trials failed: {errors}")
+    df = df.rename(columns={"config/tumour_weight": "tumour_weight"})
+    keep = ["tumour_weight", "val_auc", "best_cam_dice"] + [c for c in df.columns if c.startswith("dice_")] + ["checkpoint"]
+    table = df[keep].sort_values(["val_auc", "best_cam_dice"], ascending=False).reset_index(drop=True)
+    path = layout.out / "loss_weight" / "results.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(path, index=False)
+    chosen = float(table.loc[0, "tumour_weight"])
+    write_json(layout.out / "loss_weight" / "chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
+    LOG.info("loss-weight search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
+    return {"tumour_weight": chosen, "results": str(path), "table": table}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.tune_loss_weight", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, cohort_required=True)
+    p.add_argument("--weights", type=float, nargs="+", default=list(PAPER_WEIGHT_GRID))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--max-concurrent-trials", type=int, default=1)
+    p.add_argument("--storage-path", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    preset = PIPELINE_PRESETS[args.preset]
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    init_ray(args.address)
+    res = search([r for r in refs if r.split == "train" and r.seg_path],
+                 [r for r in refs if r.split == "val" and r.seg_path], args.out, args.weights,
+                 storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
+                 model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+                 batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
+                 weights="imagenet", num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+    print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
+    return res
+
+
+if __name__ == "__main__":
+    main()

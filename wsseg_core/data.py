@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import logging
+import os
+import struct
+import uuid
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.filebasedimages import ImageFileError
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
 
 
 class StudyError(Exception):
@@ -35,3 +52,630 @@ class StudyRef:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cohort discovery and manifests
+# --------------------------------------------------------------------------------------------------
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "study_id", "suv_path", "ct_path", "seg_path")
+
+# autoPET file stems; ``.nii.gz`` is the layout's own suffix, plain ``.nii`` is accepted as well.
+_SUV_STEM, _CT_STEM, _SEG_STEM = "SUV", "CTres", "SEG"
+
+
+def _is_hidden(p: Path) -> bool:
+    # Dot entries are OS litter (.DS_Store) or our own in-flight temp files, never studies.
+    return p.name.startswith(".")
+
+
+def _find_image(study_dir: Path, stem: str) -> tuple[Path, bool]:
+    """The image ``stem`` in ``study_dir`` and whether it exists.
+
+    When absent, the expected ``.nii.gz`` location is returned so that a later load fails naming it.
+    """
+    for suffix in (".nii.gz", ".nii"):
+        p = study_dir / f"{stem}{suffix}"
+        if p.is_file():
+            return p, True
+    return study_dir / f"{stem}.nii.gz", False
+
+
+def discover_cohort(root: str | os.PathLike) -> list[StudyRef]:
+    """Find all studies under an autoPET NIfTI tree ``<root>/<patient>/<study>/{SUV,CTres,SEG}.nii.gz``.
+
+    ``patient_id`` is the patient folder name, ``study_id`` the study folder name (which may contain
+    spaces). ``seg_path`` is None where SEG is absent (unlabeled study). A study folder lacking SUV or
+    CTres is still returned, with the missing path pointing at the expected file, so that
+    :func:`load_study` fails for that one study with a :class:`StudyError` naming the file; the cohort
+    is never silently shrunk. Sorted by (patient_id, study_id); paths are absolute.
+
+    Raises:
+        StudyError: ``root`` does not exist, is not a folder, or holds no study folders.
+    """
+    root_p = Path(os.path.abspath(os.fspath(root)))
+    if not root_p.exists():
+        raise StudyError(root_p, "cohort folder does not exist")
+    if not root_p.is_dir():
+        raise StudyError(root_p, "cohort source is not a folder (expected <root>/<patient>/<study>/)")
+    refs: list[StudyRef] = []
+    for patient_dir in sorted(p for p in root_p.iterdir() if p.is_dir() and not _is_hidden(p)):
+        study_dirs = sorted(p for p in patient_dir.iterdir() if p.is_dir() and not _is_hidden(p))
+        if not study_dirs:
+            logger.warning("%s: patient folder holds no study folders; skipped", patient_dir)
+            continue
+        for study_dir in study_dirs:
+            suv, suv_ok = _find_image(study_dir, _SUV_STEM)
+            ct, ct_ok = _find_image(study_dir, _CT_STEM)
+            seg, seg_ok = _find_image(study_dir, _SEG_STEM)
+            missing = [p.name for p, ok in ((suv, suv_ok), (ct, ct_ok)) if not ok]
+            if missing:
+                logger.warning("%s: missing %s; the study will fail at load", study_dir,
+                               ", ".join(missing))
+            refs.append(StudyRef(
+                patient_id=patient_dir.name,
+                study_id=study_dir.name,
+                suv_path=str(suv),
+                ct_path=str(ct),
+                seg_path=str(seg) if seg_ok else None,
+            ))
+    if not refs:
+        raise StudyError(root_p, "no studies found (expected <root>/<patient>/<study>/SUV.nii.gz)")
+    refs.sort(key=lambda r: (r.patient_id, r.study_id))
+    return refs
+
+
+def _cell(value: object) -> str | None:
+    """A manifest cell as a stripped string, None for empty / NaN / missing."""
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):  # array-like cells: not a scalar NA
+        pass
+    s = str(value).strip()
+    return s or None
+
+
+def _resolve(base: Path, p: str) -> str:
+    # URIs are passed through untouched; local relative paths are relative to the manifest's folder
+    # so a manifest can travel together with its data.
+    if "://" in p:
+        return p
+    p = os.path.expanduser(p)
+    if not os.path.isabs(p):
+        p = os.path.join(base, p)
+    return os.path.normpath(p)
+
+
+def read_manifest(path: str | os.PathLike) -> list[StudyRef]:
+    """Read a CSV or Parquet manifest with columns ``patient_id, study_id, suv_path, ct_path, seg_path``
+    (optional ``split`` in {train, val, test}, ``diagnosis``).
+
+    Relative paths resolve against the manifest's folder; an empty ``seg_path`` means unlabeled.
+    File existence is not checked here: a missing file fails that one study at load time.
+    Rows keep the manifest's order.
+
+    Raises:
+        StudyError(manifest, problem): unreadable file, missing required column(s), empty required
+            cell, duplicate (patient_id, study_id), unknown split, or a patient whose studies are given
+            different splits.
+    """
+    mpath = Path(os.path.abspath(os.fspath(path)))
+    if not mpath.is_file():
+        raise StudyError(mpath, "manifest file not found")
+    suffix = mpath.suffix.lower()
+    try:
+        if suffix == ".csv":
+            # dtype=str keeps IDs such as "0007" intact instead of turning them into integers.
+            df = pd.read_csv(mpath, dtype=str)
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(mpath)
+        else:
+            raise StudyError(mpath, f"unknown manifest type {suffix!r} (expected .csv or .parquet)")
+    except StudyError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as e:
+        raise StudyError(mpath, f"cannot read manifest: {e}") from e
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise StudyError(mpath, f"missing required column(s): {', '.join(missing)} "
+                                f"(found: {', '.join(df.columns) or 'none'})")
+    if len(df) == 0:
+        raise StudyError(mpath, "manifest holds no studies")
+    base = mpath.parent
+    has_split = "split" in df.columns
+    has_diag = "diagnosis" in df.columns
+    refs: list[StudyRef] = []
+    seen: dict[tuple[str, str], int] = {}
+    duplicates: list[str] = []
+    for i, row in enumerate(df.to_dict(orient="records"), start=1):
+        vals = {c: _cell(row[c]) for c in MANIFEST_COLUMNS}
+        for c in ("patient_id", "study_id", "suv_path", "ct_path"):
+            if vals[c] is None:
+                raise StudyError(mpath, f"row {i}: empty {c}")
+        key = (vals["patient_id"], vals["study_id"])
+        if key in seen:
+            duplicates.append(f"{key[0]}/{key[1]} (rows {seen[key]} and {i})")
+        else:
+            seen[key] = i
+        split = _cell(row["split"]) if has_split else None
+        if split is not None:
+            split = split.lower()
+            if split not in SPLITS:
+                raise StudyError(mpath, f"row {i}: split {split!r} not in {{train, val, test}}")
+        refs.append(StudyRef(
+            patient_id=vals["patient_id"],
+            study_id=vals["study_id"],
+            suv_path=_resolve(base, vals["suv_path"]),
+            ct_path=_resolve(base, vals["ct_path"]),
+            seg_path=_resolve(base, vals["seg_path"]) if vals["seg_path"] else None,
+            split=split,
+            diagnosis=_cell(row["diagnosis"]) if has_diag else None,
+        ))
+    if duplicates:
+        shown = "; ".join(duplicates[:5]) + (f"; ... ({len(duplicates)} in all)"
+                                             if len(duplicates) > 5 else "")
+        raise StudyError(mpath, f"duplicate (patient_id, study_id): {shown}")
+    try:
+        _given_splits(refs)
+    except StudyError as e:
+        raise StudyError(mpath, e.problem) from None
+    return refs
+
+
+def load_cohort(source: str | os.PathLike) -> list[StudyRef]:
+    """A folder (autoPET layout, :func:`discover_cohort`) or a ``.csv`` / ``.parquet`` manifest
+    (:func:`read_manifest`)."""
+    p = Path(os.path.abspath(os.fspath(source)))
+    if p.is_dir():
+        return discover_cohort(p)
+    if p.suffix.lower() in (".csv", ".parquet", ".pq"):
+        return read_manifest(p)
+    if not p.exists():
+        raise StudyError(p, "cohort source does not exist (expected a folder or a .csv/.parquet manifest)")
+    raise StudyError(p, "cohort source is neither a folder nor a .csv/.parquet manifest")
+
+
+# --------------------------------------------------------------------------------------------------
+# Subject-level splits
+# --------------------------------------------------------------------------------------------------
+
+def _given_splits(refs: Sequence[StudyRef]) -> dict[str, str]:
+    """patient_id -> split for patients with a split already given; conflicting splits are an error."""
+    given: dict[str, set[str]] = {}
+    for r in refs:
+        if r.split is not None:
+            if r.split not in SPLITS:
+                raise StudyError(f"{r.patient_id}/{r.study_id}",
+                                 f"split {r.split!r} not in {{train, val, test}}")
+            given.setdefault(r.patient_id, set()).add(r.split)
+    conflicts = {pid: s for pid, s in given.items() if len(s) > 1}
+    if conflicts:
+        pid, s = next(iter(sorted(conflicts.items())))
+        raise StudyError(f"patient {pid}", f"studies of one patient are given different splits "
+                                           f"{sorted(s)} ({len(conflicts)} patient(s) affected)")
+    return {pid: next(iter(s)) for pid, s in given.items()}
+
+
+def _unit_hash(patient_id: str, seed: int) -> float:
+    # A keyed hash per patient, not a shuffle: each patient's position in [0, 1) depends on nothing
+    # but (seed, patient_id), so adding studies or patients never moves an existing patient.
+    digest = hashlib.sha256(f"wsseg-split\x00{seed}\x00{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_splits(refs: Sequence[StudyRef], seed: int = 0,
+                  fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> list[StudyRef]:
+    """Give every study a split in {train, val, test}, at subject level.
+
+    A split already on a ref (manifest-given) is kept and applied to the same patient's other
+    studies. Other patients are placed by a seeded hash of ``patient_id`` in [0, 1), bucketed by the
+    cumulative ``fractions`` (normalised to sum 1), so the assignment is stable when studies or
+    patients are added. Returns new refs in the input order.
+
+    Raises:
+        ValueError: bad ``fractions``.
+        StudyError: a patient's studies carry different given splits, or an unknown split.
+    """
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (len(SPLITS),) or not np.all(np.isfinite(fr)) or np.any(fr < 0) or fr.sum() <= 0:
+        raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers (train, val, test), "
+                         f"got {tuple(fractions)!r}")
+    edges = np.cumsum(fr / fr.sum())
+    given = _given_splits(refs)
+    out: list[StudyRef] = []
+    cache: dict[str, str] = dict(given)
+    for r in refs:
+        split = cache.get(r.patient_id)
+        if split is None:
+            u = _unit_hash(r.patient_id, seed)
+            # Clamp guards against edges[-1] landing a hair below 1.0 from rounding.
+            split = SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
+            cache[r.patient_id] = split
+        out.append(dataclasses.replace(r, split=split))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+# Grids match when their affines agree to this many mm (rounding in headers written by other tools).
+AFFINE_TOL_MM = 1e-3
+CT_FILL_HU = -1000.0  # air: what the scanner would have seen outside the CT field of view
+
+# What nibabel / gzip / zlib raise for a file that is not a NIfTI or is corrupt or truncated. A
+# truncated .nii.gz usually passes the header read and fails only when the data is decompressed.
+_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, ValueError, struct.error,
+                IndexError, TypeError)
+
+
+@dataclass(eq=False)
+class Study:
+    """One loaded, validated study, all arrays on the SUV grid in (X, Y, Z) voxel order.
+
+    ``suv`` float32 (SUV), ``ct`` float32 (HU), ``seg`` uint8 {0, 1} or None (unlabeled),
+    ``affine`` (4, 4) float64 voxel -> mm, ``spacing_mm`` (3,) float64 voxel size in mm.
+    """
+
+    ref: StudyRef
+    suv: np.ndarray
+    ct: np.ndarray
+    seg: np.ndarray | None
+    affine: np.ndarray
+    spacing_mm: np.ndarray
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in ml (``prod(spacing_mm) / 1000``, since 1 ml = 1000 mm^3)."""
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+
+@dataclass
+class _Image:
+    data: np.ndarray
+    affine: np.ndarray
+    spacing_mm: np.ndarray
+
+
+def _read_nifti(path: str, role: str, as_float: bool = True) -> _Image:
+    """Read one NIfTI volume; every problem becomes a StudyError naming ``path``."""
+    if "://" not in path and not os.path.isfile(path):
+        raise StudyError(path, f"{role} file not found")
+    try:
+        img = nib.load(path)
+    except _READ_ERRORS as e:
+        raise StudyError(path, f"{role} is not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise StudyError(path, f"{role} is not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = tuple(int(s) for s in img.shape)
+    # Trailing singleton dims (X, Y, Z, 1) are a common export artefact and carry no information.
+    shape3 = shape
+    while len(shape3) > 3 and shape3[-1] == 1:
+        shape3 = shape3[:-1]
+    if len(shape3) != 3:
+        raise StudyError(path, f"{role} must be a 3-D volume, got shape {shape}")
+    if min(shape3) < 1:
+        raise StudyError(path, f"{role} has an empty dimension, shape {shape}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or \
+            abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise StudyError(path, f"{role} has an invalid (non-finite or singular) affine")
+    spacing = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise StudyError(path, f"{role} has invalid voxel spacing {tuple(spacing)} mm")
+    try:
+        if as_float:
+            data = img.get_fdata(dtype=np.float32)
+        else:
+            data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean a bad file
+        raise StudyError(path, f"{role} data cannot be read, file corrupt or truncated "
+                               f"({type(e).__name__}: {e})") from e
+    finally:
+        img.uncache()
+    return _Image(np.asarray(data).reshape(shape3), affine, spacing)
+
+
+def _count_nonfinite(a: np.ndarray) -> tuple[int, int]:
+    """(number of NaN, number of +-inf) voxels."""
+    if not np.issubdtype(a.dtype, np.floating):
+        return 0, 0
+    return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+
+
+def _check_finite(a: np.ndarray, path: str, role: str) -> None:
+    n_nan, n_inf = _count_nonfinite(a)
+    if n_nan or n_inf:
+        raise StudyError(path, f"{role} has {n_nan + n_inf} non-finite voxel(s) "
+                               f"({n_nan} NaN, {n_inf} inf) out of {a.size}")
+
+
+def _same_grid(shape_a: tuple, aff_a: np.ndarray, shape_b: tuple, aff_b: np.ndarray) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and \
+        bool(np.allclose(aff_a, aff_b, rtol=0.0, atol=AFFINE_TOL_MM))
+
+
+def _resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple,
+                      dst_affine: np.ndarray, fill: float) -> tuple[np.ndarray, float]:
+    """Linear resampling of ``data`` onto the target grid; returns (array, fraction of the target
+    covered by the source field of view).
+
+    A target voxel is inside the source FOV when it falls within half a voxel of the source's outer
+    voxel centres, i.e. inside the source voxels' footprint.
+    """
+    # dst voxel -> mm -> src voxel; affine_transform builds coordinates on the fly, so a full
+    # 400x400x326 grid never needs three float64 coordinate arrays in memory.
+    t = np.linalg.inv(src_affine) @ dst_affine
+    matrix, offset = t[:3, :3], t[:3, 3]
+    # 'nearest' extrapolates into the half-voxel margin that is still covered by the edge voxels.
+    out = ndimage.affine_transform(data.astype(np.float32, copy=False), matrix, offset=offset,
+                                   output_shape=tuple(dst_shape), output=np.float32, order=1,
+                                   mode="nearest", prefilter=False)
+    inside = ndimage.affine_transform(np.ones(data.shape, dtype=np.uint8), matrix, offset=offset,
+                                      output_shape=tuple(dst_shape), output=np.uint8, order=0,
+                                      mode="grid-constant", cval=0, prefilter=False)
+    covered = inside.astype(bool)
+    out[~covered] = fill
+    return out, float(covered.mean())
+
+
+def load_study(ref: StudyRef) -> Study:
+    """Read and validate one study's SUV, CT and (optional) SEG NIfTI files.
+
+    Returns arrays on the SUV grid: SUV float32, CT float32 in HU, SEG uint8 {0, 1} (``SEG > 0``, so a
+    {0, 255} float mask is fine). A CT on another grid is resampled onto the SUV grid (linear,
+    -1000 HU outside the CT field of view) and logged. Slightly negative SUV (PET noise) is accepted.
+
+    Raises:
+        StudyError(file, problem): a file is missing, not a NIfTI, corrupt or truncated, not 3-D (trailing
+            singleton dims are squeezed), SUV or CT holds NaN/inf, SEG is not on the SUV grid (shape and
+            affine within 1e-3 mm), or the CT does not overlap the SUV field of view.
+    """
+    suv_img = _read_nifti(ref.suv_path, "SUV")
+    suv = suv_img.data
+    _check_finite(suv, ref.suv_path, "SUV")
+    if suv.size and float(suv.min()) < -100.0:
+        # Far below any PET noise floor: most likely a CT (HU) stored under the SUV name.
+        logger.warning("%s: SUV minimum %.1f looks like HU; are SUV and CT swapped?",
+                       ref.suv_path, float(suv.min()))
+
+    ct_img = _read_nifti(ref.ct_path, "CT")
+    _check_finite(ct_img.data, ref.ct_path, "CT")
+    if _same_grid(ct_img.data.shape, ct_img.affine, suv.shape, suv_img.affine):
+        ct = ct_img.data
+    else:
+        ct, covered = _resample_to_grid(ct_img.data, ct_img.affine, suv.shape, suv_img.affine,
+                                        CT_FILL_HU)
+        if covered <= 0.0:
+            raise StudyError(ref.ct_path, f"CT (shape {ct_img.data.shape}) does not overlap the SUV "
+                                          f"field of view (shape {suv.shape}); check the affines")
+        logger.info("%s: CT grid (shape %s, spacing %s mm) differs from the SUV grid (shape %s, "
+                    "spacing %s mm); resampled onto the SUV grid (linear, %.0f HU outside the CT "
+                    "field of view, %.1f%% of SUV voxels covered)", ref.ct_path,
+                    ct_img.data.shape, _fmt_mm(ct_img.spacing_mm), suv.shape,
+                    _fmt_mm(suv_img.spacing_mm), CT_FILL_HU, 100.0 * covered)
+    del ct_img
+
+    seg = None
+    if ref.seg_path is not None:
+        seg_img = _read_nifti(ref.seg_path, "SEG", as_float=False)
+        if not _same_grid(seg_img.data.shape, seg_img.affine, suv.shape, suv_img.affine):
+            diff = float(np.max(np.abs(seg_img.affine - suv_img.affine)))
+            raise StudyError(ref.seg_path, f"SEG is not on the SUV grid: shape {seg_img.data.shape} "
+                                           f"vs SUV {suv.shape}, affines differ by up to {diff:.4g} mm "
+                                           f"(tolerance {AFFINE_TOL_MM} mm)")
+        _check_finite(seg_img.data, ref.seg_path, "SEG")
+        seg = (seg_img.data > 0).astype(np.uint8)
+
+    return Study(ref=ref, suv=suv, ct=ct, seg=seg, affine=suv_img.affine,
+                 spacing_mm=suv_img.spacing_mm)
+
+
+def _fmt_mm(spacing: np.ndarray) -> str:
+    return "x".join(f"{s:.3g}" for s in spacing)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weak labels derived from SEG
+# --------------------------------------------------------------------------------------------------
+
+def _check_3d(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D (X, Y, Z) array, got shape {a.shape}")
+    return a
+
+
+def slice_labels(seg: np.ndarray) -> np.ndarray:
+    """Per axial slice (axis 2): True where the slice holds any tumour voxel. Returns bool (Z,)."""
+    seg = _check_3d(seg, "seg")
+    return np.asarray((seg > 0).any(axis=(0, 1)), dtype=bool)
+
+
+@dataclass(eq=False)
+class Lesion:
+    """One connected lesion of a SEG mask, in voxel indices of the (X, Y, Z) grid.
+
+    ``bbox_min`` / ``bbox_max`` (3,) int64, both inclusive; ``centre_vox`` (3,) float64 centre of mass.
+    Multiply by the spacing (or apply the affine) for mm; ``n_voxels * voxel_volume_ml`` for ml.
+    """
+
+    label: int
+    n_voxels: int
+    bbox_min: np.ndarray
+    bbox_max: np.ndarray
+    centre_vox: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"label": int(self.label), "n_voxels": int(self.n_voxels),
+                "bbox_min": [int(v) for v in self.bbox_min],
+                "bbox_max": [int(v) for v in self.bbox_max],
+                "centre_vox": [float(v) for v in self.centre_vox]}
+
+
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+def find_lesions(seg: np.ndarray, connectivity: int = 26) -> list[Lesion]:
+    """Connected components of ``seg > 0`` (``connectivity`` 6, 18 or 26 neighbours), sorted by label.
+
+    Gives the weak labels of the box- and point-supervised methods: one bounding box and one centre
+    point per lesion.
+    """
+    seg = _check_3d(seg, "seg")
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity!r}")
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    mask = seg > 0
+    labels, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return []
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    idx = np.arange(1, n + 1)
+    centres = ndimage.center_of_mass(mask, labels, idx)
+    lesions = []
+    for lab, sl, c in zip(idx, ndimage.find_objects(labels), centres):
+        lesions.append(Lesion(
+            label=int(lab),
+            n_voxels=int(counts[lab]),
+            bbox_min=np.array([s.start for s in sl], dtype=np.int64),
+            bbox_max=np.array([s.stop - 1 for s in sl], dtype=np.int64),
+            centre_vox=np.asarray(c, dtype=np.float64),
+        ))
+    return lesions
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing masks
+# --------------------------------------------------------------------------------------------------
+
+def _nifti_suffix(name: str) -> str:
+    low = name.lower()
+    for s in (".nii.gz", ".nii"):
+        if low.endswith(s):
+            return name[-len(s):]
+    raise ValueError(f"mask path must end in .nii.gz or .nii, got {name!r}")
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> None:
+    """Write a binary mask (``mask > 0``) as a uint8 NIfTI with ``affine`` (4, 4, voxel -> mm) as both
+    qform and sform (code 1).
+
+    Atomic: written to a hidden temp name in the same folder, then ``os.replace``d, so a reader
+    never sees a half-written file. Parent folders are created.
+    """
+    mask = _check_3d(mask, "mask")
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise ValueError(f"affine must be a finite (4, 4) array, got shape {aff.shape}")
+    dst = Path(os.fspath(path))
+    suffix = _nifti_suffix(dst.name)
+    stem = dst.name[: -len(suffix)]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = (mask > 0).astype(np.uint8)
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_data_dtype(np.uint8)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    # The suffix must stay last so nibabel picks the same compression; the random part keeps two
+    # threads of one process from sharing a temp file.
+    tmp = dst.parent / f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Cohort summary
+# --------------------------------------------------------------------------------------------------
+
+def cohort_summary(refs: Sequence[StudyRef], load: bool = True) -> dict:
+    """Counts describing a cohort, for the demo's printout.
+
+    Keys: ``n_studies``, ``n_patients``, ``splits`` ({split or "unassigned": n_studies}),
+    ``n_labeled`` (studies with a SEG path). With ``load=True`` every study is loaded (one at a time)
+    and also: ``n_loaded``, ``n_negative`` (labeled with an empty SEG), ``n_lesions`` (26-connected),
+    ``n_slices`` (axial slices of all loaded studies), ``n_tumour_slices``, ``n_failed`` and
+    ``failures`` (list of {patient_id, study_id, path, problem}); a failing study is listed, not raised.
+    With ``load=False`` those keys are None / empty.
+    """
+    splits: dict[str, int] = {}
+    for r in refs:
+        key = r.split if r.split is not None else "unassigned"
+        splits[key] = splits.get(key, 0) + 1
+    ordered = {s: splits[s] for s in (*SPLITS, "unassigned") if s in splits}
+    ordered.update({s: n for s, n in splits.items() if s not in ordered})
+    summary: dict = {
+        "n_studies": len(refs),
+        "n_patients": len({r.patient_id for r in refs}),
+        "splits": ordered,
+        "n_labeled": sum(r.seg_path is not None for r in refs),
+        "n_loaded": None,
+        "n_negative": None,
+        "n_lesions": None,
+        "n_slices": None,
+        "n_tumour_slices": None,
+        "n_failed": 0,
+        "failures": [],
+    }
+    if not load:
+        return summary
+    n_loaded = n_negative = n_lesions = n_slices = n_tumour = 0
+    failures: list[dict] = []
+    for r in refs:
+        try:
+            st = load_study(r)
+        except StudyError as e:
+            failures.append({"patient_id": r.patient_id, "study_id": r.study_id,
+                             "path": e.path, "problem": e.problem})
+            continue
+        n_loaded += 1
+        n_slices += int(st.suv.shape[2])
+        if st.seg is not None:
+            labels = slice_labels(st.seg)
+            n_tumour += int(labels.sum())
+            if not labels.any():
+                n_negative += 1
+            else:
+                n_lesions += len(find_lesions(st.seg))
+        del st
+    summary.update(n_loaded=n_loaded, n_negative=n_negative, n_lesions=n_lesions, n_slices=n_slices,
+                   n_tumour_slices=n_tumour, n_failed=len(failures), failures=failures)
+    return summary
+
+
+def format_cohort_summary(summary: dict) -> str:
+    """A readable multi-line rendering of :func:`cohort_summary`'s dict."""
+    def v(key: str) -> str:
+        x = summary.get(key)
+        return "-" if x is None else str(x)
+
+    splits = summary.get("splits") or {}
+    split_txt = ", ".join(f"{k} {n}" for k, n in splits.items()) or "-"
+    lines = [
+        f"studies   {v('n_studies')} ({v('n_patients')} patients); splits: {split_txt}",
+        f"labeled   {v('n_labeled')} (negative, empty SEG: {v('n_negative')})",
+    ]
+    if summary.get("n_loaded") is not None:
+        n_slices, n_tum = summary.get("n_slices") or 0, summary.get("n_tumour_slices") or 0
+        frac = f" ({100.0 * n_tum / n_slices:.1f}%)" if n_slices else ""
+        lines += [
+            f"loaded    {v('n_loaded')}, failed {v('n_failed')}",
+            f"lesions   {v('n_lesions')}",
+            f"slices    {v('n_slices')} axial, {v('n_tumour_slices')} with tumour{frac}",
+        ]
+    for f in summary.get("failures") or []:
+        lines.append(f"  FAILED {f['patient_id']}/{f['study_id']}: {f['path']}: {f['problem']}")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ from jobs.common import (RunLayout, add_common_args, init_ray, resolve_cohort, s
                          setup_logging, torch_threads_for, write_json)
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
-THRESHOLD_REFERENCE = "body"
+THRESHOLD_REFERENCE = "max"  # q % of the slice SUVmax: see wsseg_core.segment
 
 
 def cache_study_cams(ref: dict, classifier_path: str, cache_dir: str, cam_batch_size: int,

@@ -299,9 +299,10 @@ def dice_grid(
 #            is the EANM 41 % isocontour). Not a percentile, but the only reading under which a
 #            20..50 grid selects lesion-sized regions.
 #
-# "body" is the default. Note that with any true percentile (slice, body) q in 20..50 keeps
-# 50..80 % of the reference voxels, i.e. hundreds of ml per flagged slice, far from the paper's
-# Threshold results (median |dMTV| 44 ml, Dice 0.29); "max" is the reading compatible with those.
+# "max" is the default: with any true percentile (slice, body) q in 20..50 keeps 50..80 % of the
+# reference voxels, i.e. hundreds of ml per flagged slice, far from the paper's Threshold results
+# (median |dMTV| 44 ml, Dice 0.29); "max" is the reading compatible with those (small tumours
+# overestimated, large ones underestimated, as the paper observes).
 
 
 def body_mask_slice(
@@ -358,7 +359,7 @@ def _thresholds(ref_vals: np.ndarray, q: np.ndarray, reference: str) -> np.ndarr
 def threshold_slice(
     suv_slice: np.ndarray,
     q: float,
-    reference: str = "body",
+    reference: str = "max",
     body_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Global-threshold baseline on one flagged slice.
@@ -366,7 +367,7 @@ def threshold_slice(
     Args:
         suv_slice: ``(X, Y)`` SUV (g/ml).
         q: percent: a percentile for ``"slice"`` / ``"body"``, a fraction of SUVmax for ``"max"``.
-        reference: ``"slice"``, ``"body"`` (default) or ``"max"``; see the notes above.
+        reference: ``"slice"``, ``"body"`` or ``"max"`` (default); see the notes above.
         body_mask: ``(X, Y)`` body for ``"body"``; None derives it from the SUV
             (``SUV > BODY_SUV_FLOOR``, holes filled).
 
@@ -391,7 +392,7 @@ def threshold_volume(
     suv: np.ndarray,
     flagged_z: np.ndarray | Sequence[int],
     q: float,
-    reference: str = "body",
+    reference: str = "max",
     ct: np.ndarray | None = None,
 ) -> np.ndarray:
     """Method ``Threshold``: :func:`threshold_slice` on every flagged slice, others empty.
@@ -400,7 +401,7 @@ def threshold_volume(
         suv: ``(X, Y, Z)`` SUV (g/ml).
         flagged_z: ``(n,)`` distinct indices of the slices the classifier called tumorous.
         q: percent (see :func:`threshold_slice`).
-        reference: ``"slice"``, ``"body"`` (default) or ``"max"``.
+        reference: ``"slice"``, ``"body"`` or ``"max"`` (default).
         ct: ``(X, Y, Z)`` CT in HU on the SUV grid; used for the body of ``"body"``, else ignored.
 
     Returns:
@@ -428,7 +429,7 @@ def threshold_dice_grid(
     seg: np.ndarray | None,
     flagged_z: np.ndarray | Sequence[int],
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
-    reference: str = "body",
+    reference: str = "max",
     ct: np.ndarray | None = None,
 ) -> np.ndarray:
     """3-D Dice of :func:`threshold_volume` for every q of one study, from counts only.

@@ -176,7 +176,7 @@ def test_threshold_slice_references_by_hand():
     np.testing.assert_array_equal(m, s >= 9)
     assert m.sum() == 8
     # Without a body mask the SUV floor finds the same body here.
-    np.testing.assert_array_equal(threshold_slice(s, 50.0), m)
+    np.testing.assert_array_equal(threshold_slice(s, 50.0, "body"), m)
     # "max": 40 % of SUVmax 16 = 6.4 -> SUV 7..16 -> 10 voxels.
     mm = threshold_slice(s, 40.0, "max")
     np.testing.assert_array_equal(mm, s >= 7)

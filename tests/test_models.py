@@ -1,0 +1,197 @@
+"""Slice classifier: architecture, preprocessing, pretrained weight mapping, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from wsseg_core import models
+from wsseg_core.models import (PRESETS, SliceClassifier, SlicePreprocessor, build_slice_classifier,
+                               load_classifier, save_classifier, volume_to_batch)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # shared 2-core machine
+    yield
+    torch.set_num_threads(old)
+
+
+def test_paper_preset_map_is_32x32x512():
+    model, pre = build_slice_classifier("paper")
+    assert pre.input_size == 256 and model.width == 1.0 and model.input_size == 256
+    assert model.num_channels_last == 512
+    convs = model.conv_layers()
+    assert len(convs) == 13
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 3
+    # no BN, ends on the last conv's ReLU (what CAM hooks expect)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model.features[-1], torch.nn.ReLU)
+    with torch.inference_mode():
+        a = model.forward_features(torch.rand(1, 2, 256, 256))
+        logits = model.logits_from_features(a)
+    assert a.shape == (1, 512, 32, 32)
+    assert logits.shape == (1, 2)
+    assert model.fc.in_features == 512 and model.fc.out_features == 2
+
+
+def test_small_preset_map_is_8x8x64_and_cam_identity():
+    torch.manual_seed(0)
+    model, pre = build_slice_classifier("small")
+    assert PRESETS["small"] == dict(width=0.125, input_size=64)
+    assert pre.input_size == 64 and model.num_channels_last == 64
+    assert [c.out_channels for c in model.conv_layers()] == [8, 8, 16, 16, 32, 32, 32] + [64] * 6
+    model.eval()
+    x = torch.rand(3, 2, 64, 64)
+    with torch.no_grad():
+        a = model.forward_features(x)
+        logits = model(x)
+    assert a.shape == (3, 64, 8, 8)
+    assert torch.allclose(logits, model.logits_from_features(a))
+    # classic CAM: the mean of M_c = sum_k w_k A_k plus the bias is exactly the class logit
+    cam = torch.einsum("k,bkhw->bhw", model.fc.weight[1], a)
+    assert torch.allclose(cam.mean(dim=(1, 2)) + model.fc.bias[1], logits[:, 1], atol=1e-5)
+
+
+def test_width_multiplier_and_overrides():
+    model, pre = build_slice_classifier("small", width=0.25, input_size=32)
+    assert model.num_channels_last == 128 and pre.input_size == 32
+    assert model(torch.rand(2, 2, 32, 32)).shape == (2, 2)
+    assert SliceClassifier(width=0.001).num_channels_last == 1  # max(1, round(c * w))
+    with pytest.raises(ValueError, match="preset"):
+        build_slice_classifier("huge")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_slice_classifier("small", input_size=60)
+
+
+def test_preprocessor_scaling_resize_and_roundtrip():
+    pre = SlicePreprocessor(input_size=64)
+    suv = np.zeros((2, 128, 128), np.float32)
+    ct = np.full((2, 128, 128), -3000.0, np.float32)  # below the window: air
+    suv[0] = 40.0  # above suv_max: clipped
+    ct[1] = 0.0    # water: middle of [-1000, 1000]
+    x = pre(suv, ct)
+    assert x.dtype == torch.float32 and x.shape == (2, 2, 64, 64)
+    assert torch.allclose(x[0, 0], torch.ones(64, 64)) and torch.all(x[1, 0] == 0)
+    assert torch.all(x[0, 1] == 0) and torch.allclose(x[1, 1], torch.full((64, 64), 0.5))
+    # antialiased downsampling averages a 1-pixel hot spot instead of dropping it
+    suv2 = np.zeros((1, 128, 128), np.float32)
+    suv2[0, 61, 61] = 20.0
+    x2 = pre(suv2, np.zeros_like(suv2))
+    assert 0 < float(x2[0, 0].max()) < 1 and float(x2[0, 0].sum()) == pytest.approx(0.25, rel=0.05)
+    assert float(x2.min()) >= 0 and float(x2.max()) <= 1
+    # tensors in, same answer
+    assert torch.allclose(pre(torch.from_numpy(suv), torch.from_numpy(ct)), x)
+    d = pre.to_dict()
+    assert d == {"input_size": 64, "suv_max": 20.0, "ct_min": -1000.0, "ct_max": 1000.0}
+    assert SlicePreprocessor.from_dict(d) == pre
+
+
+def test_volume_to_batch_takes_axial_slices():
+    pre = SlicePreprocessor(input_size=16)
+    rng = np.random.default_rng(0)
+    suv = rng.uniform(0, 10, (16, 16, 5)).astype(np.float32)
+    ct = rng.uniform(-1000, 1000, (16, 16, 5)).astype(np.float32)
+    b = volume_to_batch(suv, ct, [4, 1], pre)
+    assert b.shape == (2, 2, 16, 16)
+    assert torch.allclose(b[0], pre(suv[None, :, :, 4], ct[None, :, :, 4])[0])
+    assert torch.allclose(b[1, 0], torch.from_numpy(suv[:, :, 1] / 20.0))
+    assert volume_to_batch(suv, ct, [], pre).shape == (0, 2, 16, 16)
+
+
+def test_imagenet_offline_falls_back_with_one_warning(monkeypatch, caplog):
+    import torchvision.models._api as tv_api
+
+    def offline(*args, **kwargs):
+        raise OSError("no route to host")
+
+    # patch torchvision's own loader, so the test does not depend on network or cache state
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    with caplog.at_level(logging.WARNING, logger="wsseg_core.models"):
+        model, pre = build_slice_classifier("paper", weights="imagenet")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert msg.startswith("ImageNet VGG16 weights unavailable (") and "no route to host" in msg
+    assert msg.endswith("; using random initialisation")
+    with torch.inference_mode():
+        assert model(torch.rand(1, 2, 64, 64)).shape == (1, 2)
+
+
+def test_pretrained_weights_need_width_one():
+    with pytest.raises(ValueError, match="width"):
+        build_slice_classifier("small", weights="imagenet")
+
+
+def test_local_vgg16_state_dict_is_mapped_conv_by_conv(tmp_path):
+    from torchvision.models import vgg16
+
+    torch.manual_seed(1)
+    state = vgg16().state_dict()  # random weights, torchvision's key layout
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    model, _ = build_slice_classifier("paper", weights=str(path))
+    convs = model.conv_layers()
+    # torchvision conv indices (pools included); ours differ after the removed first pool
+    tv_idx = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    # a conv in the middle: 7th conv, torchvision features.14, ours features.13
+    assert torch.equal(convs[6].weight, state["features.14.weight"])
+    assert torch.equal(convs[6].bias, state["features.14.bias"])
+    for conv, i in zip(convs[1:], tv_idx[1:]):
+        assert torch.equal(conv.weight, state[f"features.{i}.weight"])
+    first = state["features.0.weight"]
+    assert convs[0].weight.shape == (64, 2, 3, 3)
+    mean = first.mean(dim=1)
+    assert torch.allclose(convs[0].weight[:, 0], mean) and torch.allclose(convs[0].weight[:, 1], mean)
+    assert torch.equal(convs[0].bias, state["features.0.bias"])
+
+
+def test_bad_weights_file_is_a_clear_value_error(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="junk.pth"):
+        build_slice_classifier("paper", weights=str(junk))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, wrong)
+    with pytest.raises(ValueError, match="wrong.pth.*VGG16"):
+        build_slice_classifier("paper", weights=str(wrong))
+    with pytest.raises(ValueError, match="missing.pth"):
+        build_slice_classifier("paper", weights=str(tmp_path / "missing.pth"))
+
+
+def test_save_load_roundtrip_is_weights_only_and_atomic(tmp_path):
+    torch.manual_seed(0)
+    model, pre = build_slice_classifier("small", input_size=32)
+    pre.suv_max = 15.0
+    path = tmp_path / "sub" / "clf.pt"
+    save_classifier(path, model, pre, meta={"epoch": 3, "val_auc": 0.91, "note": "x"})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["clf.pt"]  # no temp file left
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["config"]["width"] == 0.125 and raw["config"]["input_size"] == 32
+    m2, pre2, meta = load_classifier(path)
+    assert pre2 == pre and meta == {"epoch": 3, "val_auc": 0.91, "note": "x"}
+    assert not m2.training and m2.num_channels_last == model.num_channels_last
+    x = torch.rand(2, 2, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), m2(x))
+    with pytest.raises(ValueError, match="JSON"):
+        save_classifier(path, model, pre, meta={"bad": object()})
+    bad = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ValueError, match="other.pt"):
+        load_classifier(bad)
+
+
+def test_module_never_imports_ray():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(models))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(n.split(".")[0] == "ray" for n in names)

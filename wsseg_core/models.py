@@ -1,0 +1,423 @@
+"""VGG16 slice classifier (Früh et al. 2021, Sec. 2.2) and its input preprocessing.
+
+The network is torchvision's VGG16 convolutional stack with two changes from the paper: the first
+max-pool is removed and the features are cut before the last max-pool, so the last conv map is 1/8 of
+the input (32x32x512 at 256x256). PET (SUV) and CT are the two input channels. The head is global
+average pooling plus one linear layer over two classes (0 = no tumour, 1 = tumour), which is exactly
+the architecture classic CAM (Eq. 1, ``M = sum_k w_k A_k``) requires.
+
+A width multiplier scales every channel count, so the same code gives the paper network and a small
+CPU preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG = logging.getLogger(__name__)
+
+# torchvision's VGG16 ("D") config with the first and the last "M" removed (Früh et al.): three
+# pools remain, hence a last map of input_size / 8.
+VGG16_CFG: tuple[int | str, ...] = (64, 64, 128, 128, "M", 256, 256, 256, "M",
+                                    512, 512, 512, "M", 512, 512, 512)
+N_VGG16_CONVS = 13
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(width=1.0, input_size=256),
+    # CPU preset: 1/8 of the channels and 64x64 slices, last conv map 8x8 with 64 channels.
+    "small": dict(width=0.125, input_size=64),
+}
+
+CHECKPOINT_FORMAT = "wsseg.SliceClassifier"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SlicePreprocessor:
+    """Maps raw axial slices (SUV, CT in HU) to the classifier input ``(B, 2, S, S)`` float32.
+
+    Both channels are scaled to [0, 1] with the *background* at 0: SUV 0 -> 0 and air
+    (``ct_min`` = -1000 HU) -> 0. Augmentation pads rotated/translated slices with 0, which then
+    means "no uptake, air" in both channels, the true content outside a patient.
+
+    Attributes:
+        input_size: S, side of the square network input in pixels.
+        suv_max: SUV clipped to [0, suv_max] (g/ml), then divided by suv_max.
+        ct_min, ct_max: CT window in HU; clipped, then mapped linearly to [0, 1].
+    """
+
+    input_size: int
+    suv_max: float = 20.0
+    ct_min: float = -1000.0
+    ct_max: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if int(self.input_size) != self.input_size or self.input_size < 8 or self.input_size % 8:
+            raise ValueError(f"input_size must be a positive multiple of 8, got {self.input_size!r}")
+        if not self.suv_max > 0:
+            raise ValueError(f"suv_max must be > 0, got {self.suv_max!r}")
+        if not self.ct_max > self.ct_min:
+            raise ValueError(f"ct_max ({self.ct_max}) must exceed ct_min ({self.ct_min})")
+        self.input_size = int(self.input_size)
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, X, Y) -> (B, 2, S, S); antialiased when shrinking so small hot lesions are averaged
+        into the output pixel rather than aliased away or kept by chance."""
+        s = self.input_size
+        if tuple(x.shape[-2:]) == (s, s):
+            return x
+        shrinking = x.shape[-2] > s or x.shape[-1] > s
+        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                             antialias=shrinking)
+
+    def __call__(self, suv_slices: np.ndarray | torch.Tensor,
+                 ct_slices: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Preprocess a batch of axial slices.
+
+        Args:
+            suv_slices: (B, X, Y) SUV (g/ml), or (X, Y) for a single slice.
+            ct_slices: (B, X, Y) CT in HU on the same grid.
+        Returns:
+            float32 tensor (B, 2, S, S) in [0, 1]; channel 0 PET, channel 1 CT; on the input's
+            device when tensors are given, else on CPU.
+        """
+        suv = torch.as_tensor(np.asarray(suv_slices) if not torch.is_tensor(suv_slices) else suv_slices)
+        ct = torch.as_tensor(np.asarray(ct_slices) if not torch.is_tensor(ct_slices) else ct_slices)
+        if suv.ndim == 2:
+            suv, ct = suv[None], ct[None]
+        if suv.ndim != 3 or suv.shape != ct.shape:
+            raise ValueError(f"expected SUV and CT slices of equal shape (B, X, Y), got "
+                             f"{tuple(suv.shape)} and {tuple(ct.shape)}")
+        suv = suv.to(torch.float32)
+        ct = ct.to(device=suv.device, dtype=torch.float32)
+        # nan_to_num: a NaN voxel would otherwise spread through the resize and the whole network.
+        p = torch.nan_to_num(suv, nan=0.0).clamp(0.0, self.suv_max) / self.suv_max
+        c = (torch.nan_to_num(ct, nan=self.ct_min).clamp(self.ct_min, self.ct_max) - self.ct_min) \
+            / (self.ct_max - self.ct_min)
+        # Clip before resizing so an extreme voxel cannot bleed into its neighbours; the bilinear
+        # (triangle) filter has non-negative weights, so the output stays in [0, 1].
+        x = self._resize(torch.stack([p, c], dim=1))
+        return x.contiguous()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able and weights_only-safe dict (saved inside the model checkpoint)."""
+        return {k: (int(v) if k == "input_size" else float(v))
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SlicePreprocessor":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SlicePreprocessor fields: {sorted(unknown)}")
+        return cls(**dict(d))
+
+
+def volume_to_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | np.ndarray,
+                    pre: SlicePreprocessor) -> torch.Tensor:
+    """Axial slices ``vol[:, :, z]`` of an (X, Y, Z) SUV / CT pair as a classifier batch.
+
+    Returns:
+        float32 tensor (len(z_indices), 2, S, S) on CPU.
+    """
+    if suv.shape != ct.shape or len(suv.shape) != 3:
+        raise ValueError(f"expected SUV and CT volumes of equal shape (X, Y, Z), got "
+                         f"{suv.shape} and {ct.shape}")
+    z = np.asarray(z_indices, dtype=np.int64).reshape(-1)
+    s = pre.input_size
+    if z.size == 0:
+        return torch.zeros((0, 2, s, s), dtype=torch.float32)
+    # (X, Y, n) -> (n, X, Y); fancy indexing copies only the requested slices.
+    suv_s = np.moveaxis(np.asarray(suv)[:, :, z], -1, 0)
+    ct_s = np.moveaxis(np.asarray(ct)[:, :, z], -1, 0)
+    return pre(np.ascontiguousarray(suv_s), np.ascontiguousarray(ct_s))
+
+
+# --------------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------------
+
+def _scaled(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+class SliceClassifier(nn.Module):
+    """Modified VGG16 (no BN) with GAP + one linear layer; class 1 = tumour.
+
+    Args:
+        width: channel multiplier (1.0 = VGG16).
+        input_size: nominal input side S (the network is fully convolutional; S only documents the
+            expected input and the CAM size S/8).
+        in_channels: 2 (PET, CT).
+    Attributes:
+        features: nn.Sequential of conv/ReLU/max-pool; its output is the last conv's ReLU,
+            (B, K, S/8, S/8).
+        fc: nn.Linear(K, 2).
+        width, input_size, num_channels_last (K).
+    """
+
+    def __init__(self, width: float = 1.0, input_size: int = 256, in_channels: int = 2) -> None:
+        super().__init__()
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width!r}")
+        if int(input_size) != input_size or input_size < 8 or input_size % 8:
+            raise ValueError(f"input_size must be a positive multiple of 8, got {input_size!r}")
+        self.width = float(width)
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        layers: list[nn.Module] = []
+        c_in = self.in_channels
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                c_out = _scaled(int(v), self.width)
+                layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+                # Not in-place: CAM code hooks these outputs and their gradients, which in-place
+                # ops would invalidate.
+                layers.append(nn.ReLU(inplace=False))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.num_channels_last = c_in
+        self.fc = nn.Linear(self.num_channels_last, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init as torchvision VGG: kaiming (fan_out) convs, N(0, 0.01) linear, zero bias."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def conv_layers(self) -> list[nn.Conv2d]:
+        """The 13 conv layers in order."""
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 2, S, S) -> A (B, K, S/8, S/8), the last conv's ReLU output."""
+        return self.features(x)
+
+    def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
+        """A (B, K, h, w) -> logits (B, 2) via global average pooling and ``fc``."""
+        return self.fc(a.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 2, S, S) -> logits (B, 2); softmax(.)[:, 1] is the tumour probability."""
+        return self.logits_from_features(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, input_size={self.input_size}, K={self.num_channels_last}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained weights
+# --------------------------------------------------------------------------------------------------
+
+def _fetch_imagenet_vgg16_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's own download/cache mechanism (``$TORCH_HOME/hub/checkpoints``)."""
+    from torchvision.models import VGG16_Weights
+
+    return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+
+
+def _vgg_conv_weights(state: Mapping[str, Any], source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 13 (weight, bias) pairs of a torchvision vgg16 state dict, in layer order.
+
+    torchvision numbers ``features.N`` by module index, pools included; our first pool is gone, so
+    indices differ. Taking the 4-D ``features.N.weight`` tensors sorted by N maps conv to conv.
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source}: not a state dict (got {type(state).__name__})")
+    convs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for key, w in state.items():
+        parts = str(key).split(".")
+        if len(parts) == 3 and parts[0] == "features" and parts[2] == "weight" and parts[1].isdigit():
+            if not torch.is_tensor(w) or w.ndim != 4:
+                continue
+            b = state.get(f"features.{parts[1]}.bias")
+            if not torch.is_tensor(b):
+                raise ValueError(f"{source}: features.{parts[1]}.bias missing")
+            convs.append((int(parts[1]), w, b))
+    convs.sort(key=lambda t: t[0])
+    if len(convs) != N_VGG16_CONVS:
+        raise ValueError(f"{source}: not a torchvision VGG16 state dict (found {len(convs)} "
+                         f"'features.N.weight' conv tensors, expected {N_VGG16_CONVS})")
+    return [(w, b) for _, w, b in convs]
+
+
+def load_vgg16_weights(model: SliceClassifier, state: Mapping[str, Any], source: str = "state dict") -> None:
+    """Copy torchvision VGG16 conv weights into ``model`` (width 1.0 only); ``fc`` stays random.
+
+    The RGB first conv (64, 3, 3, 3) becomes (64, 2, 3, 3) with both PET and CT channels set to
+    the mean over RGB. Why the mean: PET and CT are single-intensity images, like a grey image
+    (R = G = B); the RGB mean keeps every pretrained filter's spatial pattern and keeps the
+    per-channel weight scale that ImageNet training settled on (a sum would triple it), with no
+    arbitrary preference for one colour channel.
+    """
+    pairs = _vgg_conv_weights(state, source)
+    convs = model.conv_layers()
+    with torch.no_grad():
+        for i, (conv, (w, b)) in enumerate(zip(convs, pairs)):
+            w = w.detach().to(torch.float32)
+            if i == 0 and w.shape[1] != conv.in_channels:
+                w = w.mean(dim=1, keepdim=True).expand(-1, conv.in_channels, -1, -1)
+            if tuple(w.shape) != tuple(conv.weight.shape) or tuple(b.shape) != tuple(conv.bias.shape):
+                raise ValueError(f"{source}: conv {i} has shape {tuple(w.shape)}, model expects "
+                                 f"{tuple(conv.weight.shape)}")
+            conv.weight.copy_(w)
+            conv.bias.copy_(b.to(torch.float32))
+
+
+def _load_state_file(path: Path) -> Mapping[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "not a state dict"
+        raise ValueError(f"{path}: cannot be read as a torch state dict "
+                         f"({type(e).__name__}: {_one_line(e)})") from e
+    # Tolerate the common {"state_dict": {...}} wrapper.
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    return obj
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def build_slice_classifier(preset: str = "paper", width: float | None = None,
+                           input_size: int | None = None,
+                           weights: str | os.PathLike | None = None
+                           ) -> tuple[SliceClassifier, SlicePreprocessor]:
+    """Build the classifier and its matching preprocessor.
+
+    Args:
+        preset: a key of ``PRESETS`` ("paper": width 1, 256x256; "small": width 1/8, 64x64).
+        width, input_size: override the preset's values.
+        weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
+            download; if unavailable, logs one warning and keeps random init); or a path to a
+            torchvision vgg16 state dict file. Pretrained weights need width 1.0.
+    Returns:
+        (model in train mode on CPU, SlicePreprocessor(input_size)).
+    Raises:
+        ValueError: unknown preset, pretrained weights at width != 1, or a weights file that is
+            missing or not a VGG16 state dict.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    if width is not None:
+        cfg["width"] = float(width)
+    if input_size is not None:
+        cfg["input_size"] = int(input_size)
+    model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"])
+    pre = SlicePreprocessor(input_size=cfg["input_size"])
+    if weights is None:
+        return model, pre
+    if model.width != 1.0:
+        raise ValueError(f"pretrained weights ({weights!s}) only fit width 1.0, but width is "
+                         f"{model.width} (preset {preset!r}); use weights=None for a scaled network")
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        try:
+            state = _fetch_imagenet_vgg16_state_dict()
+        except Exception as e:  # offline, proxy, corrupt cache, hash mismatch: all non-fatal
+            LOG.warning("ImageNet VGG16 weights unavailable (%s: %s); using random initialisation",
+                        type(e).__name__, _one_line(e))
+            return model, pre
+        load_vgg16_weights(model, state, source="torchvision VGG16_Weights.IMAGENET1K_V1")
+        LOG.info("loaded ImageNet VGG16 weights into the slice classifier")
+        return model, pre
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"{path}: weights file not found (weights must be None, 'imagenet' or a "
+                         f"torchvision vgg16 state dict file)")
+    load_vgg16_weights(model, _load_state_file(path), source=str(path))
+    LOG.info("loaded VGG16 weights from %s", path)
+    return model, pre
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def save_classifier(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
+                    meta: Mapping[str, Any] | None = None) -> None:
+    """Write one torch file {format, version, state_dict, config, preprocessor, meta}, atomically.
+
+    ``model`` may be wrapped (DDP's ``.module``); the bare module's weights are saved, on CPU.
+    ``meta`` must be JSON-able (it is round-tripped through JSON so the file stays loadable with
+    ``weights_only=True``).
+    """
+    bare = getattr(model, "module", model)
+    if not isinstance(bare, SliceClassifier):
+        raise TypeError(f"expected a SliceClassifier, got {type(bare).__name__}")
+    try:
+        meta_clean = json.loads(json.dumps(dict(meta or {})))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta must be JSON-able: {e}") from e
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
+        "config": {"width": float(bare.width), "input_size": int(bare.input_size),
+                   "in_channels": int(bare.in_channels)},
+        "preprocessor": pre.to_dict(),
+        "meta": meta_clean,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[SliceClassifier, SlicePreprocessor, dict]:
+    """Load a ``save_classifier`` file -> (model in eval mode on CPU, preprocessor, meta dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: classifier checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable classifier checkpoint "
+                         f"({type(e).__name__}: {_one_line(e)})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a wsseg classifier checkpoint (no format "
+                         f"{CHECKPOINT_FORMAT!r})")
+    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this "
+                         f"code ({CHECKPOINT_VERSION})")
+    cfg = ckpt["config"]
+    model = SliceClassifier(width=float(cfg["width"]), input_size=int(cfg["input_size"]),
+                            in_channels=int(cfg.get("in_channels", 2)))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the saved config ({_one_line(e)})") from e
+    model.eval()
+    pre = SlicePreprocessor.from_dict(ckpt["preprocessor"])
+    return model, pre, dict(ckpt.get("meta") or {})

@@ -1,0 +1,249 @@
+"""Slice sampling, augmentation and the training / evaluation loops for the slice classifier.
+
+Plain PyTorch, one process: ``jobs/train_classifier.py`` wraps these functions in Ray Train (DDP).
+Defaults are Früh et al. 2021, Sec. 2.3.3: weighted cross-entropy (tumour weight 7.7), SGD with
+momentum 0.9, lr 1e-3, batch 64, augmentation by scaling, rotation, translation and contrast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from wsseg_core.models import SlicePreprocessor, volume_to_batch
+
+# Augmentation ranges (per sample, uniform).
+SCALE_RANGE = (0.9, 1.1)          # zoom factor
+MAX_ROTATION_DEG = 15.0
+MAX_TRANSLATION = 0.10            # fraction of the image side
+PET_GAMMA_RANGE = (0.7, 1.4)      # drawn log-uniform, so gamma and 1/gamma are equally likely
+
+# Slices preprocessed per chunk in slices_from_studies: bounds the float64/float32 intermediates.
+_CHUNK = 64
+
+
+def slices_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_keep: float = 1.0,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All axial slices of labelled studies as a classifier training set.
+
+    Args:
+        studies: loaded ``wsseg_core.data.Study`` objects (``.suv``, ``.ct``, ``.seg`` (X, Y, Z));
+            studies with ``seg is None`` are skipped (no slice labels).
+        pre: preprocessor (sets S).
+        negative_keep: fraction in (0, 1] of tumour-free slices kept (random, per slice); tumour
+            slices are always kept. Cuts memory and epoch time where negatives dominate
+            (~86% of slices in the paper's cohort).
+        generator: CPU torch.Generator for the negative subsampling (reproducible).
+    Returns:
+        x: float32 (N, 2, S, S) on CPU; y: int64 (N,), 1 = slice has any tumour voxel.
+    """
+    if not 0.0 < negative_keep <= 1.0:
+        raise ValueError(f"negative_keep must be in (0, 1], got {negative_keep!r}")
+    s = pre.input_size
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for st in studies:
+        if getattr(st, "seg", None) is None:
+            continue
+        seg = np.asarray(st.seg)
+        labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
+        z_all = np.arange(seg.shape[2])
+        if negative_keep < 1.0:
+            draw = torch.rand(len(z_all), generator=generator).numpy()
+            z_all = z_all[labels | (draw < negative_keep)]
+        for start in range(0, len(z_all), _CHUNK):
+            z = z_all[start:start + _CHUNK]
+            xs.append(volume_to_batch(st.suv, st.ct, z, pre))
+            ys.append(torch.from_numpy(labels[z].astype(np.int64)))
+    if not xs:
+        return torch.zeros((0, 2, s, s), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
+                  fill: Sequence[float] = (0.0, 0.0)) -> torch.Tensor:
+    """Random per-sample scale, rotation, translation (one affine warp) and PET contrast.
+
+    Args:
+        x: (B, C, S, S) float batch, channel 0 PET in [0, 1] (as SlicePreprocessor makes it).
+        generator: CPU torch.Generator; the result is deterministic given its state (parameters are
+            drawn on CPU whatever ``x.device`` is).
+        fill: per-channel value for pixels warped in from outside the slice. SlicePreprocessor maps
+            both "no uptake" (SUV 0) and air (-1000 HU) to 0, which is what lies outside a patient;
+            pass other values if the channels are scaled differently.
+    Returns:
+        new tensor, same shape, dtype and device as ``x``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
+    b, c = x.shape[:2]
+    if b == 0:
+        return x.clone()
+    u = torch.rand((b, 5), generator=generator, dtype=torch.float64)
+    scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * u[:, 0]
+    angle = math.radians(MAX_ROTATION_DEG) * (2 * u[:, 1] - 1)
+    # affine_grid works in normalised coordinates spanning 2 units per side.
+    tx = 2 * MAX_TRANSLATION * (2 * u[:, 2] - 1)
+    ty = 2 * MAX_TRANSLATION * (2 * u[:, 3] - 1)
+    lg0, lg1 = math.log(PET_GAMMA_RANGE[0]), math.log(PET_GAMMA_RANGE[1])
+    gamma = torch.exp(lg0 + (lg1 - lg0) * u[:, 4])
+
+    # theta maps output to input coordinates: zooming in by `scale` means sampling a 1/scale region.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    fill_t = torch.zeros(c, dtype=x.dtype, device=x.device)
+    fill_t[: min(c, len(fill))] = torch.as_tensor(list(fill)[:c], dtype=x.dtype)
+    fill_t = fill_t.view(1, c, 1, 1)
+    # grid_sample pads with 0; shifting by the fill value makes the padding equal `fill` per channel.
+    out = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False) + fill_t
+    # Gamma on PET changes lesion-to-background contrast while keeping 0 and 1 fixed (like varying
+    # uptake time / reconstruction); CT is in calibrated HU, so it is left alone.
+    g = gamma.to(device=x.device, dtype=x.dtype).view(b, 1, 1)
+    out[:, 0] = out[:, 0].clamp(0.0, 1.0).pow(g)
+    return out
+
+
+def make_loss(tumour_weight: float = 7.7) -> nn.CrossEntropyLoss:
+    """Weighted cross-entropy over (no tumour, tumour) with class weights [1, tumour_weight]."""
+    return nn.CrossEntropyLoss(weight=torch.tensor([1.0, float(tumour_weight)]))
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.SGD:
+    """SGD with momentum over all trainable parameters (paper: lr 1e-3, momentum 0.9)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, device: str | torch.device = "cpu", augment: bool = True,
+                    generator: torch.Generator | None = None) -> float:
+    """One pass over ``loader`` (batches ``(x (B,2,S,S), y (B,))``); returns the sample-weighted
+    mean training loss (NaN for an empty loader)."""
+    model.train()
+    loss_fn = loss_fn.to(device)
+    total, n = 0.0, 0
+    for xb, yb in loader:
+        xb = xb.to(device, non_blocking=True)
+        yb = yb.to(device, non_blocking=True).long()
+        if augment:
+            xb = augment_batch(xb, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(yb)
+        n += len(yb)
+    return total / n if n else float("nan")
+
+
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int,
+            device: str | torch.device) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                out.append(model(x[start:start + batch_size].to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Tumour probability softmax(logits)[:, 1] for x (N, 2, S, S) -> float32 (N,), eval mode,
+    no autograd; the model's train/eval mode is restored afterwards."""
+    return torch.softmax(_logits(model, x, batch_size, device), dim=1)[:, 1].numpy().astype(np.float32)
+
+
+def roc_auc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int]) -> float:
+    """Area under the ROC curve as the Mann-Whitney U statistic / (n_pos n_neg).
+
+    Ties get average ranks, so a tied positive/negative pair counts 1/2. NaN if either class is
+    absent.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    lab = np.asarray(labels).reshape(-1).astype(bool)
+    if s.shape != lab.shape:
+        raise ValueError(f"scores {s.shape} and labels {lab.shape} differ in length")
+    n_pos = int(lab.sum())
+    n_neg = lab.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)  # average ranks for ties
+    u = ranks[lab].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+             batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Loss, ROC AUC and accuracy (argmax) of ``model`` on (x (N,2,S,S), y (N,)).
+
+    Returns dict(loss, auc, accuracy, n, n_pos); the loss is ``loss_fn`` over the whole set at
+    once (for weighted CE, the weighted mean over all samples, not a mean of batch means).
+    """
+    logits = _logits(model, x, batch_size, device)
+    y = torch.as_tensor(y).long().cpu()
+    n = int(len(y))
+    if n == 0:
+        return dict(loss=float("nan"), auc=float("nan"), accuracy=float("nan"), n=0, n_pos=0)
+    loss_fn = loss_fn.to(device)
+    with torch.no_grad():
+        loss = float(loss_fn(logits.to(device), y.to(device)))
+    prob = torch.softmax(logits, dim=1)[:, 1].numpy()
+    acc = float((logits.argmax(dim=1) == y).float().mean())
+    return dict(loss=loss, auc=roc_auc(prob, y.numpy()), accuracy=acc, n=n, n_pos=int(y.sum()))
+
+
+def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor],
+                   val_xy: tuple[torch.Tensor, torch.Tensor], epochs: int, batch_size: int = 64,
+                   lr: float = 1e-3, momentum: float = 0.9, tumour_weight: float = 7.7,
+                   seed: int = 0,
+                   on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None,
+                   *, device: str | torch.device | None = None, augment: bool = True,
+                   weight_decay: float = 0.0) -> list[dict[str, float]]:
+    """Train for ``epochs`` and validate after each; the single-process reference loop.
+
+    Shuffling and augmentation draw from generators seeded by ``seed`` (the weight init is the
+    caller's: seed torch before building the model). ``device`` defaults to the model's device.
+    ``on_epoch(epoch, metrics, model)`` runs after each epoch (e.g. report / checkpoint).
+
+    Returns:
+        one dict per epoch: epoch, train_loss, val_loss, val_auc, val_accuracy.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    model.to(device)
+    x_tr, y_tr = train_xy
+    x_va, y_va = val_xy
+    shuffle_gen = torch.Generator().manual_seed(int(seed))
+    aug_gen = torch.Generator().manual_seed(int(seed) + 1)
+    loader = DataLoader(TensorDataset(x_tr, torch.as_tensor(y_tr).long()), batch_size=batch_size,
+                        shuffle=True, generator=shuffle_gen,
+                        # a last batch of 1-2 slices gives a noisy step; drop it when possible
+                        drop_last=len(y_tr) > batch_size)
+    loss_fn = make_loss(tumour_weight).to(device)
+    optimizer = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    history: list[dict[str, float]] = []
+    for epoch in range(int(epochs)):
+        train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
+                                     augment=augment, generator=aug_gen)
+        val = evaluate(model, x_va, y_va, loss_fn, batch_size=max(256, batch_size), device=device)
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": val["loss"],
+                   "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+    return history

@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train = [r for r in refs if r.split == "train" and r.seg_path]
     val = [r for r in refs if r.split == "val" and r.seg_path]
+    tune_refs = val
+    if not val:
+        # Tiny cohorts can leave a split empty (splits are by patient hash, stable under growth).
+        # Früh et al. chose their thresholds on training and validation data, so fall back to training.
+        LOG.warning("no labeled validation study: validation AUC is undefined and thresholds are "
+                    "tuned on the training studies")
+        tune_refs = train
     tumour_weight = args.tumour_weight
     if args.tune_loss_weight:
         from jobs.tune_loss_weight import search
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         searched = search(train, val, layout.out, storage_path=args.storage_path,
                           model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+                          lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                           weights=None if args.weights == "none" else args.weights,
                           num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
@@ -94,13 +102,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     fit = train_classifier.fit(
         train, val, layout.out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-        batch_size=preset["batch_size"], negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
+        batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
+        tumour_weight=tumour_weight,
         weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tuned = tune_thresholds.tune(val, layout.out, cam_batch_size=preset["cam_batch_size"],
+    tuned = tune_thresholds.tune(tune_refs, layout.out, cam_batch_size=preset["cam_batch_size"],
                                  storage_path=args.storage_path)
     timings["tune_s"] = time.perf_counter() - t0
 
@@ -112,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    analysis = analyze_job.analyze(layout.out, split="test")
+    analysis_split = "test" if any(r.split == "test" for r in refs) else "all"
+    if analysis_split == "all":
+        LOG.warning("no test patients: the analysis covers every study")
+    analysis = analyze_job.analyze(layout.out, split=analysis_split)
     timings["analyze_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
 

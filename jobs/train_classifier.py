@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, cohort_required=True)
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     init_ray(args.address)
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
-              lr=args.lr, tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
+              lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
               weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  [r for r in refs if r.split == "val" and r.seg_path], args.out, args.weights,
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
                  model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-                 batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
+                 batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
                  weights="imagenet", num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
     print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
     return res

@@ -42,8 +42,9 @@ def test_paper_preset_map_is_32x32x512():
 def test_small_preset_map_is_8x8x64_and_cam_identity():
     torch.manual_seed(0)
     model, pre = build_slice_classifier("small")
-    assert PRESETS["small"] == dict(width=0.125, input_size=64)
+    assert PRESETS["small"] == dict(width=0.125, input_size=64, batch_norm=True)
     assert pre.input_size == 64 and model.num_channels_last == 64
+    assert model.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.features) == 13
     assert [c.out_channels for c in model.conv_layers()] == [8, 8, 16, 16, 32, 32, 32] + [64] * 6
     model.eval()
     x = torch.rand(3, 2, 64, 64)

@@ -75,7 +75,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[
                                                  out=str(layout.out), fit_kwargs=fit_kwargs), {"cpu": 0}),
         param_space={"tumour_weight": tune.grid_search([float(w) for w in weights])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
-        run_config=tune.RunConfig(name="loss_weight", storage_path=storage),
+        run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1),
     )
     results = tuner.fit()
     df = results.get_dataframe()

@@ -114,7 +114,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         trainable,
         param_space={"cell": rtune.grid_search(cells)},
         tune_config=rtune.TuneConfig(metric="mean_dice", mode="max"),
-        run_config=rtune.RunConfig(name="thresholds",
+        # verbose=1: one status table now and then, not a table per trial (41 of them).
+        run_config=rtune.RunConfig(name="thresholds", verbose=1,
                                    storage_path=str(Path(storage_path or layout.ray_storage).absolute())),
     )
     results = tuner.fit()

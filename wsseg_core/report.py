@@ -107,3 +107,61 @@ def phantom_figure(
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_atomic(fig, out, dpi=110)
     return out
+
+
+def cam_figure(
+    suv_slice: np.ndarray,
+    ct_slice: np.ndarray,
+    seg_slice: np.ndarray | None,
+    cams: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    title: str | None = None,
+    suv_max: float = 10.0,
+) -> Path:
+    """Früh et al. Fig. 4 for one axial slice: PET with the reference contour, each method's CAM
+    (upsampled bilinearly to the slice, for display) over the PET, its Algorithm 1 mask, and CT.
+
+    Args:
+        suv_slice, ct_slice, seg_slice: (X, Y) SUV (g/ml), CT (HU), reference mask or None.
+        cams: method -> (h, w) normalised CAM in [0, 1].
+        masks: method -> (X, Y) boolean segmentation of that method.
+    """
+    import torch
+    from matplotlib.figure import Figure
+
+    suv_slice = np.asarray(suv_slice, dtype=np.float32)
+    X, Y = suv_slice.shape
+    seg = np.zeros((X, Y), bool) if seg_slice is None else np.asarray(seg_slice) > 0
+    methods = list(cams)
+    fig = Figure(figsize=(2.6 * (len(methods) + 2), 5.4))
+    axes = fig.subplots(2, len(methods) + 2, squeeze=False)
+
+    def show(ax, img, **kw):
+        ax.imshow(np.asarray(img).T, origin="lower", interpolation="nearest", **kw)
+        if seg.any():
+            ax.contour(seg.T.astype(float), levels=[0.5], colors="red", linewidths=0.7, origin="lower")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    show(axes[0, 0], suv_slice, cmap="gray_r", vmin=0, vmax=suv_max)
+    axes[0, 0].set_title("PET + reference", fontsize=9)
+    show(axes[1, 0], ct_slice, cmap="gray", vmin=-160, vmax=240)
+    axes[1, 0].set_title("CT", fontsize=9)
+    for i, m in enumerate(methods, start=1):
+        up = torch.nn.functional.interpolate(torch.as_tensor(cams[m], dtype=torch.float32)[None, None],
+                                             size=(X, Y), mode="bilinear", align_corners=False)[0, 0].numpy()
+        show(axes[0, i], suv_slice, cmap="gray_r", vmin=0, vmax=suv_max)
+        axes[0, i].imshow(up.T, origin="lower", cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[0, i].set_title(m, fontsize=9)
+        show(axes[1, i], masks[m], cmap="Blues", vmin=0, vmax=1)
+        axes[1, i].set_title(f"{m} mask", fontsize=9)
+    axes[0, -1].axis("off")
+    axes[1, -1].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(fig, out, dpi=100)
+    return out

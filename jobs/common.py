@@ -49,6 +49,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     LOG.info("Ray resources: %s", ray.cluster_resources())
 
 
+def auto_parallelism(per_unit_cpus: float = 1.0, per_unit_gpus: float = 0.0) -> int:
+    """How many actors/workers of this size the cluster holds right now (at least 1)."""
+    import ray
+
+    res = ray.cluster_resources()
+    if per_unit_gpus > 0:
+        return max(1, int(res.get("GPU", 0) // per_unit_gpus))
+    return max(1, int(res.get("CPU", 1) // per_unit_cpus))
+
+
 def torch_threads_for(num_cpus: float) -> None:
     """Give torch as many threads as Ray gave CPUs, so actors do not oversubscribe the node."""
     import torch

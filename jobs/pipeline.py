@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'imagenet' (random init offline or for width-reduced presets), 'none', or a VGG16 state_dict file")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--concurrency", type=int, default=1, help="scoring actors")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)

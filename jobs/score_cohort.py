@@ -128,14 +128,18 @@ class StudyScorer:
 
 
 def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
-          methods: Sequence[str] = DEFAULT_METHODS, concurrency: int = 1,
+          methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
           cam_batch_size: int = 64) -> dict[str, Any]:
     """Score `refs` with a Ray Data actor pool; `<out>/metrics/` appears only when complete."""
     import pandas as pd
     import ray
 
+    from jobs.common import auto_parallelism
+
     layout = RunLayout(Path(out).absolute())
+    if concurrency is None:  # one actor per GPU, or per `num_cpus_per_actor` CPUs
+        concurrency = auto_parallelism(num_cpus_per_actor, num_gpus_per_actor)
     missing = [m for m in methods if m not in thresholds]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
@@ -168,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)
-    p.add_argument("--concurrency", type=int, default=1, help="scoring actors")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--fail-on-error", action="store_true",

@@ -51,6 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
     torch.manual_seed(config["seed"] + rank)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
 
@@ -109,6 +110,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         tumour_weight: float = 7.7, negative_keep: float = 1.0, augment: bool = True,
         weights: str | None = "imagenet", width: float | None = None,
         input_size: int | None = None, num_workers: int = 1, use_gpu: bool = False,
+        cpus_per_worker: float | None = None,
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
@@ -118,8 +120,13 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    layout = RunLayout(Path(out))
+    from jobs.common import auto_parallelism
     from wsseg_core.models import PRESETS
+
+    layout = RunLayout(Path(out))
+    if cpus_per_worker is None:
+        # CPU training: share the cluster's CPUs among the workers (torch threads follow).
+        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
 
     if weights == "imagenet" and (width or PRESETS[model_preset]["width"]) != 1.0:
         # ImageNet VGG16 weights exist only for the full-width network.
@@ -129,11 +136,14 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
-                  augment=augment, weights=weights, width=width, input_size=input_size, seed=seed)
+                  augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
+                  cpus_per_worker=cpus_per_worker)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker,
+                                                                     **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(Path(storage_path or layout.ray_storage).absolute()),

@@ -1,10 +1,15 @@
 """Agreement of MTV and TLG with the manual reference, and the per-method summary.
 
 Reads `<out>/metrics/`, writes `<out>/icc.parquet` (per method and quantity: ICC(2,1), 95% CI,
-p-value, n; test split by default) and `<out>/summary.parquet` (median/IQR of Dice, |dMTV|, |dTLG|),
-and prints both as one table. Runs in one process (pandas + pingouin); no Ray needed.
+p-value, n; test split by default) and `<out>/summary.parquet` (median/IQR of Dice, |dMTV|, |dTLG|,
+and of the autoPET FPV/FNV, HD95 and lesion detection where the rows have them), pools the
+per-slice classifier predictions of `<out>/slices/` into a slice-level AUC per split
+(`<out>/slice_auc.parquet`), and prints it all as one table. Unless `--no-figures`, it also draws
+`<out>/figures/*.png` (Früh et al. Figs. 4-7 and Table 1) and `<out>/report.html`, which opens
+from file:// with no server. Runs in one process (pandas + pingouin + matplotlib); no Ray needed.
 
     python -m jobs.analyze --out runs/demo
+    python -m jobs.analyze --out runs/demo --no-figures
 """
 
 from __future__ import annotations
@@ -15,11 +20,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from jobs.common import RunLayout, setup_logging
+from jobs.common import RunLayout, safe_name, setup_logging
 
 LOG = logging.getLogger("wsseg.analyze")
+#: Columns the scorer added after the SPEC's (autoPET / lesion-wise); older runs lack them.
+EXTRA_COLUMNS = ("fpv_ml", "fnv_ml", "hd95_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
+                 "n_pred_false")
+SPLITS = ("train", "val", "test")
+N_CAM_STUDIES = 3
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -28,25 +39,224 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def analyze(out: str | Path, split: str = "test") -> dict[str, Any]:
-    """ICC table and summary for one split ('all' for every study)."""
+def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[str, Any]:
+    """ICC table, summary and pooled slice AUC for one split ('all' for every study).
+
+    With ``figures``, also the PNGs under ``<out>/figures/`` and ``<out>/report.html``
+    (see :func:`write_figures`). Returns ``dict(icc, summary, slice_auc, n_studies, figures, report)``.
+    """
     from wsseg_core.stats import icc_table, summarize
 
     layout = RunLayout(Path(out))
-    df = pd.read_parquet(layout.metrics)
-    if split != "all":
-        df = df[df["split"] == split]
+    everything = pd.read_parquet(layout.metrics)
+    df = everything if split == "all" else everything[everything["split"] == split]
+    missing = [c for c in EXTRA_COLUMNS if c not in df.columns]
+    if missing:
+        LOG.info("metrics lack %s (scored before those columns existed): FPV/FNV, HD95 and lesion "
+                 "detection are left out", ", ".join(missing))
     icc = icc_table(df)
     icc.insert(0, "split", split)
     summary = summarize(df)
     summary.insert(0, "split", split)
     _write_parquet(icc, layout.icc)
     _write_parquet(summary, layout.summary)
-    return {"icc": icc, "summary": summary, "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0])}
+    slice_auc = pooled_slice_auc(layout.out, everything)
+    if slice_auc is not None:
+        _write_parquet(slice_auc, layout.out / "slice_auc.parquet")
+    res: dict[str, Any] = {
+        "icc": icc, "summary": summary, "slice_auc": slice_auc,
+        "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
+        "figures": [], "report": None,
+    }
+    if figures:
+        res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split)
+    return res
 
 
-def format_report(icc: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """The paper-style table: median (IQR) per method, ICC [95% CI] p for MTV and TLG."""
+def pooled_slice_auc(out: str | Path, metrics: pd.DataFrame) -> pd.DataFrame | None:
+    """Slice-level classifier ROC AUC per split, pooled over every labeled slice of the split.
+
+    Reads the scorer's `<out>/slices/*.parquet` (patient_id, study_id, split, z, prob, label) and keeps
+    the studies present in ``metrics`` (stale files of studies no longer in the run are ignored),
+    with the split the metrics rows give them. Returns rows ``split`` (train, val, test, all),
+    ``n_studies, n_slices, n_tumour_slices, auc``, or None (logged) when the run has no slice files.
+    """
+    from wsseg_core.train import roc_auc
+
+    folder = Path(out) / "slices"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    files = [f for f in files if not f.name.startswith(".")]  # hidden: a writer's temp file
+    if not files:
+        LOG.info("no per-slice predictions under %s (scored before they existed): slice AUC skipped", folder)
+        return None
+    slices = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    studies = metrics[["patient_id", "study_id", "split"]].drop_duplicates(["patient_id", "study_id"])
+    slices = slices.drop(columns=["split"]).merge(studies, on=["patient_id", "study_id"], how="inner")
+    slices = slices[slices["label"].notna()]
+    rows = []
+    for name in (*SPLITS, "all"):
+        g = slices if name == "all" else slices[slices["split"] == name]
+        labels = g["label"].astype(bool).to_numpy()
+        rows.append({"split": name, "n_studies": int(g[["patient_id", "study_id"]].drop_duplicates().shape[0]),
+                     "n_slices": int(len(g)), "n_tumour_slices": int(labels.sum()),
+                     "auc": roc_auc(g["prob"].to_numpy(float), labels) if len(g) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> list[Path]:
+    """Früh et al. Fig. 4 for ``n`` studies of ``df`` with tumour (largest reference MTV first, one
+    study per patient): on the flagged slice holding the most tumour, PET with the reference
+    contour, the four CAMs over PET, their Algorithm 1 masks (run thresholds), and CT.
+
+    The classifier and CAMs are recomputed in this process (a few slices: cheap). Returns the PNGs
+    written; none (logged) when the run has no classifier or no cohort manifest.
+    """
+    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.cams import CAM_METHODS, CamEngine
+    from wsseg_core.data import StudyRef, load_study
+    from wsseg_core.inference import classify_volume, volume_cams
+    from wsseg_core.models import load_classifier
+    from wsseg_core.report import cam_figure
+    from wsseg_core.segment import segment_slice
+
+    layout = RunLayout(Path(out))
+    if not layout.classifier.exists():
+        LOG.info("no classifier at %s: CAM overlay figures skipped", layout.classifier)
+        return []
+    if not layout.cohort.exists():
+        LOG.info("no cohort manifest at %s (CT paths unknown): CAM overlay figures skipped", layout.cohort)
+        return []
+    ok = df[df["status"] == "ok"]
+    ok = ok[pd.to_numeric(ok["mtv_true_ml"], errors="coerce") > 0]
+    picks = (ok.sort_values(["mtv_true_ml", "patient_id", "study_id"], ascending=[False, True, True])
+               .drop_duplicates("patient_id").head(n))
+    if picks.empty:
+        LOG.info("no study with tumour in this split: CAM overlay figures skipped")
+        return []
+    cohort = pd.read_parquet(layout.cohort)
+    model, pre, _ = load_classifier(layout.classifier)
+    model.eval()
+    engine = CamEngine(model)
+    thresholds = load_thresholds(layout.thresholds)
+    methods = [m for m in CAM_METHODS if m in thresholds]
+    written = []
+    for row in picks.itertuples():
+        match = cohort[(cohort["patient_id"] == row.patient_id) & (cohort["study_id"] == row.study_id)]
+        if match.empty:
+            LOG.info("%s/%s is not in %s: no CAM figure", row.patient_id, row.study_id, layout.cohort)
+            continue
+        rec = {k: (None if pd.isna(v) else v) for k, v in match.iloc[0].to_dict().items()}
+        ref = StudyRef(**{k: rec.get(k) for k in StudyRef.__dataclass_fields__})
+        study = load_study(ref)
+        probs = classify_volume(model, pre, study.suv, study.ct)
+        tumour = study.seg.reshape(-1, study.seg.shape[2]).sum(axis=0).astype(np.int64)  # signed: -1 below
+        flagged = probs >= 0.5
+        # The paper shows slices the method actually segments: the flagged slice with most tumour;
+        # if the classifier flags none of the tumour slices, the tumour's largest slice (CAMs exist
+        # for any slice) and the title says so.
+        cand = np.where(flagged & (tumour > 0), tumour, -1)
+        z = int(np.argmax(cand)) if cand.max() > 0 else int(np.argmax(tumour))
+        maps = volume_cams(engine, pre, study.suv, study.ct, [z], methods, batch_size=1)
+        cams = {m: maps[m][0] for m in methods}
+        masks = {m: segment_slice(study.suv[:, :, z], cams[m], thresholds[m]["t"], thresholds[m]["q"])
+                 for m in methods}
+        name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"
+        title = (f"{row.patient_id} / {row.study_id}, slice z={z}, p(tumour)={probs[z]:.2f}"
+                 + ("" if flagged[z] else " (not flagged by the classifier)"))
+        written.append(cam_figure(study.suv[:, :, z], study.ct[:, :, z], study.seg[:, :, z], cams, masks,
+                                  layout.out / "figures" / name, title=title))
+    return written
+
+
+def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary: pd.DataFrame,
+                  slice_auc: pd.DataFrame | None, split: str) -> tuple[list[Path], Path]:
+    """`<out>/figures/*.png` and `<out>/report.html` for the rows ``df`` of one split.
+
+    Figures: dice_boxplot.png (Fig. 5), mtv_scatter.png / tlg_scatter.png (Figs. 6-7),
+    mtv_bland_altman.png / tlg_bland_altman.png, table1.png (ICC table) and cam_*.png (Fig. 4).
+    A figure with nothing to draw is left out (logged). Returns (PNG paths, report path).
+    """
+    import html
+
+    from wsseg_core import report
+
+    out = Path(out)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path | None] = {
+        "dice": report.dice_boxplot(df, fig_dir / "dice_boxplot.png", title=f"Per-patient Dice ({split})"),
+        "mtv": report.agreement_scatter(df, "MTV", fig_dir / "mtv_scatter.png", icc=icc),
+        "tlg": report.agreement_scatter(df, "TLG", fig_dir / "tlg_scatter.png", icc=icc),
+        "mtv_ba": report.bland_altman(df, "MTV", fig_dir / "mtv_bland_altman.png"),
+        "tlg_ba": report.bland_altman(df, "TLG", fig_dir / "tlg_bland_altman.png"),
+    }
+    for k, v in made.items():
+        if v is None:
+            LOG.info("figure %s skipped: nothing to plot in split %s", k, split)
+    table1 = report.table1_frame(summary, icc)
+    made["table1"] = report.table_figure(table1, fig_dir / "table1.png",
+                                         title=f"Table 1: median (IQR) and ICC(2,1), split {split}")
+    cams = cam_overlays(out, df)
+
+    def fig(key: str, caption: str) -> str:
+        p = made.get(key)
+        return "" if p is None else report.html_figure(p.relative_to(out).as_posix(), caption)
+
+    n_studies = df[["patient_id", "study_id"]].drop_duplicates().shape[0]
+    n_patients = df["patient_id"].nunique()
+    meta = html.escape(f"run {out} · split {split}: {n_studies} studies of {n_patients} patients · "
+                       f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
+    sections = [
+        ("Table 1: segmentation and agreement",
+         report.html_table(table1)
+         + "<p class='note'>Median (IQR) over studies; Dice per study (NaN for studies without "
+           "tumour left out); ICC(2,1): two-way random, absolute agreement, single rater.</p>"
+         + fig("table1", "Table 1 as an image")),
+        ("Dice per patient (Fig. 5)", fig("dice", "Per-patient Dice per method (mean over a patient's studies)")),
+        ("MTV: reference vs estimate (Fig. 6)",
+         fig("mtv", "MTV (ml), reference vs estimate; dashed: identity")
+         + fig("mtv_ba", "MTV Bland-Altman: bias and 95% limits of agreement")),
+        ("TLG: reference vs estimate (Fig. 7)",
+         fig("tlg", "TLG (g), reference vs estimate; dashed: identity")
+         + fig("tlg_ba", "TLG Bland-Altman: bias and 95% limits of agreement")),
+    ]
+    autopet = summary[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
+                       "hd95_median_mm", "hd95_iqr_mm", "detection_rate", "false_lesions_per_study"]]
+    if autopet.drop(columns="method").notna().any().any():
+        sections.append(("autoPET metrics and lesion-wise detection", report.html_table(
+            autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
+                                    "fnv_median_ml": "FNV ml median", "fnv_iqr_ml": "FNV IQR",
+                                    "hd95_median_mm": "HD95 mm median", "hd95_iqr_mm": "HD95 IQR",
+                                    "detection_rate": "lesions detected",
+                                    "false_lesions_per_study": "false lesions / study"}), float_digits=2)
+            + "<p class='note'>18-connected components. FPV: predicted components touching no "
+              "reference voxel; FNV: reference components the prediction misses (undefined for "
+              "negative studies). Detection rate pooled over lesions.</p>"))
+    else:
+        sections.append(("autoPET metrics and lesion-wise detection",
+                         "<p class='note'>Not in this run's metrics (scored before those columns existed).</p>"))
+    if slice_auc is not None:
+        sections.append(("Slice-level classifier AUC", report.html_table(slice_auc)
+                         + "<p class='note'>ROC AUC of the slice classifier's tumour probability, "
+                           "pooled over all labeled slices of each split.</p>"))
+    else:
+        sections.append(("Slice-level classifier AUC",
+                         "<p class='note'>No per-slice predictions in this run.</p>"))
+    sections.append(("CAM overlays (Fig. 4)",
+                     "".join(report.html_figure(p.relative_to(out).as_posix(),
+                                                f"{p.stem}: PET + reference (red), CAMs, masks, CT")
+                             for p in cams)
+                     or "<p class='note'>No CAM overlays (no classifier, cohort manifest or tumour study).</p>"))
+    page = report.write_html_report(out / "report.html", "wsseg results", sections, meta=meta)
+    pngs = [p for p in made.values() if p is not None] + cams
+    LOG.info("wrote %d figures to %s and %s", len(pngs), fig_dir, page)
+    return pngs, page
+
+
+def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFrame | None = None) -> str:
+    """The paper-style table: median (IQR) per method, ICC [95% CI] p for MTV and TLG; then, where the
+    summary has them, the autoPET FPV/FNV (ml), HD95 (mm) and lesion detection per method, and the
+    pooled slice-level classifier AUC per split."""
     lines = [f"{'method':<10} {'n':>3}  {'Dice median (IQR)':<19} {'|dMTV| ml (IQR)':<19} "
              f"{'|dTLG| g (IQR)':<19} {'ICC MTV [95% CI]':<22} {'ICC TLG [95% CI]':<22}"]
     by = {(r.method, r.quantity): r for r in icc.itertuples()}
@@ -64,6 +274,25 @@ def format_report(icc: pd.DataFrame, summary: pd.DataFrame) -> str:
             f"{r.abs_dmtv_median_ml:>7.1f} ({r.abs_dmtv_iqr_ml:.1f}){'':<4} "
             f"{r.abs_dtlg_median_g:>7.1f} ({r.abs_dtlg_iqr_g:.1f}){'':<3} "
             f"{icc_cell(r.method, 'MTV'):<22} {icc_cell(r.method, 'TLG'):<22}")
+    extra = [c for c in ("fpv_median_ml", "fnv_median_ml", "hd95_median_mm", "detection_rate")
+             if c in summary.columns and summary[c].notna().any()]
+    if extra:
+        def med(v: float, iqr: float, digits: int) -> str:
+            return "n/a" if pd.isna(v) else f"{v:.{digits}f} ({iqr:.{digits}f})"
+
+        lines += ["", f"{'method':<10} {'FPV ml (IQR)':<17} {'FNV ml (IQR)':<17} {'HD95 mm (IQR)':<17} "
+                      f"{'lesions hit':<12} {'false/study':<11}"]
+        for r in summary.itertuples():
+            det = "n/a" if pd.isna(r.detection_rate) else f"{r.detection_rate:.0%}"
+            fls = "n/a" if pd.isna(r.false_lesions_per_study) else f"{r.false_lesions_per_study:.1f}"
+            lines.append(f"{r.method:<10} {med(r.fpv_median_ml, r.fpv_iqr_ml, 1):<17} "
+                         f"{med(r.fnv_median_ml, r.fnv_iqr_ml, 1):<17} "
+                         f"{med(r.hd95_median_mm, r.hd95_iqr_mm, 1):<17} {det:<12} {fls:<11}")
+    if slice_auc is not None:
+        cells = [f"{r.split} {r.auc:.3f} ({r.n_slices} slices)" for r in slice_auc.itertuples()
+                 if r.split != "all" and r.n_slices and not pd.isna(r.auc)]
+        if cells:
+            lines += ["", "slice-level classifier AUC: " + ", ".join(cells)]
     return "\n".join(lines)
 
 
@@ -72,15 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder holding metrics/")
     p.add_argument("--split", default="test", help="train, val, test or all (default: test)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="skip figures/*.png and report.html (tables only)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
-    res = analyze(args.out, args.split)
+    res = analyze(args.out, args.split, figures=not args.no_figures)
     print(f"split={args.split}: {res['n_studies']} studies")
-    print(format_report(res["icc"], res["summary"]))
+    print(format_report(res["icc"], res["summary"], res["slice_auc"]))
+    if res["report"] is not None:
+        print(f"report: {res['report']}  ({len(res['figures'])} figures in {Path(args.out) / 'figures'})")
     return res
 
 

@@ -39,6 +39,17 @@ METRICS_SCHEMA = pa.schema([
     ("suv_path", pa.string()), ("seg_path", pa.string()), ("mask_path", pa.string()),
     ("t_m", pa.float64()), ("q_m", pa.float64()), ("n_slices", pa.int64()),
     ("n_flagged_slices", pa.int64()), ("max_slice_prob", pa.float64()), ("seconds", pa.float64()),
+    # autoPET / lesion-wise metrics (wsseg_core.metrics.extra_metrics) and the study's slice AUC
+    ("fpv_ml", pa.float64()), ("fnv_ml", pa.float64()), ("hd95_mm", pa.float64()),
+    ("n_ref_lesions", pa.int64()), ("n_ref_detected", pa.int64()), ("n_pred_lesions", pa.int64()),
+    ("n_pred_false", pa.int64()), ("slice_auc", pa.float64()),
+])
+# <out>/slices/<patient>__<study>__<hash8>.parquet: every axial slice's classifier probability and
+# reference label, so analyze can pool a slice-level AUC per split (one file per study, written by
+# the actor that scored it; label null for unlabeled studies).
+SLICE_SCHEMA = pa.schema([
+    ("patient_id", pa.string()), ("study_id", pa.string()), ("split", pa.string()),
+    ("z", pa.int64()), ("prob", pa.float64()), ("label", pa.bool_()),
 ])
 REF_FIELDS = ("patient_id", "study_id", "suv_path", "ct_path", "seg_path", "split", "diagnosis")
 
@@ -47,6 +58,46 @@ def _none_if_missing(v: Any) -> Any:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return None
     return v
+
+
+def slice_table_path(out: str | Path, patient_id: str, study_id: str) -> Path:
+    """`<out>/slices/<patient>__<study>__<hash8>.parquet`; the hash keeps sanitised ids distinct."""
+    import hashlib
+
+    from jobs.common import safe_name
+
+    def part(identifier: str) -> str:
+        try:
+            return safe_name(identifier)
+        except ValueError:  # an id with no safe form (e.g. "..") keeps only the hash
+            return "id"
+
+    digest = hashlib.sha256(f"{patient_id}\x00{study_id}".encode()).hexdigest()[:8]
+    return Path(out) / "slices" / f"{part(patient_id)}__{part(study_id)}__{digest}.parquet"
+
+
+def write_slice_table(path: Path, patient_id: str, study_id: str, split: str | None,
+                      probs: np.ndarray, labels: np.ndarray | None) -> None:
+    """One study's per-slice tumour probabilities and labels, written atomically (hidden temp name,
+    which Parquet readers skip, then `os.replace`)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    n = len(probs)
+    table = pa.Table.from_pydict({
+        "patient_id": [patient_id] * n, "study_id": [study_id] * n, "split": [split] * n,
+        "z": np.arange(n, dtype=np.int64), "prob": np.asarray(probs, dtype=np.float64),
+        "label": [None] * n if labels is None else np.asarray(labels, dtype=bool),
+    }, schema=SLICE_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class StudyScorer:
@@ -95,14 +146,19 @@ class StudyScorer:
         return rows
 
     def _score_ok(self, ref, base: dict) -> list[dict]:
-        from wsseg_core.data import load_study, write_mask
+        from wsseg_core.data import load_study, slice_labels, write_mask
         from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
         from wsseg_core.metrics import study_metrics
         from wsseg_core.segment import segment_volume, threshold_volume
+        from wsseg_core.train import roc_auc
 
         study = load_study(ref)
         probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
         z = flagged_slices(probs)
+        labels = None if study.seg is None else slice_labels(study.seg)
+        auc = float("nan") if labels is None else roc_auc(probs, labels)  # NaN: one class only
+        write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
+                          ref.patient_id, ref.study_id, ref.split, probs, labels)
         cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
         maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
                            self.cam_batch_size)
@@ -116,12 +172,14 @@ class StudyScorer:
                 mask = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
             rel = self.layout.mask(m, ref.patient_id, ref.study_id)
             write_mask(self.layout.out / rel, mask, study.affine)
-            vals = study_metrics(mask, study.seg, study.suv, study.voxel_volume_ml)
+            vals = study_metrics(mask, study.seg, study.suv, study.voxel_volume_ml,
+                                 spacing_mm=study.spacing_mm)
             dices.append(f"{m} {vals['dice']:.2f}")
             rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
                          "voxel_volume_ml": study.voxel_volume_ml, "mask_path": rel.as_posix(),
                          "t_m": th.get("t"), "q_m": th["q"], "n_slices": int(study.suv.shape[2]),
-                         "n_flagged_slices": int(len(z)), "max_slice_prob": float(probs.max())})
+                         "n_flagged_slices": int(len(z)), "max_slice_prob": float(probs.max()),
+                         "slice_auc": auc})
         LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,
                  len(z), study.suv.shape[2], ", ".join(dices))
         return rows

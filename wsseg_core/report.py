@@ -165,3 +165,264 @@ def cam_figure(
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_atomic(fig, out, dpi=100)
     return out
+
+
+# --- cohort figures (Früh et al. Figs. 5-7, Table 1) and the HTML report ---------------------------
+
+_QUANTITY_COLUMNS = {"MTV": ("mtv_true_ml", "mtv_pred_ml", "ml"), "TLG": ("tlg_true_g", "tlg_pred_g", "g")}
+
+
+def _methods_of(df) -> list[str]:
+    from wsseg_core.stats import METHOD_ORDER
+
+    present = list(dict.fromkeys(df["method"].astype(str)))
+    return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
+
+
+def _ok(df):
+    return df[df["status"] == "ok"] if "status" in df.columns else df
+
+
+def _finish(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(fig, out, dpi=dpi)
+    return out
+
+
+def per_patient_dice(df) -> "pd.DataFrame":  # noqa: F821
+    """Mean Dice per (method, patient) over the patient's studies with a finite Dice.
+
+    Früh et al. report per-patient Dice; a patient with several studies counts once.
+    Returns columns ``method, patient_id, dice``.
+    """
+    import pandas as pd
+
+    ok = _ok(df)
+    d = ok.assign(dice=pd.to_numeric(ok["dice"], errors="coerce")).dropna(subset=["dice"])
+    return d.groupby(["method", "patient_id"], as_index=False)["dice"].mean()
+
+
+def dice_boxplot(df, path: str | os.PathLike, title: str | None = None) -> Path | None:
+    """Box plot of per-patient Dice per method, with the patients as jittered points (Fig. 5).
+
+    Returns the PNG path, or None when no method has a finite Dice (nothing to draw).
+    """
+    from matplotlib.figure import Figure
+
+    pp = per_patient_dice(df)
+    methods = [m for m in _methods_of(df) if (pp["method"] == m).any()]
+    if not methods:
+        return None
+    data = [pp.loc[pp["method"] == m, "dice"].to_numpy(float) for m in methods]
+    fig = Figure(figsize=(1.4 * len(methods) + 2.0, 4.2))
+    ax = fig.subplots()
+    ax.boxplot(data, showfliers=False, widths=0.55)
+    ax.set_xticks(range(1, len(methods) + 1), labels=methods)
+    rng = np.random.default_rng(0)  # fixed jitter: the same run gives the same picture
+    for i, v in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), v, s=12, alpha=0.6, color="tab:blue", zorder=3)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("Dice per patient")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "Per-patient Dice")
+    return _finish(fig, path)
+
+
+def _quantity_pairs(df, quantity: str):
+    import pandas as pd
+
+    true_col, pred_col, unit = _QUANTITY_COLUMNS[quantity]
+    ok = _ok(df)
+    for m in _methods_of(ok):
+        g = ok[ok["method"] == m]
+        t = pd.to_numeric(g[true_col], errors="coerce").to_numpy(float)
+        p = pd.to_numeric(g[pred_col], errors="coerce").to_numpy(float)
+        keep = np.isfinite(t) & np.isfinite(p)
+        yield m, t[keep], p[keep], unit
+
+
+def agreement_scatter(df, quantity: str, path: str | os.PathLike, icc=None) -> Path | None:
+    """True vs estimated MTV (ml) or TLG (g), one panel per method, with the identity line (Figs. 6-7).
+
+    Args:
+        df: metrics rows; quantity: ``"MTV"`` or ``"TLG"``;
+        icc: optional ``stats.icc_table`` frame; its ICC is printed in each panel's title.
+    Returns the PNG path, or None when no method has a pair to plot.
+    """
+    from matplotlib.figure import Figure
+
+    panels = [p for p in _quantity_pairs(df, quantity) if p[1].size]
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.3 * len(panels), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    for ax, (m, t, p, unit) in zip(axes, panels):
+        hi = float(max(t.max(), p.max(), 1e-6)) * 1.05
+        ax.plot([0, hi], [0, hi], color="grey", lw=1, ls="--", label="identity")
+        ax.scatter(t, p, s=16, alpha=0.75, color="tab:blue")
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"reference {quantity} ({unit})")
+        ax.set_ylabel(f"estimated {quantity} ({unit})")
+        label = m
+        if icc is not None:
+            r = icc[(icc["method"] == m) & (icc["quantity"] == quantity)]
+            if len(r) and np.isfinite(r["icc"].iloc[0]):
+                label += f"  ICC {r['icc'].iloc[0]:.2f}"
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{quantity}: reference vs estimate (n = studies)", fontsize=10)
+    return _finish(fig, path)
+
+
+def bland_altman(df, quantity: str, path: str | os.PathLike) -> Path | None:
+    """Bland-Altman plots of MTV (ml) or TLG (g), one panel per method: mean of reference and
+    estimate vs their difference (estimate - reference), with the bias and the 95 % limits of
+    agreement (bias +- 1.96 SD). Returns the PNG path, or None when nothing can be plotted."""
+    from matplotlib.figure import Figure
+
+    panels = [p for p in _quantity_pairs(df, quantity) if p[1].size]
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.3 * len(panels), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    for ax, (m, t, p, unit) in zip(axes, panels):
+        mean, diff = (t + p) / 2.0, p - t
+        bias = float(diff.mean())
+        sd = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
+        ax.scatter(mean, diff, s=16, alpha=0.75, color="tab:blue")
+        ax.axhline(bias, color="tab:red", lw=1, label=f"bias {bias:.1f}")
+        for lim in (bias - 1.96 * sd, bias + 1.96 * sd):
+            ax.axhline(lim, color="tab:red", lw=0.8, ls="--")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel(f"mean {quantity} ({unit})")
+        ax.set_ylabel(f"estimate - reference ({unit})")
+        ax.set_title(f"{m}  bias {bias:.1f}, LoA ±{1.96 * sd:.1f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{quantity}: Bland-Altman", fontsize=10)
+    return _finish(fig, path)
+
+
+def _fmt_med(med: float, iqr: float, digits: int) -> str:
+    if not np.isfinite(med):
+        return "n/a"
+    return f"{med:.{digits}f} ({iqr:.{digits}f})"
+
+
+def _fmt_icc(r) -> tuple[str, str]:
+    if r is None or not np.isfinite(r["icc"]):
+        return "n/a", "n/a"
+    p = "<0.001" if r["pval"] < 0.001 else f"{r['pval']:.3f}"
+    return f"{r['icc']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]", p
+
+
+def table1_frame(summary, icc) -> "pd.DataFrame":  # noqa: F821
+    """Früh et al. Table 1 as display strings: per method n, Dice, |dMTV|, |dTLG| as median (IQR),
+    and the ICC(2,1) of MTV and TLG with 95 % CI and p-value."""
+    import pandas as pd
+
+    by = {(r["method"], r["quantity"]): r for _, r in icc.iterrows()}
+    rows = []
+    for _, s in summary.iterrows():
+        mtv, p_mtv = _fmt_icc(by.get((s["method"], "MTV")))
+        tlg, p_tlg = _fmt_icc(by.get((s["method"], "TLG")))
+        rows.append({"method": s["method"], "n": int(s["n"]),
+                     "Dice median (IQR)": _fmt_med(s["dice_median"], s["dice_iqr"], 2),
+                     "|ΔMTV| ml median (IQR)": _fmt_med(s["abs_dmtv_median_ml"], s["abs_dmtv_iqr_ml"], 1),
+                     "|ΔTLG| g median (IQR)": _fmt_med(s["abs_dtlg_median_g"], s["abs_dtlg_iqr_g"], 1),
+                     "ICC MTV [95% CI]": mtv, "p (MTV)": p_mtv, "ICC TLG [95% CI]": tlg, "p (TLG)": p_tlg})
+    return pd.DataFrame(rows)
+
+
+def table_figure(table, path: str | os.PathLike, title: str | None = None) -> Path:
+    """A frame of display strings drawn as a PNG table (e.g. :func:`table1_frame`)."""
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = table.shape
+    fig = Figure(figsize=(max(6.0, 1.45 * n_cols), 0.45 * (n_rows + 1) + (0.5 if title else 0.2)))
+    ax = fig.subplots()
+    ax.axis("off")
+    t = ax.table(cellText=table.astype(str).to_numpy(), colLabels=[str(c) for c in table.columns],
+                 loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.auto_set_column_width(list(range(n_cols)))
+    t.scale(1.0, 1.35)
+    for (r, _), cell in t.get_celld().items():
+        if r == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#e8edf3")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path, dpi=110)
+
+
+def html_table(table, float_digits: int = 3) -> str:
+    """A frame as an HTML ``<table>`` (escaped; floats rounded, NaN shown as "n/a")."""
+    import html
+
+    def cell(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "n/a" if not np.isfinite(v) else f"{float(v):.{float_digits}f}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in table.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1150px; color: #1d232b; line-height: 1.4; padding: 0 16px; }
+h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 32px;
+     border-bottom: 1px solid #d5dbe3; padding-bottom: 4px; }
+.meta { color: #5a6573; font-size: 13px; } .note { color: #5a6573; font-size: 13px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #ccd3dc; padding: 4px 9px; text-align: center; }
+th { background: #e8edf3; } tr:nth-child(even) td { background: #f7f9fb; }
+figure { margin: 12px 0; } figure img { max-width: 100%; border: 1px solid #e1e6ec; }
+figcaption { font-size: 13px; color: #5a6573; }
+"""
+
+
+def write_html_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]],
+                      meta: str = "") -> Path:
+    """A self-contained HTML page (CSS in the page, images by relative link): opens from file://.
+
+    Args:
+        path: where to write (atomically); title: page title;
+        sections: ``(heading, html body)`` pairs, bodies already escaped (see :func:`html_table`,
+            :func:`html_figure`); meta: escaped HTML shown under the title.
+    """
+    import html
+
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", f"<div class=\"meta\">{meta}</div>"]
+    for heading, body in sections:
+        parts.append(f"<section><h2>{html.escape(heading)}</h2>{body}</section>")
+    parts.append("</body></html>\n")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def html_figure(rel_path: str, caption: str) -> str:
+    """An ``<figure>`` with a relative image link (POSIX separators, URL-quoted) and an escaped caption."""
+    import html
+    from urllib.parse import quote
+
+    src = quote(Path(rel_path).as_posix())
+    return (f"<figure><img src=\"{html.escape(src)}\" alt=\"{html.escape(caption)}\">"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")

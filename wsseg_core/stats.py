@@ -121,6 +121,13 @@ def _median_iqr(x: pd.Series | np.ndarray) -> tuple[float, float]:
     return float(q50), float(q75 - q25)
 
 
+def _numeric(g: pd.DataFrame, col: str) -> np.ndarray:
+    """A column as float (nullable ints -> NaN), or all NaN when the frame lacks it (older runs)."""
+    if col not in g.columns:
+        return np.full(len(g), np.nan)
+    return pd.to_numeric(g[col], errors="coerce").astype(float).to_numpy()
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Median and IQR (q75 - q25, linear percentiles) per method, over the ``status == "ok"`` rows.
 
@@ -133,11 +140,17 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         a finite Dice), ``dice_median, dice_iqr``, ``abs_dmtv_median_ml, abs_dmtv_iqr_ml`` (|MTV
         pred - true|, ml), ``abs_dtlg_median_g, abs_dtlg_iqr_g`` (|TLG pred - true|, g). NaN
         values (no reference, empty reference for Dice) are left out of each statistic.
+        Then, from the optional autoPET / lesion-wise columns (NaN where ``df`` lacks them):
+        ``fpv_median_ml, fpv_iqr_ml, fnv_median_ml, fnv_iqr_ml`` (ml), ``hd95_median_mm,
+        hd95_iqr_mm`` (mm), ``detection_rate`` (reference lesions hit / reference lesions, pooled
+        over studies) and ``false_lesions_per_study`` (mean predicted components hitting nothing).
     """
     ok = _ok_rows(df)
     columns = [
         "method", "n", "n_dice", "dice_median", "dice_iqr",
         "abs_dmtv_median_ml", "abs_dmtv_iqr_ml", "abs_dtlg_median_g", "abs_dtlg_iqr_g",
+        "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml", "hd95_median_mm", "hd95_iqr_mm",
+        "detection_rate", "false_lesions_per_study",
     ]
     rows = []
     for method in _ordered_methods(ok["method"].astype(str)):
@@ -148,8 +161,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         dm, di = _median_iqr(d)
         mm, mi = _median_iqr(dmtv)
         tm, ti = _median_iqr(dtlg)
+        extra: list[float] = []
+        for col in ("fpv_ml", "fnv_ml", "hd95_mm"):
+            extra.extend(_median_iqr(_numeric(g, col)))
+        n_ref, n_hit = _numeric(g, "n_ref_lesions"), _numeric(g, "n_ref_detected")
+        both = np.isfinite(n_ref) & np.isfinite(n_hit)
+        # pooled, not a mean of per-study rates: a study with 20 lesions weighs more than one with 1
+        extra.append(float(n_hit[both].sum() / n_ref[both].sum()) if n_ref[both].sum() > 0 else float("nan"))
+        n_false = _numeric(g, "n_pred_false")
+        n_false = n_false[np.isfinite(n_false)]
+        extra.append(float(n_false.mean()) if n_false.size else float("nan"))
         rows.append([method, int(len(g)), int(np.isfinite(d.to_numpy(float)).sum()),
-                     dm, di, mm, mi, tm, ti])
+                     dm, di, mm, mi, tm, ti, *extra])
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -1,0 +1,203 @@
+"""analyze's figures and HTML report on a hand-made run folder (no Ray), and the scorer's new columns."""
+
+from __future__ import annotations
+
+import logging
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ("CAM", "Threshold")
+
+
+def _metrics_frame(with_extra: bool = True) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(5):
+        for m in METHODS:
+            true = 10.0 * (i + 1)
+            pred = true * (1.2 if m == "CAM" else 0.9) + rng.normal(0, 2)
+            row = {"patient_id": f"P{i}", "study_id": "s 1", "split": "test" if i < 4 else "train",
+                   "method": m, "status": "ok", "error": None, "dice": 0.1 * (i + 1) if i else np.nan,
+                   "mtv_true_ml": true if i else 0.0, "mtv_pred_ml": pred, "tlg_true_g": 5 * true,
+                   "tlg_pred_g": 5 * pred, "voxel_volume_ml": 0.01, "suv_path": "x", "seg_path": "y",
+                   "mask_path": "z"}
+            if with_extra:
+                row.update({"fpv_ml": float(i), "fnv_ml": np.nan if i == 0 else 2.0, "hd95_mm": 3.0 * i,
+                            "n_ref_lesions": 0 if i == 0 else 2, "n_ref_detected": 0 if i == 0 else 1,
+                            "n_pred_lesions": 2, "n_pred_false": 1})
+            rows.append(row)
+    rows.append({**rows[-1], "patient_id": "P9", "status": "failed", "split": "test",
+                 "mtv_pred_ml": np.nan, "dice": np.nan})
+    return pd.DataFrame(rows)
+
+
+def _fake_run(root: Path, with_extra: bool = True, slices: bool = True) -> Path:
+    out = root / "run"
+    (out / "metrics").mkdir(parents=True)
+    df = _metrics_frame(with_extra)
+    df.to_parquet(out / "metrics" / "part-0.parquet", index=False)
+    if slices:
+        (out / "slices").mkdir()
+        # P1 (test): positives 0.9, 0.6; negatives 0.7, 0.1 -> 3 of 4 pairs ordered: AUC 0.75
+        pd.DataFrame({"patient_id": "P1", "study_id": "s 1", "split": "test", "z": [0, 1, 2, 3],
+                      "prob": [0.9, 0.6, 0.7, 0.1], "label": [True, True, False, False]}
+                     ).to_parquet(out / "slices" / "P1.parquet")
+        # P2 (test): one positive 0.8, one negative 0.2; and a stale study not in metrics
+        pd.DataFrame({"patient_id": "P2", "study_id": "s 1", "split": "test", "z": [0, 1],
+                      "prob": [0.8, 0.2], "label": [True, False]}).to_parquet(out / "slices" / "P2.parquet")
+        pd.DataFrame({"patient_id": "gone", "study_id": "s", "split": "test", "z": [0, 1],
+                      "prob": [0.0, 1.0], "label": [True, False]}).to_parquet(out / "slices" / "gone.parquet")
+    return out
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.srcs.append(a["src"])
+        if tag == "link":
+            self.links.append(a.get("href", ""))
+
+
+def _check_report(out: Path) -> list[str]:
+    from urllib.parse import unquote
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    parser = _Refs()
+    parser.feed(page)
+    assert not parser.links, "CSS must be inline: the page opens from file:// on its own"
+    for src in parser.srcs:
+        assert not src.startswith(("/", "http", "file:")), src  # relative links only
+        f = out / unquote(src)
+        assert f.is_file(), src
+        assert f.read_bytes()[:8] == PNG_MAGIC
+    return parser.srcs
+
+
+def test_analyze_figures_and_report(tmp_path, caplog):
+    from jobs import analyze
+
+    out = _fake_run(tmp_path)
+    with caplog.at_level(logging.INFO, logger="wsseg.analyze"):
+        res = analyze.analyze(out, split="test")
+    assert "CAM overlay figures skipped" in caplog.text  # no classifier in this run
+    names = {p.name for p in res["figures"]}
+    assert names == {"dice_boxplot.png", "mtv_scatter.png", "tlg_scatter.png", "mtv_bland_altman.png",
+                     "tlg_bland_altman.png", "table1.png"}
+    for p in res["figures"]:
+        assert p.parent == out / "figures" and p.read_bytes()[:8] == PNG_MAGIC
+    srcs = _check_report(out)
+    assert {Path(s).name for s in srcs} == names
+    assert not list((out / "figures").glob(".*")), "no temp files left behind"
+    # pooled slice AUC over P1 and P2 (stale 'gone' ignored): positives .9 .6 .8, negatives .7 .1 .2
+    # -> pairs ordered: .9 > all 3, .6 > .1 .2, .8 > all 3 = 8 of 9
+    auc = res["slice_auc"].set_index("split")
+    assert auc.loc["test", "auc"] == pytest.approx(8 / 9)
+    assert auc.loc["test", "n_slices"] == 6 and auc.loc["test", "n_tumour_slices"] == 3
+    assert math.isnan(auc.loc["train", "auc"])
+    assert pd.read_parquet(out / "slice_auc.parquet").shape[0] == 4
+    s = res["summary"].set_index("method")
+    # test rows P0..P3: FPV 0,1,2,3 -> median 1.5; FNV NaN,2,2,2 -> 2; lesions hit 3 of 6
+    assert s.loc["CAM", "fpv_median_ml"] == pytest.approx(1.5)
+    assert s.loc["CAM", "fnv_median_ml"] == pytest.approx(2.0)
+    assert s.loc["CAM", "detection_rate"] == pytest.approx(0.5)
+    assert s.loc["CAM", "false_lesions_per_study"] == pytest.approx(1.0)
+    text = analyze.format_report(res["icc"], res["summary"], res["slice_auc"])
+    assert "FPV ml" in text and "slice-level classifier AUC: " in text and "test 0.889" in text
+
+
+def test_analyze_tolerates_old_metrics_and_no_figures(tmp_path, capsys):
+    from jobs import analyze
+
+    out = _fake_run(tmp_path, with_extra=False, slices=False)
+    res = analyze.main(["--out", str(out), "--no-figures"])  # main sets up logging on stderr
+    err = capsys.readouterr().err
+    assert "metrics lack fpv_ml" in err and "slice AUC skipped" in err
+    assert res["slice_auc"] is None and res["report"] is None and not (out / "figures").exists()
+    assert res["summary"]["fpv_median_ml"].isna().all()
+    assert "FPV" not in analyze.format_report(res["icc"], res["summary"], None)
+    # figures still work without the optional columns
+    res = analyze.analyze(out, split="test")
+    assert len(res["figures"]) == 6
+    assert "Not in this run" in (out / "report.html").read_text()
+    _check_report(out)
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """Two 64x64x32 phantom studies, a tiny untrained classifier, scored with the Ray Data actor's
+    class called directly (no Ray)."""
+    import torch
+
+    from jobs.common import RunLayout, write_manifest
+    from jobs.score_cohort import StudyScorer
+    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.models import build_slice_classifier, save_classifier
+    from wsseg_core.phantom import write_phantom_cohort
+
+    root = tmp_path_factory.mktemp("scored")
+    refs = write_phantom_cohort(root / "cohort", n=2, shape=(64, 64, 32), seed=1, negative_fraction=0.5)
+    refs = [type(r)(**{**r.to_dict(), "split": "test"}) for r in refs]
+    out = root / "out"
+    layout = RunLayout(out)
+    write_manifest(refs, layout.cohort)
+    torch.manual_seed(0)
+    model, pre = build_slice_classifier("small")
+    with torch.no_grad():  # bias toward "tumour" so slices are flagged and CAMs get masks
+        model.fc.bias.copy_(torch.tensor([-2.0, 2.0]))
+    save_classifier(layout.classifier, model, pre)
+    threads = torch.get_num_threads()
+    try:
+        scorer = StudyScorer(str(layout.classifier), load_thresholds(None), str(out),
+                             methods=["CAM", "Threshold"])  # ScoreCAM on every slice: slow
+        rows = [r for ref in refs for r in scorer.score(**ref.to_dict())]
+    finally:
+        torch.set_num_threads(threads)
+    return out, refs, rows
+
+
+def test_scorer_writes_new_columns_and_slices(scored_run):
+    import pyarrow as pa
+
+    from jobs.score_cohort import METRICS_SCHEMA, slice_table_path
+
+    out, refs, rows = scored_run
+    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)  # the new columns fit the schema
+    df = table.to_pandas()
+    assert (df["status"] == "ok").all(), df["error"].tolist()
+    names = METRICS_SCHEMA.names
+    assert names[:15] == ["patient_id", "study_id", "split", "method", "status", "error", "dice",
+                          "mtv_true_ml", "mtv_pred_ml", "tlg_true_g", "tlg_pred_g", "voxel_volume_ml",
+                          "suv_path", "seg_path", "mask_path"]
+    for col in ("fpv_ml", "fnv_ml", "hd95_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
+                "n_pred_false", "slice_auc"):
+        assert col in names
+    neg = df[df["mtv_true_ml"] == 0]
+    assert len(neg) and neg["fnv_ml"].isna().all() and (neg["n_ref_lesions"] == 0).all()
+    assert np.allclose(neg["fpv_ml"], neg["mtv_pred_ml"])  # negative study: every prediction is false
+    assert neg["slice_auc"].isna().all()  # one class only
+    for ref in refs:
+        sl = pd.read_parquet(slice_table_path(out, ref.patient_id, ref.study_id))
+        assert list(sl.columns) == ["patient_id", "study_id", "split", "z", "prob", "label"]
+        assert len(sl) == 32 and sl["prob"].between(0, 1).all()
+
+
+def test_cam_overlays_with_a_real_classifier(scored_run):
+    from jobs import analyze
+
+    out, refs, rows = scored_run
+    df = pd.DataFrame(rows)
+    written = analyze.cam_overlays(out, df)
+    assert len(written) == 1  # one study has tumour (the other is a negative control)
+    assert written[0].read_bytes()[:8] == PNG_MAGIC and written[0].parent == out / "figures"

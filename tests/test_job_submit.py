@@ -21,10 +21,14 @@ def _ray_cli() -> str:
     return str(cli) if cli.exists() else shutil.which("ray")
 
 
-def test_submitted_pipeline_succeeds_and_writes_parquet(tmp_path):
+def test_submitted_pipeline_succeeds_and_writes_parquet():
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    import tempfile
+
     ray_cli = _ray_cli()
+    # Short on purpose: Ray's socket paths live under the temp dir and AF_UNIX caps them at 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="wsj", dir="/tmp"))
     # Its own ports and temp dir, so it never collides with the session cluster of other tests.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
@@ -57,6 +61,7 @@ def test_submitted_pipeline_succeeds_and_writes_parquet(tmp_path):
         assert (out / "icc.parquet").exists() and (out / "run.json").exists()
     finally:
         _stop_cluster(tmp_path / "ray")
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _stop_cluster(temp_dir: Path) -> None:

@@ -81,6 +81,44 @@ def safe_name(identifier: str) -> str:
     return name
 
 
+def study_key(patient_id: str, study_id: str) -> str:
+    """A unique, file-name-safe key for one study: `<patient>__<study>__<hash8>`.
+
+    `safe_name` alone is not injective ("a b" and "a_b" both become "a_b", "../../x" becomes "x"),
+    and a per-study result file found under a colliding name would make a resumed run skip a study
+    it never scored. The short hash of the raw ids keeps keys distinct; the readable part is for
+    people. An id that has no safe form at all (e.g. "..") keeps only the hash.
+    """
+    def part(identifier: str) -> str:
+        try:
+            return safe_name(identifier)
+        except ValueError:
+            return "id"
+
+    digest = hashlib.sha256(f"{patient_id}\x00{study_id}".encode()).hexdigest()[:8]
+    return f"{part(patient_id)}__{part(study_id)}__{digest}"
+
+
+def input_record(refs: list) -> list[dict[str, Any]]:
+    """The exact inputs of a run: per study its ids, split and each file's path and size in bytes.
+
+    Sizes, not hashes: hashing hundreds of GB of volumes would cost as much as scoring them, while a
+    size change still flags a replaced or truncated file. `None` where a file does not exist.
+    """
+    def size(path: str | None) -> int | None:
+        if not path or "://" in path:
+            return None
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return None
+
+    return [{"patient_id": r.patient_id, "study_id": r.study_id, "split": r.split,
+             "suv_path": r.suv_path, "suv_bytes": size(r.suv_path),
+             "ct_path": r.ct_path, "ct_bytes": size(r.ct_path),
+             "seg_path": r.seg_path, "seg_bytes": size(r.seg_path)} for r in refs]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -132,6 +170,15 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.out / "metrics"
+
+    def study_metrics(self, patient_id: str, study_id: str) -> Path:
+        """One study's rows: metrics/<patient>__<study>__<hash8>.parquet (see `study_key`)."""
+        return self.metrics / f"{study_key(patient_id, study_id)}.parquet"
+
+    @property
+    def metrics_record(self) -> Path:
+        """What the rows in metrics/ were computed with; '_' so Parquet readers skip it."""
+        return self.metrics / "_run.json"
 
     @property
     def icc(self) -> Path:

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
-                         setup_logging, sha256_file, versions, write_json, write_manifest)
+from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, input_record,
+                         resolve_cohort, setup_logging, sha256_file, versions, write_json,
+                         write_manifest)
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -116,9 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
-    scored = score_cohort.score(refs, layout.out, thresholds, methods=args.methods,
-                                concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
-                                cam_batch_size=preset["cam_batch_size"])
+    score_kw = dict(methods=args.methods, concurrency=args.concurrency,
+                    num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"])
+    try:  # resumes an interrupted scoring of this same classifier and thresholds
+        scored = score_cohort.score(refs, layout.out, thresholds, **score_kw)
+    except score_cohort.StaleResultsError as e:
+        # The pipeline has just (re)trained and (re)tuned: results of an older classifier or
+        # other thresholds cannot be reused, and this run's own results replace them.
+        LOG.warning("%s: replacing them with this run's results", e)
+        scored = score_cohort.score(refs, layout.out, thresholds, overwrite=True, **score_kw)
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -141,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "outputs": {"metrics": str(layout.metrics), "icc": str(layout.icc), "summary": str(layout.summary),
                     "tune_grid": tuned["grid"], "cohort": str(layout.cohort)},
         "studies": {"total": len(refs), "ok": scored["ok_studies"], "failed": scored["failed_studies"]},
+        # Exact inputs: every study's file paths and byte sizes (volumes are not hashed: that would
+        # cost as much I/O as scoring; the classifier, small and decisive, is hashed above).
+        "inputs": {"cohort": str(cohort), "studies": input_record(refs)},
         "timings": timings,
         "versions": versions(),
     }

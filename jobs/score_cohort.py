@@ -6,14 +6,25 @@ in one pass, segment with Algorithm 1 (tuned t_m/q_m) and the Threshold baseline
 mask per method on the SUV grid, and emit one row per (study, method). A study that cannot be read
 becomes `status = "failed"` rows naming the file and the problem; the rest of the cohort goes on.
 
+Results are kept per study: each actor writes `<out>/metrics/<patient>__<study>__<hash8>.parquet`
+(temp name, then `os.replace`) and the Ray Data pipeline carries only small status rows. A rerun of
+the same command therefore resumes: studies whose file exists are skipped, the rest are scored.
+`<out>/metrics/_run.json` records what the rows were computed with (methods, thresholds, classifier
+sha256, schema); results computed with anything else are stale and the run refuses unless
+`--overwrite`. A scoring actor that dies is restarted by Ray and its study retried.
+
     python -m jobs.score_cohort --cohort runs/demo/cohort.parquet --out runs/demo
+    python -m jobs.score_cohort ... --overwrite      # discard earlier results, score everything
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
-                         setup_logging, torch_threads_for)
+                         setup_logging, sha256_file, torch_threads_for, write_json)
 
 LOG = logging.getLogger("wsseg.score_cohort")
 CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
@@ -52,6 +63,36 @@ SLICE_SCHEMA = pa.schema([
     ("z", pa.int64()), ("prob", pa.float64()), ("label", pa.bool_()),
 ])
 REF_FIELDS = ("patient_id", "study_id", "suv_path", "ct_path", "seg_path", "split", "diagnosis")
+# What the Ray Data pipeline carries back to the driver: one small row per study (the metrics rows
+# themselves go straight to the study's Parquet file, so the driver never holds a cohort's rows).
+STATUS_SCHEMA = pa.schema([
+    ("patient_id", pa.string()), ("study_id", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("n_rows", pa.int64()), ("seconds", pa.float64()), ("file", pa.string()),
+])
+# Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
+TMP_MARKER = ".tmp-"
+
+
+class StaleResultsError(RuntimeError):
+    """`<out>/metrics/` holds results computed with other methods, thresholds or classifier."""
+
+
+def write_study_table(table: pa.Table, path: Path) -> None:
+    """Write one study's rows atomically: hidden temp name in the same folder, then `os.replace`.
+
+    The temp name starts with '.', which pyarrow (and so `pd.read_parquet(folder)`) never reads,
+    so a writer killed mid-write leaves nothing a reader or a resumed run would take for a result.
+    """
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _none_if_missing(v: Any) -> Any:
@@ -104,7 +145,12 @@ class StudyScorer:
     """A Ray Data actor: loads the classifier once, then scores one study per call."""
 
     def __init__(self, classifier_path: str, thresholds: dict[str, dict], out: str,
-                 methods: Sequence[str], cam_batch_size: int = 64, num_cpus: float = 1.0) -> None:
+                 methods: Sequence[str], cam_batch_size: int = 64, num_cpus: float = 1.0,
+                 kill_once: dict[str, str] | None = None) -> None:
+        """`kill_once` is a test hook only: {"patient_id", "study_id", "marker"}. The first actor to
+        score that study after computing its rows (masks written, Parquet not yet) creates the
+        marker file and SIGKILLs its own process, as a lost node would; Ray restarts the actor
+        and retries the study. Never set it in production."""
         import torch
 
         from wsseg_core.cams import CamEngine
@@ -120,12 +166,38 @@ class StudyScorer:
         self.layout = RunLayout(Path(out))
         self.methods = list(methods)
         self.cam_batch_size = cam_batch_size
+        self.kill_once = kill_once
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
-        rows: list[dict] = []
+        status: list[dict] = []
         for rec in batch.to_dict("records"):
-            rows.extend(self.score(**{k: _none_if_missing(rec.get(k)) for k in REF_FIELDS}))
-        return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+            ref = {k: _none_if_missing(rec.get(k)) for k in REF_FIELDS}
+            rows = self.score(**ref)
+            self._maybe_die(ref["patient_id"], ref["study_id"])
+            path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
+            # The study's rows become visible in one rename: a resumed run sees all or nothing.
+            write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
+            failed = [r for r in rows if r["status"] != "ok"]
+            status.append({"patient_id": ref["patient_id"], "study_id": ref["study_id"],
+                           "status": "failed" if failed else "ok",
+                           "error": failed[0]["error"] if failed else None, "n_rows": len(rows),
+                           "seconds": rows[0]["seconds"] if rows else 0.0, "file": path.name})
+        return pa.Table.from_pylist(status, schema=STATUS_SCHEMA)
+
+    def _maybe_die(self, patient_id: str, study_id: str) -> None:
+        """The `kill_once` test hook (see __init__)."""
+        hook = self.kill_once
+        if not hook or (hook["patient_id"], hook["study_id"]) != (patient_id, study_id):
+            return
+        try:  # O_EXCL: exactly one actor, exactly once, even if two race for it
+            fd = os.open(hook["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        LOG.warning("test hook: killing scoring actor pid %d mid-study %s/%s", os.getpid(),
+                    patient_id, study_id)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def score(self, **ref_fields: Any) -> list[dict]:
         from wsseg_core.data import StudyRef
@@ -185,44 +257,151 @@ class StudyScorer:
         return rows
 
 
+def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str]) -> dict:
+    """What a study's rows depend on besides its input files: reused only if all of it matches.
+
+    The schema is part of it: files written before a column was added would not share one schema,
+    and `pd.read_parquet(<out>/metrics)` needs them to.
+    """
+    fp = {"methods": sorted(methods),
+          "thresholds": {m: thresholds[m] for m in sorted(methods)},
+          "classifier_sha256": sha256_file(layout.classifier),
+          "schema": [f"{f.name}:{f.type}" for f in METRICS_SCHEMA]}
+    return json.loads(json.dumps(fp, sort_keys=True, default=str))  # as it reads back from disk
+
+
+def _clean_temp_files(layout: RunLayout) -> int:
+    """Remove temp files left by writers killed between write and rename (metrics and masks).
+
+    They are hidden ('.' prefix) and never read, so this is housekeeping, not correctness. Assumes
+    one scoring run per `<out>` at a time (a concurrent run's in-flight file would go too).
+    """
+    n = 0
+    for folder in (layout.metrics, layout.out / "masks", layout.out / "slices"):
+        if folder.is_dir():
+            for p in folder.rglob(f".*{TMP_MARKER}*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+    if n:
+        LOG.info("removed %d temp file(s) left by an interrupted writer", n)
+    return n
+
+
+def _prepare_metrics_dir(layout: RunLayout, fingerprint: dict, overwrite: bool) -> None:
+    """Start fresh (`overwrite`, or no earlier results) or check that earlier results are current.
+
+    Raises StaleResultsError where earlier results were computed differently (or carry no record).
+    """
+    record = layout.metrics_record
+    existing = list(layout.metrics.glob("*.parquet")) if layout.metrics.is_dir() else []
+    if overwrite and layout.metrics.exists():
+        LOG.info("--overwrite: removing earlier results in %s", layout.metrics)
+        shutil.rmtree(layout.metrics)
+    elif existing or record.exists():
+        old = json.loads(record.read_text()) if record.exists() else None
+        if old != fingerprint:
+            what = ("no record of how they were computed (metrics/_run.json)" if old is None else
+                    "they differ in " + ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k]))
+            raise StaleResultsError(
+                f"{layout.metrics} holds {len(existing)} per-study result file(s) from an earlier run, "
+                f"but {what}; rerun with --overwrite to discard them and score every study again")
+    layout.metrics.mkdir(parents=True, exist_ok=True)
+    write_json(record, fingerprint)  # before any result, so every result file has its record
+
+
 def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
           methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
-          cam_batch_size: int = 64) -> dict[str, Any]:
-    """Score `refs` with a Ray Data actor pool; `<out>/metrics/` appears only when complete."""
-    import pandas as pd
+          cam_batch_size: int = 64, overwrite: bool = False,
+          kill_once: dict[str, str] | None = None) -> dict[str, Any]:
+    """Score `refs` with a Ray Data actor pool, one Parquet file per study; resumes by default.
+
+    Studies whose result file already exists in `<out>/metrics/` (computed with the same methods,
+    thresholds and classifier, see `_fingerprint`) are not scored again; `overwrite=True` discards
+    earlier results first. `kill_once` is a test hook (see `StudyScorer`).
+
+    Returns counts over the whole cohort (`ok_studies`, `failed_studies`, `total_studies`), what
+    this call did (`scored_now`, `resumed`) and the failed studies with their errors.
+
+    Raises:
+        StaleResultsError: earlier results were computed differently and `overwrite` is False.
+        ValueError: a method without thresholds, or two studies whose ids map to the same files.
+    """
+    import pyarrow.parquet as pq
     import ray
 
     from jobs.common import auto_parallelism
 
     layout = RunLayout(Path(out).absolute())
-    if concurrency is None:  # one actor per GPU, or per `num_cpus_per_actor` CPUs
-        concurrency = auto_parallelism(num_cpus_per_actor, num_gpus_per_actor)
     missing = [m for m in methods if m not in thresholds]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
-    ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=max(1, len(refs)))
-    scored = ds.map_batches(
-        StudyScorer,
-        fn_constructor_kwargs=dict(classifier_path=str(layout.classifier), thresholds=thresholds,
-                                   out=str(layout.out), methods=list(methods),
-                                   cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor),
-        batch_size=1, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
-    )
-    # Written under a temporary name and renamed when complete: readers never see half a run.
-    tmp = layout.out / f".metrics-{uuid.uuid4().hex[:8]}"
-    scored.write_parquet(str(tmp))
-    if layout.metrics.exists():
-        shutil.rmtree(layout.metrics)
-    tmp.rename(layout.metrics)
-    df = pd.read_parquet(layout.metrics)
-    counts = df.drop_duplicates(["patient_id", "study_id"])["status"].value_counts().to_dict()
-    LOG.info("scored %d studies: %d ok, %d failed -> %s", df[["patient_id", "study_id"]].drop_duplicates().shape[0],
-             counts.get("ok", 0), counts.get("failed", 0), layout.metrics)
-    return {"metrics": str(layout.metrics), "n_rows": len(df), "ok_studies": counts.get("ok", 0),
-            "failed_studies": counts.get("failed", 0)}
+    # Masks are named by sanitised ids: two studies that sanitise alike would overwrite each
+    # other's masks, so refuse before any work rather than lose one silently.
+    seen: dict[Path, tuple] = {}
+    for r in refs:
+        try:
+            key = layout.mask("CAM", r.patient_id, r.study_id)
+        except ValueError:  # no safe form at all: that study fails on its own, naming the id
+            continue
+        if key in seen and seen[key] != (r.patient_id, r.study_id):
+            raise ValueError(f"studies {seen[key]} and {(r.patient_id, r.study_id)} map to the same "
+                             f"output files; make their ids distinct")
+        seen[key] = (r.patient_id, r.study_id)
+
+    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods), overwrite)
+    _clean_temp_files(layout)
+    done = {r for r in refs if layout.study_metrics(r.patient_id, r.study_id).exists()}
+    todo = [r for r in refs if r not in done]
+    if done:
+        LOG.info("resuming: %d of %d studies already scored, scoring %d", len(done), len(refs), len(todo))
+
+    t0 = time.perf_counter()
+    if todo:
+        if concurrency is None:  # one actor per GPU, or per `num_cpus_per_actor` CPUs
+            concurrency = auto_parallelism(num_cpus_per_actor, num_gpus_per_actor)
+        concurrency = max(1, min(concurrency, len(todo)))
+        # One study per block, so a block that Ray drops or retries holds exactly one study.
+        ds = ray.data.from_items([r.to_dict() for r in todo], override_num_blocks=len(todo))
+        status = ds.map_batches(
+            StudyScorer,
+            fn_constructor_kwargs=dict(classifier_path=str(layout.classifier), thresholds=thresholds,
+                                       out=str(layout.out), methods=list(methods),
+                                       cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
+                                       kill_once=kill_once),
+            batch_size=1, batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
+        ).take_all()
+        LOG.info("scored %d studies in %.1f s", len(status), time.perf_counter() - t0)
+
+    # Counts over the whole cohort, from the files (the status rows cover only this call's studies).
+    files = [str(layout.study_metrics(r.patient_id, r.study_id)) for r in refs]
+    absent = [f for f in files if not os.path.exists(f)]
+    if absent:  # cannot happen unless a file was deleted meanwhile: say so rather than miscount
+        raise RuntimeError(f"{len(absent)} studies have no result file after scoring, e.g. {absent[0]}")
+    per_study = []
+    for f in files:
+        t = pq.read_table(f, columns=["patient_id", "study_id", "status", "error"]).to_pylist()
+        bad = [r for r in t if r["status"] != "ok"]
+        per_study.append(bad[0] if bad else t[0] if t else {"status": "failed", "error": "no rows"})
+    failed = [r for r in per_study if r["status"] != "ok"]
+    n_rows = sum(pq.read_metadata(f).num_rows for f in files)
+    others = {p.name for p in layout.metrics.glob("*.parquet")} - {Path(f).name for f in files}
+    if others:
+        LOG.warning("%s also holds %d result file(s) of studies not in this cohort; pandas will read "
+                    "them too (use --overwrite for a folder with only this cohort)",
+                    layout.metrics, len(others))
+    for r in failed[:20]:
+        LOG.warning("failed study %s/%s: %s", r["patient_id"], r["study_id"], r["error"])
+    LOG.info("summary: %d studies, %d ok, %d failed (%d scored now, %d already done) -> %s",
+             len(refs), len(refs) - len(failed), len(failed), len(todo), len(done), layout.metrics)
+    return {"metrics": str(layout.metrics), "n_rows": n_rows, "total_studies": len(refs),
+            "ok_studies": len(refs) - len(failed), "failed_studies": len(failed),
+            "scored_now": len(todo), "resumed": len(done),
+            "failed": [{"patient_id": r["patient_id"], "study_id": r["study_id"], "error": r["error"]}
+                       for r in failed]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit 1 if any study failed (default: failed studies are rows, exit 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard earlier results in <out>/metrics and score every study again "
+                        "(default: resume, scoring only studies without a result file)")
     return p
 
 
@@ -246,11 +428,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
-    res = score(refs, args.out, load_thresholds(RunLayout(Path(args.out)).thresholds),
-                methods=args.methods, concurrency=args.concurrency,
-                num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
-                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"])
-    print(f"metrics: {res['metrics']}  ({res['ok_studies']} studies ok, {res['failed_studies']} failed)")
+    try:
+        res = score(refs, args.out, load_thresholds(RunLayout(Path(args.out)).thresholds),
+                    methods=args.methods, concurrency=args.concurrency,
+                    num_gpus_per_actor=args.num_gpus_per_actor,
+                    num_cpus_per_actor=args.num_cpus_per_actor,
+                    cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
+                    overwrite=args.overwrite)
+    except StaleResultsError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"metrics: {res['metrics']}  ({res['ok_studies']} studies ok, {res['failed_studies']} failed; "
+          f"{res['scored_now']} scored now, {res['resumed']} already done)")
     if args.fail_on_error and res["failed_studies"]:
         raise SystemExit(1)
     return res

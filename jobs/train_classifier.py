@@ -4,14 +4,18 @@
     ray job submit --working-dir . -- python -m jobs.train_classifier --cohort ... --use-gpu --num-workers 4
 
 Resume after a failure: run the same command again (same --out / --storage-path / --name); each
-worker picks up the latest checkpoint (Ray Train V2 semantics).
+worker picks up the latest checkpoint (Ray Train V2 semantics). Within one run, a worker that dies
+(up to --max-failures times) makes Ray Train restart the worker group, which resumes from the
+latest checkpoint as well: each reported epoch carries `start_epoch`, the epoch that attempt began at.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,24 @@ def load_readable(refs: list) -> list:
         except StudyError as e:
             LOG.warning("training skips %s/%s: %s", r.patient_id, r.study_id, e)
     return studies
+
+
+def _maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Test hook only: config `fail_after_epoch` (int) and `fail_marker` (path).
+
+    Rank 0 SIGKILLs its own process once (the marker file makes it fire once per run), midway
+    through epoch `fail_after_epoch + 1` - after training, before reporting - as a lost node would.
+    """
+    after = config.get("fail_after_epoch")
+    if after is None or rank != 0 or epoch != after + 1:
+        return
+    try:
+        fd = os.open(config["fail_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    LOG.warning("test hook: killing train worker pid %d during epoch %d", os.getpid(), epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -91,9 +113,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
                                      augment=config["augment"], generator=gen)
+        _maybe_die(config, epoch, rank)
         val = evaluate(bare, x_va, y_va, loss_fn, device=device)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
-                   "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"])}
+                   "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
+                   "start_epoch": start_epoch}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:  # one copy of the weights; the others only report metrics
@@ -112,10 +136,12 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         input_size: int | None = None, num_workers: int = 1, use_gpu: bool = False,
         cpus_per_worker: float | None = None,
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
-        seed: int = 0, callbacks: list | None = None) -> dict[str, Any]:
+        seed: int = 0, callbacks: list | None = None,
+        test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
-    Returns the checkpoint path in the run folder and the per-epoch history.
+    Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
+    tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -137,7 +163,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
-                  cpus_per_worker=cpus_per_worker)
+                  cpus_per_worker=cpus_per_worker, **(test_hooks or {}))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

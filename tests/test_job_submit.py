@@ -30,8 +30,10 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
     # Short on purpose: Ray's socket paths live under the temp dir and AF_UNIX caps them at 107 bytes.
     tmp_path = Path(tempfile.mkdtemp(prefix="wsj", dir="/tmp"))
     # Its own ports and temp dir, so it never collides with the session cluster of other tests.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    # As the README's `source .venv/bin/activate`: the job's `python` must be this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     dash = 8365
     start = [ray_cli, "start", "--head", "--num-cpus", "2", "--port", "6391",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),

@@ -1,0 +1,221 @@
+"""Ray Train: fit the supervised 2-D U-Net baseline (Früh et al. 2.3.2-2.3.3) with DDP, checkpoints, resume.
+
+    python -m jobs.train_unet --cohort runs/demo/cohort.parquet --out runs/demo --preset small
+    ray job submit --working-dir . -- python -m jobs.train_unet --cohort ... --preset paper --use-gpu --num-workers 4
+
+Writes `<out>/models/unet.pt` (the best epoch by validation pixel Dice; load it with
+`wsseg_core.unet.load_unet`). Resume after a failure: run the same command again (same --out /
+--storage-path / --name); each worker picks up the latest checkpoint (Ray Train V2 semantics). A
+worker that dies (up to --max-failures times) makes Ray Train restart the worker group from the
+latest checkpoint; each reported epoch carries `start_epoch`, the epoch that attempt began at.
+
+Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x256, Adam lr 5e-5,
+batch 64, 200 epochs). "small" (base 8, 64x64) trains from scratch at lr 1e-2 for 15 epochs:
+measured on 64x64x32 phantoms (6 studies, Adam, 8 epochs), lr 5e-5 leaves the validation pixel Dice
+at its starting value (0.035 -> 0.037, the "tumour everywhere" start), lr 1e-3 reaches 0.13 and
+1e-2 reaches 0.14 by epoch 4 (train loss 1.31 -> 0.17 vs 1.59 -> 1.44 at 5e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.common import RunLayout, add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.train_classifier import _maybe_die, load_readable
+
+LOG = logging.getLogger("wsseg.train_unet")
+CKPT_FILE = "unet.pt"
+STATE_FILE = "train_state.pt"
+
+UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(model_preset="small", epochs=15, batch_size=64, lr=1e-2, negative_keep=0.5),
+    "paper": dict(model_preset="paper", epochs=200, batch_size=64, lr=5e-5, negative_keep=1.0),
+}
+
+
+def unet_path(out: str | Path) -> Path:
+    """Where the trained U-Net of a run lives: `<out>/models/unet.pt`."""
+    return Path(out) / "models" / CKPT_FILE
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: slices + masks of its patients, trains, reports and checkpoints per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from wsseg_core.data import StudyRef
+    from wsseg_core.train import make_loss
+    from wsseg_core.unet import (build_unet, evaluate_unet, load_unet, make_unet_optimizer,
+                                 masks_from_studies, save_unet, train_unet_epoch)
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+
+    train_refs = [StudyRef(**r) for r in config["train_refs"]]
+    val_refs = [StudyRef(**r) for r in config["val_refs"]]
+    mine = train_refs[rank::world]  # each worker holds only its share of the training slices
+    model, pre = build_unet(config["model_preset"], base=config.get("base"),
+                            input_size=config.get("input_size"))
+    x_tr, y_tr = masks_from_studies(load_readable(mine), pre, negative_keep=config["negative_keep"],
+                                    generator=gen)
+    x_va, y_va = masks_from_studies(load_readable(val_refs), pre)
+    if rank == 0:
+        LOG.info("U-Net data: %d train slices (worker 0), %d validation slices, %d validation "
+                 "tumour pixels", len(y_tr), len(y_va), int(y_va.sum()))
+        if int(y_va.sum()) == 0:
+            LOG.warning("validation slices hold no tumour pixel: val_dice is undefined (reported "
+                        "as 0), so the kept 'best' checkpoint is not chosen by Dice")
+
+    start_epoch = 0
+    optimizer_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model, pre, _ = load_unet(Path(d) / CKPT_FILE)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        start_epoch = int(state["epoch"]) + 1
+        optimizer_state = state["optimizer"]
+        if rank == 0:
+            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+        model.train()
+
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = make_unet_optimizer(model, lr=config["lr"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    loss_fn = make_loss(config["tumour_weight"]).to(device)
+    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=config["batch_size"], shuffle=True,
+                        generator=gen, drop_last=len(y_tr) > config["batch_size"])
+
+    bare = model.module if hasattr(model, "module") else model
+    for epoch in range(start_epoch, config["epochs"]):
+        train_loss = train_unet_epoch(model, loader, optimizer, loss_fn, device=device,
+                                      augment=config["augment"], generator=gen)
+        _maybe_die(config, epoch, rank)
+        val = evaluate_unet(bare, x_va, y_va, loss_fn, batch_size=config["batch_size"], device=device)
+        dice = float(val["dice"])
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
+                   # NaN (no tumour pixel in validation) would break the checkpoint ranking.
+                   "val_dice": dice if math.isfinite(dice) else 0.0,
+                   "val_dice_defined": math.isfinite(dice), "start_epoch": start_epoch}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:  # one copy of the weights; the other ranks only report metrics
+                save_unet(Path(d) / CKPT_FILE, bare, pre, meta=metrics)
+                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
+                         config["epochs"], train_loss, val["loss"], dice)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
+             epochs: int = 15, batch_size: int = 64, lr: float = 1e-2, tumour_weight: float = 7.7,
+             negative_keep: float = 0.5, augment: bool = True, base: int | None = None,
+             input_size: int | None = None, num_workers: int = 1, use_gpu: bool = False,
+             cpus_per_worker: float | None = None, storage_path: str | None = None,
+             name: str = "unet", max_failures: int = 3, seed: int = 0,
+             callbacks: list | None = None,
+             test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the U-Net with Ray Train; copy the best checkpoint (by validation Dice) to `<out>/models/unet.pt`.
+
+    Returns dict(checkpoint (path of unet.pt), ray_checkpoint, history (per-epoch metrics of the
+    final attempt), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
+    `test_hooks` as in `jobs.train_classifier.fit` (`fail_after_epoch`, `fail_marker`).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.common import auto_parallelism
+
+    layout = RunLayout(Path(out))
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
+    config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
+                  model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
+                  tumour_weight=tumour_weight, negative_keep=negative_keep, augment=augment,
+                  base=base, input_size=input_size, seed=seed, cpus_per_worker=cpus_per_worker,
+                  **(test_hooks or {}))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker,
+                                                                     **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path or layout.ray_storage).absolute()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_dice", checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_dice", mode="max") or result.checkpoint
+    if best is None:
+        raise RuntimeError("U-Net training finished without a checkpoint")
+    dest = unet_path(layout.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with best.as_directory() as d:
+        shutil.copyfile(Path(d) / CKPT_FILE, tmp)
+    tmp.replace(dest)
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
+            "best": dict(result.metrics or {})}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_unet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, cohort_required=True)
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 15, paper 200)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 1e-2, paper 5e-5)")
+    p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
+    p.add_argument("--name", default="unet", help="Ray Train run name (same name + storage = resume)")
+    p.add_argument("--max-failures", type=int, default=3)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    preset = UNET_JOB_PRESETS[args.preset]
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    train = [r for r in refs if r.split == "train" and r.seg_path]
+    val = [r for r in refs if r.split == "val" and r.seg_path]
+    if not train:
+        raise SystemExit(f"{args.cohort}: no labelled training studies")
+    init_ray(args.address)
+    res = fit_unet(train, val, args.out, model_preset=preset["model_preset"],
+                   epochs=args.epochs or preset["epochs"],
+                   batch_size=args.batch_size or preset["batch_size"], lr=args.lr or preset["lr"],
+                   tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
+                   num_workers=args.num_workers, use_gpu=args.use_gpu,
+                   storage_path=args.storage_path, name=args.name,
+                   max_failures=args.max_failures, seed=args.seed)
+    dices = [h.get("val_dice", float("nan")) for h in res["history"]]
+    best = max((d for d in dices if d == d), default=float("nan"))
+    print(f"U-Net checkpoint: {res['checkpoint']}  (best val Dice {best:.3f})")
+    return res
+
+
+if __name__ == "__main__":
+    main()

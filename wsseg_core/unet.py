@@ -1,0 +1,517 @@
+"""Supervised 2-D U-Net baseline (Früh et al. 2021, Sec. 2.3.2-2.3.3): network, training, inference.
+
+Architecture (Ronneberger et al.'s U-Net, as the paper describes it: "four double convolution layers
+in both the encoder and decoder with skip connections between all levels"):
+
+* encoder: 4 levels, each a double conv (conv3x3 -> BN -> ReLU, twice) at ``base * 2**i`` channels
+  (i = 0..3), followed by a 2x2 max-pool;
+* bottleneck: a double conv at ``base * 16`` channels, at S/16;
+* decoder: 4 levels, each a 2x2 transposed conv (halving channels, doubling resolution), the
+  encoder feature map of the same level concatenated (skip connection), then a double conv;
+* head: a 1x1 conv to 2 logits per pixel (class 1 = tumour).
+
+The paper does not say whether the convs use batch norm. We use it: from random initialisation a
+plain U-Net at lr 5e-5 needs many epochs to leave the "all background" solution, and BN makes the
+width-reduced CPU preset train within minutes. Padding 1 keeps every map exactly S / 2**i, so the
+output is (B, 2, S, S); S must be a multiple of 16.
+
+Input is the classifier's: ``SlicePreprocessor`` maps (SUV, CT) axial slices to (B, 2, S, S) in
+[0, 1] (channel 0 PET, channel 1 CT). Masks are brought to S x S with nearest-neighbour sampling
+(pixel centres, ``nearest-exact``) for training. At inference the tumour *probability* map (S x S)
+is upsampled bilinearly to the slice grid (X, Y) and thresholded at 0.5: smoother boundaries than
+upsampling the argmax with nearest, and identical to the argmax wherever no interpolation happens.
+
+Training defaults are the paper's: weighted cross-entropy (tumour weight 7.7, ``train.make_loss``;
+``nn.CrossEntropyLoss`` takes (B, 2, H, W) logits and (B, H, W) targets), Adam (betas 0.9/0.999),
+lr 5e-5, batch 64, 200 epochs, the classifier's augmentation (scale, rotation, translation, PET
+contrast) with the same warp applied to the mask (``augment_pair``).
+
+Pure PyTorch; ``jobs/train_unet.py`` wraps the loop in Ray Train. This module never imports ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from wsseg_core.models import SlicePreprocessor, volume_to_batch
+from wsseg_core.train import (MAX_ROTATION_DEG, MAX_TRANSLATION, PET_GAMMA_RANGE, SCALE_RANGE,
+                              make_loss)
+
+LOG = logging.getLogger(__name__)
+
+N_LEVELS = 4  # encoder and decoder levels (each a double conv); the bottleneck is extra
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Früh et al.: 64 base channels (64..512 in the encoder, 1024 in the bottleneck), 256x256 slices.
+    "paper": dict(base=64, input_size=256),
+    # CPU preset: 8 base channels (8..64, bottleneck 128), 64x64 slices (~0.12 M parameters).
+    "small": dict(base=8, input_size=64),
+}
+
+CHECKPOINT_FORMAT = "wsseg.UNet2D"
+CHECKPOINT_VERSION = 1
+
+# Paper training hyper-parameters (Sec. 2.3.3).
+PAPER_LR = 5e-5
+PAPER_BETAS = (0.9, 0.999)
+PAPER_EPOCHS = 200
+PAPER_BATCH_SIZE = 64
+
+_CHUNK = 64  # slices preprocessed per chunk in masks_from_studies
+
+
+# --------------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------------
+
+class DoubleConv(nn.Sequential):
+    """(conv3x3, padding 1 -> BatchNorm -> ReLU) x 2; keeps the spatial size."""
+
+    def __init__(self, c_in: int, c_out: int, batch_norm: bool = True) -> None:
+        layers: list[nn.Module] = []
+        for c in (c_in, c_out):
+            layers.append(nn.Conv2d(c, c_out, kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class UNet2D(nn.Module):
+    """2-D U-Net: 4 encoder levels, bottleneck, 4 decoder levels with skips; 2 logits per pixel.
+
+    Args:
+        base: channels of the first level (paper 64); level i has ``base * 2**i``, the bottleneck
+            ``base * 16``.
+        input_size: nominal S (documents the expected input; the network is fully convolutional and
+            takes any H, W divisible by 16).
+        in_channels: 2 (PET, CT). num_classes: 2 (0 background, 1 tumour).
+        batch_norm: BN after every conv (default; see the module docstring).
+    Attributes:
+        down: ModuleList of the 4 encoder DoubleConvs; bottleneck: DoubleConv;
+        upconv: ModuleList of 4 ConvTranspose2d (deepest first); up: ModuleList of 4 decoder
+        DoubleConvs (deepest first), each taking the upsampled map concatenated with the skip;
+        head: 1x1 conv to ``num_classes``.
+    """
+
+    def __init__(self, base: int = 64, input_size: int = 256, in_channels: int = 2,
+                 num_classes: int = 2, batch_norm: bool = True) -> None:
+        super().__init__()
+        if int(base) != base or base < 1:
+            raise ValueError(f"base must be a positive integer, got {base!r}")
+        if int(input_size) != input_size or input_size < 16 or input_size % 16:
+            raise ValueError(f"input_size must be a positive multiple of 16 (4 poolings), got "
+                             f"{input_size!r}")
+        self.base = int(base)
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.batch_norm = bool(batch_norm)
+        chans = [self.base * 2 ** i for i in range(N_LEVELS)]
+        self.down = nn.ModuleList()
+        c_in = self.in_channels
+        for c in chans:
+            self.down.append(DoubleConv(c_in, c, self.batch_norm))
+            c_in = c
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = DoubleConv(c_in, self.base * 2 ** N_LEVELS, self.batch_norm)
+        c_in = self.base * 2 ** N_LEVELS
+        self.upconv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for c in reversed(chans):
+            self.upconv.append(nn.ConvTranspose2d(c_in, c, kernel_size=2, stride=2))
+            self.up.append(DoubleConv(2 * c, c, self.batch_norm))  # upsampled + skip
+            c_in = c
+        self.head = nn.Conv2d(c_in, self.num_classes, kernel_size=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 2, H, W), H and W divisible by 16 -> logits (B, 2, H, W)."""
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"U-Net input height and width must be divisible by 16, got "
+                             f"{tuple(x.shape)}")
+        skips = []
+        for enc in self.down:
+            x = enc(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for upconv, dec, skip in zip(self.upconv, self.up, reversed(skips)):
+            x = dec(torch.cat([upconv(x), skip], dim=1))
+        return self.head(x)
+
+    def extra_repr(self) -> str:
+        return (f"base={self.base}, input_size={self.input_size}, levels={N_LEVELS}, "
+                f"batch_norm={self.batch_norm}")
+
+
+def build_unet(preset: str = "paper", base: int | None = None, input_size: int | None = None
+               ) -> tuple[UNet2D, SlicePreprocessor]:
+    """Build the U-Net and its preprocessor (the classifier's ``SlicePreprocessor``).
+
+    Args:
+        preset: a key of ``UNET_PRESETS`` ("paper": base 64, 256x256; "small": base 8, 64x64).
+        base, input_size: override the preset's values (input_size a multiple of 16).
+    Returns:
+        (model in train mode on CPU, SlicePreprocessor(input_size)).
+    """
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+    cfg = dict(UNET_PRESETS[preset])
+    if base is not None:
+        cfg["base"] = int(base)
+    if input_size is not None:
+        cfg["input_size"] = int(input_size)
+    model = UNet2D(base=cfg["base"], input_size=cfg["input_size"])
+    return model, SlicePreprocessor(input_size=cfg["input_size"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
+              meta: Mapping[str, Any] | None = None) -> None:
+    """Write {format, version, state_dict, config, preprocessor, meta} atomically (temp + replace).
+
+    ``model`` may be DDP-wrapped (its ``.module`` is saved), weights go to CPU; ``meta`` must be
+    JSON-able so the file loads with ``torch.load(weights_only=True)``.
+    """
+    bare = getattr(model, "module", model)
+    if not isinstance(bare, UNet2D):
+        raise TypeError(f"expected a UNet2D, got {type(bare).__name__}")
+    try:
+        meta_clean = json.loads(json.dumps(dict(meta or {})))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta must be JSON-able: {e}") from e
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
+        "config": {"base": int(bare.base), "input_size": int(bare.input_size),
+                   "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
+                   "batch_norm": bool(bare.batch_norm)},
+        "preprocessor": pre.to_dict(),
+        "meta": meta_clean,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]:
+    """Load a ``save_unet`` file -> (model in eval mode on CPU, preprocessor, meta dict).
+
+    Raises ValueError (naming the path) for a missing, unreadable or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: U-Net checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable U-Net checkpoint "
+                         f"({type(e).__name__}: {_one_line(e)})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a wsseg U-Net checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this "
+                         f"code ({CHECKPOINT_VERSION})")
+    cfg = ckpt["config"]
+    model = UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
+                   in_channels=int(cfg.get("in_channels", 2)),
+                   num_classes=int(cfg.get("num_classes", 2)),
+                   batch_norm=bool(cfg.get("batch_norm", True)))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the saved config ({_one_line(e)})") from e
+    model.eval()
+    return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+def segment_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarray, ct: np.ndarray,
+                        batch_size: int = 32, threshold: float = 0.5) -> np.ndarray:
+    """Segment a whole (X, Y, Z) SUV/CT volume slice-batch by slice-batch.
+
+    Each batch of axial slices is preprocessed to (B, 2, S, S), run on the model's device under
+    ``torch.inference_mode`` in eval mode (the model's mode is restored afterwards), the tumour
+    probability softmax[:, 1] is upsampled bilinearly (align_corners=False) to (X, Y) and
+    thresholded (> ``threshold``).
+
+    Returns:
+        uint8 {0, 1} mask of shape ``suv.shape``.
+    """
+    suv = np.asarray(suv)
+    ct = np.asarray(ct)
+    if suv.ndim != 3 or suv.shape != ct.shape:
+        raise ValueError(f"expected SUV and CT volumes of equal shape (X, Y, Z), got "
+                         f"{suv.shape} and {ct.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    nx, ny, nz = suv.shape
+    out = np.zeros(suv.shape, dtype=np.uint8)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, nz, int(batch_size)):
+                z = np.arange(start, min(nz, start + int(batch_size)))
+                x = volume_to_batch(suv, ct, z, pre).to(device)
+                prob = torch.softmax(model(x).float(), dim=1)[:, 1:2]
+                if tuple(prob.shape[-2:]) != (nx, ny):
+                    prob = F.interpolate(prob, size=(nx, ny), mode="bilinear", align_corners=False)
+                m = (prob[:, 0] > threshold).to(torch.uint8).cpu().numpy()  # (b, X, Y)
+                out[:, :, z] = np.moveaxis(m, 0, -1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data and augmentation
+# --------------------------------------------------------------------------------------------------
+
+def resize_masks(masks: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """(B, X, Y) {0,1} masks -> (B, S, S) int64 by nearest-neighbour at pixel centres
+    (``nearest-exact``, the same pixel-centre convention as the preprocessor's bilinear resize)."""
+    m = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks)
+    if m.ndim != 3:
+        raise ValueError(f"expected masks (B, X, Y), got {tuple(m.shape)}")
+    if tuple(m.shape[-2:]) != (size, size):
+        m = F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0]
+    return (m > 0.5).to(torch.int64) if m.is_floating_point() else (m > 0).to(torch.int64)
+
+
+def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_keep: float = 1.0,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All axial slices of labelled studies with their pixel masks, as U-Net training data.
+
+    Args:
+        studies: loaded ``Study`` objects (``.suv``, ``.ct``, ``.seg`` (X, Y, Z)); ``seg is None``
+            ones are skipped.
+        pre: the preprocessor (sets S).
+        negative_keep: fraction in (0, 1] of tumour-free slices kept (random per slice); slices
+            with any tumour voxel are always kept.
+        generator: CPU generator for the subsampling.
+    Returns:
+        x float32 (N, 2, S, S) on CPU; y int64 (N, S, S) in {0, 1} (SEG resized by nearest).
+    """
+    if not 0.0 < negative_keep <= 1.0:
+        raise ValueError(f"negative_keep must be in (0, 1], got {negative_keep!r}")
+    s = pre.input_size
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for st in studies:
+        if getattr(st, "seg", None) is None:
+            continue
+        seg = np.asarray(st.seg)
+        labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
+        z_all = np.arange(seg.shape[2])
+        if negative_keep < 1.0:
+            draw = torch.rand(len(z_all), generator=generator).numpy()
+            z_all = z_all[labels | (draw < negative_keep)]
+        for start in range(0, len(z_all), _CHUNK):
+            z = z_all[start:start + _CHUNK]
+            xs.append(volume_to_batch(st.suv, st.ct, z, pre))
+            ys.append(resize_masks(np.ascontiguousarray(np.moveaxis(seg[:, :, z], -1, 0)), s))
+    if not xs:
+        return (torch.zeros((0, 2, s, s), dtype=torch.float32),
+                torch.zeros((0, s, s), dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                 fill: Sequence[float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's augmentation (``train.augment_batch`` ranges) applied to image and mask.
+
+    One random affine per sample (scale, rotation, translation) warps the image bilinearly and the
+    mask with nearest neighbour, so they stay aligned; the PET gamma (contrast) touches only image
+    channel 0. Pixels warped in from outside become ``fill`` (image) and 0 (mask).
+
+    Args:
+        x: (B, C, S, S) float, channel 0 PET in [0, 1]. y: (B, S, S) integer mask.
+        generator: CPU generator; parameters are drawn on CPU whatever the device.
+    Returns:
+        (x', y') new tensors with the input shapes, dtypes and devices.
+    """
+    if x.ndim != 4 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[-2:] != y.shape[-2:]:
+        raise ValueError(f"expected x (B, C, H, W) and y (B, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    b, c = x.shape[:2]
+    if b == 0:
+        return x.clone(), y.clone()
+    u = torch.rand((b, 5), generator=generator, dtype=torch.float64)
+    scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * u[:, 0]
+    angle = math.radians(MAX_ROTATION_DEG) * (2 * u[:, 1] - 1)
+    tx = 2 * MAX_TRANSLATION * (2 * u[:, 2] - 1)
+    ty = 2 * MAX_TRANSLATION * (2 * u[:, 3] - 1)
+    lg0, lg1 = math.log(PET_GAMMA_RANGE[0]), math.log(PET_GAMMA_RANGE[1])
+    gamma = torch.exp(lg0 + (lg1 - lg0) * u[:, 4])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    fill_t = torch.zeros(c, dtype=x.dtype, device=x.device)
+    fill_t[: min(c, len(fill))] = torch.as_tensor(list(fill)[:c], dtype=x.dtype)
+    fill_t = fill_t.view(1, c, 1, 1)
+    xo = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros",
+                       align_corners=False) + fill_t
+    g = gamma.to(device=x.device, dtype=x.dtype).view(b, 1, 1)
+    xo[:, 0] = xo[:, 0].clamp(0.0, 1.0).pow(g)
+    yo = F.grid_sample(y[:, None].to(x.dtype), grid, mode="nearest", padding_mode="zeros",
+                       align_corners=False)[:, 0]
+    return xo, yo.round().to(y.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training / evaluation loops
+# --------------------------------------------------------------------------------------------------
+
+def make_unet_optimizer(model: nn.Module, lr: float = PAPER_LR,
+                        betas: tuple[float, float] = PAPER_BETAS) -> torch.optim.Adam:
+    """Adam over the trainable parameters (paper: lr 5e-5, betas (0.9, 0.999))."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas)
+
+
+def train_unet_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                     loss_fn: nn.Module, device: str | torch.device = "cpu", augment: bool = True,
+                     generator: torch.Generator | None = None) -> float:
+    """One pass over ``loader`` (batches ``(x (B,2,S,S), y (B,S,S))``) -> sample-weighted mean
+    training loss (NaN for an empty loader)."""
+    model.train()
+    loss_fn = loss_fn.to(device)
+    total, n = 0.0, 0
+    for xb, yb in loader:
+        xb = xb.to(device, non_blocking=True)
+        yb = yb.to(device, non_blocking=True).long()
+        if augment:
+            xb, yb = augment_pair(xb, yb, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(yb)
+        n += len(yb)
+    return total / n if n else float("nan")
+
+
+def evaluate_unet(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                  batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Weighted-CE loss and pooled pixel Dice (argmax at S x S) over validation slices.
+
+    Dice = 2|P & R| / (|P| + |R|) over all pixels of all slices together; NaN when the reference
+    has no tumour pixel. The loss is the per-pixel weighted mean over the whole set (batch losses
+    recombined with their weight sums). The model's train/eval mode is restored.
+
+    Returns:
+        dict(loss, dice, n (slices), n_pos_pixels, n_pred_pixels).
+    """
+    y = torch.as_tensor(y).long()
+    n = int(len(y))
+    if n == 0:
+        return dict(loss=float("nan"), dice=float("nan"), n=0, n_pos_pixels=0, n_pred_pixels=0)
+    loss_fn = loss_fn.to(device)
+    w = getattr(loss_fn, "weight", None)
+    w = w.detach().to(device) if w is not None else None
+    was_training = model.training
+    model.eval()
+    loss_num = loss_den = 0.0
+    inter = pred_sum = ref_sum = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, int(batch_size)):
+                xb = x[start:start + batch_size].to(device)
+                yb = y[start:start + batch_size].to(device)
+                logits = model(xb).float()
+                per_pixel = F.cross_entropy(logits, yb, weight=w, reduction="sum")
+                loss_num += float(per_pixel)
+                loss_den += float(w[yb].sum()) if w is not None else float(yb.numel())
+                pred = logits.argmax(dim=1) == 1
+                ref = yb == 1
+                inter += int((pred & ref).sum())
+                pred_sum += int(pred.sum())
+                ref_sum += int(ref.sum())
+    finally:
+        model.train(was_training)
+    dice = 2.0 * inter / (pred_sum + ref_sum) if ref_sum > 0 else float("nan")
+    return dict(loss=loss_num / loss_den if loss_den else float("nan"), dice=float(dice), n=n,
+                n_pos_pixels=ref_sum, n_pred_pixels=pred_sum)
+
+
+def fit_unet_slices(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor],
+                    val_xy: tuple[torch.Tensor, torch.Tensor], epochs: int = PAPER_EPOCHS,
+                    batch_size: int = PAPER_BATCH_SIZE, lr: float = PAPER_LR,
+                    tumour_weight: float = 7.7, seed: int = 0,
+                    on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None,
+                    *, device: str | torch.device | None = None,
+                    augment: bool = True) -> list[dict[str, float]]:
+    """Single-process reference loop (the Ray Train job runs the same steps per worker).
+
+    Returns one dict per epoch: epoch, train_loss, val_loss, val_dice.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    model.to(device)
+    x_tr, y_tr = train_xy
+    x_va, y_va = val_xy
+    shuffle_gen = torch.Generator().manual_seed(int(seed))
+    aug_gen = torch.Generator().manual_seed(int(seed) + 1)
+    loader = DataLoader(TensorDataset(x_tr, torch.as_tensor(y_tr).long()), batch_size=batch_size,
+                        shuffle=True, generator=shuffle_gen, drop_last=len(y_tr) > batch_size)
+    loss_fn = make_loss(tumour_weight).to(device)
+    optimizer = make_unet_optimizer(model, lr=lr)
+    history: list[dict[str, float]] = []
+    for epoch in range(int(epochs)):
+        train_loss = train_unet_epoch(model, loader, optimizer, loss_fn, device=device,
+                                      augment=augment, generator=aug_gen)
+        val = evaluate_unet(model, x_va, y_va, loss_fn, batch_size=batch_size, device=device)
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": val["loss"],
+                   "val_dice": val["dice"]}
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+    return history

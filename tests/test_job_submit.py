@@ -37,7 +37,10 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
     dash = 8365
     start = [ray_cli, "start", "--head", "--num-cpus", "2", "--port", "6391",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-             "--temp-dir", str(tmp_path / "ray")]
+             "--temp-dir", str(tmp_path / "ray"),
+             # Own agent ports: another local cluster (e.g. the test session's) holds the defaults.
+             "--dashboard-agent-listen-port", "52391", "--dashboard-agent-grpc-port", "52392",
+             "--metrics-export-port", "52393"]
     subprocess.run(start, check=True, env=env, cwd=REPO, timeout=180)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -46,7 +49,14 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
                   "--no-wait", "--submission-id", "wsseg-test", "--",
                   "python", "-m", "jobs.pipeline", "--out", str(out), "--phantom-n", "10",
                   "--phantom-shape", "64", "64", "32", "--epochs", "1"]
-        subprocess.run(submit, check=True, env=env, cwd=REPO, timeout=300)
+        # The job agent comes up a little after `ray start` returns ("No available agent to submit
+        # job"): retry for a while, as a user would.
+        for _ in range(30):
+            done = subprocess.run(submit, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+            if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, done.stdout + done.stderr
         os.environ["RAY_AUTH_MODE"] = "token"
         client = JobSubmissionClient(address)
         deadline = time.time() + 600

@@ -160,6 +160,10 @@ class RunLayout:
         return self.out / "models" / "classifier.pt"
 
     @property
+    def unet(self) -> Path:  # the supervised upper baseline, when one was trained
+        return self.out / "models" / "unet.pt"
+
+    @property
     def thresholds(self) -> Path:
         return self.out / "thresholds.json"
 

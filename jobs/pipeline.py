@@ -24,7 +24,7 @@ LOG = logging.getLogger("wsseg.pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.score_cohort import DEFAULT_METHODS
+    from jobs.score_cohort import ALL_METHODS, DEFAULT_METHODS
 
     p = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS,
+                   help="add UNet to also train and score the supervised U-Net baseline "
+                        "(small preset: ~10 min more on 2 CPUs)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
@@ -110,6 +112,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
     timings["train_s"] = time.perf_counter() - t0
 
+    unet_fit = None
+    if "UNet" in args.methods:
+        from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
+
+        t0 = time.perf_counter()
+        up = UNET_JOB_PRESETS[args.preset]
+        unet_fit = fit_unet(train, val, layout.out, model_preset=up["model_preset"],
+                            epochs=up["epochs"], batch_size=up["batch_size"], lr=up["lr"],
+                            negative_keep=up["negative_keep"], num_workers=args.num_workers,
+                            use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
+        timings["train_unet_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     tuned = tune_thresholds.tune(tune_refs, layout.out, cam_batch_size=preset["cam_batch_size"],
                                  storage_path=args.storage_path)
@@ -144,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "thresholds": thresholds,
         "classifier": {"path": str(layout.classifier), "sha256": sha256_file(layout.classifier),
                        "best_epoch_metrics": fit["best"]},
+        "unet": None if unet_fit is None else {"path": str(layout.unet), "sha256": sha256_file(layout.unet),
+                                               "best_epoch_metrics": unet_fit["best"]},
         "training_history": fit["history"],
         "outputs": {"metrics": str(layout.metrics), "icc": str(layout.icc), "summary": str(layout.summary),
                     "tune_grid": tuned["grid"], "cohort": str(layout.cohort)},

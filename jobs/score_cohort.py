@@ -39,6 +39,9 @@ from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray,
 LOG = logging.getLogger("wsseg.score_cohort")
 CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
 DEFAULT_METHODS = CAM_METHOD_NAMES + ("Threshold",)
+# UNet is the supervised upper baseline: scored when `<out>/models/unet.pt` exists (no thresholds).
+ALL_METHODS = DEFAULT_METHODS + ("UNet",)
+UNTHRESHOLDED = ("UNet",)
 
 # Explicit schema: every Parquet file of a run has the same column types, whatever its rows
 # (a file holding only failed rows would otherwise get null-typed float columns).
@@ -164,6 +167,12 @@ class StudyScorer:
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
         self.layout = RunLayout(Path(out))
+        self.unet = None
+        if "UNet" in methods:
+            from wsseg_core.unet import load_unet
+
+            self.unet, self.unet_pre, _ = load_unet(self.layout.unet)
+            self.unet.to(self.device).eval()
         self.methods = list(methods)
         self.cam_batch_size = cam_batch_size
         self.kill_once = kill_once
@@ -236,8 +245,13 @@ class StudyScorer:
                            self.cam_batch_size)
         rows, dices = [], []
         for m in self.methods:
-            th = self.thresholds[m]
-            if m == "Threshold":
+            th = self.thresholds.get(m, {})
+            if m == "UNet":
+                from wsseg_core.unet import segment_volume_unet
+
+                mask = segment_volume_unet(self.unet, self.unet_pre, study.suv, study.ct,
+                                           batch_size=self.cam_batch_size)
+            elif m == "Threshold":
                 mask = threshold_volume(study.suv, z, th["q"], reference=th.get("reference", "body"),
                                         ct=study.ct)
             else:
@@ -249,7 +263,7 @@ class StudyScorer:
             dices.append(f"{m} {vals['dice']:.2f}")
             rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
                          "voxel_volume_ml": study.voxel_volume_ml, "mask_path": rel.as_posix(),
-                         "t_m": th.get("t"), "q_m": th["q"], "n_slices": int(study.suv.shape[2]),
+                         "t_m": th.get("t"), "q_m": th.get("q"), "n_slices": int(study.suv.shape[2]),
                          "n_flagged_slices": int(len(z)), "max_slice_prob": float(probs.max()),
                          "slice_auc": auc})
         LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,
@@ -264,8 +278,9 @@ def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequen
     and `pd.read_parquet(<out>/metrics)` needs them to.
     """
     fp = {"methods": sorted(methods),
-          "thresholds": {m: thresholds[m] for m in sorted(methods)},
+          "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
           "classifier_sha256": sha256_file(layout.classifier),
+          "unet_sha256": sha256_file(layout.unet) if "UNet" in methods else None,
           "schema": [f"{f.name}:{f.type}" for f in METRICS_SCHEMA]}
     return json.loads(json.dumps(fp, sort_keys=True, default=str))  # as it reads back from disk
 
@@ -334,7 +349,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     from jobs.common import auto_parallelism
 
     layout = RunLayout(Path(out).absolute())
-    missing = [m for m in methods if m not in thresholds]
+    missing = [m for m in methods if m not in thresholds and m not in UNTHRESHOLDED]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
     # Masks are named by sanitised ids: two studies that sanitise alike would overwrite each
@@ -404,11 +419,17 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                        for r in failed]}
 
 
+def default_methods(out: str | Path) -> list[str]:
+    """Every method that is trained in this run: the CAM methods and Threshold, UNet if fitted."""
+    return list(DEFAULT_METHODS) + (["UNet"] if RunLayout(Path(out)).unet.exists() else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.score_cohort", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
+                   help="default: every CAM method and Threshold, plus UNet when <out>/models/unet.pt exists")
     p.add_argument("--concurrency", type=int, default=None,
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
@@ -427,10 +448,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
+    methods = args.methods or default_methods(args.out)
     init_ray(args.address)
     try:
         res = score(refs, args.out, load_thresholds(RunLayout(Path(args.out)).thresholds),
-                    methods=args.methods, concurrency=args.concurrency,
+                    methods=methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],

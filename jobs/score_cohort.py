@@ -105,43 +105,22 @@ def _none_if_missing(v: Any) -> Any:
 
 
 def slice_table_path(out: str | Path, patient_id: str, study_id: str) -> Path:
-    """`<out>/slices/<patient>__<study>__<hash8>.parquet`; the hash keeps sanitised ids distinct."""
-    import hashlib
+    """`<out>/slices/<patient>__<study>__<hash8>.parquet` (the same key as the study's metrics)."""
+    from jobs.common import study_key
 
-    from jobs.common import safe_name
-
-    def part(identifier: str) -> str:
-        try:
-            return safe_name(identifier)
-        except ValueError:  # an id with no safe form (e.g. "..") keeps only the hash
-            return "id"
-
-    digest = hashlib.sha256(f"{patient_id}\x00{study_id}".encode()).hexdigest()[:8]
-    return Path(out) / "slices" / f"{part(patient_id)}__{part(study_id)}__{digest}.parquet"
+    return Path(out) / "slices" / f"{study_key(patient_id, study_id)}.parquet"
 
 
 def write_slice_table(path: Path, patient_id: str, study_id: str, split: str | None,
                       probs: np.ndarray, labels: np.ndarray | None) -> None:
-    """One study's per-slice tumour probabilities and labels, written atomically (hidden temp name,
-    which Parquet readers skip, then `os.replace`)."""
-    import os
-
-    import pyarrow.parquet as pq
-
+    """One study's per-slice tumour probabilities and labels, written atomically (`write_study_table`)."""
     n = len(probs)
     table = pa.Table.from_pydict({
         "patient_id": [patient_id] * n, "study_id": [study_id] * n, "split": [split] * n,
         "z": np.arange(n, dtype=np.int64), "prob": np.asarray(probs, dtype=np.float64),
         "label": [None] * n if labels is None else np.asarray(labels, dtype=bool),
     }, schema=SLICE_SCHEMA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_study_table(table, path)
 
 
 class StudyScorer:

@@ -161,7 +161,11 @@ class RunLayout:
 
     @property
     def unet(self) -> Path:  # the supervised upper baseline, when one was trained
-        return self.out / "models" / "unet.pt"
+        return self.model("unet.pt")
+
+    def model(self, filename: str) -> Path:
+        """A trained network of the run: models/<filename>."""
+        return self.out / "models" / filename
 
     @property
     def thresholds(self) -> Path:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,9 +40,36 @@ from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray,
 LOG = logging.getLogger("wsseg.score_cohort")
 CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
 DEFAULT_METHODS = CAM_METHOD_NAMES + ("Threshold",)
-# UNet is the supervised upper baseline: scored when `<out>/models/unet.pt` exists (no thresholds).
-ALL_METHODS = DEFAULT_METHODS + ("UNet",)
-UNTHRESHOLDED = ("UNet",)
+
+
+@dataclass(frozen=True)
+class ModelMethod:
+    """A method that segments a study with its own trained network rather than the slice CAMs.
+
+    `loader` names a library function `"module:function"` called once per actor as
+    `function(checkpoint_path, params, device=..., batch_size=...)`; it returns a callable
+    `Study -> uint8 mask` on the SUV grid. `params` is the method's entry of thresholds.json
+    (`{}` when it has none). Scored whenever `<out>/models/<checkpoint>` exists.
+    """
+
+    checkpoint: str
+    loader: str
+    needs_thresholds: bool = False
+
+    def load(self, path: Path, params: dict, *, device: str, batch_size: int):
+        import importlib
+
+        module, func = self.loader.split(":")
+        return getattr(importlib.import_module(module), func)(path, params, device=device,
+                                                              batch_size=batch_size)
+
+
+# One entry per network-based method: adding a method means one line here and one loader.
+MODEL_METHODS: dict[str, ModelMethod] = {
+    # The supervised upper baseline (Früh et al. Sec. 2.3.2): no thresholds to tune.
+    "UNet": ModelMethod("unet.pt", "wsseg_core.unet:load_segmenter"),
+}
+ALL_METHODS = DEFAULT_METHODS + tuple(MODEL_METHODS)
 
 # Explicit schema: every Parquet file of a run has the same column types, whatever its rows
 # (a file holding only failed rows would otherwise get null-typed float columns).
@@ -146,12 +174,10 @@ class StudyScorer:
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
         self.layout = RunLayout(Path(out))
-        self.unet = None
-        if "UNet" in methods:
-            from wsseg_core.unet import load_unet
-
-            self.unet, self.unet_pre, _ = load_unet(self.layout.unet)
-            self.unet.to(self.device).eval()
+        self.segmenters = {m: MODEL_METHODS[m].load(self.layout.model(MODEL_METHODS[m].checkpoint),
+                                                    thresholds.get(m) or {}, device=self.device,
+                                                    batch_size=cam_batch_size)
+                           for m in methods if m in MODEL_METHODS}
         self.methods = list(methods)
         self.cam_batch_size = cam_batch_size
         self.kill_once = kill_once
@@ -225,11 +251,8 @@ class StudyScorer:
         rows, dices = [], []
         for m in self.methods:
             th = self.thresholds.get(m, {})
-            if m == "UNet":
-                from wsseg_core.unet import segment_volume_unet
-
-                mask = segment_volume_unet(self.unet, self.unet_pre, study.suv, study.ct,
-                                           batch_size=self.cam_batch_size)
+            if m in self.segmenters:
+                mask = self.segmenters[m](study)
             elif m == "Threshold":
                 mask = threshold_volume(study.suv, z, th["q"], reference=th.get("reference", "body"),
                                         ct=study.ct)
@@ -259,7 +282,8 @@ def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequen
     fp = {"methods": sorted(methods),
           "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
           "classifier_sha256": sha256_file(layout.classifier),
-          "unet_sha256": sha256_file(layout.unet) if "UNet" in methods else None,
+          "models_sha256": {m: sha256_file(layout.model(MODEL_METHODS[m].checkpoint))
+                            for m in sorted(methods) if m in MODEL_METHODS},
           "schema": [f"{f.name}:{f.type}" for f in METRICS_SCHEMA]}
     return json.loads(json.dumps(fp, sort_keys=True, default=str))  # as it reads back from disk
 
@@ -328,9 +352,14 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     from jobs.common import auto_parallelism
 
     layout = RunLayout(Path(out).absolute())
-    missing = [m for m in methods if m not in thresholds and m not in UNTHRESHOLDED]
+    missing = [m for m in methods if m not in thresholds
+               and (m not in MODEL_METHODS or MODEL_METHODS[m].needs_thresholds)]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
+    absent = [f"{m} ({layout.model(MODEL_METHODS[m].checkpoint)})" for m in methods
+              if m in MODEL_METHODS and not layout.model(MODEL_METHODS[m].checkpoint).exists()]
+    if absent:
+        raise ValueError(f"no trained network for methods {absent}; train it first (see README)")
     # Masks are named by sanitised ids: two studies that sanitise alike would overwrite each
     # other's masks, so refuse before any work rather than lose one silently.
     seen: dict[Path, tuple] = {}
@@ -399,8 +428,11 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 
 
 def default_methods(out: str | Path) -> list[str]:
-    """Every method that is trained in this run: the CAM methods and Threshold, UNet if fitted."""
-    return list(DEFAULT_METHODS) + (["UNet"] if RunLayout(Path(out)).unet.exists() else [])
+    """Every method that is trained in this run: the CAM methods and Threshold, plus each network
+    method (`MODEL_METHODS`) whose checkpoint exists in `<out>/models/`."""
+    layout = RunLayout(Path(out))
+    return list(DEFAULT_METHODS) + [m for m, mm in MODEL_METHODS.items()
+                                    if layout.model(mm.checkpoint).exists()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
-                   help="default: every CAM method and Threshold, plus UNet when <out>/models/unet.pt exists")
+                   help="default: every CAM method and Threshold, plus each network method whose checkpoint "
+                        "is in <out>/models/ (UNet: unet.pt)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)

@@ -310,6 +310,23 @@ def segment_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarra
     return out
 
 
+def load_segmenter(path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+                   device: str = "cpu", batch_size: int = 32) -> Callable[[Any], np.ndarray]:
+    """A scorer's view of a saved U-Net: `study -> uint8 mask` (the `ModelMethod` loader protocol).
+
+    `params` may hold `threshold` (tumour probability, default 0.5); the study needs `.suv`, `.ct`.
+    """
+    model, pre, _ = load_unet(path)
+    model.to(device).eval()
+    threshold = float((params or {}).get("threshold", 0.5))
+
+    def segment(study: Any) -> np.ndarray:
+        return segment_volume_unet(model, pre, study.suv, study.ct, batch_size=batch_size,
+                                   threshold=threshold)
+
+    return segment
+
+
 # --------------------------------------------------------------------------------------------------
 # Training data and augmentation
 # --------------------------------------------------------------------------------------------------

@@ -145,11 +145,27 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         else:
             entry["t"] = float(best["t"])
         chosen[str(method)] = entry
-    write_json(layout.thresholds, {"source": "tuned", "n_val_studies": len(files), "methods": chosen})
+    update_thresholds(layout.thresholds, chosen, n_val_studies=len(files))
     for m, e in chosen.items():
         LOG.info("%-9s t=%s q=%.1f validation Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
     return {"thresholds": chosen, "grid": str(layout.tune_grid)}
+
+
+def update_thresholds(path: str | Path, entries: dict[str, dict[str, Any]], **info: Any) -> None:
+    """Merge tuned entries (method -> params) into thresholds.json, atomically.
+
+    Each tuning job owns its methods' entries only (the slice-CAM search, MIP-CAM's, BoxFCN's), so a
+    later search never drops what an earlier one chose. `info` goes to the top level (e.g.
+    n_val_studies).
+    """
+    import json
+
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.exists() else {"source": "tuned", "methods": {}}
+    record.setdefault("methods", {}).update(entries)
+    record.update(info)
+    write_json(path, record)
 
 
 def load_thresholds(path: str | Path | None) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,14 @@ def load_readable(refs: list) -> list:
 
 
 def _maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Test hook only: config `fail_after_epoch` (int) and `fail_marker` (path).
+    """Test hook only: config `fail_after_epoch` (int), `fail_marker` (path), `fail_delay_s`.
 
     Rank 0 SIGKILLs its own process once (the marker file makes it fire once per run), midway
     through epoch `fail_after_epoch + 1` - after training, before reporting - as a lost node would.
+    It first waits `fail_delay_s`: Ray Train registers a reported checkpoint only when the
+    controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a worker
+    lost within that window after `report` loses that epoch's checkpoint and the restart redoes
+    one epoch. Real epochs last minutes; tiny test epochs do not, hence the delay.
     """
     after = config.get("fail_after_epoch")
     if after is None or rank != 0 or epoch != after + 1:
@@ -55,6 +60,7 @@ def _maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
     except FileExistsError:
         return
     os.close(fd)
+    time.sleep(float(config.get("fail_delay_s", 0.0)))
     LOG.warning("test hook: killing train worker pid %d during epoch %d", os.getpid(), epoch)
     os.kill(os.getpid(), signal.SIGKILL)
 

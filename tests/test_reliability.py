@@ -275,16 +275,15 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, ray_clus
     t0 = time.perf_counter()
     res = fit(train, val, tmp_path / "out", model_preset="small", epochs=3, batch_size=16,
               lr=0.01, weights=None, num_workers=1, cpus_per_worker=1.0, max_failures=2,
-              test_hooks={"fail_after_epoch": 1, "fail_marker": str(marker)})
+              test_hooks={"fail_after_epoch": 1, "fail_marker": str(marker), "fail_delay_s": 8.0})
     seconds = time.perf_counter() - t0
     assert marker.is_file()  # the worker really was killed
     epochs = [int(h["epoch"]) for h in res["history"]]
     starts = {int(h["epoch"]): int(h["start_epoch"]) for h in res["history"]}
     print(f"train with one killed worker: {seconds:.1f} s; history epochs {epochs}, starts {starts}")
-    # Ray returns the metrics of the final attempt only. Measured (Ray 2.60, 1 worker): the
-    # restarted group gets the epoch-0 checkpoint from get_checkpoint(), not the epoch-1 one
-    # reported just before the kill, so it redoes epoch 1 (history [1, 2], start 1). Guaranteed
-    # here: it resumed from a checkpoint (never from scratch) and finished every epoch.
-    assert epochs[-1] == 2 and 0 not in epochs
-    assert set(starts.values()) == {epochs[0]} and epochs[0] >= 1
+    # The restart began at epoch 2 from the epoch-1 checkpoint (the last one reported before the
+    # kill) and redid nothing: every epoch is reported once, the last by the restarted worker.
+    # (Measured, Ray 2.60: history epochs [1, 2], starts {1: 0, 2: 2}.)
+    assert len(epochs) == len(set(epochs)) and epochs[-1] == 2
+    assert starts[2] == 2
     assert Path(res["checkpoint"]).is_file()

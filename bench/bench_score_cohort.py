@@ -79,8 +79,7 @@ def actor_peak_rss(refs, out: Path, thresholds: dict, methods, threads: int) -> 
     ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=len(refs))
     rows = ds.map_batches(
         RssStudyScorer,
-        fn_constructor_kwargs=dict(classifier_path=str(out / "models" / "classifier.pt"),
-                                   thresholds=thresholds, out=str(out), methods=list(methods),
+        fn_constructor_kwargs=dict(thresholds=thresholds, out=str(out), methods=list(methods),
                                    cam_batch_size=64, num_cpus=threads),
         batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=threads,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jobs.common import RunLayout, safe_name, setup_logging
+from jobs.common import RunLayout, fetch, open_run, publish, safe_name, setup_logging
 
 LOG = logging.getLogger("wsseg.analyze")
 #: Columns the scorer added after the SPEC's (autoPET / lesion-wise); older runs lack them.
@@ -44,10 +44,19 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
 
     With ``figures``, also the PNGs under ``<out>/figures/`` and ``<out>/report.html``
     (see :func:`write_figures`). Returns ``dict(icc, summary, slice_auc, n_studies, figures, report)``.
+    ``out`` may be a URI: what analysis reads is fetched into the staging folder first and what it
+    writes is uploaded.
     """
+    import shutil
+
     from wsseg_core.stats import icc_table, summarize
 
-    layout = RunLayout(Path(out))
+    layout, remote = open_run(out)
+    if remote is not None:  # mirror exactly what the URI holds: results of every node
+        for folder in (layout.metrics, layout.out / "slices"):
+            shutil.rmtree(folder, ignore_errors=True)
+        fetch(layout, remote, layout.metrics, layout.out / "slices")
+        fetch(layout, remote, layout.classifier, layout.cohort, layout.thresholds, refresh=True)
     everything = pd.read_parquet(layout.metrics)
     df = everything if split == "all" else everything[everything["split"] == split]
     missing = [c for c in EXTRA_COLUMNS if c not in df.columns]
@@ -70,6 +79,8 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
     }
     if figures:
         res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split)
+    publish(layout, remote, layout.icc, layout.summary, layout.out / "slice_auc.parquet",
+            *(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
 
 

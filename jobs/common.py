@@ -11,7 +11,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsseg_core.storage import RemoteDir
 
 LOG = logging.getLogger("wsseg")
 
@@ -208,6 +211,58 @@ class RunLayout:
         """Relative to `out`: masks/<method>/<patient>/<study>.nii.gz, ids sanitised."""
         return (Path("masks") / safe_name(method.replace("+", "p")) / safe_name(patient_id)
                 / f"{safe_name(study_id)}.nii.gz")
+
+
+def open_run(out: str | os.PathLike) -> tuple[RunLayout, "RemoteDir | None"]:
+    """The local run folder for `--out`, and where it is mirrored when `--out` is a URI.
+
+    A local path is used as it is. A URI (`s3://bucket/run`, `file:///data/run`) is worked on in a
+    local staging folder - `$WSSEG_STAGING` or the temp folder, `/wsseg-staging/<hash of the URI>`,
+    the same path on every node - and each output is uploaded when written (`publish`); what a job
+    needs from an earlier one it fetches first (`fetch`).
+    """
+    from wsseg_core.storage import RemoteDir, is_uri
+
+    out = os.fspath(out)
+    if not is_uri(out):
+        return RunLayout(Path(out).absolute()), None
+    root = Path(os.environ.get("WSSEG_STAGING") or tempfile.gettempdir()) / "wsseg-staging"
+    return RunLayout(root / hashlib.sha256(out.encode()).hexdigest()[:12]), RemoteDir(out)
+
+
+def publish(layout: RunLayout, remote: "RemoteDir | None", *paths: str | os.PathLike) -> None:
+    """Upload run outputs (files or folders, absolute or relative to the run) to the URI, if any."""
+    if remote is None:
+        return
+    for p in paths:
+        rel = Path(p).relative_to(layout.out) if Path(p).is_absolute() else Path(p)
+        if (layout.out / rel).exists():
+            remote.upload(layout.out, rel)
+
+
+def fetch(layout: RunLayout, remote: "RemoteDir | None", *paths: str | os.PathLike,
+          refresh: bool = False) -> None:
+    """Make outputs of earlier jobs (files or folders of the run) present locally: download them
+    from the URI where missing (or always, with `refresh`). Nothing to do for a local run."""
+    if remote is None:
+        return
+    for p in paths:
+        rel = Path(p).relative_to(layout.out) if Path(p).is_absolute() else Path(p)
+        if (refresh or not (layout.out / rel).exists()) and remote.exists(rel):
+            remote.download(rel, layout.out)
+
+
+def ray_storage_path(storage_path: str | None, out: str | os.PathLike) -> str:
+    """Where Ray Train/Tune keep checkpoints and trial state: `--storage-path`, else `<out>/ray`.
+
+    URIs stay URIs (Ray reads and writes them through pyarrow); local paths become absolute.
+    """
+    from wsseg_core.storage import is_uri, join
+
+    if storage_path:
+        return storage_path if is_uri(storage_path) else str(Path(storage_path).absolute())
+    out = os.fspath(out)
+    return join(out, "ray") if is_uri(out) else str(Path(out).absolute() / "ray")
 
 
 def versions() -> dict[str, str]:

@@ -13,11 +13,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, input_record,
-                         resolve_cohort, setup_logging, sha256_file, versions, write_json,
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, open_run,
+                         publish, resolve_cohort, setup_logging, sha256_file, versions, write_json,
                          write_manifest)
 
 LOG = logging.getLogger("wsseg.pipeline")
@@ -57,8 +56,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
     preset = PIPELINE_PRESETS[args.preset]
-    layout = RunLayout(Path(args.out).absolute())
+    from wsseg_core.storage import join
+
+    # `--out` may be a URI (s3://, file://): the run is staged locally and uploaded as it goes.
+    layout, remote = open_run(args.out)
+    out = args.out if remote is not None else str(layout.out)  # what every job is given
     layout.out.mkdir(parents=True, exist_ok=True)
+    if remote is not None:
+        LOG.info("--out is a URI: staging in %s, outputs go to %s", layout.out, args.out)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_phantom_cohort(cohort, n=n, shape=shape, seed=args.seed)
     refs = resolve_cohort(cohort, seed=args.seed)
     write_manifest(refs, layout.cohort)
+    publish(layout, remote, layout.cohort)
     print(format_cohort_summary(cohort_summary(refs)), flush=True)
     timings["cohort_s"] = time.perf_counter() - t0
 
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jobs.tune_loss_weight import search
 
         t0 = time.perf_counter()
-        searched = search(train, val, layout.out, storage_path=args.storage_path,
+        searched = search(train, val, out, storage_path=args.storage_path,
                           model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                           lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     fit = train_classifier.fit(
-        train, val, layout.out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+        train, val, out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
         batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
         tumour_weight=tumour_weight,
         weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
@@ -118,14 +124,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         up = UNET_JOB_PRESETS[args.preset]
-        unet_fit = fit_unet(train, val, layout.out, model_preset=up["model_preset"],
+        unet_fit = fit_unet(train, val, out, model_preset=up["model_preset"],
                             epochs=up["epochs"], batch_size=up["batch_size"], lr=up["lr"],
                             negative_keep=up["negative_keep"], num_workers=args.num_workers,
                             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
         timings["train_unet_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tuned = tune_thresholds.tune(tune_refs, layout.out, cam_batch_size=preset["cam_batch_size"],
+    tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
                                  storage_path=args.storage_path)
     timings["tune_s"] = time.perf_counter() - t0
 
@@ -134,19 +140,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"])
     try:  # resumes an interrupted scoring of this same classifier and thresholds
-        scored = score_cohort.score(refs, layout.out, thresholds, **score_kw)
+        scored = score_cohort.score(refs, out, thresholds, **score_kw)
     except score_cohort.StaleResultsError as e:
         # The pipeline has just (re)trained and (re)tuned: results of an older classifier or
         # other thresholds cannot be reused, and this run's own results replace them.
         LOG.warning("%s: replacing them with this run's results", e)
-        scored = score_cohort.score(refs, layout.out, thresholds, overwrite=True, **score_kw)
+        scored = score_cohort.score(refs, out, thresholds, overwrite=True, **score_kw)
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     analysis_split = "test" if any(r.split == "test" for r in refs) else "all"
     if analysis_split == "all":
         LOG.warning("no test patients: the analysis covers every study")
-    analysis = analyze_job.analyze(layout.out, split=analysis_split)
+    analysis = analyze_job.analyze(out, split=analysis_split)
     timings["analyze_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
 
@@ -156,13 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "tumour_weight": tumour_weight,
         "thresholds": thresholds,
-        "classifier": {"path": str(layout.classifier), "sha256": sha256_file(layout.classifier),
+        "classifier": {"path": join(out, "models/classifier.pt"), "sha256": sha256_file(layout.classifier),
                        "best_epoch_metrics": fit["best"]},
-        "unet": None if unet_fit is None else {"path": str(layout.unet), "sha256": sha256_file(layout.unet),
+        "unet": None if unet_fit is None else {"path": join(out, "models/unet.pt"), "sha256": sha256_file(layout.unet),
                                                "best_epoch_metrics": unet_fit["best"]},
         "training_history": fit["history"],
-        "outputs": {"metrics": str(layout.metrics), "icc": str(layout.icc), "summary": str(layout.summary),
-                    "tune_grid": tuned["grid"], "cohort": str(layout.cohort)},
+        "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
+                    "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
+                    "cohort": join(out, "cohort.parquet"), "staging": str(layout.out) if remote else None},
         "studies": {"total": len(refs), "ok": scored["ok_studies"], "failed": scored["failed_studies"]},
         # Exact inputs: every study's file paths and byte sizes (volumes are not hashed: that would
         # cost as much I/O as scoring; the classifier, small and decisive, is hashed above).
@@ -171,11 +178,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
     }
     write_json(layout.run_json, run)
+    publish(layout, remote, layout.run_json)
     print()
     print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")
-    print(f"metrics Parquet: {layout.metrics}\nICC: {layout.icc}\nrun record: {layout.run_json}")
+    print(f"metrics Parquet: {join(out, 'metrics')}\nICC: {join(out, 'icc.parquet')}\n"
+          f"run record: {join(out, 'run.json')}")
+    if remote is not None:
+        print(f"(a local copy of the tables is in {layout.out})")
     print(f"read it:  python -c \"import pandas as pd; print(pd.read_parquet('{layout.metrics}').head())\"")
     return run
 

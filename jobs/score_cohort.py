@@ -34,8 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
-                         setup_logging, sha256_file, torch_threads_for, write_json)
+from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, fetch, init_ray, open_run,
+                         publish, resolve_cohort, setup_logging, sha256_file, torch_threads_for,
+                         write_json)
 
 LOG = logging.getLogger("wsseg.score_cohort")
 CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
@@ -154,10 +155,14 @@ def write_slice_table(path: Path, patient_id: str, study_id: str, split: str | N
 class StudyScorer:
     """A Ray Data actor: loads the classifier once, then scores one study per call."""
 
-    def __init__(self, classifier_path: str, thresholds: dict[str, dict], out: str,
-                 methods: Sequence[str], cam_batch_size: int = 64, num_cpus: float = 1.0,
+    def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
+                 cam_batch_size: int = 64, num_cpus: float = 1.0,
                  kill_once: dict[str, str] | None = None) -> None:
-        """`kill_once` is a test hook only: {"patient_id", "study_id", "marker"}. The first actor to
+        """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
+        staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
+        masks and rows as soon as they are written (the rows last: their file marks the study done).
+
+        `kill_once` is a test hook only: {"patient_id", "study_id", "marker"}. The first actor to
         score that study after computing its rows (masks written, Parquet not yet) creates the
         marker file and SIGKILLs its own process, as a lost node would; Ray restarts the actor
         and retries the study. Never set it in production."""
@@ -169,11 +174,13 @@ class StudyScorer:
         setup_logging()
         torch_threads_for(num_cpus)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.pre, _ = load_classifier(classifier_path)
+        self.layout, self.remote = open_run(out)
+        fetch(self.layout, self.remote, self.layout.classifier,
+              *[self.layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
+        self.model, self.pre, _ = load_classifier(self.layout.classifier)
         self.model.to(self.device).eval()
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
-        self.layout = RunLayout(Path(out))
         self.segmenters = {m: MODEL_METHODS[m].load(self.layout.model(MODEL_METHODS[m].checkpoint),
                                                     thresholds.get(m) or {}, device=self.device,
                                                     batch_size=cam_batch_size)
@@ -191,6 +198,8 @@ class StudyScorer:
             path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
             # The study's rows become visible in one rename: a resumed run sees all or nothing.
             write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
+            publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
+                    slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
             failed = [r for r in rows if r["status"] != "ok"]
             status.append({"patient_id": ref["patient_id"], "study_id": ref["study_id"],
                            "status": "failed" if failed else "ok",
@@ -351,7 +360,12 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 
     from jobs.common import auto_parallelism
 
-    layout = RunLayout(Path(out).absolute())
+    from wsseg_core.storage import is_uri
+
+    layout, remote = open_run(out)
+    out_arg = str(out) if is_uri(out) else str(layout.out)  # what every actor opens, on any node
+    fetch(layout, remote, layout.classifier,
+          *[layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
     missing = [m for m in methods if m not in thresholds
                and (m not in MODEL_METHODS or MODEL_METHODS[m].needs_thresholds)]
     if missing:
@@ -373,7 +387,15 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                              f"output files; make their ids distinct")
         seen[key] = (r.patient_id, r.study_id)
 
+    if remote is not None:
+        # The URI is the record of what is done; the local folder becomes an exact mirror of it
+        # (a result written locally by an actor that died before uploading does not count).
+        if overwrite:
+            remote.fs.delete_dir_contents(remote.path("metrics"), missing_dir_ok=True)
+        shutil.rmtree(layout.metrics, ignore_errors=True)
+        fetch(layout, remote, layout.metrics)
     _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods), overwrite)
+    publish(layout, remote, layout.metrics_record)
     _clean_temp_files(layout)
     done = {r for r in refs if layout.study_metrics(r.patient_id, r.study_id).exists()}
     todo = [r for r in refs if r not in done]
@@ -389,8 +411,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
         ds = ray.data.from_items([r.to_dict() for r in todo], override_num_blocks=len(todo))
         status = ds.map_batches(
             StudyScorer,
-            fn_constructor_kwargs=dict(classifier_path=str(layout.classifier), thresholds=thresholds,
-                                       out=str(layout.out), methods=list(methods),
+            fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
                                        cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
                                        kill_once=kill_once),
             batch_size=1, batch_format="pandas",
@@ -398,6 +419,9 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
         ).take_all()
         LOG.info("scored %d studies in %.1f s", len(status), time.perf_counter() - t0)
+        if remote is not None:  # actors on other nodes uploaded their rows: mirror them here
+            shutil.rmtree(layout.metrics, ignore_errors=True)
+            fetch(layout, remote, layout.metrics)
 
     # Counts over the whole cohort, from the files (the status rows cover only this call's studies).
     files = [str(layout.study_metrics(r.patient_id, r.study_id)) for r in refs]
@@ -418,9 +442,10 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                     layout.metrics, len(others))
     for r in failed[:20]:
         LOG.warning("failed study %s/%s: %s", r["patient_id"], r["study_id"], r["error"])
+    where = remote.uri.rstrip("/") + "/metrics" if remote is not None else str(layout.metrics)
     LOG.info("summary: %d studies, %d ok, %d failed (%d scored now, %d already done) -> %s",
-             len(refs), len(refs) - len(failed), len(failed), len(todo), len(done), layout.metrics)
-    return {"metrics": str(layout.metrics), "n_rows": n_rows, "total_studies": len(refs),
+             len(refs), len(refs) - len(failed), len(failed), len(todo), len(done), where)
+    return {"metrics": where, "n_rows": n_rows, "total_studies": len(refs),
             "ok_studies": len(refs) - len(failed), "failed_studies": len(failed),
             "scored_now": len(todo), "resumed": len(done),
             "failed": [{"patient_id": r["patient_id"], "study_id": r["study_id"], "error": r["error"]}
@@ -430,9 +455,11 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 def default_methods(out: str | Path) -> list[str]:
     """Every method that is trained in this run: the CAM methods and Threshold, plus each network
     method (`MODEL_METHODS`) whose checkpoint exists in `<out>/models/`."""
-    layout = RunLayout(Path(out))
-    return list(DEFAULT_METHODS) + [m for m, mm in MODEL_METHODS.items()
-                                    if layout.model(mm.checkpoint).exists()]
+    layout, remote = open_run(out)
+    return list(DEFAULT_METHODS) + [
+        m for m, mm in MODEL_METHODS.items()
+        if layout.model(mm.checkpoint).exists()
+        or (remote is not None and remote.exists(f"models/{mm.checkpoint}"))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,7 +490,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods or default_methods(args.out)
     init_ray(args.address)
     try:
-        res = score(refs, args.out, load_thresholds(RunLayout(Path(args.out)).thresholds),
+        layout, remote = open_run(args.out)
+        fetch(layout, remote, layout.thresholds, refresh=True)
+        res = score(refs, args.out, load_thresholds(layout.thresholds),
                     methods=methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
-                         setup_logging)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, open_run, publish,
+                         ray_storage_path, resolve_cohort, setup_logging)
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -155,7 +155,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     from jobs.common import auto_parallelism
     from wsseg_core.models import PRESETS
 
-    layout = RunLayout(Path(out))
+    layout, remote = open_run(out)
     if cpus_per_worker is None:
         # CPU training: share the cluster's CPUs among the workers (torch threads follow).
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
@@ -178,7 +178,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(Path(storage_path or layout.ray_storage).absolute()),
+            storage_path=ray_storage_path(storage_path, out),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"),
@@ -194,6 +194,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     with best.as_directory() as d:
         shutil.copyfile(Path(d) / CKPT_FILE, tmp)
     tmp.replace(layout.classifier)
+    publish(layout, remote, layout.classifier)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     return {"checkpoint": str(layout.classifier), "ray_checkpoint": best.path,
             "history": history, "best": dict(result.metrics or {})}

@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.common import RunLayout, add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.common import (add_common_args, init_ray, open_run, publish, ray_storage_path,
+                         resolve_cohort, setup_logging)
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_unet")
@@ -140,7 +141,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
 
     from jobs.common import auto_parallelism
 
-    layout = RunLayout(Path(out))
+    layout, remote = open_run(out)
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
@@ -156,7 +157,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(Path(storage_path or layout.ray_storage).absolute()),
+            storage_path=ray_storage_path(storage_path, out),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_dice", checkpoint_score_order="max"),
@@ -173,6 +174,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     with best.as_directory() as d:
         shutil.copyfile(Path(d) / CKPT_FILE, tmp)
     tmp.replace(dest)
+    publish(layout, remote, dest)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
             "best": dict(result.metrics or {})}

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, init_ray, resolve_cohort,
-                         safe_name, setup_logging, write_json)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, open_run, publish,
+                         ray_storage_path, resolve_cohort, safe_name, setup_logging, write_json)
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -66,8 +66,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[
     """Run the search; write `<out>/loss_weight/results.parquet` and return the chosen weight."""
     from ray import tune
 
-    layout = RunLayout(Path(out).absolute())
-    storage = str(Path(storage_path or layout.ray_storage).absolute())
+    layout, remote = open_run(out)
+    storage = ray_storage_path(storage_path, out)
     fit_kwargs = {**fit_kwargs, "storage_path": storage}
     tuner = tune.Tuner(
         # The trial itself only waits on its Train run; the Train workers hold the real resources.
@@ -90,6 +90,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[
     table.to_parquet(path, index=False)
     chosen = float(table.loc[0, "tumour_weight"])
     write_json(layout.out / "loss_weight" / "chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
+    publish(layout, remote, layout.out / "loss_weight" / "results.parquet",
+            layout.out / "loss_weight" / "chosen.json")
     LOG.info("loss-weight search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
     return {"tumour_weight": chosen, "results": str(path), "table": table}
 

@@ -12,6 +12,7 @@ for every q cost one sort), so the 200-point grid per method runs as 10 trials.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 from pathlib import Path
@@ -19,19 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import (RunLayout, add_common_args, init_ray, resolve_cohort, safe_name,
-                         setup_logging, torch_threads_for, write_json)
+from jobs.common import (add_common_args, fetch, init_ray, open_run, publish,
+                         ray_storage_path, resolve_cohort, safe_name, setup_logging,
+                         torch_threads_for, write_json)
+from wsseg_core.storage import join, read_bytes
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
 THRESHOLD_REFERENCE = "max"  # q % of the slice SUVmax: see wsseg_core.segment
 
 
-def cache_study_cams(ref: dict, classifier_path: str, cache_dir: str, cam_batch_size: int,
-                     num_cpus: float = 1.0) -> str | None:
-    """Classify one validation study, compute its CAMs on flagged slices, save them (npz).
+def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0) -> str | None:
+    """Classify one validation study, compute its CAMs on flagged slices, save them (npz) under
+    `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read it).
 
-    Returns the cache file, or None for a study that cannot be used (unlabeled or unreadable;
-    logged, never fatal for the search).
+    Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
+    unreadable; logged, never fatal for the search).
     """
     from wsseg_core.cams import CAM_METHODS, CamEngine
     from wsseg_core.data import StudyError, StudyRef, load_study
@@ -47,15 +50,21 @@ def cache_study_cams(ref: dict, classifier_path: str, cache_dir: str, cam_batch_
         return None
     if study.seg is None:
         return None
-    model, pre, _ = load_classifier(classifier_path)
+    layout, remote = open_run(out)
+    fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
+    model, pre, _ = load_classifier(layout.classifier)
     probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
     z = flagged_slices(probs)
     maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
-    path = Path(cache_dir) / f"{safe_name(ref.patient_id)}__{safe_name(ref.study_id)}.npz"
+    path = layout.out / "tune" / "cache" / f"{safe_name(ref.patient_id)}__{safe_name(ref.study_id)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
              patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in CAM_METHODS})
     os.replace(tmp, path)
+    if remote is not None:
+        publish(layout, remote, path)
+        return remote.uri.rstrip("/") + "/" + path.relative_to(layout.out).as_posix()
     return str(path)
 
 
@@ -66,7 +75,7 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     method, t = config["cell"]["method"], config["cell"]["t"]
     per_patient: dict[str, list[np.ndarray]] = {}
     for f in cache_files:
-        with np.load(f) as c:
+        with np.load(io.BytesIO(read_bytes(f))) as c:
             if method == "Threshold":
                 d = threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
                                         reference=THRESHOLD_REFERENCE, ct=c["ct"])
@@ -94,14 +103,12 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     from wsseg_core.cams import CAM_METHODS
     from wsseg_core.segment import Q_GRID, T_GRID
 
-    layout = RunLayout(Path(out))
-    cache_dir = layout.out / "tune" / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    layout, remote = open_run(out)
+    fetch(layout, remote, layout.classifier)
     cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
     LOG.info("computing CAMs of %d validation studies once", len(val_refs))
-    files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(layout.classifier.absolute()),
-                                                   str(cache_dir.absolute()), cam_batch_size,
-                                                   cpus_per_study) for r in val_refs]) if f]
+    files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study)
+                                 for r in val_refs]) if f]
     if not files:
         raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
 
@@ -116,7 +123,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         tune_config=rtune.TuneConfig(metric="mean_dice", mode="max"),
         # verbose=1: one status table now and then, not a table per trial (41 of them).
         run_config=rtune.RunConfig(name="thresholds", verbose=1,
-                                   storage_path=str(Path(storage_path or layout.ray_storage).absolute())),
+                                   storage_path=ray_storage_path(storage_path, out)),
     )
     results = tuner.fit()
     rows = []
@@ -146,6 +153,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
             entry["t"] = float(best["t"])
         chosen[str(method)] = entry
     update_thresholds(layout.thresholds, chosen, n_val_studies=len(files))
+    publish(layout, remote, layout.tune_grid, layout.thresholds)
     for m, e in chosen.items():
         LOG.info("%-9s t=%s q=%.1f validation Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = tune([r for r in refs if r.split == "val" and r.seg_path], args.out,
                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
                storage_path=args.storage_path)
-    print(f"thresholds: {RunLayout(Path(args.out)).thresholds}\ngrid: {res['grid']}")
+    print(f"thresholds: {join(args.out, 'thresholds.json')}\ngrid: {res['grid']}")
     return res
 
 

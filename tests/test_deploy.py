@@ -18,7 +18,6 @@ import tomllib
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

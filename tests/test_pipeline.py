@@ -6,7 +6,6 @@ Every number in the outputs is recomputed here from the written masks and the so
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 

@@ -159,7 +159,7 @@ def scored_run(tmp_path_factory):
     save_classifier(layout.classifier, model, pre)
     threads = torch.get_num_threads()
     try:
-        scorer = StudyScorer(str(layout.classifier), load_thresholds(None), str(out),
+        scorer = StudyScorer(load_thresholds(None), str(out),
                              methods=["CAM", "Threshold"])  # ScoreCAM on every slice: slow
         rows = [r for ref in refs for r in scorer.score(**ref.to_dict())]
     finally:

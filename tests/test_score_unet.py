@@ -27,7 +27,7 @@ def test_scorer_scores_unet_next_to_cam_methods(tmp_path):
     save_unet(layout.unet, unet, upre)
     assert default_methods(layout.out)[-1] == "UNet"
 
-    scorer = StudyScorer(str(layout.classifier), load_thresholds(None), str(layout.out),
+    scorer = StudyScorer(load_thresholds(None), str(layout.out),
                          methods=["CAM", "UNet"], cam_batch_size=16)
     rows = scorer.score(**refs[0].to_dict())
     assert [r["method"] for r in rows] == ["CAM", "UNet"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import hashlib
+import io
 import logging
 import os
 import struct
@@ -19,6 +21,9 @@ import numpy as np
 import pandas as pd
 from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
+
+from wsseg_core import storage
+from wsseg_core.storage import is_uri, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,63 +70,63 @@ MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "study_id", "suv_path", "ct_p
 _SUV_STEM, _CT_STEM, _SEG_STEM = "SUV", "CTres", "SEG"
 
 
-def _is_hidden(p: Path) -> bool:
+def _is_hidden(name: str) -> bool:
     # Dot entries are OS litter (.DS_Store) or our own in-flight temp files, never studies.
-    return p.name.startswith(".")
+    return name.startswith(".")
 
 
-def _find_image(study_dir: Path, stem: str) -> tuple[Path, bool]:
-    """The image ``stem`` in ``study_dir`` and whether it exists.
+def _find_image(study_dir: str, files: set[str], stem: str) -> tuple[str, bool]:
+    """The image ``stem`` among a study folder's ``files`` and whether it exists.
 
     When absent, the expected ``.nii.gz`` location is returned so that a later load fails naming it.
     """
     for suffix in (".nii.gz", ".nii"):
-        p = study_dir / f"{stem}{suffix}"
-        if p.is_file():
-            return p, True
-    return study_dir / f"{stem}.nii.gz", False
+        if f"{stem}{suffix}" in files:
+            return storage.join(study_dir, f"{stem}{suffix}"), True
+    return storage.join(study_dir, f"{stem}.nii.gz"), False
 
 
 def discover_cohort(root: str | os.PathLike) -> list[StudyRef]:
     """Find all studies under an autoPET NIfTI tree ``<root>/<patient>/<study>/{SUV,CTres,SEG}.nii.gz``.
 
+    ``root`` is a local folder or a URI (``s3://bucket/autoPET``, ``file:///data/autoPET``).
     ``patient_id`` is the patient folder name, ``study_id`` the study folder name (which may contain
     spaces). ``seg_path`` is None where SEG is absent (unlabeled study). A study folder lacking SUV or
     CTres is still returned, with the missing path pointing at the expected file, so that
     :func:`load_study` fails for that one study with a :class:`StudyError` naming the file; the cohort
-    is never silently shrunk. Sorted by (patient_id, study_id); paths are absolute.
+    is never silently shrunk. Sorted by (patient_id, study_id); local paths are absolute.
 
     Raises:
         StudyError: ``root`` does not exist, is not a folder, or holds no study folders.
     """
-    root_p = Path(os.path.abspath(os.fspath(root)))
-    if not root_p.exists():
-        raise StudyError(root_p, "cohort folder does not exist")
-    if not root_p.is_dir():
-        raise StudyError(root_p, "cohort source is not a folder (expected <root>/<patient>/<study>/)")
+    root_s = os.fspath(root) if storage.is_uri(root) else os.path.abspath(os.fspath(root))
+    if not storage.exists(root_s):
+        raise StudyError(root_s, "cohort folder does not exist")
+    if not storage.is_dir(root_s):
+        raise StudyError(root_s, "cohort source is not a folder (expected <root>/<patient>/<study>/)")
     refs: list[StudyRef] = []
-    for patient_dir in sorted(p for p in root_p.iterdir() if p.is_dir() and not _is_hidden(p)):
-        study_dirs = sorted(p for p in patient_dir.iterdir() if p.is_dir() and not _is_hidden(p))
-        if not study_dirs:
+    for patient, patient_is_dir in storage.list_dir(root_s):
+        if not patient_is_dir or _is_hidden(patient):
+            continue
+        patient_dir = storage.join(root_s, patient)
+        studies = [n for n, d in storage.list_dir(patient_dir) if d and not _is_hidden(n)]
+        if not studies:
             logger.warning("%s: patient folder holds no study folders; skipped", patient_dir)
             continue
-        for study_dir in study_dirs:
-            suv, suv_ok = _find_image(study_dir, _SUV_STEM)
-            ct, ct_ok = _find_image(study_dir, _CT_STEM)
-            seg, seg_ok = _find_image(study_dir, _SEG_STEM)
-            missing = [p.name for p, ok in ((suv, suv_ok), (ct, ct_ok)) if not ok]
+        for study in studies:
+            study_dir = storage.join(patient_dir, study)
+            files = {n for n, d in storage.list_dir(study_dir) if not d}
+            suv, suv_ok = _find_image(study_dir, files, _SUV_STEM)
+            ct, ct_ok = _find_image(study_dir, files, _CT_STEM)
+            seg, seg_ok = _find_image(study_dir, files, _SEG_STEM)
+            missing = [os.path.basename(p) for p, ok in ((suv, suv_ok), (ct, ct_ok)) if not ok]
             if missing:
                 logger.warning("%s: missing %s; the study will fail at load", study_dir,
                                ", ".join(missing))
-            refs.append(StudyRef(
-                patient_id=patient_dir.name,
-                study_id=study_dir.name,
-                suv_path=str(suv),
-                ct_path=str(ct),
-                seg_path=str(seg) if seg_ok else None,
-            ))
+            refs.append(StudyRef(patient_id=patient, study_id=study, suv_path=suv, ct_path=ct,
+                                 seg_path=seg if seg_ok else None))
     if not refs:
-        raise StudyError(root_p, "no studies found (expected <root>/<patient>/<study>/SUV.nii.gz)")
+        raise StudyError(root_s, "no studies found (expected <root>/<patient>/<study>/SUV.nii.gz)")
     refs.sort(key=lambda r: (r.patient_id, r.study_id))
     return refs
 
@@ -139,11 +144,13 @@ def _cell(value: object) -> str | None:
     return s or None
 
 
-def _resolve(base: Path, p: str) -> str:
-    # URIs are passed through untouched; local relative paths are relative to the manifest's folder
-    # so a manifest can travel together with its data.
-    if "://" in p:
+def _resolve(base: str, p: str) -> str:
+    # URIs are passed through untouched; relative paths are relative to the manifest's folder (local
+    # or URI) so a manifest can travel together with its data.
+    if storage.is_uri(p):
         return p
+    if storage.is_uri(base):
+        return storage.join(base, p)
     p = os.path.expanduser(p)
     if not os.path.isabs(p):
         p = os.path.join(base, p)
@@ -163,16 +170,20 @@ def read_manifest(path: str | os.PathLike) -> list[StudyRef]:
             cell, duplicate (patient_id, study_id), unknown split, or a patient whose studies are given
             different splits.
     """
-    mpath = Path(os.path.abspath(os.fspath(path)))
-    if not mpath.is_file():
-        raise StudyError(mpath, "manifest file not found")
-    suffix = mpath.suffix.lower()
+    mpath = os.fspath(path) if storage.is_uri(path) else os.path.abspath(os.fspath(path))
+    suffix = Path(mpath).suffix.lower()
     try:
+        if suffix not in (".csv", ".parquet", ".pq"):
+            raise StudyError(mpath, f"unknown manifest type {suffix!r} (expected .csv or .parquet)")
+        try:
+            raw = io.BytesIO(storage.read_bytes(mpath))
+        except FileNotFoundError:
+            raise StudyError(mpath, "manifest file not found") from None
         if suffix == ".csv":
             # dtype=str keeps IDs such as "0007" intact instead of turning them into integers.
-            df = pd.read_csv(mpath, dtype=str)
+            df = pd.read_csv(raw, dtype=str)
         elif suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(mpath)
+            df = pd.read_parquet(raw)
         else:
             raise StudyError(mpath, f"unknown manifest type {suffix!r} (expected .csv or .parquet)")
     except StudyError:
@@ -187,7 +198,7 @@ def read_manifest(path: str | os.PathLike) -> list[StudyRef]:
                                 f"(found: {', '.join(df.columns) or 'none'})")
     if len(df) == 0:
         raise StudyError(mpath, "manifest holds no studies")
-    base = mpath.parent
+    base = mpath.rsplit("/", 1)[0] if storage.is_uri(mpath) else os.path.dirname(mpath)
     has_split = "split" in df.columns
     has_diag = "diagnosis" in df.columns
     refs: list[StudyRef] = []
@@ -230,13 +241,13 @@ def read_manifest(path: str | os.PathLike) -> list[StudyRef]:
 
 def load_cohort(source: str | os.PathLike) -> list[StudyRef]:
     """A folder (autoPET layout, :func:`discover_cohort`) or a ``.csv`` / ``.parquet`` manifest
-    (:func:`read_manifest`)."""
-    p = Path(os.path.abspath(os.fspath(source)))
-    if p.is_dir():
+    (:func:`read_manifest`), as a local path or a URI (``s3://``, ``file://``, ...)."""
+    p = os.fspath(source) if storage.is_uri(source) else os.path.abspath(os.fspath(source))
+    if storage.is_dir(p):
         return discover_cohort(p)
-    if p.suffix.lower() in (".csv", ".parquet", ".pq"):
+    if Path(p).suffix.lower() in (".csv", ".parquet", ".pq"):
         return read_manifest(p)
-    if not p.exists():
+    if not storage.exists(p):
         raise StudyError(p, "cohort source does not exist (expected a folder or a .csv/.parquet manifest)")
     raise StudyError(p, "cohort source is neither a folder nor a .csv/.parquet manifest")
 
@@ -343,14 +354,40 @@ class _Image:
     spacing_mm: np.ndarray
 
 
+def _nifti_from_uri(uri: str, role: str) -> nib.Nifti1Image | nib.Nifti2Image:
+    """A NIfTI image read into memory from a URI (`s3://`, `file://`, ...), gzip or not."""
+    try:
+        raw = read_bytes(uri)
+    except FileNotFoundError:
+        raise StudyError(uri, f"{role} file not found") from None
+    except OSError as e:
+        raise StudyError(uri, f"{role} cannot be read from storage ({type(e).__name__}: {e})") from e
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: .nii.gz
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise StudyError(uri, f"{role} data cannot be read, file corrupt or truncated "
+                                  f"({type(e).__name__}: {e})") from e
+    errors = []
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(raw)
+        except Exception as e:  # noqa: BLE001 - header parsers raise many types; all mean "not this"
+            errors.append(f"{type(e).__name__}: {e}")
+    raise StudyError(uri, f"{role} is not a readable NIfTI file ({errors[0]})")
+
+
 def _read_nifti(path: str, role: str, as_float: bool = True) -> _Image:
     """Read one NIfTI volume; every problem becomes a StudyError naming ``path``."""
-    if "://" not in path and not os.path.isfile(path):
-        raise StudyError(path, f"{role} file not found")
-    try:
-        img = nib.load(path)
-    except _READ_ERRORS as e:
-        raise StudyError(path, f"{role} is not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if is_uri(path):
+        img = _nifti_from_uri(path, role)
+    else:
+        if not os.path.isfile(path):
+            raise StudyError(path, f"{role} file not found")
+        try:
+            img = nib.load(path)
+        except _READ_ERRORS as e:
+            raise StudyError(path, f"{role} is not a readable NIfTI file ({type(e).__name__}: {e})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise StudyError(path, f"{role} is not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = tuple(int(s) for s in img.shape)

@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, open_run, publish,
-                         ray_storage_path, resolve_cohort, setup_logging)
+from jobs.common import PIPELINE_PRESETS, add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
-STATE_FILE = "train_state.pt"
 
 
 def load_readable(refs: list) -> list:
@@ -94,17 +91,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      negative_keep=config["negative_keep"], generator=gen)
     x_va, y_va = slices_from_studies(load_readable(val_refs), pre)
 
-    start_epoch = 0
-    optimizer_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model, pre, _ = load_classifier(Path(d) / CKPT_FILE)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        start_epoch = int(state["epoch"]) + 1
-        optimizer_state = state["optimizer"]
-        if rank == 0:
-            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+    start_epoch, optimizer_state = 0, None
+    resumed = resume_from_checkpoint(CKPT_FILE, load_classifier)
+    if resumed is not None:
+        (model, pre, _), start_epoch, optimizer_state = resumed
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -124,15 +114,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
                    "start_epoch": start_epoch}
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:  # one copy of the weights; the others only report metrics
-                save_classifier(Path(d) / CKPT_FILE, bare, pre, meta=metrics)
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
-                         config["epochs"], train_loss, val["loss"], val["auc"])
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
+                     config["epochs"], train_loss, val["loss"], val["auc"])
+        report_epoch(metrics, epoch, optimizer, CKPT_FILE,
+                     lambda path: save_classifier(path, bare, pre, meta=metrics))
 
 
 def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
@@ -149,16 +135,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from jobs.common import auto_parallelism
     from wsseg_core.models import PRESETS
-
-    layout, remote = open_run(out)
-    if cpus_per_worker is None:
-        # CPU training: share the cluster's CPUs among the workers (torch threads follow).
-        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
 
     if weights == "imagenet" and (width or PRESETS[model_preset]["width"]) != 1.0:
         # ImageNet VGG16 weights exist only for the full-width network.
@@ -169,35 +146,11 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
-                  cpus_per_worker=cpus_per_worker, **(test_hooks or {}))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker,
-                                                                     **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=ray_storage_path(storage_path, out),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
-    if best is None:
-        raise RuntimeError("training finished without a checkpoint")
-    layout.classifier.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.classifier.with_name(f".{layout.classifier.name}.tmp")
-    with best.as_directory() as d:
-        shutil.copyfile(Path(d) / CKPT_FILE, tmp)
-    tmp.replace(layout.classifier)
-    publish(layout, remote, layout.classifier)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return {"checkpoint": str(layout.classifier), "ray_checkpoint": best.path,
-            "history": history, "best": dict(result.metrics or {})}
+                  **(test_hooks or {}))
+    return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
+                             metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
+                             cpus_per_worker=cpus_per_worker, storage_path=storage_path,
+                             max_failures=max_failures, callbacks=callbacks)
 
 
 def build_parser() -> argparse.ArgumentParser:

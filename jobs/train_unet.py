@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.common import (add_common_args, init_ray, open_run, publish, ray_storage_path,
-                         resolve_cohort, setup_logging)
+from jobs.common import add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_unet")
 CKPT_FILE = "unet.pt"
-STATE_FILE = "train_state.pt"
 
 UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(model_preset="small", epochs=15, batch_size=64, lr=1e-2, negative_keep=0.5),
@@ -78,17 +75,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             LOG.warning("validation slices hold no tumour pixel: val_dice is undefined (reported "
                         "as 0), so the kept 'best' checkpoint is not chosen by Dice")
 
-    start_epoch = 0
-    optimizer_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model, pre, _ = load_unet(Path(d) / CKPT_FILE)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        start_epoch = int(state["epoch"]) + 1
-        optimizer_state = state["optimizer"]
-        if rank == 0:
-            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+    start_epoch, optimizer_state = 0, None
+    resumed = resume_from_checkpoint(CKPT_FILE, load_unet)
+    if resumed is not None:
+        (model, pre, _), start_epoch, optimizer_state = resumed
         model.train()
 
     model = ray.train.torch.prepare_model(model)
@@ -111,15 +101,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    # NaN (no tumour pixel in validation) would break the checkpoint ranking.
                    "val_dice": dice if math.isfinite(dice) else 0.0,
                    "val_dice_defined": math.isfinite(dice), "start_epoch": start_epoch}
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:  # one copy of the weights; the other ranks only report metrics
-                save_unet(Path(d) / CKPT_FILE, bare, pre, meta=metrics)
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
-                         config["epochs"], train_loss, val["loss"], dice)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
+                     config["epochs"], train_loss, val["loss"], dice)
+        report_epoch(metrics, epoch, optimizer, CKPT_FILE,
+                     lambda path: save_unet(path, bare, pre, meta=metrics))
 
 
 def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
@@ -136,48 +122,14 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     final attempt), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     `test_hooks` as in `jobs.train_classifier.fit` (`fail_after_epoch`, `fail_marker`).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from jobs.common import auto_parallelism
-
-    layout, remote = open_run(out)
-    if cpus_per_worker is None:
-        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   tumour_weight=tumour_weight, negative_keep=negative_keep, augment=augment,
-                  base=base, input_size=input_size, seed=seed, cpus_per_worker=cpus_per_worker,
-                  **(test_hooks or {}))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker,
-                                                                     **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=ray_storage_path(storage_path, out),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_dice", checkpoint_score_order="max"),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_dice", mode="max") or result.checkpoint
-    if best is None:
-        raise RuntimeError("U-Net training finished without a checkpoint")
-    dest = unet_path(layout.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with best.as_directory() as d:
-        shutil.copyfile(Path(d) / CKPT_FILE, tmp)
-    tmp.replace(dest)
-    publish(layout, remote, dest)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
-            "best": dict(result.metrics or {})}
+                  base=base, input_size=input_size, seed=seed, **(test_hooks or {}))
+    return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
+                             metric="val_dice", name=name, num_workers=num_workers, use_gpu=use_gpu,
+                             cpus_per_worker=cpus_per_worker, storage_path=storage_path,
+                             max_failures=max_failures, callbacks=callbacks)
 
 
 def build_parser() -> argparse.ArgumentParser:

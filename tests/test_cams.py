@@ -306,6 +306,21 @@ def test_scorecam_dedup_and_chunking_are_exact(dead_net_and_input) -> None:
         assert np.abs(res_k.maps["ScoreCAM"] - res.maps["ScoreCAM"]).max() < 1e-5, top_k
 
 
+def test_channels_last_layout_gives_the_same_maps(dead_net_and_input) -> None:
+    import copy
+
+    net, x, _ = dead_net_and_input
+    nchw = CamEngine(copy.deepcopy(net), channels_last=False)
+    nhwc = CamEngine(copy.deepcopy(net), channels_last=True)
+    assert nhwc.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = nchw(x), nhwc(x)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    for m in CAM_METHODS:
+        assert np.abs(a.maps[m] - b.maps[m]).max() < 1e-5, m
+    assert CamEngine(copy.deepcopy(net)).channels_last  # CPU default: on
+    assert CamEngine(copy.deepcopy(net)).scorecam_batch_size == 128
+
+
 def test_scorecam_top_k_softmax_over_kept_channels(dead_net_and_input) -> None:
     net, x, acts = dead_net_and_input
     top_k = 4

@@ -301,9 +301,14 @@ class CamEngine:
         target_class: explained class (1 = tumour).
         score: target score of GradCAM, GradCAM++ and ScoreCAM: ``"logit"`` (default, as
             pytorch-grad-cam) or ``"prob"``.  CAM uses ``fc.weight[target_class]`` either way.
-        scorecam_batch_size: masked inputs per forward in ScoreCAM (chunks span slices and channels).
-            Large chunks fill a GPU; on CPU, where the forwards dominate either way, a smaller value
-            (e.g. 64) can be kinder to the caches - it never changes the result.
+        scorecam_batch_size: masked inputs per forward in ScoreCAM (chunks span slices and channels);
+            never changes the result. None: 512 on a GPU (large chunks fill it), 128 on CPU, where
+            chunks that fit the caches ran fastest (measured, 16 slices of the small preset on
+            2 cores: 512 -> 17.5 s, 128 -> 14.6 s; with channels_last 7.3 s).
+        channels_last: run the network in channels-last memory format (NHWC), which oneDNN and
+            cuDNN convolve faster; exact up to float rounding. None: on for CPU (measured 2x for
+            ScoreCAM, above), off on GPU until measured there. Converts ``model`` in place: the
+            same weights, another memory layout.
         scorecam_top_k: None (exact, default) or keep only the k highest-variance channels per
             slice in ScoreCAM (approximate, faster).
         device: None = the device of the model's parameters; otherwise the model is moved there.
@@ -319,21 +324,21 @@ class CamEngine:
         model: nn.Module,
         target_class: int = 1,
         score: str = "logit",
-        scorecam_batch_size: int = 512,
+        scorecam_batch_size: int | None = None,
         scorecam_top_k: int | None = None,
         device: str | torch.device | None = None,
         scorecam_align_corners: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if scorecam_batch_size < 1:
+        if scorecam_batch_size is not None and scorecam_batch_size < 1:
             raise ValueError(f"scorecam_batch_size must be >= 1, got {scorecam_batch_size}")
         if scorecam_top_k is not None and scorecam_top_k < 1:
             raise ValueError(f"scorecam_top_k must be >= 1 or None, got {scorecam_top_k}")
         self.model = model
         self.target_class = int(target_class)
         self.score = score
-        self.scorecam_batch_size = int(scorecam_batch_size)
         self.scorecam_top_k = scorecam_top_k
         self.scorecam_align_corners = bool(scorecam_align_corners)
         if device is not None:
@@ -343,6 +348,11 @@ class CamEngine:
         self.device = torch.device(device) if device is not None else (
             param.device if param is not None else torch.device("cpu")
         )
+        on_cpu = self.device.type == "cpu"
+        self.scorecam_batch_size = int(scorecam_batch_size or (128 if on_cpu else 512))
+        self.channels_last = on_cpu if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def __call__(
         self, x: torch.Tensor | np.ndarray, methods: Sequence[str] = CAM_METHODS
@@ -365,6 +375,8 @@ class CamEngine:
         x = torch.as_tensor(x).to(device=self.device, dtype=self._dtype)
         if x.ndim != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+        if self.channels_last:  # masked ScoreCAM inputs x * mask inherit the layout
+            x = x.contiguous(memory_format=torch.channels_last)
 
         model = self.model
         was_training = model.training

@@ -72,8 +72,13 @@ def prepare_study(ref: dict, cache_dir: str, classes: Sequence[str]) -> str | No
     if st.seg is None:
         return None
     path = Path(cache_dir) / f"{study_key(r.patient_id, r.study_id)}.npz"
-    samples_to_npz(path, study_samples(st.suv, st.seg, st.affine, st.spacing_mm, classes,
-                                       r.diagnosis, name=f"{r.patient_id}/{r.study_id}"))
+    try:
+        samples = study_samples(st.suv, st.seg, st.affine, st.spacing_mm, classes, r.diagnosis,
+                                name=f"{r.patient_id}/{r.study_id}")
+    except ValueError as e:  # e.g. a cancer type the training studies do not have
+        LOG.warning("MIP-CAM skips %s/%s: %s", r.patient_id, r.study_id, e)
+        return None
+    samples_to_npz(path, samples)
     return str(path)
 
 
@@ -259,15 +264,16 @@ def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Seque
 def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], val_refs: list,
           out: str, fit_kwargs: dict) -> dict:
     """One Tune trial: Train fit at weight w, validation CAMs once, the whole (t, q) grid."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from wsseg_core.mipcam import Q_GRID, T_GRID
 
     torch_threads_for(1)
     w = float(config["distance_weight"])
     trial_dir = Path(out) / "mipcam" / safe_name(f"w{w:g}")
+    # No TuneReportCallback: the trial's metric (val_dice) exists only after the fit, and Tune's
+    # strict metric check rejects the per-epoch reports that lack it. The epochs are in the Train
+    # run's own results (<storage>/mipcam_w<w>/) and the log.
     res = fit_mipcam(train_files, val_files, trial_dir / CKPT_FILE, distance_weight=w,
-                     name=f"mipcam_w{w:g}", callbacks=[TuneReportCallback()], **fit_kwargs)
+                     name=f"mipcam_w{w:g}", **fit_kwargs)
     files = cache_val_cams(res["checkpoint"], val_refs, trial_dir / "cams")
     mean, n = grid_dice(files, T_GRID, Q_GRID)
     if np.isfinite(mean).any():
@@ -289,6 +295,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     thresholds. `classes`: "tumour" (tumour vs none) or "diagnosis" (cancer type from the manifest).
     Returns dict(checkpoint, distance_weight, t, q, val_dice, table (DataFrame), grid (path))."""
     import pandas as pd
+    import ray
     from ray import tune
 
     from jobs.tune_thresholds import update_thresholds
@@ -313,15 +320,19 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     if not train_files:
         raise RuntimeError("no usable labelled training study for MIP-CAM")
     jp = MIPCAM_JOB_PRESETS[preset]
+    # A trial holds 1 CPU (it computes the validation CAMs and the grid; Tune refuses a trial with
+    # no resources at all) and its Train workers share what the other CPUs leave, whole CPUs each.
+    total = int(ray.cluster_resources().get("CPU", 1))
+    cpus_per_worker = 1.0 if use_gpu else float(
+        max(1, (total - max_concurrent_trials) // (num_workers * max_concurrent_trials)))
     fit_kwargs = dict(classes=list(class_names), model_preset=jp["model_preset"],
                       epochs=int(epochs or jp["epochs"]), batch_size=jp["batch_size"], lr=jp["lr"],
-                      num_workers=num_workers, use_gpu=use_gpu, storage_path=storage, seed=seed)
+                      num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                      storage_path=storage, seed=seed)
     tuner = tune.Tuner(
-        # The trial only waits on its Train run and then thresholds cached CAMs; the Train workers
-        # hold the real resources.
         tune.with_resources(tune.with_parameters(trial, train_files=train_files, val_files=val_files,
                                                  val_refs=val_refs, out=str(layout.out),
-                                                 fit_kwargs=fit_kwargs), {"cpu": 0}),
+                                                 fit_kwargs=fit_kwargs), {"cpu": 1}),
         param_space={"distance_weight": tune.grid_search([float(w) for w in weights])},
         tune_config=tune.TuneConfig(metric="val_dice", mode="max",
                                     max_concurrent_trials=max_concurrent_trials),
@@ -351,6 +362,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     os.replace(tmp, grid_path)
     win = table.iloc[0]
     dest = mipcam_path(layout.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.copyfile(win["checkpoint"], tmp)
     os.replace(tmp, dest)

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS,
                    help="add UNet to also train and score the supervised U-Net baseline "
-                        "(small preset: ~10 min more on 2 CPUs)")
+                        "(small preset: ~10 min more on 2 CPUs); add MIP-CAM to train Amyar et al.'s "
+                        "MIP CNN and search its distance weight, t and q (jobs.train_mipcam)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
@@ -135,6 +136,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  storage_path=args.storage_path)
     timings["tune_s"] = time.perf_counter() - t0
 
+    mipcam_fit = None
+    if "MIP-CAM" in args.methods:
+        # After the slice-CAM search: both merge their own entries into thresholds.json.
+        from jobs.train_mipcam import search as mipcam_search
+
+        t0 = time.perf_counter()
+        mipcam_fit = mipcam_search(train, val, layout.out, preset=args.preset,
+                                   num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                   storage_path=args.storage_path, seed=args.seed)
+        timings["train_mipcam_s"] = time.perf_counter() - t0
+        publish(layout, remote, layout.model("mipcam.pt"), layout.thresholds)
+
     t0 = time.perf_counter()
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
@@ -166,6 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "best_epoch_metrics": fit["best"]},
         "unet": None if unet_fit is None else {"path": join(out, "models/unet.pt"), "sha256": sha256_file(layout.unet),
                                                "best_epoch_metrics": unet_fit["best"]},
+        "mipcam": None if mipcam_fit is None else {
+            "path": mipcam_fit["checkpoint"], "sha256": sha256_file(mipcam_fit["checkpoint"]),
+            "distance_weight": mipcam_fit["distance_weight"], "t": mipcam_fit["t"],
+            "q": mipcam_fit["q"], "val_dice": mipcam_fit["val_dice"],
+            "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
+            "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
         "training_history": fit["history"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
                     "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),

@@ -69,6 +69,8 @@ class ModelMethod:
 MODEL_METHODS: dict[str, ModelMethod] = {
     # The supervised upper baseline (Früh et al. Sec. 2.3.2): no thresholds to tune.
     "UNet": ModelMethod("unet.pt", "wsseg_core.unet:load_segmenter"),
+    # Amyar et al.'s MIP class response: t (CAM) and q (% of SUVmax) tuned by jobs.train_mipcam.
+    "MIP-CAM": ModelMethod("mipcam.pt", "wsseg_core.mipcam:load_segmenter", needs_thresholds=True),
 }
 ALL_METHODS = DEFAULT_METHODS + tuple(MODEL_METHODS)
 
@@ -468,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, cohort_required=True)
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
                    help="default: every CAM method and Threshold, plus each network method whose checkpoint "
-                        "is in <out>/models/ (UNet: unet.pt)")
+                        "is in <out>/models/ (UNet: unet.pt, MIP-CAM: mipcam.pt)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS,
                    help="add UNet to also train and score the supervised U-Net baseline "
-                        "(small preset: ~10 min more on 2 CPUs)")
+                        "(small preset: ~10 min more on 2 CPUs); add BoxFCN for Afshari et al.'s "
+                        "box-supervised 3-D FCN (warm start + L_MDice + L_MS fine-tuning)")
+    p.add_argument("--boxfcn-tune-samples", type=int, default=0,
+                   help="with BoxFCN: Ray Tune trials over beta, lambda, omega1, omega2, alpha "
+                        "(0: the paper's values, no search)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
@@ -129,6 +133,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  storage_path=args.storage_path)
     timings["tune_s"] = time.perf_counter() - t0
 
+    boxfcn_fit = None
+    if "BoxFCN" in args.methods:
+        from jobs.train_boxfcn import train_boxfcn
+
+        t0 = time.perf_counter()
+        # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
+        # without validation patients fall back to the training studies, as the thresholds do.
+        boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
+                                  tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
+                                  num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+        timings["train_boxfcn_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
@@ -160,6 +176,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "best_epoch_metrics": fit["best"]},
         "unet": None if unet_fit is None else {"path": str(layout.unet), "sha256": sha256_file(layout.unet),
                                                "best_epoch_metrics": unet_fit["best"]},
+        "boxfcn": None if boxfcn_fit is None else {
+            "path": boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
+            "sha256": sha256_file(boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
+            "best_epoch_metrics": boxfcn_fit["fits"]["mdice_ms"]["best"],
+            "warm_start": {"path": boxfcn_fit["fits"]["box_dice"]["checkpoint"],
+                           "sha256": sha256_file(boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
+                           "best_epoch_metrics": boxfcn_fit["fits"]["box_dice"]["best"]},
+            "thresholds_entry": boxfcn_fit["entry"]},
         "training_history": fit["history"],
         "outputs": {"metrics": str(layout.metrics), "icc": str(layout.icc), "summary": str(layout.summary),
                     "tune_grid": tuned["grid"], "cohort": str(layout.cohort)},

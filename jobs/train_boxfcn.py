@@ -28,10 +28,11 @@ post-process (chosen on validation Dice), the loss weights used, the validation 
 
 Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, whole volumes,
 batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20). "small" (CPU, minutes; see
-`wsseg_core.boxfcn`): base 4, 3 levels, 64x64x32 patches, batch 2, 20 steps per epoch; warm start with
-Adam lr 3e-3 (8 epochs), fine-tuning with SGD lr 3e-4 (6 epochs), patience 3. Measured on the
-128x128x96 phantoms (16 train / 3 val volumes): SGD at 1e-3 made L_MDice fine-tuning diverge
-(val Dice 0.11 -> 0.02 after 2 epochs, train loss 8.6 -> 9.6 with beta 10).
+`wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass over the training volumes
+per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
+64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
+train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ MDICE_FILE = "boxfcn_mdice.pt"  # the ablation's L_MDice-only model
 STATE_FILE = "train_state.pt"
 
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(model_preset="small", warm_epochs=8, epochs=6, patience=3, steps_per_epoch=20,
-                  warm_optimizer="adam", warm_lr=3e-3, optimizer="sgd", lr=3e-4),
+    "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
+                  warm_optimizer="adam", warm_lr=1e-3, optimizer="sgd", lr=1e-4),
     # steps_per_epoch None: one pass over the (worker's) training volumes, batch 1.
     "paper": dict(model_preset="paper", warm_epochs=100, epochs=100, patience=20, steps_per_epoch=None,
                   warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5),

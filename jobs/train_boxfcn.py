@@ -495,6 +495,10 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
     train = [r for r in refs if r.split == "train" and r.seg_path]
     val = [r for r in refs if r.split == "val" and r.seg_path]
     test = [r for r in refs if r.split == "test" and r.seg_path]
+    if not val:
+        LOG.warning("no labelled validation study: early stopping and the table's val columns use the "
+                    "training studies")
+        val = train
     res = train_boxfcn(train, val, layout.out, mdice_only=True, **kw)
     test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS)
     import pandas as pd
@@ -545,7 +549,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\ntable: {res['paths']['table']}  markdown: {res['paths']['markdown']}  "
               f"figure: {res['paths']['png']}")
         return res
-    res = train_boxfcn(train, [r for r in refs if r.split == "val" and r.seg_path], args.out, **kw)
+    val = [r for r in refs if r.split == "val" and r.seg_path]
+    if not val:  # tiny cohorts: as the pipeline does, fall back to the training studies
+        LOG.warning("no labelled validation study: early stopping and selection use the training studies")
+        val = train
+    res = train_boxfcn(train, val, args.out, **kw)
     print(f"BoxFCN checkpoint: {res['fits']['mdice_ms']['checkpoint']}  thresholds entry: {res['entry']}")
     return res
 

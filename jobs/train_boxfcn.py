@@ -389,15 +389,22 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
 
     from wsseg_core.losses import PAPER_LOSS
 
+    from jobs.common import auto_parallelism
+
     layout = RunLayout(Path(out).absolute())
     storage = str(Path(storage_path or layout.ray_storage).absolute())
     space = space or TUNE_SPACE
+    # The trial only waits on its Train run, which holds the real CPUs. Ray 2.60 refuses an empty
+    # resource request ({"cpu": 0}), so the trial takes a sliver, and the Train workers leave it room.
+    trial_cpu = 0.01
+    if not fit_kwargs.get("use_gpu") and fit_kwargs.get("cpus_per_worker") is None:
+        workers = int(fit_kwargs.get("num_workers", 1))
+        fit_kwargs["cpus_per_worker"] = float(max(1, (auto_parallelism() - 1) // workers))
     tuner = tune.Tuner(
-        # The trial only waits on its Train run; the Train workers hold the CPUs.
         tune.with_resources(tune.with_parameters(tune_trial, train_refs=train_refs, val_refs=val_refs,
                                                  out=str(layout.out), warm=str(warm),
                                                  fit_kwargs={**fit_kwargs, "storage_path": storage,
-                                                             "seed": seed}), {"cpu": 0}),
+                                                             "seed": seed}), {"cpu": trial_cpu}),
         param_space={k: tune.choice(v) for k, v in space.items()},
         tune_config=tune.TuneConfig(metric="val_dice", mode="max", num_samples=int(samples),
                                     max_concurrent_trials=1,
@@ -473,6 +480,8 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     if "mdice" not in models:  # evaluate_study expects the three roles; reuse for the missing one
         models["mdice"] = models["mdice_ms"]
     val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
+    if "mdice" not in fits:  # not trained: its rows are the L_MDice + L_MS model's, drop them
+        val_rows = val_rows[val_rows["variant"] != VARIANTS[1]].reset_index(drop=True)
     med = val_rows.groupby("variant")["dice"].median()
     with_post = bool(med.get(VARIANTS[3], float("nan")) >= med.get(VARIANTS[2], float("nan")))
     entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if with_post else False,

@@ -27,7 +27,7 @@ from jobs.common import RunLayout, fetch, open_run, publish, safe_name, setup_lo
 
 LOG = logging.getLogger("wsseg.analyze")
 #: Columns the scorer added after the SPEC's (autoPET / lesion-wise); older runs lack them.
-EXTRA_COLUMNS = ("fpv_ml", "fnv_ml", "hd95_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
+EXTRA_COLUMNS = ("fpv_ml", "fnv_ml", "hd95_mm", "ude_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
                  "n_pred_false")
 SPLITS = ("train", "val", "test")
 N_CAM_STUDIES = 3
@@ -232,17 +232,19 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
          + fig("tlg_ba", "TLG Bland-Altman: bias and 95% limits of agreement")),
     ]
     autopet = summary[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
-                       "hd95_median_mm", "hd95_iqr_mm", "detection_rate", "false_lesions_per_study"]]
+                       "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm", "detection_rate",
+                       "false_lesions_per_study"]]
     if autopet.drop(columns="method").notna().any().any():
         sections.append(("autoPET metrics and lesion-wise detection", report.html_table(
             autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
                                     "fnv_median_ml": "FNV ml median", "fnv_iqr_ml": "FNV IQR",
                                     "hd95_median_mm": "HD95 mm median", "hd95_iqr_mm": "HD95 IQR",
+                                    "ude_median_mm": "UDE mm median", "ude_iqr_mm": "UDE IQR",
                                     "detection_rate": "lesions detected",
                                     "false_lesions_per_study": "false lesions / study"}), float_digits=2)
             + "<p class='note'>18-connected components. FPV: predicted components touching no "
               "reference voxel; FNV: reference components the prediction misses (undefined for "
-              "negative studies). Detection rate pooled over lesions.</p>"))
+              "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions.</p>"))
     else:
         sections.append(("autoPET metrics and lesion-wise detection",
                          "<p class='note'>Not in this run's metrics (scored before those columns existed).</p>"))
@@ -292,13 +294,16 @@ def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFr
             return "n/a" if pd.isna(v) else f"{v:.{digits}f} ({iqr:.{digits}f})"
 
         lines += ["", f"{'method':<10} {'FPV ml (IQR)':<17} {'FNV ml (IQR)':<17} {'HD95 mm (IQR)':<17} "
+                      f"{'UDE mm (IQR)':<17} "
                       f"{'lesions hit':<12} {'false/study':<11}"]
         for r in summary.itertuples():
             det = "n/a" if pd.isna(r.detection_rate) else f"{r.detection_rate:.0%}"
             fls = "n/a" if pd.isna(r.false_lesions_per_study) else f"{r.false_lesions_per_study:.1f}"
             lines.append(f"{r.method:<10} {med(r.fpv_median_ml, r.fpv_iqr_ml, 1):<17} "
                          f"{med(r.fnv_median_ml, r.fnv_iqr_ml, 1):<17} "
-                         f"{med(r.hd95_median_mm, r.hd95_iqr_mm, 1):<17} {det:<12} {fls:<11}")
+                         f"{med(r.hd95_median_mm, r.hd95_iqr_mm, 1):<17} "
+                         f"{med(getattr(r, 'ude_median_mm', float('nan')), getattr(r, 'ude_iqr_mm', float('nan')), 1):<17} "
+                         f"{det:<12} {fls:<11}")
     if slice_auc is not None:
         cells = [f"{r.split} {r.auc:.3f} ({r.n_slices} slices)" for r in slice_auc.itertuples()
                  if r.split != "all" and r.n_slices and not pd.isna(r.auc)]

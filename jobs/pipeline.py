@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS,
                    help="add UNet to also train and score the supervised U-Net baseline "
                         "(small preset: ~10 min more on 2 CPUs); add MIP-CAM to train Amyar et al.'s "
-                        "MIP CNN and search its distance weight, t and q (jobs.train_mipcam)")
+                        "MIP CNN and search its distance weight, t and q (jobs.train_mipcam); add BoxFCN "
+                        "for Afshari et al.'s box-supervised 3-D FCN (warm start + L_MDice + L_MS)")
+    p.add_argument("--boxfcn-tune-samples", type=int, default=0,
+                   help="with BoxFCN: Ray Tune trials over beta, lambda, omega1, omega2, alpha "
+                        "(0: the paper's values, no search)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
@@ -148,6 +152,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings["train_mipcam_s"] = time.perf_counter() - t0
         publish(layout, remote, layout.model("mipcam.pt"), layout.thresholds)
 
+    boxfcn_fit = None
+    if "BoxFCN" in args.methods:
+        from jobs.train_boxfcn import train_boxfcn
+
+        t0 = time.perf_counter()
+        # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
+        # without validation patients fall back to the training studies, as the thresholds do.
+        boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
+                                  tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
+                                  num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+        timings["train_boxfcn_s"] = time.perf_counter() - t0
+        publish(layout, remote, layout.model("boxfcn.pt"), layout.thresholds)
+
     t0 = time.perf_counter()
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
@@ -185,6 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "q": mipcam_fit["q"], "val_dice": mipcam_fit["val_dice"],
             "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
             "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
+        "boxfcn": None if boxfcn_fit is None else {
+            "path": boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
+            "sha256": sha256_file(boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
+            "best_epoch_metrics": boxfcn_fit["fits"]["mdice_ms"]["best"],
+            "warm_start": {"path": boxfcn_fit["fits"]["box_dice"]["checkpoint"],
+                           "sha256": sha256_file(boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
+                           "best_epoch_metrics": boxfcn_fit["fits"]["box_dice"]["best"]},
+            "thresholds_entry": boxfcn_fit["entry"]},
         "training_history": fit["history"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
                     "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),

@@ -57,13 +57,14 @@ def report_epoch(metrics: dict[str, Any], epoch: int, optimizer, ckpt_file: str,
 
 
 def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, out: str | Path,
-                      ckpt_file: str, metric: str, name: str, num_workers: int = 1,
+                      ckpt_file: str, metric: str, name: str, mode: str = "max",
+                      model_file: str | None = None, num_workers: int = 1,
                       use_gpu: bool = False, cpus_per_worker: float | None = None,
                       storage_path: str | None = None, max_failures: int = 3,
                       callbacks: list | None = None) -> dict[str, Any]:
     """Run `train_loop` on `num_workers` Ray Train workers (DDP) and copy the best epoch's
-    `ckpt_file` (by `metric`, max) to `<out>/models/<ckpt_file>` (temp name, then rename; uploaded
-    when `out` is a URI).
+    `ckpt_file` (by `metric`, `mode` "max" or "min") to `<out>/models/<model_file or ckpt_file>`
+    (temp name, then rename; uploaded when `out` is a URI).
 
     Checkpoints and run state go to `--storage-path` (default `<out>/ray`) under `name`: the same
     name and storage resume an interrupted run. `cpus_per_worker` None shares the cluster's CPUs
@@ -89,15 +90,15 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
             storage_path=ray_storage_path(storage_path, out),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order="max"),
+                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=callbacks,
         ),
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(metric=metric, mode="max") or result.checkpoint
+    best = result.get_best_checkpoint(metric=metric, mode=mode) or result.checkpoint
     if best is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint")
-    dest = layout.model(ckpt_file)
+    dest = layout.model(model_file or ckpt_file)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with best.as_directory() as d:

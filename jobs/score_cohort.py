@@ -71,6 +71,8 @@ MODEL_METHODS: dict[str, ModelMethod] = {
     "UNet": ModelMethod("unet.pt", "wsseg_core.unet:load_segmenter"),
     # Amyar et al.'s MIP class response: t (CAM) and q (% of SUVmax) tuned by jobs.train_mipcam.
     "MIP-CAM": ModelMethod("mipcam.pt", "wsseg_core.mipcam:load_segmenter", needs_thresholds=True),
+    # Afshari et al.'s box-supervised 3-D FCN; thresholds.json may set threshold / postprocess.
+    "BoxFCN": ModelMethod("boxfcn.pt", "wsseg_core.boxfcn:load_segmenter"),
 }
 ALL_METHODS = DEFAULT_METHODS + tuple(MODEL_METHODS)
 
@@ -88,6 +90,8 @@ METRICS_SCHEMA = pa.schema([
     ("fpv_ml", pa.float64()), ("fnv_ml", pa.float64()), ("hd95_mm", pa.float64()),
     ("n_ref_lesions", pa.int64()), ("n_ref_detected", pa.int64()), ("n_pred_lesions", pa.int64()),
     ("n_pred_false", pa.int64()), ("slice_auc", pa.float64()),
+    # Afshari et al.'s unsigned distance error: mean symmetric surface distance (mm)
+    ("ude_mm", pa.float64()),
 ])
 # <out>/slices/<patient>__<study>__<hash8>.parquet: every axial slice's classifier probability and
 # reference label, so analyze can pool a slice-level AUC per split (one file per study, written by
@@ -470,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, cohort_required=True)
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
                    help="default: every CAM method and Threshold, plus each network method whose checkpoint "
-                        "is in <out>/models/ (UNet: unet.pt, MIP-CAM: mipcam.pt)")
+                        "is in <out>/models/ (UNet: unet.pt, MIP-CAM: mipcam.pt, BoxFCN: boxfcn.pt)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)

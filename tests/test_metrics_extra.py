@@ -145,3 +145,33 @@ def test_extra_metrics_and_study_metrics():
     u = extra_metrics(pred, None, VOX_ML, (1.0, 1.0, 1.0))
     assert math.isnan(u["fpv_ml"]) and math.isnan(u["fnv_ml"]) and math.isnan(u["hd95_mm"])
     assert u["n_ref_lesions"] is None and u["n_pred_false"] is None and u["n_pred_lesions"] == 2
+
+
+def test_ude_by_hand():
+    from wsseg_core.metrics import ude_mm
+
+    ref = np.zeros((7, 5, 5), bool)
+    ref[2:5, 2, 2] = True  # a 3-voxel line: every voxel is surface
+    pred = np.zeros_like(ref)
+    pred[2, 2, 2] = True
+    # pred -> ref: 0; ref -> pred: 0, 1, 2 voxels along x at 2 mm: pooled mean (0 + 0 + 2 + 4) / 4
+    assert ude_mm(pred, ref, (2.0, 1.0, 1.0)) == pytest.approx(1.5)
+    assert ude_mm(ref, pred, (2.0, 1.0, 1.0)) == pytest.approx(1.5)  # symmetric
+    assert ude_mm(ref, ref, (2.0, 1.0, 1.0)) == 0.0
+    # two single voxels 3 apart along z at 3 mm: every distance is 9 mm
+    a = np.zeros((5, 5, 8), bool)
+    b = a.copy()
+    a[2, 2, 1] = b[2, 2, 4] = True
+    assert ude_mm(a, b, (1.0, 1.0, 3.0)) == pytest.approx(9.0)
+
+
+def test_ude_empty_is_nan_and_in_extra_metrics():
+    from wsseg_core.metrics import ude_mm
+
+    pred, ref = _scene()
+    empty = np.zeros_like(ref)
+    assert math.isnan(ude_mm(empty, ref, (1, 1, 1))) and math.isnan(ude_mm(pred, empty, (1, 1, 1)))
+    e = extra_metrics(pred, ref, VOX_ML, (1.0, 1.0, 1.0))
+    assert e["ude_mm"] == pytest.approx(ude_mm(pred, ref, (1, 1, 1)))
+    assert 0 < e["ude_mm"] <= e["hd95_mm"] + 1e-9 or e["hd95_mm"] == 0
+    assert math.isnan(extra_metrics(pred, None, VOX_ML, (1, 1, 1))["ude_mm"])

@@ -29,6 +29,7 @@ def _metrics_frame(with_extra: bool = True) -> pd.DataFrame:
                    "mask_path": "z"}
             if with_extra:
                 row.update({"fpv_ml": float(i), "fnv_ml": np.nan if i == 0 else 2.0, "hd95_mm": 3.0 * i,
+                            "ude_mm": np.nan if i == 0 else 1.0 * i,
                             "n_ref_lesions": 0 if i == 0 else 2, "n_ref_detected": 0 if i == 0 else 1,
                             "n_pred_lesions": 2, "n_pred_false": 1})
             rows.append(row)
@@ -113,7 +114,9 @@ def test_analyze_figures_and_report(tmp_path, caplog):
     assert s.loc["CAM", "fnv_median_ml"] == pytest.approx(2.0)
     assert s.loc["CAM", "detection_rate"] == pytest.approx(0.5)
     assert s.loc["CAM", "false_lesions_per_study"] == pytest.approx(1.0)
+    assert s.loc["CAM", "ude_median_mm"] == pytest.approx(2.0)  # test rows P1..P3: UDE 1, 2, 3
     text = analyze.format_report(res["icc"], res["summary"], res["slice_auc"])
+    assert "UDE mm" in text
     assert "FPV ml" in text and "slice-level classifier AUC: " in text and "test 0.889" in text
 
 
@@ -180,7 +183,7 @@ def test_scorer_writes_new_columns_and_slices(scored_run):
     assert names[:15] == ["patient_id", "study_id", "split", "method", "status", "error", "dice",
                           "mtv_true_ml", "mtv_pred_ml", "tlg_true_g", "tlg_pred_g", "voxel_volume_ml",
                           "suv_path", "seg_path", "mask_path"]
-    for col in ("fpv_ml", "fnv_ml", "hd95_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
+    for col in ("fpv_ml", "fnv_ml", "hd95_mm", "ude_mm", "n_ref_lesions", "n_ref_detected", "n_pred_lesions",
                 "n_pred_false", "slice_auc"):
         assert col in names
     neg = df[df["mtv_true_ml"] == 0]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["dice", "voxel_volume_ml", "mtv_ml", "tlg_g", "study_metrics", "false_positive_volume_ml",
-           "false_negative_volume_ml", "hd95_mm", "lesion_detection", "extra_metrics"]
+           "false_negative_volume_ml", "hd95_mm", "ude_mm", "lesion_detection", "extra_metrics"]
 
 
 def _as_mask(a: np.ndarray) -> np.ndarray:
@@ -95,7 +95,7 @@ def study_metrics(
     Returns:
         ``dict(dice, mtv_true_ml, mtv_pred_ml, tlg_true_g, tlg_pred_g)``; the reference-based values
         (dice and the true ones) are NaN when ``ref`` is None. With ``spacing_mm`` also ``fpv_ml,
-        fnv_ml, hd95_mm, n_ref_lesions, n_ref_detected, n_pred_lesions, n_pred_false``.
+        fnv_ml, hd95_mm, ude_mm, n_ref_lesions, n_ref_detected, n_pred_lesions, n_pred_false``.
     """
     nan = float("nan")
     out = {
@@ -185,24 +185,19 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | np.ndarray) -> float:
-    """95th percentile of the symmetric surface distances (mm), the "HD95".
+def _surface_distances(pred: np.ndarray, ref: np.ndarray,
+                       spacing_mm: Sequence[float] | np.ndarray) -> np.ndarray | None:
+    """Distances (mm) from every surface voxel of each mask to the other mask's surface, both
+    directions concatenated (pred -> ref first). None when either mask is empty.
 
-    Surface = mask & ~binary_erosion(mask) (6-connected erosion). For every surface voxel of one
-    mask, the Euclidean distance (in mm, anisotropic ``spacing_mm``) to the nearest surface voxel of
-    the other; both directions are pooled and the 95th percentile (linear) is taken.
-
-    Args:
-        pred, ref: 3-D masks of equal shape; spacing_mm: ``(3,)`` voxel size in mm.
-
-    Returns:
-        HD95 in mm; NaN when either mask is empty (no surface to measure from).
+    Surface = mask & ~binary_erosion(mask) (6-connected erosion; voxels outside the array are
+    background). Euclidean distance with the anisotropic ``spacing_mm`` between voxel centres.
     """
     from scipy import ndimage
 
     p, r = _pair(pred, ref)
     if not p.any() or not r.any():
-        return float("nan")
+        return None
     spacing = np.asarray(spacing_mm, dtype=float).ravel()
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing must be 3 positive values in mm, got {spacing.tolist()}")
@@ -216,8 +211,43 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | np.
     sp, sr = _surface(p)[box], _surface(r)[box]
     d_to_r = ndimage.distance_transform_edt(~sr, sampling=spacing)
     d_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    d = np.concatenate([d_to_r[sp], d_to_p[sr]])
-    return float(np.percentile(d, 95))
+    return np.concatenate([d_to_r[sp], d_to_p[sr]])
+
+
+def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | np.ndarray) -> float:
+    """95th percentile of the symmetric surface distances (mm), the "HD95".
+
+    Surface = mask & ~binary_erosion(mask) (6-connected erosion). For every surface voxel of one
+    mask, the Euclidean distance (in mm, anisotropic ``spacing_mm``) to the nearest surface voxel of
+    the other; both directions are pooled and the 95th percentile (linear) is taken.
+
+    Args:
+        pred, ref: 3-D masks of equal shape; spacing_mm: ``(3,)`` voxel size in mm.
+
+    Returns:
+        HD95 in mm; NaN when either mask is empty (no surface to measure from).
+    """
+    d = _surface_distances(pred, ref, spacing_mm)
+    return float("nan") if d is None else float(np.percentile(d, 95))
+
+
+def ude_mm(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | np.ndarray) -> float:
+    """Unsigned distance error (Afshari et al.; the QIN PET challenge's UDE): the mean symmetric
+    surface distance in mm.
+
+    The same surface distances as :func:`hd95_mm` (every surface voxel of each mask to the nearest
+    surface voxel of the other, both directions pooled), averaged: ``(sum_{s in S_p} d(s, S_r) +
+    sum_{s in S_r} d(s, S_p)) / (|S_p| + |S_r|)``. 0 for identical masks.
+
+    Args:
+        pred, ref: 3-D masks of equal shape; spacing_mm: ``(3,)`` voxel size in mm.
+
+    Returns:
+        UDE in mm; NaN when either mask is empty (no surface to measure from, as for HD95), so a
+        negative study or an empty prediction is left out of per-method medians, not counted as 0.
+    """
+    d = _surface_distances(pred, ref, spacing_mm)
+    return float("nan") if d is None else float(d.mean())
 
 
 def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
@@ -253,7 +283,7 @@ def extra_metrics(
         voxel_ml: voxel volume (ml); spacing_mm: ``(3,)`` voxel size (mm).
 
     Returns:
-        ``dict(fpv_ml, fnv_ml, hd95_mm, n_ref_lesions, n_ref_detected, n_pred_lesions,
+        ``dict(fpv_ml, fnv_ml, hd95_mm, ude_mm, n_ref_lesions, n_ref_detected, n_pred_lesions,
         n_pred_false)``. Without a reference every reference-based value is NaN (floats) or None
         (counts); ``n_pred_lesions`` is always counted.
     """
@@ -262,11 +292,14 @@ def extra_metrics(
 
         _, n_pred = ndimage.label(_as_mask(pred), structure=_structure_18())
         nan = float("nan")
-        return {"fpv_ml": nan, "fnv_ml": nan, "hd95_mm": nan, "n_ref_lesions": None,
+        return {"fpv_ml": nan, "fnv_ml": nan, "hd95_mm": nan, "ude_mm": nan, "n_ref_lesions": None,
                 "n_ref_detected": None, "n_pred_lesions": int(n_pred), "n_pred_false": None}
+    d = _surface_distances(pred, ref, spacing_mm)  # once for both HD95 and UDE
+    nan = float("nan")
     return {
         "fpv_ml": false_positive_volume_ml(pred, ref, voxel_ml),
         "fnv_ml": false_negative_volume_ml(pred, ref, voxel_ml),
-        "hd95_mm": hd95_mm(pred, ref, spacing_mm),
+        "hd95_mm": nan if d is None else float(np.percentile(d, 95)),
+        "ude_mm": nan if d is None else float(d.mean()),
         **lesion_detection(pred, ref),
     }

@@ -142,7 +142,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         values (no reference, empty reference for Dice) are left out of each statistic.
         Then, from the optional autoPET / lesion-wise columns (NaN where ``df`` lacks them):
         ``fpv_median_ml, fpv_iqr_ml, fnv_median_ml, fnv_iqr_ml`` (ml), ``hd95_median_mm,
-        hd95_iqr_mm`` (mm), ``detection_rate`` (reference lesions hit / reference lesions, pooled
+        hd95_iqr_mm``, ``ude_median_mm, ude_iqr_mm`` (mm), ``detection_rate`` (reference lesions hit / reference lesions, pooled
         over studies) and ``false_lesions_per_study`` (mean predicted components hitting nothing).
     """
     ok = _ok_rows(df)
@@ -150,7 +150,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "method", "n", "n_dice", "dice_median", "dice_iqr",
         "abs_dmtv_median_ml", "abs_dmtv_iqr_ml", "abs_dtlg_median_g", "abs_dtlg_iqr_g",
         "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml", "hd95_median_mm", "hd95_iqr_mm",
-        "detection_rate", "false_lesions_per_study",
+        "ude_median_mm", "ude_iqr_mm", "detection_rate", "false_lesions_per_study",
     ]
     rows = []
     for method in _ordered_methods(ok["method"].astype(str)):
@@ -162,7 +162,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         mm, mi = _median_iqr(dmtv)
         tm, ti = _median_iqr(dtlg)
         extra: list[float] = []
-        for col in ("fpv_ml", "fnv_ml", "hd95_mm"):
+        for col in ("fpv_ml", "fnv_ml", "hd95_mm", "ude_mm"):
             extra.extend(_median_iqr(_numeric(g, col)))
         n_ref, n_hit = _numeric(g, "n_ref_lesions"), _numeric(g, "n_ref_detected")
         both = np.isfinite(n_ref) & np.isfinite(n_hit)

@@ -1,0 +1,548 @@
+"""Ray Train / Tune: Afshari et al.'s box-supervised 3-D FCN (BoxFCN), its loss-weight search and ablation.
+
+    python -m jobs.train_boxfcn --cohort runs/demo/cohort.parquet --out runs/demo             # train
+    python -m jobs.train_boxfcn --cohort ... --out ... --tune --samples 4                     # + Ray Tune
+    python -m jobs.train_boxfcn --cohort ... --out ... --ablation                             # Fig. 1 ablation
+    ray job submit --working-dir . -- python -m jobs.train_boxfcn --cohort ... --preset paper --use-gpu
+
+Training (Sec. 4.3) is two Ray Train runs: the warm start, the network trained with the plain box
+Dice (`<out>/models/boxfcn_boxdice.pt`), then the same network fine-tuned from those weights with
+L = beta L_MDice + lambda L_MS (`<out>/models/boxfcn.pt`, the one `score_cohort` scores as "BoxFCN").
+Each run keeps the epoch with the lowest validation loss (the weak loss against the validation
+boxes: it needs no delineation) and stops early after `patience` epochs without a lower one. Resume
+after a failure: run the same command again (same --out / --storage-path); each Train run picks up
+its latest checkpoint (Ray Train V2), early-stopping state included.
+
+`--tune` searches beta, lambda, omega1, omega2 and alpha with Ray Tune (random search over a small
+grid, the paper's values as the first trial), each trial one Ray Train fine-tuning from the same
+warm start, ranked by the validation Dice (against SEG) of its best-validation-loss checkpoint; the
+best trial's weights become `boxfcn.pt`.
+
+`--ablation` trains the paper's comparison on one cohort - box Dice only (L_Dice), L_MDice,
+L_MDice + L_MS, and L_MDice + L_MS + morphological post-processing (M) - and writes per-study
+Dice/UDE (`<out>/boxfcn/ablation_studies.parquet`) and the table of medians per variant and split
+(`<out>/boxfcn/ablation.{parquet,md,png}`), printed at the end.
+
+Either way `<out>/thresholds.json` gets a "BoxFCN" entry: probability threshold 0.5, whether to
+post-process (chosen on validation Dice), the loss weights used, the validation Dice.
+
+Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, whole volumes,
+batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20). "small" (CPU, minutes; see
+`wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass over the training volumes
+per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
+64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
+train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs.common import (RunLayout, add_common_args, init_ray, ray_storage_path, resolve_cohort,
+                         safe_name, setup_logging)
+from jobs.ray_train import fit_and_keep_best
+from jobs.train_classifier import _maybe_die, load_readable
+
+LOG = logging.getLogger("wsseg.train_boxfcn")
+CKPT_FILE = "boxfcn.pt"  # the scored model (L_MDice + L_MS)
+WARM_FILE = "boxfcn_boxdice.pt"  # the box-Dice warm start
+MDICE_FILE = "boxfcn_mdice.pt"  # the ablation's L_MDice-only model
+STATE_FILE = "train_state.pt"
+
+BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
+                  warm_optimizer="adam", warm_lr=1e-3, optimizer="sgd", lr=1e-4),
+    # steps_per_epoch None: one pass over the (worker's) training volumes, batch 1.
+    "paper": dict(model_preset="paper", warm_epochs=100, epochs=100, patience=20, steps_per_epoch=None,
+                  warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5),
+}
+#: Ray Tune space on the CPU preset: a small grid around the paper's values, sampled at random.
+TUNE_SPACE: dict[str, list[float]] = {"beta": [1.0, 10.0, 30.0], "lam": [0.1, 1.0, 3.0],
+                                      "omega1": [1.0, 3.0], "omega2": [1.0, 3.0],
+                                      "alpha": [0.05, 0.1, 0.2]}
+VARIANTS = ("L_Dice (box)", "L_MDice", "L_MDice+L_MS", "L_MDice+L_MS+M")
+
+
+def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
+    """Where a trained BoxFCN of a run lives: `<out>/models/<filename>`."""
+    return RunLayout(Path(out)).model(filename)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: box labels of its share of the patients, trains, reports and checkpoints
+    every epoch, stops early when the validation loss has not improved for `patience` epochs."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from wsseg_core.boxfcn import (BOXFCN_PRESETS, box_volumes, build_boxfcn, evaluate, load_boxfcn,
+                                   make_optimizer, save_boxfcn, train_epoch)
+    from wsseg_core.data import StudyRef
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    rng = np.random.default_rng(config["seed"] * 1000 + rank)
+    preset = BOXFCN_PRESETS[config["model_preset"]]
+
+    train_refs = [StudyRef(**r) for r in config["train_refs"]]
+    val_refs = [StudyRef(**r) for r in config["val_refs"]]
+    margin = dict(margin_mm=config["margin_mm"], margin_vox=config["margin_vox"])
+    # Only volumes with a lesion: against an empty box the Dice loss is constant (no gradient).
+    train = [v for v in box_volumes(load_readable(train_refs[rank::world]), **margin) if v.box.any()]
+    val = box_volumes(load_readable(val_refs), **margin)
+    if rank == 0:
+        LOG.info("BoxFCN %s: %d training volumes (worker 0), %d validation volumes", config["kind"],
+                 len(train), len(val))
+
+    model = build_boxfcn(config["model_preset"], base=config.get("base"), levels=config.get("levels"))
+    if config.get("init_from"):  # warm start (paper: the network trained on the box masks)
+        warm, _ = load_boxfcn(config["init_from"])
+        model.load_state_dict(warm.state_dict())
+    start_epoch, best, bad, optimizer_state = 0, math.inf, 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model, _ = load_boxfcn(Path(d) / CKPT_FILE)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        start_epoch = int(state["epoch"]) + 1
+        best, bad, optimizer_state = float(state["best_val_loss"]), int(state["bad_epochs"]), state["optimizer"]
+        if rank == 0:
+            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = make_optimizer(model, config["optimizer"], config["lr"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    patch = config.get("patch", preset["patch"])
+    batch_size = int(config.get("batch_size") or preset["batch_size"])
+    steps = int(config.get("steps_per_epoch") or max(1, len(train)))
+    loss_kw = {"kind": config["kind"], **config["loss"]}
+    bare = model.module if hasattr(model, "module") else model
+
+    for epoch in range(start_epoch, config["epochs"]):
+        if bad >= config["patience"]:  # a resumed run that had already stopped early
+            break
+        train_loss = train_epoch(model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size,
+                                 steps=steps, rng=rng, generator=gen, device=device)
+        _maybe_die(config, epoch, rank)
+        ev = evaluate(bare, val, loss_kw)
+        improved = ev["loss"] < best
+        best, bad = (ev["loss"], 0) if improved else (best, bad + 1)
+        dice = float(ev["dice"])
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(ev["loss"]),
+                   # NaN (no tumour in validation) would break ranking by Dice.
+                   "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
+                   "best_val_loss": float(best), "bad_epochs": bad, "start_epoch": start_epoch}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_boxfcn(Path(d) / CKPT_FILE, bare, meta={**metrics, "kind": config["kind"],
+                                                             "loss": config["loss"], **margin})
+                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "best_val_loss": best,
+                            "bad_epochs": bad}, Path(d) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                LOG.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f%s", config["kind"],
+                         epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
+                         "" if bad < config["patience"] else "  (early stop)")
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if bad >= config["patience"]:
+            break
+
+
+def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str = "mdice_ms",
+               loss: dict[str, float] | None = None, init_from: str | Path | None = None,
+               filename: str = CKPT_FILE, preset: str = "small", epochs: int | None = None,
+               patience: int | None = None, optimizer: str | None = None, lr: float | None = None,
+               steps_per_epoch: int | None = None, margin_mm: float = 0.0, margin_vox: int = 0,
+               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
+               storage_path: str | None = None, name: str | None = None, max_failures: int = 3,
+               seed: int = 0, callbacks: list | None = None,
+               test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One Ray Train run of one loss `kind` ("box_dice", "mdice", "mdice_ms"); the checkpoint with
+    the lowest validation loss is copied to `<out>/models/<filename>`.
+
+    `epochs`, `patience`, `optimizer`, `lr`, `steps_per_epoch` default to the job preset's values for
+    the phase (warm start for "box_dice" without `init_from`, fine-tuning otherwise). `loss` holds the
+    `losses.boxfcn_loss` weights (default the paper's). Returns dict(checkpoint, ray_checkpoint,
+    history, best (metrics of the kept epoch)).
+    """
+    from jobs.common import auto_parallelism
+    from wsseg_core.losses import PAPER_LOSS
+
+    jp = BOXFCN_JOB_PRESETS[preset]
+    warm = kind == "box_dice" and init_from is None
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
+    config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
+                  model_preset=jp["model_preset"], kind=kind, loss={**PAPER_LOSS, **(loss or {})},
+                  init_from=str(init_from) if init_from else None,
+                  epochs=int(epochs or (jp["warm_epochs"] if warm else jp["epochs"])),
+                  patience=int(patience or jp["patience"]),
+                  optimizer=optimizer or (jp["warm_optimizer"] if warm else jp["optimizer"]),
+                  lr=float(lr or (jp["warm_lr"] if warm else jp["lr"])),
+                  steps_per_epoch=steps_per_epoch or jp["steps_per_epoch"], margin_mm=float(margin_mm),
+                  margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker,
+                  **(test_hooks or {}))
+    res = fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
+                            model_file=filename, metric="val_loss", mode="min",
+                            name=name or f"boxfcn_{Path(filename).stem}", num_workers=num_workers,
+                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                            storage_path=storage_path, max_failures=max_failures, callbacks=callbacks)
+    history = res["history"]
+    kept = min(history, key=lambda h: h.get("val_loss", math.inf)) if history else res["best"]
+    return {**res, "best": kept}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation of trained variants (Ray tasks, one per study)
+# --------------------------------------------------------------------------------------------------
+
+def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
+                   num_cpus: float = 1.0) -> list[dict[str, Any]]:
+    """Dice and UDE of every ablation variant on one study (a Ray task; returns rows).
+
+    `models` maps checkpoint roles ("box_dice", "mdice", "mdice_ms") to paths; the fourth variant
+    is "mdice_ms" post-processed with `post`. A study that cannot be read gives no rows.
+    """
+    from jobs.common import torch_threads_for
+    from wsseg_core.boxfcn import load_boxfcn, postprocess, predict_volume
+    from wsseg_core.data import StudyError, StudyRef, load_study
+    from wsseg_core.metrics import dice, ude_mm
+
+    torch_threads_for(num_cpus)
+    r = StudyRef(**ref)
+    try:
+        st = load_study(r)
+    except StudyError as e:
+        LOG.warning("ablation skips %s/%s: %s", r.patient_id, r.study_id, e)
+        return []
+    if st.seg is None:
+        return []
+    masks = {}
+    for role, path in models.items():
+        model, _ = load_boxfcn(path)
+        masks[role] = (predict_volume(model, st.suv) > 0.5).astype(np.uint8)
+    masks["mdice_ms+M"] = postprocess(masks["mdice_ms"], st.spacing_mm, **post)
+    names = dict(zip(("box_dice", "mdice", "mdice_ms", "mdice_ms+M"), VARIANTS))
+    return [{"patient_id": r.patient_id, "study_id": r.study_id, "split": r.split,
+             "variant": names[role], "dice": dice(m, st.seg), "ude_mm": ude_mm(m, st.seg, st.spacing_mm),
+             "mtv_pred_ml": float(m.sum()) * st.voxel_volume_ml,
+             "mtv_true_ml": float((st.seg > 0).sum()) * st.voxel_volume_ml}
+            for role, m in masks.items()]
+
+
+def evaluate_variants(refs: Sequence, models: dict[str, str], post: dict[str, float],
+                      cpus_per_task: float = 1.0) -> "pd.DataFrame":  # noqa: F821
+    """Per-study rows of every variant over `refs` (labelled ones), one Ray task per study."""
+    import pandas as pd
+    import ray
+
+    task = ray.remote(num_cpus=cpus_per_task)(evaluate_study)
+    rows = ray.get([task.remote(r.to_dict(), models, post, cpus_per_task) for r in refs if r.seg_path])
+    return pd.DataFrame([row for rs in rows for row in rs],
+                        columns=["patient_id", "study_id", "split", "variant", "dice", "ude_mm",
+                                 "mtv_pred_ml", "mtv_true_ml"])
+
+
+def ablation_table(per_study: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
+    """Median Dice and UDE per variant and split (NaN Dice - negative studies - left out).
+
+    Columns: variant, then per split s in (val, test): `s_n` (studies with tumour), `s_dice_median`,
+    `s_dice_iqr`, `s_ude_median_mm`.
+    """
+    import pandas as pd
+
+    from wsseg_core.stats import _median_iqr
+
+    rows = []
+    for v in VARIANTS:
+        row: dict[str, Any] = {"variant": v}
+        for split in ("val", "test"):
+            g = per_study[(per_study["variant"] == v) & (per_study["split"] == split)]
+            d = pd.to_numeric(g["dice"], errors="coerce").to_numpy(float)
+            row[f"{split}_n"] = int(np.isfinite(d).sum())
+            row[f"{split}_dice_median"], row[f"{split}_dice_iqr"] = _median_iqr(d)
+            row[f"{split}_ude_median_mm"] = _median_iqr(pd.to_numeric(g["ude_mm"], errors="coerce"))[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_ablation(table: "pd.DataFrame") -> str:  # noqa: F821
+    """The table as GitHub markdown (medians, IQR in brackets)."""
+    def cell(m: float, iqr: float | None = None) -> str:
+        if m != m:
+            return "n/a"
+        return f"{m:.3f}" + (f" ({iqr:.3f})" if iqr is not None and iqr == iqr else "")
+
+    lines = ["| variant | val n | val Dice median (IQR) | val UDE mm | test n | test Dice median (IQR) | test UDE mm |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.variant} | {r.val_n} | {cell(r.val_dice_median, r.val_dice_iqr)} | "
+                     f"{cell(r.val_ude_median_mm)} | {r.test_n} | {cell(r.test_dice_median, r.test_dice_iqr)} | "
+                     f"{cell(r.test_ude_median_mm)} |")
+    return "\n".join(lines)
+
+
+def _write_ablation(out: Path, per_study, table) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.common import atomic_write_text
+
+    d = out / "boxfcn"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"per_study": d / "ablation_studies.parquet", "table": d / "ablation.parquet",
+             "markdown": d / "ablation.md", "png": d / "ablation.png"}
+    for key in ("per_study", "table"):
+        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
+        (per_study if key == "per_study" else table).to_parquet(tmp, index=False)
+        tmp.replace(paths[key])
+    atomic_write_text(paths["markdown"], format_ablation(table) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(len(table))
+    for k, split in enumerate(("val", "test")):
+        ax.bar(x + (k - 0.5) * 0.38, table[f"{split}_dice_median"].fillna(0), 0.38, label=split)
+    ax.set_xticks(x, table["variant"], fontsize=8)
+    ax.set_ylabel("median Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("BoxFCN ablation (Afshari et al. Fig. 1)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = paths["png"].with_name(".ablation.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Tune over the loss weights
+# --------------------------------------------------------------------------------------------------
+
+def tune_trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, warm: str,
+               fit_kwargs: dict) -> dict[str, Any]:
+    """One Tune trial: fine-tune the warm start with these loss weights (Ray Train), report the
+    validation Dice of the kept (lowest validation loss) checkpoint."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loss = {k: float(config[k]) for k in ("beta", "lam", "omega1", "omega2", "alpha")}
+    # The trial id keeps two draws of the same weights apart (same Train name = resume).
+    tag = safe_name(f"{tune.get_context().get_trial_id()}_" + "_".join(f"{k}{v:g}" for k, v in loss.items()))
+    res = fit_boxfcn(train_refs, val_refs, Path(out) / "boxfcn" / "tune" / tag, kind="mdice_ms",
+                     loss=loss, init_from=warm, name=f"boxfcn_tune_{tag}",
+                     callbacks=[TuneReportCallback()], **fit_kwargs)
+    kept = float(res["best"].get("val_dice", float("nan")))
+    # "val_dice" too: Tune checks its metric in every result, and Train's per-epoch reports carry
+    # val_dice; this final result (the kept checkpoint's) is what Tune ranks the trial by.
+    return {"val_dice": kept, "kept_val_dice": kept,
+            "kept_val_loss": float(res["best"].get("val_loss", float("nan"))),
+            "checkpoint": res["checkpoint"]}
+
+
+def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Path, *,
+              samples: int = 4, space: dict[str, list[float]] | None = None,
+              storage_path: str | None = None, seed: int = 0, **fit_kwargs) -> dict[str, Any]:
+    """Random search over `space` (default `TUNE_SPACE`), the paper's values first; ranked by the
+    kept checkpoint's validation Dice. Writes `<out>/boxfcn/tune.parquet`, returns the best weights
+    and their checkpoint."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from wsseg_core.losses import PAPER_LOSS
+
+    from jobs.common import auto_parallelism
+
+    layout = RunLayout(Path(out).absolute())
+    storage = ray_storage_path(storage_path, layout.out)
+    space = space or TUNE_SPACE
+    # The trial only waits on its Train run, which holds the real CPUs. Ray 2.60 refuses an empty
+    # resource request ({"cpu": 0}), so the trial takes a sliver, and the Train workers leave it room.
+    trial_cpu = 0.01
+    if not fit_kwargs.get("use_gpu") and fit_kwargs.get("cpus_per_worker") is None:
+        workers = int(fit_kwargs.get("num_workers", 1))
+        fit_kwargs["cpus_per_worker"] = float(max(1, (auto_parallelism() - 1) // workers))
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(tune_trial, train_refs=train_refs, val_refs=val_refs,
+                                                 out=str(layout.out), warm=str(warm),
+                                                 fit_kwargs={**fit_kwargs, "storage_path": storage,
+                                                             "seed": seed}), {"cpu": trial_cpu}),
+        param_space={k: tune.choice(v) for k, v in space.items()},
+        tune_config=tune.TuneConfig(metric="val_dice", mode="max", num_samples=int(samples),
+                                    max_concurrent_trials=1,
+                                    search_alg=BasicVariantGenerator(
+                                        points_to_evaluate=[{k: PAPER_LOSS[k] for k in space}],
+                                        random_state=seed)),
+        run_config=tune.RunConfig(name="boxfcn_loss", storage_path=storage, verbose=1),
+    )
+    results = tuner.fit()
+    errors = [str(r.error) for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"BoxFCN tuning trials failed: {errors}")
+    df = results.get_dataframe().rename(columns={f"config/{k}": k for k in space})
+    table = df[list(space) + ["kept_val_dice", "kept_val_loss", "checkpoint"]].sort_values(
+        "kept_val_dice", ascending=False).reset_index(drop=True)
+    path = layout.out / "boxfcn" / "tune.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(path, index=False)
+    LOG.info("BoxFCN loss search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
+    best = table.iloc[0]
+    return {"loss": {k: float(best[k]) for k in space}, "val_dice": float(best["kept_val_dice"]),
+            "checkpoint": str(best["checkpoint"]), "results": str(path), "table": table}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole method: warm start, fine-tune (or search), choose post-processing, record
+# --------------------------------------------------------------------------------------------------
+
+def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: str = "small",
+                 tune_samples: int = 0, margin_mm: float = 0.0, storage_path: str | None = None,
+                 num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
+                 seed: int = 0, mdice_only: bool = False, warm_epochs: int | None = None,
+                 epochs: int | None = None) -> dict[str, Any]:
+    """Warm start (box Dice) -> fine-tune with L_MDice + L_MS (paper weights, or the best of a Ray
+    Tune search with `tune_samples` > 0) -> `<out>/models/boxfcn.pt`; post-processing on or off by
+    validation Dice; the choice goes to thresholds.json's "BoxFCN" entry.
+
+    `mdice_only` also trains the ablation's L_MDice model (`boxfcn_mdice.pt`). Returns the fits,
+    the chosen entry and the validation per-study rows of every trained variant.
+    """
+    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
+    from wsseg_core.losses import PAPER_LOSS
+
+    layout = RunLayout(Path(out).absolute())
+    kw = dict(preset=preset, margin_mm=margin_mm, storage_path=storage_path, num_workers=num_workers,
+              use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, seed=seed)
+    fits: dict[str, Any] = {}
+    fits["box_dice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="box_dice", filename=WARM_FILE,
+                                  epochs=warm_epochs, **kw)
+    kw["epochs"] = epochs
+    warm = fits["box_dice"]["checkpoint"]
+    if mdice_only:
+        fits["mdice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice", init_from=warm,
+                                   filename=MDICE_FILE, **kw)
+    loss, searched = dict(PAPER_LOSS), None
+    if tune_samples > 0:
+        searched = tune_loss(train_refs, val_refs, layout.out, warm, samples=tune_samples,
+                             storage_path=storage_path, seed=seed, preset=preset, margin_mm=margin_mm,
+                             num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                             epochs=epochs)
+        loss = {**loss, **searched["loss"]}
+        dest = layout.model(CKPT_FILE)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(searched["checkpoint"], tmp)
+        tmp.replace(dest)
+        fits["mdice_ms"] = {"checkpoint": str(dest), "best": {"val_dice": searched["val_dice"]},
+                            "history": [], "searched": searched["results"]}
+    else:
+        fits["mdice_ms"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice_ms", loss=loss,
+                                      init_from=warm, filename=CKPT_FILE, **kw)
+    models = {role: f["checkpoint"] for role, f in fits.items()}
+    if "mdice" not in models:  # evaluate_study expects the three roles; reuse for the missing one
+        models["mdice"] = models["mdice_ms"]
+    val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
+    if "mdice" not in fits:  # not trained: its rows are the L_MDice + L_MS model's, drop them
+        val_rows = val_rows[val_rows["variant"] != VARIANTS[1]].reset_index(drop=True)
+    med = val_rows.groupby("variant")["dice"].median()
+    with_post = bool(med.get(VARIANTS[3], float("nan")) >= med.get(VARIANTS[2], float("nan")))
+    entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if with_post else False,
+             "loss": loss, "margin_mm": margin_mm,
+             "val_dice": float(med.get(VARIANTS[3] if with_post else VARIANTS[2], float("nan"))),
+             "tuned_loss": searched is not None}
+    update_thresholds(layout.thresholds, {"BoxFCN": entry})
+    LOG.info("BoxFCN: post-processing %s (validation median Dice %s)", "on" if with_post else "off",
+             ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
+    return {"fits": fits, "entry": entry, "val_rows": val_rows, "models": models}
+
+
+def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
+    """The paper's Fig. 1 comparison on one cohort: trains box Dice, L_MDice and L_MDice + L_MS
+    (both from the box-Dice warm start), scores them and L_MDice + L_MS + M on the validation and
+    test studies, writes and returns the table."""
+    from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
+
+    layout = RunLayout(Path(out).absolute())
+    train = [r for r in refs if r.split == "train" and r.seg_path]
+    val = [r for r in refs if r.split == "val" and r.seg_path]
+    test = [r for r in refs if r.split == "test" and r.seg_path]
+    if not val:
+        LOG.warning("no labelled validation study: early stopping and the table's val columns use the "
+                    "training studies")
+        val = train
+    res = train_boxfcn(train, val, layout.out, mdice_only=True, **kw)
+    test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS)
+    import pandas as pd
+
+    per_study = pd.concat([res["val_rows"], test_rows], ignore_index=True)
+    table = ablation_table(per_study)
+    paths = _write_ablation(layout.out, per_study, table)
+    return {**res, "per_study": per_study, "table": table, "paths": paths}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_boxfcn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, cohort_required=True)
+    p.add_argument("--ablation", action="store_true",
+                   help="train box Dice, L_MDice and L_MDice+L_MS, score them (+M) on val/test, write the table")
+    p.add_argument("--tune", action="store_true", help="Ray Tune search over beta, lambda, omega1, omega2, alpha")
+    p.add_argument("--samples", type=int, default=4, help="Tune trials (the paper's weights are the first)")
+    p.add_argument("--margin-mm", type=float, default=0.0,
+                   help="loosen every lesion box by this many mm per side (default 0: tight boxes)")
+    p.add_argument("--warm-epochs", type=int, default=None,
+                   help="box-Dice warm-start epochs (default: the preset's, small 8, paper 100)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs (default: the preset's, small 6, paper 100)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (= torch threads) per Train worker; default: the cluster's CPUs / workers")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    train = [r for r in refs if r.split == "train" and r.seg_path]
+    if not train:
+        raise SystemExit(f"{args.cohort}: no labelled training studies")
+    init_ray(args.address)
+    kw = dict(preset=args.preset, tune_samples=args.samples if args.tune else 0, margin_mm=args.margin_mm,
+              storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
+              cpus_per_worker=args.cpus_per_worker, seed=args.seed, warm_epochs=args.warm_epochs,
+              epochs=args.epochs)
+    if args.ablation:
+        res = ablation(refs, args.out, **kw)
+        print(format_ablation(res["table"]))
+        print(f"\ntable: {res['paths']['table']}  markdown: {res['paths']['markdown']}  "
+              f"figure: {res['paths']['png']}")
+        return res
+    val = [r for r in refs if r.split == "val" and r.seg_path]
+    if not val:  # tiny cohorts: as the pipeline does, fall back to the training studies
+        LOG.warning("no labelled validation study: early stopping and selection use the training studies")
+        val = train
+    res = train_boxfcn(train, val, args.out, **kw)
+    print(f"BoxFCN checkpoint: {res['fits']['mdice_ms']['checkpoint']}  thresholds entry: {res['entry']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""BoxFCN (Afshari et al.): box weak labels, the 3-D FCN, post-processing, checkpoints, training steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsseg_core.boxfcn import (BoxFCN3D, augment, box_labels, box_volumes, build_boxfcn,
+                               fit_boxfcn_volumes, load_boxfcn, load_segmenter, postprocess,
+                               predict_volume, sample_patch, save_boxfcn, zscore)
+
+
+def _seg() -> np.ndarray:
+    seg = np.zeros((12, 10, 8), np.uint8)
+    seg[2:4, 3:6, 1:3] = 1  # lesion A: box x 2..3, y 3..5, z 1..2
+    seg[9, 8, 6] = 1  # lesion B: one voxel, one away from the far corner
+    seg[8, 7, 5] = 1  # diagonal neighbour of B: same 26-connected lesion
+    return seg
+
+
+def test_box_labels_tight_and_with_margins():
+    seg = _seg()
+    b = box_labels(seg)
+    want = np.zeros_like(seg)
+    want[2:4, 3:6, 1:3] = 1
+    want[8:10, 7:9, 5:7] = 1  # the bounding box of the diagonal pair
+    assert b.dtype == np.uint8 and np.array_equal(b, want)
+    # 1 voxel each side, clipped at the grid's edges
+    b1 = box_labels(seg, margin_vox=1)
+    want1 = np.zeros_like(seg)
+    want1[1:5, 2:7, 0:4] = 1
+    want1[7:11, 6:10, 4:8] = 1
+    assert np.array_equal(b1, want1)
+    # 3 mm at (2, 2, 3) mm spacing: ceil(1.5) = 2 voxels in x, y; ceil(1) = 1 in z
+    b3 = box_labels(seg, spacing_mm=(2.0, 2.0, 3.0), margin_mm=3.0)
+    want3 = np.zeros_like(seg)
+    want3[0:6, 1:8, 0:4] = 1
+    want3[6:12, 5:10, 4:8] = 1
+    assert np.array_equal(b3, want3)
+    assert not box_labels(np.zeros_like(seg)).any()
+    with pytest.raises(ValueError):
+        box_labels(seg, margin_mm=2.0)  # mm without spacing
+
+
+def test_postprocess_opening_and_small_components():
+    m = np.zeros((20, 10, 10), np.uint8)
+    m[1:5, 1:5, 1:5] = 1  # cube A, 64 voxels
+    m[9:13, 1:5, 1:5] = 1  # cube B
+    m[5:9, 2, 2] = 1  # a one-voxel-thick bridge A-B
+    m[17, 8, 8] = 1  # an isolated speck
+    from scipy import ndimage
+
+    out = postprocess(m, (1.0, 1.0, 1.0), opening_vox=1, min_volume_ml=0.0)
+    _, n = ndimage.label(out, structure=np.ones((3, 3, 3)))
+    # the bridge is cut (its middle goes; stubs next to a cube face survive the opening), the speck goes
+    assert n == 2 and out[17, 8, 8] == 0 and out[6:8, 2, 2].sum() == 0
+    # the cubes survive (their cores exactly; the 6-connected opening rounds off their edges)
+    assert out[2:4, 2:4, 2:4].all() and out[10:12, 2:4, 2:4].all() and out.sum() >= 2 * 8
+    # components below 0.065 ml (64 voxels of 1 mm^3 = 0.064 ml) go; no opening: the bridge joins A and B
+    assert postprocess(m, (1.0, 1.0, 1.0), opening_vox=0, min_volume_ml=0.065).sum() == 64 + 64 + 4
+    assert postprocess(m, (1.0, 1.0, 1.0), opening_vox=0, min_volume_ml=0.2).sum() == 0
+    assert np.array_equal(postprocess(m, (1, 1, 1), 0, 0.0), m)
+
+
+def test_network_shapes_paper_and_small_presets():
+    small = build_boxfcn("small")
+    assert (small.base, small.levels) == (4, 3)
+    paper = build_boxfcn("paper")  # U-Net's 64 feature maps / 4
+    assert (paper.base, paper.levels) == (16, 4)
+    assert [m.out_channels for m in paper.down.modules() if isinstance(m, torch.nn.Conv3d)][::2] == [16, 32, 64, 128]
+    assert any(isinstance(m, torch.nn.SELU) for m in paper.modules())
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        p = small(x)
+    assert p.shape == x.shape and float(p.min()) > 0 and float(p.max()) < 1  # sigmoid
+    with pytest.raises(ValueError):
+        small(torch.randn(1, 1, 30, 32, 16))
+
+
+def test_predict_volume_pads_and_crops_and_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = BoxFCN3D(base=2, levels=2)
+    suv = np.random.default_rng(0).gamma(2.0, 1.0, (13, 10, 7)).astype(np.float32)
+    prob = predict_volume(model, suv)
+    assert prob.shape == suv.shape and prob.dtype == np.float32
+    assert model.training  # mode restored
+    save_boxfcn(tmp_path / "m.pt", model, meta={"kind": "mdice_ms"})
+    loaded, meta = load_boxfcn(tmp_path / "m.pt")
+    assert meta == {"kind": "mdice_ms"} and not loaded.training
+    assert np.allclose(predict_volume(loaded, suv), prob, atol=1e-6)
+    assert np.allclose(predict_volume(loaded, zscore(suv), normalised=True), prob, atol=1e-6)
+    with pytest.raises(ValueError, match="not found"):
+        load_boxfcn(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_boxfcn(tmp_path / "bad.pt")
+    # the scorer's loader: a uint8 mask on the SUV grid
+    study = type("S", (), {"suv": suv, "spacing_mm": np.array([2.0, 2.0, 3.0])})()
+    mask = load_segmenter(tmp_path / "m.pt", {"threshold": 0.0, "postprocess": False})(study)
+    assert mask.shape == suv.shape and mask.dtype == np.uint8 and mask.all()  # p > 0 everywhere
+
+
+def test_zscore_augment_and_patches():
+    v = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    z = zscore(v)
+    assert abs(z.mean()) < 1e-6 and z.std() == pytest.approx(1.0, abs=1e-6)
+    assert not zscore(np.ones((2, 2, 2))).any()
+    x = torch.arange(2 * 4 * 3 * 2, dtype=torch.float32).reshape(2, 1, 4, 3, 2)
+    b = (x > 20).float()
+    xa, ba = augment(x, b, torch.Generator().manual_seed(0), noise_std=0.0)
+    for i in range(2):  # each sample flipped in x and/or z only, image and box alike
+        assert any(torch.equal(xa[i], torch.flip(x[i], d)) for d in ([], [-3], [-1], [-3, -1]))
+        assert torch.equal(ba[i], (xa[i] > 20).float())
+    xn, _ = augment(x, b, torch.Generator().manual_seed(0), noise_std=0.1)
+    assert 0 < float((xn - xa).std()) < 0.2
+    seg = np.zeros((40, 40, 20), np.uint8)
+    seg[30:33, 30:33, 15:17] = 1
+    st = type("S", (), {"suv": seg * 5.0 + 1.0, "seg": seg, "spacing_mm": np.ones(3)})()
+    vol = box_volumes([st])[0]
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(20):
+        px, pb = sample_patch(vol, (16, 16, 8), rng, p_lesion=1.0)
+        assert px.shape == (16, 16, 8) and pb.shape == (16, 16, 8)
+        hits += int(pb.any())
+    assert hits == 20  # lesion-centred patches (jitter <= a quarter) always hold the box
+    big, _ = sample_patch(vol, (48, 48, 24), rng)  # larger than the volume: padded
+    assert big.shape == (48, 48, 24)
+
+
+@pytest.mark.slow
+def test_box_dice_then_mdice_ms_fit_on_a_toy_volume():
+    """A few steps of each phase run, with finite losses, and keep the best-validation-loss state."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        seg = np.zeros((16, 16, 8), np.uint8)
+        seg[5:9, 5:9, 2:6] = 1
+        suv = (rng.normal(1.0, 0.1, seg.shape) + 6.0 * seg).astype(np.float32)
+        st = type("S", (), {"suv": suv, "seg": seg, "spacing_mm": np.ones(3)})()
+        vols = box_volumes([st], margin_vox=1)
+        torch.manual_seed(0)
+        model = BoxFCN3D(base=2, levels=2)
+        hist, best = fit_boxfcn_volumes(model, vols, vols, {"kind": "box_dice"}, epochs=3, patience=3,
+                                        steps_per_epoch=4, patch=(8, 8, 8), batch_size=2,
+                                        optimizer="adam", lr=1e-2)
+        assert len(hist) == 3 and all(np.isfinite(h["val_loss"]) for h in hist)
+        kept = min(range(3), key=lambda i: hist[i]["val_loss"])
+        model.load_state_dict(best)
+        from wsseg_core.boxfcn import evaluate
+
+        assert evaluate(model, vols, {"kind": "box_dice"})["loss"] == pytest.approx(hist[kept]["val_loss"], abs=1e-5)
+        hist2, _ = fit_boxfcn_volumes(model, vols, vols, {"kind": "mdice_ms"}, epochs=2, patience=1,
+                                      steps_per_epoch=2, patch=None, optimizer="sgd", lr=1e-3)
+        assert 1 <= len(hist2) <= 2 and all(np.isfinite(h["train_loss"]) for h in hist2)
+    finally:
+        torch.set_num_threads(threads)

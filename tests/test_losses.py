@@ -1,0 +1,108 @@
+"""Afshari et al.'s loss terms (wsseg_core.losses) against values computed by hand on 2x2x2 volumes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wsseg_core.losses import (PAPER_LOSS, box_dice_loss, boxfcn_loss, modified_dice_loss,
+                               mumford_shah_loss, regularised_heaviside, shifted_heaviside)
+
+# 2x2x2 volume, flattened in C order: the first four voxels (x = 0) are the box.
+B = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float64).reshape(1, 2, 2, 2)
+P = torch.tensor([0.9, 0.8, 0.3, 0.1, 0.6, 0.2, 0.0, 0.4], dtype=torch.float64).reshape(1, 2, 2, 2)
+# sum p = 3.3, sum p b = 2.1, sum b = 4
+
+
+def test_box_dice_by_hand():
+    # 1 - 2 * 2.1 / (3.3 + 4)
+    assert float(box_dice_loss(P, B)) == pytest.approx(1 - 4.2 / 7.3)
+    assert float(box_dice_loss(B, B)) == pytest.approx(0.0)
+    empty = torch.zeros_like(B)
+    assert float(box_dice_loss(empty, empty)) == 0.0  # nothing to find, nothing found
+    assert float(box_dice_loss(P, empty)) == pytest.approx(1.0)  # negative volume: constant 1
+
+
+def test_modified_dice_by_hand():
+    # fraction in box 2.1 / 4 = 0.525 > alpha 0.1: H = 1, M = 4 - 2.1 = 1.9,
+    # denominator 3.3 + 4 - 1.9 = 5.4 = sum p + sum p b
+    assert float(modified_dice_loss(P, B, alpha=0.1)) == pytest.approx(1 - 4.2 / 5.4)
+    # alpha above the fraction: H = 0, the plain box Dice
+    assert float(modified_dice_loss(P, B, alpha=0.6)) == pytest.approx(1 - 4.2 / 7.3)
+    # the Heaviside is strict: x > alpha
+    assert float(shifted_heaviside(torch.tensor(0.1), 0.1)) == 0.0
+    assert float(shifted_heaviside(torch.tensor(0.11), 0.1)) == 1.0
+    # half the box predicted, nothing outside: box Dice penalises it, MDice does not
+    half = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64).reshape(1, 2, 2, 2)
+    assert float(box_dice_loss(half, B)) == pytest.approx(1 - 4 / 6)
+    assert float(modified_dice_loss(half, B)) == pytest.approx(0.0)
+    # a false positive outside the box still costs: sum p = 3, sum pb = 2, M = 2, den = 3 + 4 - 2
+    fp = half.clone().reshape(-1)
+    fp[5] = 1
+    assert float(modified_dice_loss(fp.reshape(1, 2, 2, 2), B)) == pytest.approx(1 - 4 / 5)
+
+
+def test_regularised_heaviside_by_hand():
+    eps = 0.03
+    x = torch.tensor([0.0, eps, -eps], dtype=torch.float64)
+    # 1/2 (1 + 2/pi arctan(+-1)) = 1/2 (1 +- 1/2)
+    assert regularised_heaviside(x, eps).tolist() == pytest.approx([0.5, 0.75, 0.25])
+    with pytest.raises(ValueError):
+        regularised_heaviside(x, 0.0)
+
+
+# Mumford-Shah scene: box voxels p = 0.5 +- eps, so H_eps(phi) = 0.75 / 0.25 exactly; I = 4, 2, 1, 1.
+P_MS = torch.tensor([0.53, 0.53, 0.47, 0.47, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 2, 2, 2)
+I_MS = torch.tensor([4.0, 2.0, 1.0, 1.0, 9.0, 9.0, -9.0, 5.0], dtype=torch.float64).reshape(1, 2, 2, 2)
+
+
+def test_mumford_shah_by_hand_sharp_regions():
+    # phi = +-0.03: sharp H(phi) = 1, 1, 0, 0 -> C1 = (4 + 2) / 2 = 3, C2 = (1 + 1) / 2 = 1.
+    # I h = 3, 1.5, 0.25, 0.25:  |Ih - C1| - |Ih - C2| = -2, 1, 2, 2 -> sum 3
+    # I (1 - h) = 1, 0.5, 0.75, 0.75:  |. - C2| - |. - C1| = -2, -2, -2, -2 -> sum -8
+    # L_MS = (omega1 * 3 + omega2 * -8) / 4 = (3 - 24) / 4 with the paper's omegas (1, 3)
+    got = mumford_shah_loss(P_MS, I_MS, B, omega1=1.0, omega2=3.0, eps=0.03)
+    assert float(got) == pytest.approx(-21 / 4)
+    assert float(mumford_shah_loss(P_MS, I_MS, B, omega1=2.0, omega2=0.0)) == pytest.approx(6 / 4)
+    # voxels outside the box (I = 9, -9, 5 there) do not matter
+    i2 = I_MS.clone().reshape(-1)
+    i2[4:] = 100.0
+    assert float(mumford_shah_loss(P_MS, i2.reshape(1, 2, 2, 2), B)) == pytest.approx(-21 / 4)
+
+
+def test_mumford_shah_by_hand_smooth_regions():
+    # C1 = sum(I h) / sum h = (3 + 1.5 + .25 + .25) / 2 = 2.5; C2 = sum(I (1-h)) / sum(1-h) = 3 / 2
+    # omega1 terms: -1, 1, 1, 1 -> 2; omega2 terms: -1, -1, -1, -1 -> -4; (2 - 12) / 4
+    got = mumford_shah_loss(P_MS, I_MS, B, region="smooth")
+    assert float(got) == pytest.approx(-10 / 4)
+
+
+def test_mumford_shah_edge_cases_and_gradient():
+    empty = torch.zeros_like(B)
+    assert float(mumford_shah_loss(P_MS, I_MS, empty)) == 0.0  # no box, no term
+    p = P_MS.clone().requires_grad_()
+    mumford_shah_loss(p, I_MS, B).backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert (p.grad.reshape(-1)[4:] == 0).all()  # only box voxels get a gradient
+
+
+def test_full_loss_and_batch():
+    # P_MS: sum p = 2 = sum p b, sum b = 4; fraction 0.5 > 0.1, M = 2 -> MDice = 1 - 4 / 4 = 0
+    assert float(boxfcn_loss(P_MS, I_MS, B, kind="mdice_ms")) == pytest.approx(10 * 0 + 1 * (-21 / 4))
+    assert float(boxfcn_loss(P, I_MS, B, kind="mdice")) == pytest.approx(10 * (1 - 4.2 / 5.4))
+    assert float(boxfcn_loss(P, I_MS, B, kind="box_dice")) == pytest.approx(1 - 4.2 / 7.3)
+    assert float(boxfcn_loss(P_MS, I_MS, B, kind="mdice_ms", beta=2, lam=0.5)) == pytest.approx(-21 / 8)
+    assert PAPER_LOSS == {"alpha": 0.1, "omega1": 1.0, "omega2": 3.0, "beta": 10.0, "lam": 1.0}
+    # per-sample values and the batch mean
+    pb = torch.cat([P, P_MS])
+    bb = torch.cat([B, B])
+    per = box_dice_loss(pb, bb, reduce=False)
+    assert per.tolist() == pytest.approx([1 - 4.2 / 7.3, 1 - 4 / 6])
+    assert float(box_dice_loss(pb, bb)) == pytest.approx(float(per.mean()))
+    with pytest.raises(ValueError):
+        boxfcn_loss(P, I_MS, B, kind="dice")
+    with pytest.raises(ValueError):
+        box_dice_loss(P, B[..., :1])
+    assert not math.isnan(float(modified_dice_loss(torch.zeros_like(B), B)))

@@ -5,20 +5,23 @@ Train's per-epoch metrics forwarded to Tune by `TuneReportCallback`). A trial is
 validation AUC and, as a tie-breaker and for the record, by the best validation Dice that tuned CAM
 thresholds reach with that classifier (its validation CAMs computed once, every (t_m, q_m) scored).
 
-    python -m jobs.tune_loss_weight --cohort runs/demo/cohort.parquet --out runs/demo --weights 1 3.85 7.7 15.4
+    python -m jobs.tune_loss_weight --cohort runs/demo/cohort.parquet --out runs/demo --grid 1 3.85 7.7 15.4
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, open_run, publish,
-                         ray_storage_path, resolve_cohort, safe_name, setup_logging, write_json)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, open_run,
+                         publish, ray_storage_path, resolve_cohort, safe_name, setup_logging,
+                         write_json)
+from wsseg_core.storage import read_bytes
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -33,7 +36,7 @@ def best_val_dice(cache_files: Sequence[str]) -> dict[str, float]:
     for m in CAM_METHODS:
         grids = []
         for f in cache_files:
-            with np.load(f) as c:
+            with np.load(io.BytesIO(read_bytes(f))) as c:
                 grids.append(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{m}"], T_GRID, Q_GRID))
         with np.errstate(all="ignore"):
             mean = np.nanmean(np.stack(grids), axis=0) if grids else np.full((1, 1), np.nan)
@@ -52,16 +55,15 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
     trial_out = Path(out) / "loss_weight" / safe_name(f"w{w:g}")
     res = fit(train_refs, val_refs, trial_out, tumour_weight=w, name=f"classifier_w{w:g}",
               callbacks=[TuneReportCallback()], **fit_kwargs)
-    cache_dir = trial_out / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    files = [f for f in (cache_study_cams(r.to_dict(), res["checkpoint"], str(cache_dir), 64) for r in val_refs) if f]
+    # That fit's classifier is <trial_out>/models/classifier.pt; its CAMs go to <trial_out>/tune/cache.
+    files = [f for f in (cache_study_cams(r.to_dict(), str(trial_out), 64) for r in val_refs) if f]
     dice = best_val_dice(files)
     return {"val_auc": float(res["best"].get("val_auc", float("nan"))),
             "best_cam_dice": float(np.nanmax(list(dice.values()))) if dice else float("nan"),
             **{f"dice_{m}": v for m, v in dice.items()}, "checkpoint": res["checkpoint"]}
 
 
-def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[float] = PAPER_WEIGHT_GRID,
+def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[float] = PAPER_WEIGHT_GRID,
            *, storage_path: str | None = None, max_concurrent_trials: int = 1, **fit_kwargs) -> dict[str, Any]:
     """Run the search; write `<out>/loss_weight/results.parquet` and return the chosen weight."""
     from ray import tune
@@ -69,11 +71,17 @@ def search(train_refs: list, val_refs: list, out: str | Path, weights: Sequence[
     layout, remote = open_run(out)
     storage = ray_storage_path(storage_path, out)
     fit_kwargs = {**fit_kwargs, "storage_path": storage}
+    # The trial only waits on its Train run, which holds the real CPUs. Ray 2.60 refuses an empty
+    # resource request ({"cpu": 0}), so the trial takes a sliver and the Train workers leave it room.
+    trial_cpu = 0.01
+    if not fit_kwargs.get("use_gpu") and fit_kwargs.get("cpus_per_worker") is None:
+        workers = int(fit_kwargs.get("num_workers", 1))
+        fit_kwargs["cpus_per_worker"] = float(max(1, (auto_parallelism() - 1) // workers))
     tuner = tune.Tuner(
         # The trial itself only waits on its Train run; the Train workers hold the real resources.
         tune.with_resources(tune.with_parameters(trial, train_refs=train_refs, val_refs=val_refs,
-                                                 out=str(layout.out), fit_kwargs=fit_kwargs), {"cpu": 0}),
-        param_space={"tumour_weight": tune.grid_search([float(w) for w in weights])},
+                                                 out=str(layout.out), fit_kwargs=fit_kwargs), {"cpu": trial_cpu}),
+        param_space={"tumour_weight": tune.grid_search([float(w) for w in grid])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1),
     )
@@ -100,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.tune_loss_weight", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
-    p.add_argument("--weights", type=float, nargs="+", default=list(PAPER_WEIGHT_GRID))
+    p.add_argument("--grid", type=float, nargs="+", default=list(PAPER_WEIGHT_GRID),
+                   help="tumour-class weights to try (paper: 7.7)")
+    p.add_argument("--weights", default="imagenet",
+                   help="classifier init: 'imagenet' (random init offline or width-reduced), 'none', or a file")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
@@ -116,11 +127,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
     res = search([r for r in refs if r.split == "train" and r.seg_path],
-                 [r for r in refs if r.split == "val" and r.seg_path], args.out, args.weights,
+                 [r for r in refs if r.split == "val" and r.seg_path], args.out, args.grid,
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
                  model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                  batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
-                 weights="imagenet", num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+                 weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
     print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
     return res
 

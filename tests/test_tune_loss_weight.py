@@ -1,0 +1,26 @@
+"""The classifier's loss-weight search (`--tune-loss-weight`): Ray Train fits inside Ray Tune trials."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+
+@pytest.mark.slow
+def test_search_fits_each_weight_and_ranks_them(tmp_path, ray_cluster):
+    from jobs.tune_loss_weight import search
+    from wsseg_core.phantom import write_phantom_cohort
+
+    refs = write_phantom_cohort(tmp_path / "cohort", n=3, shape=(40, 40, 20), seed=4, negative_fraction=0.0)
+    res = search(refs[:2], refs[2:], tmp_path / "out", (1.0, 7.7), model_preset="small", epochs=1,
+                 batch_size=16, lr=0.01, weights=None, num_workers=1)
+    table = pd.read_parquet(res["results"])
+    assert sorted(table["tumour_weight"]) == [1.0, 7.7]  # one finished trial per weight
+    assert table["val_auc"].notna().all()
+    assert res["tumour_weight"] == table.loc[0, "tumour_weight"]  # the top-ranked row wins
+    chosen = json.loads((tmp_path / "out" / "loss_weight" / "chosen.json").read_text())
+    assert chosen["tumour_weight"] == res["tumour_weight"]
+    for w in ("w1", "w7.7"):  # each trial's own classifier and cached validation CAMs
+        assert (tmp_path / "out" / "loss_weight" / w / "models" / "classifier.pt").is_file()

@@ -70,7 +70,8 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
     name and storage resume an interrupted run. `cpus_per_worker` None shares the cluster's CPUs
     among the workers on CPU (torch threads follow it via `config["cpus_per_worker"]`).
 
-    Returns dict(checkpoint (the local copy), ray_checkpoint, history (per-epoch metrics Ray kept),
+    Returns dict(checkpoint (the local copy), ray_checkpoint, history (per-epoch metrics Ray kept,
+    in epoch order),
     best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     """
     import ray.train
@@ -106,5 +107,7 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
     tmp.replace(dest)
     publish(layout, remote, dest)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    # Ray lists the kept reports in checkpoint-score order; a history reads in epoch order.
+    history.sort(key=lambda h: (h.get("epoch", 0), h.get("start_epoch", 0)))
     return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
             "best": dict(result.metrics or {})}

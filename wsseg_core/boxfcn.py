@@ -38,13 +38,10 @@ Pure PyTorch / numpy / scipy; ``jobs/train_boxfcn.py`` wraps the loop in Ray Tra
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.losses import boxfcn_loss
 
 LOG = logging.getLogger(__name__)
@@ -215,49 +213,17 @@ def save_boxfcn(path: str | os.PathLike, model: nn.Module, meta: Mapping[str, An
     bare = getattr(model, "module", model)
     if not isinstance(bare, BoxFCN3D):
         raise TypeError(f"expected a BoxFCN3D, got {type(bare).__name__}")
-    try:
-        meta_clean = json.loads(json.dumps(dict(meta or {})))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta must be JSON-able: {e}") from e
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-               "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-               "config": {"base": bare.base, "levels": bare.levels, "in_channels": bare.in_channels},
-               "meta": meta_clean}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                    config={"base": bare.base, "levels": bare.levels, "in_channels": bare.in_channels},
+                    meta=meta)
 
 
 def load_boxfcn(path: str | os.PathLike) -> tuple[BoxFCN3D, dict]:
     """Load a ``save_boxfcn`` file -> (model in eval mode on CPU, meta). ValueError names the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: BoxFCN checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable BoxFCN checkpoint ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a wsseg BoxFCN checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this code")
-    cfg = ckpt["config"]
-    model = BoxFCN3D(base=int(cfg["base"]), levels=int(cfg["levels"]),
-                     in_channels=int(cfg.get("in_channels", 1)))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the saved config ({e})") from e
-    model.eval()
+    model, ckpt = load_checkpoint(
+        path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="BoxFCN",
+        build=lambda cfg: BoxFCN3D(base=int(cfg["base"]), levels=int(cfg["levels"]),
+                                   in_channels=int(cfg.get("in_channels", 1))))
     return model, dict(ckpt.get("meta") or {})
 
 

@@ -61,10 +61,8 @@ imports ray.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -74,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
+
+from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 
 ISO_MM = 2.0  # MIP pixel size (paper: resampled to 2 x 2 x 2 mm)
 SUV_CLIP = 30.0  # SUV clipped to [0, 30] then scaled to [0, 1] (paper 3.2)
@@ -710,52 +710,19 @@ def save_mipcam(path: str | os.PathLike, model: nn.Module, meta: Mapping[str, An
     bare = getattr(model, "module", model)
     if not isinstance(bare, MipCamCNN):
         raise TypeError(f"expected a MipCamCNN, got {type(bare).__name__}")
-    try:
-        meta_clean = json.loads(json.dumps(dict(meta or {})))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta must be JSON-able: {e}") from e
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-               "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-               "config": {"width": bare.width, "n_pool": bare.n_pool, "classes": list(bare.classes),
-                          "norm": bare.norm,
-                          "iso_mm": ISO_MM, "suv_clip": SUV_CLIP},
-               "meta": meta_clean}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                    config={"width": bare.width, "n_pool": bare.n_pool, "classes": list(bare.classes),
+                            "norm": bare.norm, "iso_mm": ISO_MM, "suv_clip": SUV_CLIP},
+                    meta=meta)
 
 
 def load_mipcam(path: str | os.PathLike) -> tuple[MipCamCNN, dict]:
     """Load a ``save_mipcam`` file -> (model in eval mode on CPU, meta). ValueError naming the path
     for a missing, unreadable or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: MIP-CAM checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable MIP-CAM checkpoint ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a wsseg MIP-CAM checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this code")
-    cfg = ckpt["config"]
-    model = MipCamCNN(width=int(cfg["width"]), n_pool=int(cfg["n_pool"]), classes=cfg["classes"],
-                      norm=str(cfg.get("norm", "group")))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the saved config ({e})") from e
-    model.eval()
+    model, ckpt = load_checkpoint(
+        path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="MIP-CAM",
+        build=lambda cfg: MipCamCNN(width=int(cfg["width"]), n_pool=int(cfg["n_pool"]),
+                                    classes=cfg["classes"], norm=str(cfg.get("norm", "group"))))
     return model, dict(ckpt.get("meta") or {})
 
 

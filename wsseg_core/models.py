@@ -13,10 +13,8 @@ CPU preset.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 
 LOG = logging.getLogger(__name__)
 
@@ -381,56 +381,17 @@ def save_classifier(path: str | os.PathLike, model: nn.Module, pre: SlicePreproc
     bare = getattr(model, "module", model)
     if not isinstance(bare, SliceClassifier):
         raise TypeError(f"expected a SliceClassifier, got {type(bare).__name__}")
-    try:
-        meta_clean = json.loads(json.dumps(dict(meta or {})))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta must be JSON-able: {e}") from e
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-        "config": {"width": float(bare.width), "input_size": int(bare.input_size),
-                   "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm)},
-        "preprocessor": pre.to_dict(),
-        "meta": meta_clean,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                    config={"width": float(bare.width), "input_size": int(bare.input_size),
+                            "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm)},
+                    meta=meta, preprocessor=pre.to_dict())
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[SliceClassifier, SlicePreprocessor, dict]:
     """Load a ``save_classifier`` file -> (model in eval mode on CPU, preprocessor, meta dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: classifier checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable classifier checkpoint "
-                         f"({type(e).__name__}: {_one_line(e)})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a wsseg classifier checkpoint (no format "
-                         f"{CHECKPOINT_FORMAT!r})")
-    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this "
-                         f"code ({CHECKPOINT_VERSION})")
-    cfg = ckpt["config"]
-    model = SliceClassifier(width=float(cfg["width"]), input_size=int(cfg["input_size"]),
-                            in_channels=int(cfg.get("in_channels", 2)),
-                            batch_norm=bool(cfg.get("batch_norm", False)))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the saved config ({_one_line(e)})") from e
-    model.eval()
-    pre = SlicePreprocessor.from_dict(ckpt["preprocessor"])
-    return model, pre, dict(ckpt.get("meta") or {})
+    model, ckpt = load_checkpoint(
+        path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="classifier",
+        build=lambda cfg: SliceClassifier(width=float(cfg["width"]), input_size=int(cfg["input_size"]),
+                                          in_channels=int(cfg.get("in_channels", 2)),
+                                          batch_norm=bool(cfg.get("batch_norm", False))))
+    return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})

@@ -31,12 +31,9 @@ Pure PyTorch; ``jobs/train_unet.py`` wraps the loop in Ray Train. This module ne
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -45,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
 from wsseg_core.train import (MAX_ROTATION_DEG, MAX_TRANSLATION, PET_GAMMA_RANGE, SCALE_RANGE,
                               make_loss)
@@ -192,10 +190,6 @@ def build_unet(preset: str = "paper", base: int | None = None, input_size: int |
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
-
-
 def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
               meta: Mapping[str, Any] | None = None) -> None:
     """Write {format, version, state_dict, config, preprocessor, meta} atomically (temp + replace).
@@ -206,31 +200,11 @@ def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
     bare = getattr(model, "module", model)
     if not isinstance(bare, UNet2D):
         raise TypeError(f"expected a UNet2D, got {type(bare).__name__}")
-    try:
-        meta_clean = json.loads(json.dumps(dict(meta or {})))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta must be JSON-able: {e}") from e
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-        "config": {"base": int(bare.base), "input_size": int(bare.input_size),
-                   "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
-                   "batch_norm": bool(bare.batch_norm)},
-        "preprocessor": pre.to_dict(),
-        "meta": meta_clean,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                    config={"base": int(bare.base), "input_size": int(bare.input_size),
+                            "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
+                            "batch_norm": bool(bare.batch_norm)},
+                    meta=meta, preprocessor=pre.to_dict())
 
 
 def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]:
@@ -238,29 +212,12 @@ def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]
 
     Raises ValueError (naming the path) for a missing, unreadable or foreign file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: U-Net checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable U-Net checkpoint "
-                         f"({type(e).__name__}: {_one_line(e)})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a wsseg U-Net checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if int(ckpt.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this "
-                         f"code ({CHECKPOINT_VERSION})")
-    cfg = ckpt["config"]
-    model = UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
-                   in_channels=int(cfg.get("in_channels", 2)),
-                   num_classes=int(cfg.get("num_classes", 2)),
-                   batch_norm=bool(cfg.get("batch_norm", True)))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the saved config ({_one_line(e)})") from e
-    model.eval()
+    model, ckpt = load_checkpoint(
+        path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="U-Net",
+        build=lambda cfg: UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
+                                 in_channels=int(cfg.get("in_channels", 2)),
+                                 num_classes=int(cfg.get("num_classes", 2)),
+                                 batch_norm=bool(cfg.get("batch_norm", True))))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})
 
 

@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scorecam-batch-sizes", type=int, nargs="+", default=[32],
                    help="grad-cam ScoreCAM batch sizes to try; the fastest counts (default: 32, its default)")
-    p.add_argument("--engine-batch-size", type=int, default=512, help="CamEngine scorecam_batch_size")
+    p.add_argument("--engine-batch-size", type=int, default=None,
+                   help="CamEngine scorecam_batch_size (default: the engine's, 32 on CPU, 512 on GPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -318,7 +318,7 @@ def test_channels_last_layout_gives_the_same_maps(dead_net_and_input) -> None:
     for m in CAM_METHODS:
         assert np.abs(a.maps[m] - b.maps[m]).max() < 1e-5, m
     assert CamEngine(copy.deepcopy(net)).channels_last  # CPU default: on
-    assert CamEngine(copy.deepcopy(net)).scorecam_batch_size == 128
+    assert CamEngine(copy.deepcopy(net)).scorecam_batch_size == 32
 
 
 def test_scorecam_top_k_softmax_over_kept_channels(dead_net_and_input) -> None:

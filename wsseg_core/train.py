@@ -83,9 +83,16 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
     """
     if x.ndim != 4:
         raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
-    b, c = x.shape[:2]
-    if b == 0:
+    if x.shape[0] == 0:
         return x.clone()
+    return augment_with_grid(x, generator, fill)[0]
+
+
+def augment_with_grid(x: torch.Tensor, generator: torch.Generator | None = None,
+                      fill: Sequence[float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """`augment_batch` that also returns the sampling grid (B, S, S, 2) it used, so a label map can
+    be warped with the very same affine (`unet.augment_pair`). Needs B >= 1."""
+    b, c = x.shape[:2]
     u = torch.rand((b, 5), generator=generator, dtype=torch.float64)
     scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * u[:, 0]
     angle = math.radians(MAX_ROTATION_DEG) * (2 * u[:, 1] - 1)
@@ -110,7 +117,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
     # uptake time / reconstruction); CT is in calibrated HU, so it is left alone.
     g = gamma.to(device=x.device, dtype=x.dtype).view(b, 1, 1)
     out[:, 0] = out[:, 0].clamp(0.0, 1.0).pow(g)
-    return out
+    return out, grid
 
 
 def make_loss(tumour_weight: float = 7.7) -> nn.CrossEntropyLoss:

@@ -32,7 +32,6 @@ Pure PyTorch; ``jobs/train_unet.py`` wraps the loop in Ray Train. This module ne
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -44,8 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
-from wsseg_core.train import (MAX_ROTATION_DEG, MAX_TRANSLATION, PET_GAMMA_RANGE, SCALE_RANGE,
-                              make_loss)
+from wsseg_core.train import augment_with_grid, make_loss
 
 LOG = logging.getLogger(__name__)
 
@@ -355,27 +353,9 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
     if x.ndim != 4 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[-2:] != y.shape[-2:]:
         raise ValueError(f"expected x (B, C, H, W) and y (B, H, W), got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
-    b, c = x.shape[:2]
-    if b == 0:
+    if x.shape[0] == 0:
         return x.clone(), y.clone()
-    u = torch.rand((b, 5), generator=generator, dtype=torch.float64)
-    scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * u[:, 0]
-    angle = math.radians(MAX_ROTATION_DEG) * (2 * u[:, 1] - 1)
-    tx = 2 * MAX_TRANSLATION * (2 * u[:, 2] - 1)
-    ty = 2 * MAX_TRANSLATION * (2 * u[:, 3] - 1)
-    lg0, lg1 = math.log(PET_GAMMA_RANGE[0]), math.log(PET_GAMMA_RANGE[1])
-    gamma = torch.exp(lg0 + (lg1 - lg0) * u[:, 4])
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    fill_t = torch.zeros(c, dtype=x.dtype, device=x.device)
-    fill_t[: min(c, len(fill))] = torch.as_tensor(list(fill)[:c], dtype=x.dtype)
-    fill_t = fill_t.view(1, c, 1, 1)
-    xo = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros",
-                       align_corners=False) + fill_t
-    g = gamma.to(device=x.device, dtype=x.dtype).view(b, 1, 1)
-    xo[:, 0] = xo[:, 0].clamp(0.0, 1.0).pow(g)
+    xo, grid = augment_with_grid(x, generator, fill)
     yo = F.grid_sample(y[:, None].to(x.dtype), grid, mode="nearest", padding_mode="zeros",
                        align_corners=False)[:, 0]
     return xo, yo.round().to(y.dtype)

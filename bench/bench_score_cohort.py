@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--classifier", default=None)
     p.add_argument("--n", type=int, default=12, help="studies for the timing and the small memory run")
     p.add_argument("--n-large", type=int, default=48, help="studies for the large memory run (0 = skip)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats (0 = memory runs only)")
     p.add_argument("--threads", type=int, default=2, help="CPUs: ray.init(num_cpus=...), torch threads")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -134,10 +134,12 @@ def main(argv=None) -> None:
             t_bare.append(time.perf_counter() - t0)
             print(f"  repeat {rep}: score_cohort {t_ray[-1]:.2f} s, bare {t_bare[-1]:.2f} s "
                   f"(ratio {t_ray[-1] / t_bare[-1]:.2f}) [{load_info()}]")
-        r, b = median(t_ray), median(t_bare)
         print(f"ray.init (start-up, excluded): {t_init:.2f} s")
-        print(f"score_cohort end to end: median {r:.2f} s; bare in-process: median {b:.2f} s; "
-              f"ratio {r / b:.2f} (target <= 1.3); per study {r / len(refs):.2f} vs {b / len(refs):.2f} s")
+        if args.repeats:
+            r, b = median(t_ray), median(t_bare)
+            print(f"score_cohort end to end: median {r:.2f} s; bare in-process: median {b:.2f} s; "
+                  f"ratio {r / b:.2f} (target <= 1.3); per study {r / len(refs):.2f} vs "
+                  f"{b / len(refs):.2f} s")
         if args.n_large:
             small = actor_peak_rss(all_refs[: args.n], outs["mem_small"], thresholds, methods, args.threads)
             large = actor_peak_rss(all_refs[: args.n_large], outs["mem_large"], thresholds, methods,

@@ -411,6 +411,112 @@ def test_cuda_matches_cpu(dead_net_and_input) -> None:
     net, x, _ = dead_net_and_input
     cpu = CamEngine(net)(x)
     gpu_net = _dead_net().cuda()
-    gpu = CamEngine(gpu_net)(x)  # x on CPU: the engine moves it to the model's device
+    # x on CPU: the engine moves it to the model's device; float32 ScoreCAM for an exact comparison
+    gpu = CamEngine(gpu_net, scorecam_bf16=False)(x)
     for m in CAM_METHODS:
         assert np.abs(gpu.maps[m] - cpu.maps[m]).max() < 1e-4, m
+    bf16 = CamEngine(gpu_net)(x, ("ScoreCAM",)).maps["ScoreCAM"]  # CUDA default: bf16 autocast
+    for b in range(x.shape[0]):
+        assert _pearson(bf16[b], cpu.maps["ScoreCAM"][b]) >= 0.99
+
+
+# ----------------------------------------------------------------------------- inference rewrites
+
+
+class BnNet(SmallNet):
+    """SmallNet with BatchNorm after each conv and non-trivial running statistics."""
+
+    def __init__(self, seed: int = 2) -> None:
+        super().__init__(k=12, seed=seed, fc_scale=3.0)
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        layers: list[nn.Module] = []
+        for m in self.features:
+            layers.append(m)
+            if isinstance(m, nn.Conv2d):
+                bn = nn.BatchNorm2d(m.out_channels)
+                with torch.no_grad():
+                    bn.running_mean.uniform_(-0.3, 0.3)
+                    bn.running_var.uniform_(0.5, 2.0)
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-0.2, 0.2)
+                layers.append(bn)
+        assert len(convs) == 3
+        self.features = nn.Sequential(*layers)
+        self.eval()
+
+
+def test_fold_batch_norm_is_the_same_function() -> None:
+    from wsseg_core.models import build_slice_classifier, fold_batch_norm
+
+    net = BnNet()
+    x = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    folded = fold_batch_norm(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3  # original untouched
+    assert len(folded.features) == len(net.features)  # indices keep naming the same layers
+    assert isinstance(folded.features[-1], nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded.forward_features(x), net.forward_features(x),
+                                   rtol=1e-5, atol=1e-5)
+    # the small preset (batch norm on) too, in train mode: the copy uses the running statistics
+    torch.manual_seed(0)
+    clf, _ = build_slice_classifier("small")
+    clf.train()
+    folded = fold_batch_norm(clf)
+    assert clf.training and not folded.training
+    xs = torch.rand(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(xs), clf.eval()(xs), rtol=1e-4, atol=1e-5)
+
+
+def test_engine_folds_bn_exactly_and_refolds_after_weight_updates() -> None:
+    import copy
+
+    net = BnNet()
+    x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(4))
+    engine = CamEngine(net)
+    assert engine.network() is not net and engine.network() is engine.network()  # cached
+    folded, plain = engine(x), CamEngine(copy.deepcopy(net), fold_bn=False)(x)
+    np.testing.assert_allclose(folded.probs, plain.probs, atol=1e-5)
+    for m in CAM_METHODS:
+        assert np.abs(folded.maps[m] - plain.maps[m]).max() < 1e-4, m
+    # an in-place update (what an optimizer step or load_state_dict does) must not leave a stale copy
+    with torch.no_grad():
+        net.features[0].weight.mul_(-1.0)
+        net.features[1].running_mean.add_(0.5)
+    after, fresh = engine(x), CamEngine(copy.deepcopy(net), fold_bn=False)(x)
+    np.testing.assert_allclose(after.probs, fresh.probs, atol=1e-5)
+    assert np.abs(after.probs - folded.probs).max() > 1e-3  # the update did change the answer
+    for m in CAM_METHODS:
+        assert np.abs(after.maps[m] - fresh.maps[m]).max() < 1e-4, m
+    # a model without BatchNorm runs as it is
+    plain_net = SmallNet(k=4)
+    assert CamEngine(plain_net).network() is plain_net
+
+
+def test_gradcampp_eps_reproduces_pytorch_grad_cam_where_it_matters() -> None:
+    """Behind a GAP head g = w/(h w) is tiny; with small fc weights the library's eps = 1e-6
+    dominates its alpha, so only gradcampp_eps=1e-6 matches it, and the exact form differs."""
+    from pytorch_grad_cam import GradCAMPlusPlus
+
+    net = SmallNet(k=12, seed=3, fc_scale=0.05).eval()
+    x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(6))
+    lib = _library_raw(GradCAMPlusPlus, net, x)
+    compat = CamEngine(net, gradcampp_eps=1e-6)(x, ("GradCAM++",)).raw["GradCAM++"]
+    exact = CamEngine(net)(x, ("GradCAM++",)).raw["GradCAM++"]
+    for b in range(3):
+        assert _pearson(compat[b], lib[b]) >= 0.9999
+    assert min(_pearson(exact[b], lib[b]) for b in range(3)) < 0.999
+    with pytest.raises(ValueError):
+        CamEngine(net, gradcampp_eps=-1.0)
+
+
+def test_scorecam_bf16_autocast_is_close_and_off_on_cpu(dead_net_and_input) -> None:
+    net, x, _ = dead_net_and_input
+    assert not CamEngine(net).scorecam_bf16  # CPU default: exact float32
+    exact = CamEngine(net)(x, ("ScoreCAM",)).maps["ScoreCAM"]
+    bf16 = CamEngine(net, scorecam_bf16=True)(x, ("ScoreCAM",)).maps["ScoreCAM"]
+    assert not np.array_equal(bf16, exact)  # the forwards really ran in bfloat16
+    for b in range(3):
+        assert _pearson(bf16[b], exact[b]) >= 0.99

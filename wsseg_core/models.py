@@ -12,6 +12,7 @@ CPU preset.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 
@@ -234,6 +236,34 @@ class SliceClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (f"width={self.width}, input_size={self.input_size}, K={self.num_channels_last}, "
                 f"batch_norm={self.batch_norm}")
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm2d that directly follows a Conv2d in an
+    ``nn.Sequential`` folded into that convolution; the original is left untouched.
+
+    In eval mode batch norm is a per-channel affine map of the conv's output, so conv-then-BN is one
+    conv with scaled weights and a shifted bias: the same function up to float rounding, minus one
+    full pass over every activation map. The small preset's narrow layers are bound by those passes
+    (ScoreCAM measured 1.3x faster folded); the paper network has no BN and is returned as a copy.
+    The folded BN is replaced by ``nn.Identity`` so module indices (``features[-1]``) still name the
+    same layers.
+
+    Args:
+        model: any module (eval or train mode; the copy uses the running statistics).
+
+    Returns:
+        The folded copy, in eval mode, on the same device and dtype.
+    """
+    folded = copy.deepcopy(model).eval()
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.running_mean is not None and bn.running_var is not None):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return folded
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import argparse
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,10 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     fetch(layout, remote, layout.classifier)
     cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
     LOG.info("computing CAMs of %d validation studies once", len(val_refs))
+    t0 = time.perf_counter()
     files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study)
                                  for r in val_refs]) if f]
+    t_cache = time.perf_counter() - t0
     if not files:
         raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
 
@@ -125,7 +128,11 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         run_config=rtune.RunConfig(name="thresholds", verbose=1,
                                    storage_path=ray_storage_path(storage_path, out)),
     )
+    t0 = time.perf_counter()
     results = tuner.fit()
+    LOG.info("CAMs of %d validation studies computed once (%.1f s); %d grid cells x %d q scored from "
+             "that cache (%.1f s)", len(files), t_cache, len(cells), len(q_grid),
+             time.perf_counter() - t0)
     rows = []
     for r in results:
         if r.error:

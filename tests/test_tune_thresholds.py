@@ -1,0 +1,69 @@
+"""The (t, q) search's two halves, run in-process (no Ray): caching and one grid trial.
+
+Issue 7, target 5: every validation study's CAMs are computed once - one engine pass per flagged
+slice - and every (method, t, q) of the grid is then scored from that cache, without the classifier.
+The trial's mean Dice is checked against masks built by segment_volume / threshold_volume and scored
+with metrics.dice, a different code path from the count-based dice_grid the trial uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from jobs.tune_thresholds import THRESHOLD_REFERENCE, cache_study_cams, evaluate_cell
+from wsseg_core.cams import CAM_METHODS, CamEngine
+from wsseg_core.metrics import dice
+from wsseg_core.models import build_slice_classifier, save_classifier
+from wsseg_core.phantom import write_phantom_cohort
+from wsseg_core.segment import segment_volume, threshold_volume
+
+
+def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model, pre = build_slice_classifier("small")
+    with torch.no_grad():  # favour "tumour" so every slice is flagged and gets CAMs
+        model.fc.bias.copy_(torch.tensor([0.0, 1.0]))
+    out = tmp_path / "run"
+    save_classifier(out / "models" / "classifier.pt", model, pre)
+    refs = write_phantom_cohort(tmp_path / "cohort", n=3, shape=(64, 64, 12), seed=3,
+                                negative_fraction=0.0)
+
+    seen: list[int] = []
+    real_call = CamEngine.__call__
+
+    def counting_call(self, x, methods=CAM_METHODS):
+        seen.append(int(x.shape[0]))
+        return real_call(self, x, methods)
+
+    monkeypatch.setattr(CamEngine, "__call__", counting_call)
+    files = [cache_study_cams(r.to_dict(), str(out), cam_batch_size=64) for r in refs]
+    caches = [dict(np.load(f)) for f in files]
+    n_flagged = [len(c["flagged_z"]) for c in caches]
+    assert all(n == 12 for n in n_flagged)
+    assert seen == n_flagged  # one pass per study, each flagged slice once, all methods together
+    for c in caches:
+        assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
+
+    (out / "models" / "classifier.pt").unlink()  # trials must not need the model
+    q_grid = [20.0, 45.0, 70.0]
+    cells = [{"method": m, "t": 0.3} for m in CAM_METHODS] + [{"method": "Threshold", "t": float("nan")}]
+    for cell in cells:
+        res = evaluate_cell({"cell": cell}, files, q_grid)
+        by_patient: dict[str, list[list[float]]] = {}
+        for c in caches:
+            z = c["flagged_z"]
+            per_q = []
+            for q in q_grid:
+                if cell["method"] == "Threshold":
+                    mask = threshold_volume(c["suv"], z, q, reference=THRESHOLD_REFERENCE, ct=c["ct"])
+                else:
+                    mask = segment_volume(c["suv"], z, c[f"cam_{cell['method']}"], cell["t"], q)
+                per_q.append(dice(mask, c["seg"]))
+            by_patient.setdefault(str(c["patient_id"]), []).append(per_q)
+        expect = np.nanmean([np.nanmean(v, axis=0) for v in by_patient.values()], axis=0)
+        assert np.isfinite(expect).all() and np.ptp(expect) > 0, (cell, expect)  # q matters
+        np.testing.assert_allclose(res["dice_by_q"], expect, atol=1e-9, err_msg=str(cell))
+        assert res["q"] == q_grid[int(np.nanargmax(expect))]
+        assert res["n_patients"] == len(by_patient)
+    assert seen == n_flagged  # no CAM was computed again by any trial

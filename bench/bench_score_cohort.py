@@ -30,13 +30,23 @@ from bench._common import SHAPE, get_classifier, load_info, median, save_model  
 from jobs.score_cohort import DEFAULT_METHODS, StudyScorer, score  # noqa: E402
 
 
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 class RssStudyScorer(StudyScorer):
-    """StudyScorer that adds its process's peak RSS (MiB) to each status row (benchmark only)."""
+    """StudyScorer that adds its process's peak RSS (MiB) to each status row (benchmark only), and
+    the peak before its first study (libraries, model, engine: the part no cohort size changes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._base_rss = _peak_rss_mb()
 
     def __call__(self, batch):
         t = super().__call__(batch)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-        return t.append_column("peak_rss_mb", pa.array([rss] * t.num_rows, pa.float64()))
+        n = t.num_rows
+        t = t.append_column("peak_rss_mb", pa.array([_peak_rss_mb()] * n, pa.float64()))
+        return t.append_column("base_rss_mb", pa.array([self._base_rss] * n, pa.float64()))
 
 
 def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: int) -> None:
@@ -72,8 +82,9 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
             study_metrics(mask, st.seg, st.suv, st.voxel_volume_ml, spacing_mm=st.spacing_mm)
 
 
-def actor_peak_rss(refs, out: Path, thresholds: dict, methods, threads: int) -> float:
-    """Run the scoring actor (one, as in the timing run) over ``refs``; its peak RSS in MiB."""
+def actor_peak_rss(refs, out: Path, thresholds: dict, methods, threads: int) -> tuple[float, float]:
+    """Run the scoring actor (one, as in the timing run) over ``refs``; its peak RSS and its peak
+    before the first study, in MiB."""
     import ray
 
     ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=len(refs))
@@ -85,7 +96,7 @@ def actor_peak_rss(refs, out: Path, thresholds: dict, methods, threads: int) -> 
         num_cpus=threads,
     ).take_all()
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"][:2]
-    return max(r["peak_rss_mb"] for r in rows)
+    return max(r["peak_rss_mb"] for r in rows), min(r["base_rss_mb"] for r in rows)
 
 
 def main(argv=None) -> None:
@@ -141,14 +152,18 @@ def main(argv=None) -> None:
                   f"ratio {r / b:.2f} (target <= 1.3); per study {r / len(refs):.2f} vs "
                   f"{b / len(refs):.2f} s")
         if args.n_large:
-            small = actor_peak_rss(all_refs[: args.n], outs["mem_small"], thresholds, methods, args.threads)
-            large = actor_peak_rss(all_refs[: args.n_large], outs["mem_large"], thresholds, methods,
-                                   args.threads)
+            small, base_s = actor_peak_rss(all_refs[: args.n], outs["mem_small"], thresholds, methods,
+                                           args.threads)
+            large, base_l = actor_peak_rss(all_refs[: args.n_large], outs["mem_large"], thresholds,
+                                           methods, args.threads)
             one = sum(os.path.getsize(x) for x in (all_refs[0].suv_path, all_refs[0].ct_path))
-            vox = int(np.prod(SHAPE))
+            study_mb = 3 * 4 * int(np.prod(SHAPE)) / 2**20  # SUV, CT, SEG as float32
             print(f"scoring actor peak RSS: {args.n} studies {small:.0f} MiB, {args.n_large} studies "
-                  f"{large:.0f} MiB -> {100 * (large / small - 1):+.1f}% (target within 10%); one study "
-                  f"in memory (SUV+CT float32) {2 * 4 * vox / 2**20:.1f} MiB, on disk {one / 2**20:.2f} MiB")
+                  f"{large:.0f} MiB -> {100 * (large / small - 1):+.1f}% (target within 10%)")
+            print(f"  before its first study (libraries, model): {base_s:.0f} / {base_l:.0f} MiB; the "
+                  f"studies added {small - base_s:.0f} / {large - base_l:.0f} MiB = "
+                  f"{(small - base_s) / study_mb:.1f} / {(large - base_l) / study_mb:.1f} x one study in "
+                  f"memory (SUV+CT+SEG float32 {study_mb:.1f} MiB; {one / 2**20:.2f} MiB on disk)")
     finally:
         ray.shutdown()
     print(f"[{load_info()}] workdir {work}")

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,10 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
             else:
                 d = dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], [t], q_grid)[0]
             per_patient.setdefault(str(c["patient_id"]), []).append(np.asarray(d, dtype=float))
-    # Dice is NaN for studies without tumour: average what exists, per patient then over patients.
-    with np.errstate(all="ignore"):
+    # Dice is NaN for studies without tumour: average what exists, per patient then over patients
+    # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         patient_means = np.array([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
         mean = np.nanmean(patient_means, axis=0) if len(patient_means) else np.full(len(q_grid), np.nan)
     n = int(np.sum(~np.isnan(patient_means[:, 0]))) if len(patient_means) else 0

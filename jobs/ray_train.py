@@ -56,28 +56,26 @@ def report_epoch(metrics: dict[str, Any], epoch: int, optimizer, ckpt_file: str,
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, out: str | Path,
-                      ckpt_file: str, metric: str, name: str, mode: str = "max",
-                      model_file: str | None = None, num_workers: int = 1,
-                      use_gpu: bool = False, cpus_per_worker: float | None = None,
-                      storage_path: str | None = None, max_failures: int = 3,
-                      callbacks: list | None = None) -> dict[str, Any]:
+def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest: str | Path,
+             ckpt_file: str, metric: str, name: str, storage_path: str, mode: str = "max",
+             num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
+             max_failures: int = 3, callbacks: list | None = None) -> dict[str, Any]:
     """Run `train_loop` on `num_workers` Ray Train workers (DDP) and copy the best epoch's
-    `ckpt_file` (by `metric`, `mode` "max" or "min") to `<out>/models/<model_file or ckpt_file>`
-    (temp name, then rename; uploaded when `out` is a URI).
+    `ckpt_file` (by `metric`, `mode` "max" or "min") to the local file `dest` (temp name, then
+    rename, so trials writing side by side never see each other's half-copied files).
 
-    Checkpoints and run state go to `--storage-path` (default `<out>/ray`) under `name`: the same
-    name and storage resume an interrupted run. `cpus_per_worker` None shares the cluster's CPUs
-    among the workers on CPU (torch threads follow it via `config["cpus_per_worker"]`).
+    Checkpoints and run state go to `storage_path` under `name`: the same name and storage resume an
+    interrupted run. `cpus_per_worker` None shares the cluster's CPUs among the workers on CPU
+    (torch threads follow it via `config["cpus_per_worker"]`).
 
-    Returns dict(checkpoint (the local copy), ray_checkpoint, history (per-epoch metrics Ray kept,
-    in epoch order),
-    best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
+    Returns dict(checkpoint (`dest`), ray_checkpoint, history (per-epoch metrics Ray kept, in epoch
+    order), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     """
+    import os
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    layout, remote = open_run(out)
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
     trainer = TorchTrainer(
@@ -88,7 +86,7 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=ray_storage_path(storage_path, out),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
@@ -99,15 +97,31 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
     best = result.get_best_checkpoint(metric=metric, mode=mode) or result.checkpoint
     if best is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint")
-    dest = layout.model(model_file or ckpt_file)
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     with best.as_directory() as d:
         shutil.copyfile(Path(d) / ckpt_file, tmp)
-    tmp.replace(dest)
-    publish(layout, remote, dest)
+    os.replace(tmp, dest)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     # Ray lists the kept reports in checkpoint-score order; a history reads in epoch order.
     history.sort(key=lambda h: (h.get("epoch", 0), h.get("start_epoch", 0)))
     return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
             "best": dict(result.metrics or {})}
+
+
+def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, out: str | Path,
+                      ckpt_file: str, metric: str, name: str, mode: str = "max",
+                      model_file: str | None = None, storage_path: str | None = None,
+                      **fit_kwargs: Any) -> dict[str, Any]:
+    """:func:`fit_best` into a run folder: the best epoch's network lands in
+    `<out>/models/<model_file or ckpt_file>` (uploaded when `out` is a URI), and Ray's checkpoints
+    under `--storage-path` (default `<out>/ray`). `fit_kwargs`: num_workers, use_gpu,
+    cpus_per_worker, max_failures, callbacks (see :func:`fit_best`).
+    """
+    layout, remote = open_run(out)
+    dest = layout.model(model_file or ckpt_file)
+    res = fit_best(train_loop, config, dest=dest, ckpt_file=ckpt_file, metric=metric, name=name,
+                   storage_path=ray_storage_path(storage_path, out), mode=mode, **fit_kwargs)
+    publish(layout, remote, dest)
+    return res

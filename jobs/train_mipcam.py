@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +33,6 @@ from jobs.common import (RunLayout, add_common_args, init_ray, ray_storage_path,
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
-STATE_FILE = "train_state.pt"
 # Distance-loss weights searched, in 1/mm (the paper gives none). 0 is "CAMs alone" (the paper's
 # ablation). The distance term is tens of mm at the start, so 0.03/mm already outweighs the BCE
 # (~0.7); measured on a 64x64x32 phantom, 0.05/mm kept the BCE at 0.69 (no classification learnt)
@@ -109,6 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from jobs.ray_train import report_epoch, resume_from_checkpoint
     from wsseg_core.mipcam import build_mipcam, evaluate, load_mipcam, save_mipcam, train_epoch
 
     ctx = ray.train.get_context()
@@ -122,15 +121,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_mipcam(config["model_preset"], classes=config["classes"])
     start_epoch, optimizer_state = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model, _ = load_mipcam(Path(d) / CKPT_FILE)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        start_epoch, optimizer_state = int(state["epoch"]) + 1, state["optimizer"]
+    resumed = resume_from_checkpoint(CKPT_FILE, load_mipcam)
+    if resumed is not None:
+        (model, _), start_epoch, optimizer_state = resumed
         model.train()
-        if rank == 0:
-            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
@@ -147,62 +141,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # NaN (no labelled validation sample) would break the checkpoint ranking.
         metrics = {k: (v if not isinstance(v, float) or math.isfinite(v) else 1e9)
                    for k, v in metrics.items()}
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                save_mipcam(Path(d) / CKPT_FILE, bare, meta=metrics)
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                LOG.info("w=%g epoch %d/%d loss %.3f (bce %.3f, dist %.1f mm) val bce %.3f dist "
-                         "%.1f mm peak %.1f mm acc %.2f", w, epoch + 1, config["epochs"], tr["loss"],
-                         tr["bce"], tr["dist_mm"], va["bce"], va["dist_mm"], va["peak_mm"],
-                         va["accuracy"])
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            LOG.info("w=%g epoch %d/%d loss %.3f (bce %.3f, dist %.1f mm) val bce %.3f dist "
+                     "%.1f mm peak %.1f mm acc %.2f", w, epoch + 1, config["epochs"], tr["loss"],
+                     tr["bce"], tr["dist_mm"], va["bce"], va["dist_mm"], va["peak_mm"],
+                     va["accuracy"])
+        report_epoch(metrics, epoch, optimizer, CKPT_FILE,
+                     lambda path, metrics=metrics: save_mipcam(path, bare, meta=metrics))
 
 
 def fit_mipcam(train_files: list[str], val_files: list[str], dest: str | Path, *,
                distance_weight: float, classes: Sequence[str] = ("tumour",),
                model_preset: str = "small", epochs: int = 40, batch_size: int = 8,
-               lr: float = 1e-3, num_workers: int = 1, use_gpu: bool = False,
-               cpus_per_worker: float | None = None, storage_path: str | Path, name: str,
-               max_failures: int = 3, seed: int = 0, callbacks: list | None = None) -> dict:
+               lr: float = 1e-3, storage_path: str | Path, name: str, seed: int = 0,
+               **fit_kwargs: Any) -> dict:
     """Ray Train fit at one distance weight; the best epoch (lowest validation loss at this weight)
-    is copied to `dest`. Returns dict(checkpoint, history, best)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    is copied to `dest`. `fit_kwargs`: num_workers, use_gpu, cpus_per_worker, max_failures,
+    callbacks (see :func:`jobs.ray_train.fit_best`). Returns dict(checkpoint, history, best)."""
+    from jobs.ray_train import fit_best
 
-    from jobs.common import auto_parallelism
-
-    if cpus_per_worker is None:
-        cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
     config = dict(train_files=list(train_files), val_files=list(val_files or train_files),
                   distance_weight=float(distance_weight), classes=list(classes),
                   model_preset=model_preset, epochs=int(epochs), batch_size=int(batch_size),
-                  lr=float(lr), seed=int(seed), cpus_per_worker=cpus_per_worker)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=ray_storage_path(str(storage_path), dest),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
-            callbacks=callbacks),
-    )
-    result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
-    if best is None:
-        raise RuntimeError(f"MIP-CAM training {name} finished without a checkpoint")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with best.as_directory() as d:
-        shutil.copyfile(Path(d) / CKPT_FILE, tmp)
-    os.replace(tmp, dest)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return {"checkpoint": str(dest), "history": history, "best": dict(result.metrics or {})}
+                  lr=float(lr), seed=int(seed))
+    return fit_best(train_loop_per_worker, config, dest=dest, ckpt_file=CKPT_FILE, metric="val_loss",
+                    mode="min", name=name, storage_path=ray_storage_path(str(storage_path), dest),
+                    **fit_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,3 +106,28 @@ def test_full_loss_and_batch():
     with pytest.raises(ValueError):
         box_dice_loss(P, B[..., :1])
     assert not math.isnan(float(modified_dice_loss(torch.zeros_like(B), B)))
+
+
+def test_mumford_shah_gradient_pushes_voxels_brighter_than_c2_to_foreground():
+    """Why L_MS over-segments (README, BoxFCN): Eq. 5 takes |I H - C|, not Chan-Vese's |I - C|^2 H.
+    With C1, C2 fixed (Eq. 7's sharp H), a background voxel's gradient is -2 omega2 I / sum(b) dH/dp
+    whenever C2 < I(1 - H) < C1, and 0 below C2: it is pushed to the foreground as soon as it is
+    brighter than the background mean, where Chan-Vese would split at (C1 + C2) / 2.
+
+    Box of 10 voxels: lesion I = 10 (p = 1) x3, background I = 1 (p = 0) x6, one test voxel (p = 0).
+    """
+    eps = 0.03
+    dh_dp = (1 / math.pi) * eps / (eps**2 + 0.25)  # H_eps'(phi) at phi = p - 0.5 = -0.5
+
+    def grad_of_test_voxel(i_test: float) -> float:
+        image = torch.tensor([[10.0] * 3 + [1.0] * 6 + [i_test]])
+        p = torch.tensor([[1.0] * 3 + [0.0] * 7], requires_grad=True)
+        mumford_shah_loss(p, image, torch.ones_like(image)).backward()
+        return float(p.grad[0, -1])
+
+    # I = 3: C2 = 9/7 < 3 < C1 = 10 and closer to C2 than to C1 (Chan-Vese: background), yet
+    # dL/dp = -2 * omega2 * I / 10 * H' = -1.8 * H' < 0: gradient descent raises p.
+    assert grad_of_test_voxel(3.0) == pytest.approx(-2 * 3.0 * 3.0 / 10 * dh_dp, rel=1e-5)
+    assert grad_of_test_voxel(3.0) == pytest.approx(-0.0685077, rel=1e-4)
+    # I = 0.5 < C2 = 6.5/7: no push either way.
+    assert grad_of_test_voxel(0.5) == 0.0

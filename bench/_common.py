@@ -74,9 +74,18 @@ def flagged_batch(model, pre, n: int = 32, seed: int = 100) -> torch.Tensor:
     return x[:n].contiguous()
 
 
+def default_device() -> str:
+    """Where the CAM benchmarks run: the GPU if there is one (the paper-preset figures), else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall time of ``fn()``; CUDA work is waited for, so queued kernels are not left out."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - t0, out
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import flagged_batch, get_classifier, load_info, median, pearson, timed  # noqa: E402
+from bench._common import default_device, flagged_batch, get_classifier, load_info, median, pearson, timed  # noqa: E402
 from wsseg_core.cams import CamEngine  # noqa: E402
 
 
@@ -36,7 +36,8 @@ def floor(engine: CamEngine, x: torch.Tensor, n: int) -> float:
     bs = engine.scorecam_batch_size
 
     def forward_all() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16,
+                                                    enabled=engine.scorecam_bf16):
             for i in range(0, len(inputs), bs):
                 net(inputs[i:i + bs])
 
@@ -50,6 +51,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=default_device(),
+                   help="cuda (default when there is a GPU: the paper-preset figures) or cpu")
     p.add_argument("--batch-size", type=int, default=None,
                    help="ScoreCAM chunk = floor chunk (default: the engine's, 32 on CPU, 512 on GPU)")
     p.add_argument("--top-k", type=int, default=16, help="approximate mode to report (0 = skip)")
@@ -57,7 +60,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     model, pre = get_classifier(args.classifier)
-    x = flagged_batch(model, pre, args.n)
+    x = flagged_batch(model, pre, args.n).to(args.device)
+    model.to(args.device)
     with torch.no_grad():
         f = model.eval().forward_features(x).flatten(2)
     const = f.amax(2) == f.amin(2)
@@ -72,9 +76,13 @@ def main(argv=None) -> None:
         "engine defaults": engine(),
         "without BN folding": engine(fold_bn=False),
         "without channels-last": engine(channels_last=False),
-        "no tricks (plain NCHW)": engine(fold_bn=False, channels_last=False),
+        "no tricks (plain NCHW)": engine(fold_bn=False, channels_last=False, scorecam_bf16=False),
     }
-    approx = {"bf16 autocast": engine(scorecam_bf16=True)}
+    if variants["engine defaults"].scorecam_bf16:  # on a GPU: the float32 engine is the reference
+        variants["float32 (no bf16)"] = engine(scorecam_bf16=False)
+        approx = {}
+    else:
+        approx = {"bf16 autocast": engine(scorecam_bf16=True)}
     if args.top_k:
         approx[f"top-{args.top_k} channels"] = engine(scorecam_top_k=args.top_k)
     base = variants["engine defaults"]
@@ -84,6 +92,9 @@ def main(argv=None) -> None:
     t_sc = {k: [] for k in (*variants, *approx)}
     t_fl = {k: [] for k in variants}
     maps = {}
+    for eng in (*variants.values(), *approx.values()):  # warm-up, untimed (allocations, BN folding)
+        eng(x[:1], ("ScoreCAM",))
+        floor(eng, x, 1)
     for rep in range(args.repeats):  # interleaved, so load changes hit every variant alike
         for name, eng in (*variants.items(), *approx.items()):
             t, res = timed(lambda: eng(x, ("ScoreCAM",)))
@@ -93,7 +104,7 @@ def main(argv=None) -> None:
                 t_fl[name].append(floor(eng, x, n_inputs))
         print(f"  repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in t_sc.items()))
 
-    exact = maps["engine defaults"]
+    exact = maps["float32 (no bf16)" if "float32 (no bf16)" in maps else "engine defaults"]
     plain = median(t_sc["no tricks (plain NCHW)"])
     print(f"{'variant':24s} {'ScoreCAM':>9s} {'floor':>7s} {'ratio':>6s} {'vs plain':>9s} {'max |dmap|':>10s}")
     for k in variants:

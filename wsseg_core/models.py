@@ -245,8 +245,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     In eval mode batch norm is a per-channel affine map of the conv's output, so conv-then-BN is one
     conv with scaled weights and a shifted bias: the same function up to float rounding, minus one
     full pass over every activation map. The small preset's narrow layers are bound by those passes
-    (ScoreCAM measured 1.1-1.35x faster folded); the paper network has no BN and is returned as a copy.
-    The folded BN is replaced by ``nn.Identity`` so module indices (``features[-1]``) still name the
+    (ScoreCAM measured 1.1-1.35x faster folded); the paper network has no BN and is returned as a
+    copy. The folded BN is replaced by ``nn.Identity`` so module indices (``features[-1]``) still name the
     same layers.
 
     Args:

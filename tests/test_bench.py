@@ -1,0 +1,49 @@
+"""The issue-7 benchmark scripts still run (tiny sizes, one repeat). Their timings are not checked
+here - speed belongs in the scripts' printed figures - only that they run end to end and print the
+figures and agreement checks they promise."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> str:
+    from bench._common import get_classifier, save_model
+
+    model, pre = get_classifier(None, epochs=1, n_studies=2)
+    return str(save_model(model, pre, tmp_path_factory.mktemp("bench") / "classifier.pt"))
+
+
+def test_bench_cams_runs_and_agrees(classifier, capsys) -> None:
+    from bench import bench_cams
+
+    bench_cams.main(["--classifier", classifier, "--n", "3", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "forward passes per slice: grad-cam" in out
+    assert "agreement: min r = " in out and "-> OK" in out  # grad-cam's conventions: same maps
+
+
+def test_bench_scorecam_floor_runs(classifier, capsys) -> None:
+    from bench import bench_scorecam_floor
+
+    bench_scorecam_floor.main(["--classifier", classifier, "--n", "2", "--repeats", "1",
+                               "--top-k", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for line in ("engine defaults", "no tricks (plain NCHW)", "target 2: engine ScoreCAM / floor",
+                 "bf16 autocast", "top-4 channels"):
+        assert line in out, line
+
+
+def test_bench_tuning_counts_one_pass_per_study(classifier, tmp_path, capsys) -> None:
+    from bench import bench_tuning
+
+    bench_tuning.main(["--classifier", classifier, "--n", "2", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "0 further engine passes" in out
+    m = re.search(r"CAM caching: (\d+) studies, (\d+) engine passes", out)
+    assert m and m.group(1) == m.group(2) == "2", out

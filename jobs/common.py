@@ -283,6 +283,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def labelled(refs: list, split: str) -> list:
+    """The studies of `split` ("train", "val" or "test") that have a reference mask (SEG): the
+    only ones a network can learn from or be validated on."""
+    return [r for r in refs if r.split == split and r.seg_path]
+
+
 def resolve_cohort(source: str | os.PathLike, seed: int = 0) -> list:
     """Studies of a cohort folder or manifest, each with its subject-level split."""
     from wsseg_core.data import assign_splits, load_cohort

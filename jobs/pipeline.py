@@ -15,9 +15,9 @@ import sys
 import time
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, open_run,
-                         publish, resolve_cohort, setup_logging, sha256_file, versions, write_json,
-                         write_manifest)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, labelled,
+                         open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
+                         write_json, write_manifest)
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     init_ray(args.address)
     timings["ray_start_s"] = time.perf_counter() - t0
 
-    train = [r for r in refs if r.split == "train" and r.seg_path]
-    val = [r for r in refs if r.split == "val" and r.seg_path]
+    train = labelled(refs, "train")
+    val = labelled(refs, "val")
     tune_refs = val
     if not val:
         # Tiny cohorts can leave a split empty (splits are by patient hash, stable under growth).

@@ -47,8 +47,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (RunLayout, add_common_args, init_ray, ray_storage_path, resolve_cohort,
-                         safe_name, setup_logging)
+from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
+                         resolve_cohort, safe_name, setup_logging)
 from jobs.ray_train import fit_and_keep_best
 from jobs.train_classifier import _maybe_die, load_readable
 
@@ -478,9 +478,9 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
 
     layout = RunLayout(Path(out).absolute())
-    train = [r for r in refs if r.split == "train" and r.seg_path]
-    val = [r for r in refs if r.split == "val" and r.seg_path]
-    test = [r for r in refs if r.split == "test" and r.seg_path]
+    train = labelled(refs, "train")
+    val = labelled(refs, "val")
+    test = labelled(refs, "test")
     if not val:
         LOG.warning("no labelled validation study: early stopping and the table's val columns use the "
                     "training studies")
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
-    train = [r for r in refs if r.split == "train" and r.seg_path]
+    train = labelled(refs, "train")
     if not train:
         raise SystemExit(f"{args.cohort}: no labelled training studies")
     init_ray(args.address)
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\ntable: {res['paths']['table']}  markdown: {res['paths']['markdown']}  "
               f"figure: {res['paths']['png']}")
         return res
-    val = [r for r in refs if r.split == "val" and r.seg_path]
+    val = labelled(refs, "val")
     if not val:  # tiny cohorts: as the pipeline does, fall back to the training studies
         LOG.warning("no labelled validation study: early stopping and selection use the training studies")
         val = train

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import PIPELINE_PRESETS, add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, resolve_cohort,
+                         setup_logging)
 from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
 
 LOG = logging.getLogger("wsseg.train_classifier")
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     preset = PIPELINE_PRESETS[args.preset]
     refs = resolve_cohort(args.cohort, seed=args.seed)
-    train = [r for r in refs if r.split == "train" and r.seg_path]
-    val = [r for r in refs if r.split == "val" and r.seg_path]
+    train = labelled(refs, "train")
+    val = labelled(refs, "val")
     init_ray(args.address)
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],

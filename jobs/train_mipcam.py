@@ -28,8 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (RunLayout, add_common_args, init_ray, ray_storage_path, resolve_cohort,
-                         safe_name, setup_logging, study_key, torch_threads_for, write_json)
+from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
+                         resolve_cohort, safe_name, setup_logging, study_key, torch_threads_for,
+                         write_json)
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -359,8 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
-    train = [r for r in refs if r.split == "train" and r.seg_path]
-    val = [r for r in refs if r.split == "val" and r.seg_path]
+    train = labelled(refs, "train")
+    val = labelled(refs, "val")
     if not train:
         raise SystemExit(f"{args.cohort}: no labelled training studies")
     init_ray(args.address)

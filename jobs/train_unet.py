@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_common_args, init_ray, resolve_cohort, setup_logging
+from jobs.common import add_common_args, init_ray, labelled, resolve_cohort, setup_logging
 from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
 from jobs.train_classifier import _maybe_die, load_readable
 
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     preset = UNET_JOB_PRESETS[args.preset]
     refs = resolve_cohort(args.cohort, seed=args.seed)
-    train = [r for r in refs if r.split == "train" and r.seg_path]
-    val = [r for r in refs if r.split == "val" and r.seg_path]
+    train = labelled(refs, "train")
+    val = labelled(refs, "val")
     if not train:
         raise SystemExit(f"{args.cohort}: no labelled training studies")
     init_ray(args.address)

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, open_run,
-                         publish, ray_storage_path, resolve_cohort, safe_name, setup_logging,
-                         write_json)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, labelled,
+                         open_run, publish, ray_storage_path, resolve_cohort, safe_name,
+                         setup_logging, write_json)
 from wsseg_core.storage import read_bytes
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = PIPELINE_PRESETS[args.preset]
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
-    res = search([r for r in refs if r.split == "train" and r.seg_path],
-                 [r for r in refs if r.split == "val" and r.seg_path], args.out, args.grid,
+    res = search(labelled(refs, "train"),
+                 labelled(refs, "val"), args.out, args.grid,
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
                  model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                  batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],

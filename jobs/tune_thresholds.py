@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import (add_common_args, fetch, init_ray, open_run, publish,
+from jobs.common import (add_common_args, fetch, init_ray, labelled, open_run, publish,
                          ray_storage_path, resolve_cohort, safe_name, setup_logging,
                          torch_threads_for, write_json)
 from wsseg_core.storage import join, read_bytes
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
-    res = tune([r for r in refs if r.split == "val" and r.seg_path], args.out,
+    res = tune(labelled(refs, "val"), args.out,
                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
                storage_path=args.storage_path)
     print(f"thresholds: {join(args.out, 'thresholds.json')}\ngrid: {res['grid']}")

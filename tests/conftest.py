@@ -21,3 +21,14 @@ def ray_cluster():
         ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Torch on 2 threads for the test (the CI machine's 2 cores), the caller's count restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)

@@ -14,12 +14,7 @@ from wsseg_core.metrics import dice
 from wsseg_core.phantom import make_phantom_study, phantom_affine
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)  # shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def las(spacing=(2.0, 2.0, 2.0), shape=(4, 3, 2)):

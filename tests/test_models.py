@@ -13,12 +13,7 @@ from wsseg_core.models import (PRESETS, SliceClassifier, SlicePreprocessor, buil
                                load_classifier, save_classifier, volume_to_batch)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)  # shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def test_paper_preset_map_is_32x32x512():

@@ -15,12 +15,7 @@ from wsseg_core.train import (augment_batch, evaluate, fit_classifier, make_loss
                               predict_proba, roc_auc, slices_from_studies)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)  # shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def _study(shape=(32, 32, 10), tumour_z=(2, 3), seg=True, seed=0):

@@ -19,12 +19,7 @@ from wsseg_core.unet import (N_LEVELS, UNet2D, augment_pair, build_unet, evaluat
 from wsseg_core.train import make_loss
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)  # shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def test_paper_preset_is_64_base_and_keeps_256x256():

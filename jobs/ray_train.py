@@ -7,6 +7,7 @@ Each network job (classifier, U-Net, ...) supplies only its own train loop and s
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,8 +72,6 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
     Returns dict(checkpoint (`dest`), ray_checkpoint, history (per-epoch metrics Ray kept, in epoch
     order), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     """
-    import os
-
     import ray.train
     from ray.train.torch import TorchTrainer
 

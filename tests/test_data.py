@@ -340,6 +340,10 @@ def test_splits_read_tumour_from_seg(tmp_path: Path) -> None:
 
     strata = patient_strata(refs)
     assert strata == {f"PETCT_{i}": "tumour" if i < 3 else "tumour-free" for i in range(6)}
+    # an unreadable SEG does not stop the split: tumour-free here, the study fails at load
+    bad = make_study(tmp_path / "more", "PETCT_bad", STUDY_A)
+    (bad / "SEG.nii.gz").write_bytes(b"not a nifti")
+    assert patient_strata(discover_cohort(tmp_path / "more")) == {"PETCT_bad": "tumour-free"}
     out = assign_splits(refs)
     # 6 labelled -> (4, 1, 1); T cells 2/0.5/0.5 and F the same -> one stratum gets the val, the
     # other the test patient

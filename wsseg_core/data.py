@@ -366,9 +366,9 @@ def seg_has_tumour(ref: StudyRef) -> bool | None:
         return None
     try:
         return bool(np.any(_read_nifti(ref.seg_path, "SEG", as_float=False).data > 0))
-    except StudyError as e:
+    except (StudyError, OSError) as e:  # OSError: a URI store that fails mid-read
         logger.warning("%s: SEG unreadable while splitting (%s); counted as tumour-free",
-                       ref.seg_path, e.problem)
+                       ref.seg_path, getattr(e, "problem", e))
         return False
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ METRICS_SCHEMA = pa.schema([
     ("n_pred_false", pa.int64()), ("slice_auc", pa.float64()),
     # Afshari et al.'s unsigned distance error: mean symmetric surface distance (mm)
     ("ude_mm", pa.float64()),
+    # "hostname:pid" of the process that scored the study: shows how the work was spread
+    ("worker", pa.string()),
 ])
 # <out>/slices/<patient>__<study>__<hash8>.parquet: every axial slice's classifier probability and
 # reference label, so analyze can pool a slice-level AUC per split (one file per study, written by
@@ -242,8 +245,10 @@ class StudyScorer:
             LOG.warning("FAILED %s/%s: %s", ref.patient_id, ref.study_id, error)
             rows = [{**base, "method": m, "status": "failed", "error": error} for m in self.methods]
         seconds = time.perf_counter() - t0
+        worker = f"{socket.gethostname()}:{os.getpid()}"
         for r in rows:
             r["seconds"] = seconds
+            r["worker"] = worker
         return rows
 
     def _score_ok(self, ref, base: dict) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per test session (jobs tests only)."""
+"""Shared fixtures: one local Ray cluster per test session (jobs tests only), torch threads, and the
+scorer tests' phantom study and classifier."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (2 CPUs), shared by every test that needs one."""
-    ray = pytest.importorskip("ray")
+    """A real local Ray cluster (2 CPUs), shared by every test that needs one.
+
+    Ray is a hard dependency: a missing or broken Ray must fail these tests, not skip them."""
+    import ray
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=True)
     yield ray
@@ -32,3 +36,35 @@ def two_torch_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def scoring_study(tmp_path_factory):
+    """One tumour-bearing phantom study (64x64x24) and an untrained small classifier checkpoint,
+    written once for the test_score_* modules: (StudyRef, path of the classifier file)."""
+    import torch
+
+    from wsseg_core.models import build_slice_classifier, save_classifier
+    from wsseg_core.phantom import write_phantom_cohort
+
+    root = tmp_path_factory.mktemp("scoring")
+    refs = write_phantom_cohort(root / "cohort", n=1, shape=(64, 64, 24), seed=2, negative_fraction=0.0)
+    torch.manual_seed(0)
+    model, pre = build_slice_classifier("small")
+    save_classifier(root / "classifier.pt", model, pre)
+    return refs[0], root / "classifier.pt"
+
+
+@pytest.fixture
+def scoring_layout(tmp_path, scoring_study):
+    """A fresh run folder holding the shared classifier: (RunLayout, StudyRef)."""
+    import shutil
+
+    from jobs.common import RunLayout
+
+    ref, classifier = scoring_study
+    layout = RunLayout(tmp_path / "out")
+    layout.classifier.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(classifier, layout.classifier)
+    return layout, ref
+

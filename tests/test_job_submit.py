@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -47,8 +49,11 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
         out = tmp_path / "out"
         submit = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
                   "--no-wait", "--submission-id", "wsseg-test", "--",
-                  "python", "-m", "jobs.pipeline", "--out", str(out), "--phantom-n", "10",
-                  "--phantom-shape", "64", "64", "32", "--epochs", "1"]
+                  # A small job: this tests the submission, not the pipeline (test_pipeline does),
+                  # but still the normal path: 5 patients split 3/1/1, so one validation study.
+                  "python", "-m", "jobs.pipeline", "--out", str(out), "--phantom-n", "5",
+                  "--phantom-shape", "48", "48", "24", "--epochs", "1",
+                  "--methods", "CAM", "Threshold"]
         # The job agent comes up a little after `ray start` returns ("No available agent to submit
         # job"): retry for a while, as a user would.
         for _ in range(30):
@@ -68,9 +73,14 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
         assert "metrics Parquet" in logs
         df = pd.read_parquet(out / "metrics")
-        assert set(df["method"]) == {"CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold"}
+        assert set(df["method"]) == {"CAM", "Threshold"} and len(df) == 2 * 5
         assert (df["status"] == "ok").all()
         assert (out / "icc.parquet").exists() and (out / "run.json").exists()
+        cohort = pd.read_parquet(out / "cohort.parquet")
+        assert sorted(cohort["split"]) == ["test", "train", "train", "train", "val"]
+        rec = json.loads((out / "run.json").read_text())
+        assert math.isfinite(rec["classifier"]["best_epoch_metrics"]["val_auc"])
+        assert json.loads((out / "thresholds.json").read_text())["n_val_studies"] == 1
     finally:
         _stop_cluster(tmp_path / "ray")
         shutil.rmtree(tmp_path, ignore_errors=True)

@@ -223,18 +223,50 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         mc.load_mipcam(tmp_path / "none.pt")
 
 
-def test_segmenter_returns_a_mask_on_the_suv_grid(tmp_path):
-    torch.manual_seed(0)
-    st = make_phantom_study(2, shape=(48, 40, 24))
+def _mip_identity_cnn() -> mc.MipCamCNN:
+    """A hand-set MIP-CAM CNN whose CAM is the MIP itself: no pooling, every conv passes channel 0
+    through (centre tap 1, zero bias), the class weight reads channel 0. So CAM = MIP / max MIP."""
+    m = mc.MipCamCNN(width=1, n_pool=0, norm="none")
+    with torch.no_grad():
+        for conv in (x for x in m.features if isinstance(x, torch.nn.Conv2d)):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+        m.fc.weight.zero_()
+        m.fc.bias.zero_()
+        m.fc.weight[0, 0] = 1.0
+    return m
+
+
+def test_segmenter_reconstructs_a_hand_built_study(tmp_path):
+    shape = (8, 6, 5)  # (LR, AP, SI) at 2 mm: the MIPs are the array maxima, no resampling
+    suv = np.ones(shape, np.float32)
+    suv[2:4, 1:3, 1:3] = 10.0  # lesion A: 2 x 2 x 2 voxels, SUVmax 10
+    suv[3, 2, 2] = 2.0         # a cold voxel inside A: below 30 % of 10, above 5 %
+    suv[6, 4, 3] = 2.5         # lesion B, one voxel: MIP 2.5 / 10 of A's -> CAM 0.25
     p = tmp_path / "mipcam.pt"
-    mc.save_mipcam(p, mc.build_mipcam("small"))
-    seg = mc.load_segmenter(p, {"t": 0.3, "q": 30.0})
+    mc.save_mipcam(p, _mip_identity_cnn())
 
     class S:  # what the scorer hands over: a Study's fields
-        suv, affine, spacing_mm = st.suv, st.affine, np.asarray(st.spacing_mm)
+        affine, spacing_mm = las((2.0, 2.0, 2.0), shape), np.array([2.0, 2.0, 2.0])
 
-    mask = seg(S)
-    assert mask.shape == st.suv.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    S.suv = suv
+    lesion_a = np.zeros(shape, np.uint8)
+    lesion_a[2:4, 1:3, 1:3] = 1
+    # t 0.5: the CAM (= MIP / 10) keeps A's footprint on both views, their back-projections meet in
+    # A's box only; q 30: the cold voxel (2 < 3) goes
+    want = lesion_a.copy()
+    want[3, 2, 2] = 0
+    got = mc.load_segmenter(p, {"t": 0.5, "q": 30.0})(S)
+    assert got.dtype == np.uint8 and got.shape == shape
+    np.testing.assert_array_equal(got, want)
+    # q 5: the cold voxel (2 >= 0.5) stays
+    np.testing.assert_array_equal(mc.load_segmenter(p, {"t": 0.5, "q": 5.0})(S), lesion_a)
+    # t 0.2: B (CAM 0.25) joins as its own component, judged against its own SUVmax (2.5), not
+    # A's (30 % of 10 = 3 would drop it); the background (CAM 0.1) stays out
+    want_b = want.copy()
+    want_b[6, 4, 3] = 1
+    np.testing.assert_array_equal(mc.load_segmenter(p, {"t": 0.2, "q": 30.0})(S), want_b)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,11 @@ METHODS = {"CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold"}
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ray_cluster):
-    """Run the pipeline once on 12 tiny phantom studies plus one corrupt study."""
+    """Run the pipeline once on 12 tiny phantom studies (10 patients) plus one corrupt study.
+
+    The corrupt study has no SEG: an unlabelled patient, with its own split quota, so the 10
+    labelled patients split 6/2/2 with a tumour patient in validation (asserted below) and the
+    normal path runs: checkpoint kept on validation AUC, thresholds tuned on validation."""
     from jobs import pipeline
     from wsseg_core.phantom import write_phantom_cohort
 
@@ -38,11 +42,47 @@ def finished_run(tmp_path_factory, ray_cluster):
     good = next(cohort.glob("*/*/SUV.nii.gz"))
     data = good.read_bytes()
     (bad / "SUV.nii.gz").write_bytes(data[: len(data) // 2])
-    for name in ("CTres.nii.gz", "SEG.nii.gz"):
-        (bad / name).write_bytes((good.parent / name).read_bytes())
+    (bad / "CTres.nii.gz").write_bytes((good.parent / "CTres.nii.gz").read_bytes())
     out = root / "out"
-    run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3"])
+    # --concurrency 2: the scoring must spread over two actors (checked from the `worker` column)
+    run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3",
+                         "--concurrency", "2"])
     return out, run
+
+
+def test_validation_split_is_used(finished_run):
+    """The normal path, not the no-validation fallback: a labelled tumour study in validation, the
+    classifier's checkpoint chosen on a finite validation AUC, thresholds tuned on the validation
+    studies."""
+    out, _ = finished_run
+    cohort = pd.read_parquet(out / "cohort.parquet")
+    patients = cohort.groupby("patient_id")["split"].nunique()
+    assert (patients == 1).all()  # no patient straddles splits
+    labelled = cohort[cohort["seg_path"].notna()]
+    per_split = labelled.drop_duplicates("patient_id")["split"].value_counts()
+    assert (per_split["train"], per_split["val"], per_split["test"]) == (6, 2, 2)
+    val = labelled[labelled["split"] == "val"]
+    val_tumour = [p for p in val["seg_path"] if (np.asarray(nib.load(p).dataobj) > 0).any()]
+    assert len(val_tumour) >= 1
+    rec = json.loads((out / "run.json").read_text())
+    best = rec["classifier"]["best_epoch_metrics"]
+    assert np.isfinite(best["val_auc"])
+    aucs = [h["val_auc"] for h in rec["training_history"]]
+    # (the history does not always hold every epoch, e.g. epoch 0: jobs/ray_train's business; the
+    # kept checkpoint must still be at least as good as every epoch recorded)
+    assert len(aucs) >= 1 and all(np.isfinite(aucs)) and best["val_auc"] >= max(aucs) - 1e-12
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["n_val_studies"] == len(val)  # tuned on validation, not on the training studies
+    grid = pd.read_parquet(out / "tune" / "grid.parquet")
+    assert (grid["n_patients"] == len(val_tumour)).all()  # the tumour-bearing validation patients
+
+
+def test_scoring_spread_over_two_actors(finished_run):
+    out, _ = finished_run
+    df = pd.read_parquet(out / "metrics")
+    # every study is scored by one process; with --concurrency 2 the studies spread over two
+    assert df.groupby(["patient_id", "study_id"])["worker"].nunique().eq(1).all()
+    assert df["worker"].nunique() >= 2, df["worker"].unique()
 
 
 def test_metrics_follow_the_contract(finished_run):
@@ -91,19 +131,23 @@ def test_icc_recomputes_from_rows(finished_run):
     icc = pd.read_parquet(out / "icc.parquet")
     df = pd.read_parquet(out / "metrics")
     test = df[(df["status"] == "ok") & (df["split"] == "test")]
+    # every method x quantity has a row, and every row is compared (no skipping: with n < 3 or a
+    # NaN ICC the comparison below would have nothing to check)
+    assert sorted(zip(icc["method"], icc["quantity"])) == sorted((m, q) for m in METHODS for q in ("MTV", "TLG"))
+    compared = 0
     for row in icc.itertuples():
         col_true, col_pred = {"MTV": ("mtv_true_ml", "mtv_pred_ml"), "TLG": ("tlg_true_g", "tlg_pred_g")}[row.quantity]
         sub = test[test["method"] == row.method].dropna(subset=[col_true, col_pred])
-        assert row.n == len(sub)
-        if len(sub) < 3 or np.isnan(row.icc):
-            continue
+        assert row.n == len(sub) >= 3
         long = pd.concat([
             pd.DataFrame({"target": range(len(sub)), "rater": "true", "y": sub[col_true].to_numpy()}),
             pd.DataFrame({"target": range(len(sub)), "rater": "pred", "y": sub[col_pred].to_numpy()})])
         ref = pg.intraclass_corr(long, targets="target", raters="rater", ratings="y").set_index("Type")
         # pingouin < 0.7 calls the Shrout-Fleiss ICC(2,1) row "ICC2", 0.7 calls it "ICC(A,1)".
         key = "ICC(A,1)" if "ICC(A,1)" in ref.index else "ICC2"
-        assert row.icc == pytest.approx(ref.loc[key, "ICC"], abs=1e-9)
+        assert row.icc == pytest.approx(ref.loc[key, "ICC"], abs=1e-9, nan_ok=True)
+        compared += 1
+    assert compared == len(icc) == 2 * len(METHODS)
 
 
 def test_run_json_records_the_run(finished_run):

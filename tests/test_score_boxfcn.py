@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.common import RunLayout
 
-
-def test_scorer_scores_boxfcn_next_to_cam_methods(tmp_path):
+def test_scorer_scores_boxfcn_next_to_cam_methods(scoring_layout):
     from jobs.score_cohort import METRICS_SCHEMA, MODEL_METHODS, StudyScorer, default_methods
     from jobs.tune_thresholds import load_thresholds, update_thresholds
     from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
-    from wsseg_core.models import build_slice_classifier, save_classifier
-    from wsseg_core.phantom import write_phantom_cohort
 
+    layout, ref = scoring_layout
     torch.manual_seed(0)
-    refs = write_phantom_cohort(tmp_path / "cohort", n=1, shape=(64, 64, 24), seed=2, negative_fraction=0.0)
-    layout = RunLayout(tmp_path / "out")
-    model, pre = build_slice_classifier("small")
-    save_classifier(layout.classifier, model, pre)
     assert "BoxFCN" not in default_methods(layout.out)
     save_boxfcn(layout.model(MODEL_METHODS["BoxFCN"].checkpoint), build_boxfcn("small"))
     assert "BoxFCN" in default_methods(layout.out)
@@ -32,16 +25,19 @@ def test_scorer_scores_boxfcn_next_to_cam_methods(tmp_path):
 
     scorer = StudyScorer(load_thresholds(layout.thresholds), str(layout.out),
                          methods=["CAM", "BoxFCN"], cam_batch_size=16)
-    rows = scorer.score(**refs[0].to_dict())
+    rows = scorer.score(**ref.to_dict())
     assert [r["method"] for r in rows] == ["CAM", "BoxFCN"]
     row = rows[1]
     assert row["status"] == "ok", row.get("error")
     mask_img = nib.load(layout.out / row["mask_path"])
-    suv_img = nib.load(refs[0].suv_path)
+    suv_img = nib.load(ref.suv_path)
     assert mask_img.shape == suv_img.shape and np.allclose(mask_img.affine, suv_img.affine)
     pred = np.asarray(mask_img.dataobj) > 0
     assert pred.all()
-    assert row["mtv_pred_ml"] == pytest.approx(pred.sum() * row["voxel_volume_ml"])
+    # the voxel volume from the SUV header's zooms (mm), not the row's own voxel_volume_ml
+    voxel_ml = float(np.prod(suv_img.header.get_zooms()[:3])) / 1000.0
+    assert row["voxel_volume_ml"] == pytest.approx(voxel_ml)
+    assert row["mtv_pred_ml"] == pytest.approx(pred.sum() * voxel_ml)
     # the whole volume vs the lesions: a finite, positive UDE (mm); every row has the column
     assert math.isfinite(row["ude_mm"]) and row["ude_mm"] > 0
     assert "ude_mm" in METRICS_SCHEMA.names and all("ude_mm" in r for r in rows)

@@ -12,7 +12,7 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,42 +274,176 @@ def _given_splits(refs: Sequence[StudyRef]) -> dict[str, str]:
 
 
 def _unit_hash(patient_id: str, seed: int) -> float:
-    # A keyed hash per patient, not a shuffle: each patient's position in [0, 1) depends on nothing
-    # but (seed, patient_id), so adding studies or patients never moves an existing patient.
+    # A keyed hash per patient, not a shuffle: each patient's rank within its stratum depends on
+    # nothing but (seed, patient_id), so a new patient slots in between existing ones and only the
+    # few patients next to a quota cut move (see assign_splits).
     digest = hashlib.sha256(f"wsseg-split\x00{seed}\x00{patient_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def assign_splits(refs: Sequence[StudyRef], seed: int = 0,
-                  fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> list[StudyRef]:
-    """Give every study a split in {train, val, test}, at subject level.
+# Patient strata of the split: a patient with tumour in any labelled study, a labelled patient
+# whose every SEG is empty, and a patient with no SEG at all (scored for MTV only, never trained on).
+STRATA: tuple[str, ...] = ("tumour", "tumour-free", "unlabelled")
 
-    A split already on a ref (manifest-given) is kept and applied to the same patient's other
-    studies. Other patients are placed by a seeded hash of ``patient_id`` in [0, 1), bucketed by the
-    cumulative ``fractions`` (normalised to sum 1), so the assignment is stable when studies or
-    patients are added. Returns new refs in the input order.
+# Fractional parts closer than this count as equal (0.2 * 15 is 3.0000000000000004 in floats).
+_QUOTA_EPS = 1e-9
+
+
+def _normalised_fractions(fractions: Sequence[float]) -> np.ndarray:
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (len(SPLITS),) or not np.all(np.isfinite(fr)) or np.any(fr < 0) or fr.sum() <= 0:
+        raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers (train, val, test), "
+                         f"got {tuple(fractions)!r}")
+    return fr / fr.sum()
+
+
+def split_quotas(n: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> tuple[int, int, int]:
+    """Patients per split (train, val, test) for ``n`` patients: each within one of ``n * fraction``.
+
+    Largest-remainder rounding (Hamilton): every split gets ``floor(n * f)``, and the patients left
+    over go to the largest fractional parts, ties in split order (train, val, test). When ``n >= 5``
+    and validation has a non-zero fraction, validation gets at least one patient (taken from the
+    largest split), so a checkpoint and thresholds are never chosen on training data for want of one.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    fr = _normalised_fractions(fractions)
+    exact = n * fr
+    base = np.floor(exact + _QUOTA_EPS).astype(int)
+    rem = np.where(exact - base > _QUOTA_EPS, exact - base, 0.0)
+    for j in sorted(range(len(SPLITS)), key=lambda j: (-round(rem[j] / _QUOTA_EPS), j))[
+            : n - int(base.sum())]:
+        base[j] += 1
+    val = SPLITS.index("val")
+    if n >= 5 and fr[val] > 0 and base[val] == 0:
+        base[int(np.argmax(base))] -= 1
+        base[val] += 1
+    return tuple(int(b) for b in base)  # type: ignore[return-value]
+
+
+def _stratum_quotas(sizes: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
+    """Split the overall ``quotas`` (per split) among strata of ``sizes`` patients.
+
+    Controlled rounding of the proportional table ``a[k][j] = sizes[k] * quotas[j] / sum(sizes)``:
+    each cell is rounded down or up, rows sum to ``sizes`` and columns to ``quotas`` exactly, so
+    every stratum is within one patient of its share and the total is exactly ``quotas``. A
+    rounding with these sums always exists (the table of fractional parts is a point of a
+    transportation polytope, whose vertices are integer); among them the one whose rounded-up cells
+    have the largest fractional parts is taken, ties by enumeration order (deterministic).
+    """
+    n = int(sum(sizes))
+    if n == 0:
+        return [[0] * len(quotas) for _ in sizes]
+    a = np.array([[s * q / n for q in quotas] for s in sizes], dtype=float)
+    base = np.floor(a + _QUOTA_EPS).astype(int)
+    frac = np.clip(a - base, 0.0, None)
+    need_row = np.asarray(sizes) - base.sum(axis=1)
+    need_col = np.asarray(quotas) - base.sum(axis=0)
+    cells = [(k, j) for k in range(len(sizes)) for j in range(len(quotas)) if frac[k, j] > _QUOTA_EPS]
+    best, best_score = None, -1.0
+    # At most 3 strata x 3 splits: 2^9 subsets, each checked in microseconds.
+    for mask in range(1 << len(cells)):
+        up = np.zeros_like(base)
+        for b, (k, j) in enumerate(cells):
+            if mask >> b & 1:
+                up[k, j] = 1
+        if np.array_equal(up.sum(axis=1), need_row) and np.array_equal(up.sum(axis=0), need_col):
+            score = float((frac * up).sum())
+            if score > best_score + _QUOTA_EPS:
+                best, best_score = up, score
+    if best is None:  # cannot happen (see above); fail loudly rather than return wrong counts
+        raise RuntimeError(f"no controlled rounding for strata {list(sizes)}, quotas {list(quotas)}")
+    return (base + best).tolist()
+
+
+def seg_has_tumour(ref: StudyRef) -> bool | None:
+    """Whether a study's SEG marks any voxel: None when the study has no SEG (unlabelled).
+
+    A SEG that cannot be read counts as tumour-free here, with a warning; the study itself fails
+    with a :class:`StudyError` when it is loaded.
+    """
+    if ref.seg_path is None:
+        return None
+    try:
+        return bool(np.any(_read_nifti(ref.seg_path, "SEG", as_float=False).data > 0))
+    except (StudyError, OSError) as e:  # OSError: a URI store that fails mid-read
+        logger.warning("%s: SEG unreadable while splitting (%s); counted as tumour-free",
+                       ref.seg_path, getattr(e, "problem", e))
+        return False
+
+
+def patient_strata(refs: Sequence[StudyRef],
+                   has_tumour: Callable[[StudyRef], bool | None] = seg_has_tumour,
+                   threads: int = 8) -> dict[str, str]:
+    """patient_id -> stratum in :data:`STRATA`, from ``has_tumour`` of every labelled study.
+
+    ``has_tumour`` defaults to reading the SEG (:func:`seg_has_tumour`), on ``threads`` threads
+    (gzip inflation releases the GIL).
+    """
+    labelled = [r for r in refs if r.seg_path is not None]
+    if threads > 1 and len(labelled) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(labelled))) as pool:
+            flags = list(pool.map(has_tumour, labelled))
+    else:
+        flags = [has_tumour(r) for r in labelled]
+    strata = {r.patient_id: "unlabelled" for r in refs}
+    for r, f in zip(labelled, flags):
+        if f:
+            strata[r.patient_id] = "tumour"
+        elif strata[r.patient_id] == "unlabelled":
+            strata[r.patient_id] = "tumour-free"
+    return strata
+
+
+def assign_splits(refs: Sequence[StudyRef], seed: int = 0,
+                  fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                  has_tumour: Callable[[StudyRef], bool | None] = seg_has_tumour) -> list[StudyRef]:
+    """Give every study a split in {train, val, test}, at patient level, stratified by tumour.
+
+    - A split already on a ref (manifest-given) wins and is applied to the same patient's other
+      studies; only the patients it leaves open are placed below.
+    - Open patients fall into :data:`STRATA` (:func:`patient_strata`; ``has_tumour`` reads SEG by
+      default). The labelled patients (tumour + tumour-free) get :func:`split_quotas` of
+      ``fractions``: each split within one patient of its fraction, and validation non-empty from 5
+      labelled patients on. Those quotas are shared between the two strata by controlled rounding
+      (:func:`_stratum_quotas`), so each stratum is within one patient of its share too. Unlabelled
+      patients get their own quotas.
+    - Within a stratum, patients are ranked by a seeded hash of ``patient_id`` and cut at the
+      quotas: train first, then val, then test. The result depends on the set of patients (and
+      their strata) and ``seed`` only, not on the order of ``refs``. Adding a patient shifts the
+      cuts by at most one place each, so only patients next to a cut move (README: splits).
+
+    Returns new refs in the input order.
 
     Raises:
         ValueError: bad ``fractions``.
         StudyError: a patient's studies carry different given splits, or an unknown split.
     """
-    fr = np.asarray(fractions, dtype=float)
-    if fr.shape != (len(SPLITS),) or not np.all(np.isfinite(fr)) or np.any(fr < 0) or fr.sum() <= 0:
-        raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers (train, val, test), "
-                         f"got {tuple(fractions)!r}")
-    edges = np.cumsum(fr / fr.sum())
+    fr = _normalised_fractions(fractions)
     given = _given_splits(refs)
-    out: list[StudyRef] = []
-    cache: dict[str, str] = dict(given)
-    for r in refs:
-        split = cache.get(r.patient_id)
-        if split is None:
-            u = _unit_hash(r.patient_id, seed)
-            # Clamp guards against edges[-1] landing a hair below 1.0 from rounding.
-            split = SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
-            cache[r.patient_id] = split
-        out.append(dataclasses.replace(r, split=split))
-    return out
+    assigned: dict[str, str] = dict(given)
+    open_refs = [r for r in refs if r.patient_id not in given]
+    if open_refs:
+        strata = patient_strata(open_refs, has_tumour)
+        members: dict[str, list[str]] = {s: [] for s in STRATA}
+        for pid, s in strata.items():
+            members[s].append(pid)
+        for s in STRATA:
+            members[s].sort(key=lambda pid: (_unit_hash(pid, seed), pid))
+        lab = ("tumour", "tumour-free")
+        per_stratum = dict(zip(lab, _stratum_quotas([len(members[s]) for s in lab],
+                                                    split_quotas(sum(len(members[s]) for s in lab),
+                                                                 fr))))
+        per_stratum["unlabelled"] = list(split_quotas(len(members["unlabelled"]), fr))
+        for s in STRATA:
+            start = 0
+            for split, count in zip(SPLITS, per_stratum[s]):
+                for pid in members[s][start:start + count]:
+                    assigned[pid] = split
+                start += count
+    return [dataclasses.replace(r, split=assigned[r.patient_id]) for r in refs]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def _check_spacing(spacing_mm: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _bbox(m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(lo, hi)`` voxel indices (hi exclusive) of the foreground's bounding box; None if empty."""
+    """``(lo, hi)`` voxel indices (hi exclusive) of the nonzero voxels' bounding box; None if none."""
     ax0 = m.any(axis=(1, 2))
     nz0 = np.flatnonzero(ax0)
     if nz0.size == 0:
@@ -220,9 +220,13 @@ class MaskSummary:
     """
 
     def __init__(self, mask: np.ndarray) -> None:
-        m = _as_mask(mask)
+        m = np.asarray(mask)
         if m.ndim != 3:
             raise ValueError(f"expected a 3-D mask, got {m.ndim}-D")
+        if not (m.dtype == bool or np.issubdtype(m.dtype, np.unsignedinteger)):
+            m = m > 0  # signed or float labels: negatives (and NaN) are background
+        # For bool and unsigned masks "> 0" is "!= 0": the box is found on the array as given and
+        # only the box is converted (a whole-volume `> 0` costs more than the rest of the summary).
         self.shape: tuple[int, ...] = tuple(m.shape)
         box = _bbox(m)
         if box is None:
@@ -230,7 +234,7 @@ class MaskSummary:
             self.crop = np.zeros((0, 0, 0), bool)
         else:
             self.lo, self.hi = box
-            self.crop = np.ascontiguousarray(m[self.box])
+            self.crop = np.ascontiguousarray(m[self.box] > 0)
         self.n_voxels = int(np.count_nonzero(self.crop))
         self._trees: dict[tuple[float, ...], Any] = {}
 

@@ -17,8 +17,7 @@ stage's time says how many CPU cores per GPU keep up with it.
 
 Memory: a thread samples the process's resident set (/proc/self/statm) every 5 ms; the table gives
 the peak during each stage (the first study's, which includes one-off costs, and the median over
-all), and the process's ru_maxrss before the first study and at the end. With --device cuda also
-torch's peak GPU memory.
+all), and the resident set after start-up. With --device cuda also torch's peak GPU memory.
 
     .venv/bin/python bench/bench_stages.py                              # CPU, demo-size classifier
     .venv/bin/python bench/bench_stages.py --device cuda --preset paper --n 4 --flagged-fraction 0.65
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import threading
@@ -56,10 +54,6 @@ _PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE_MIB
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class RssSampler:
@@ -226,9 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     _sync(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _maxrss_mib()
-    sampler.peak()
-    print(f"start-up (libraries, model, warm-up): peak RSS {base_rss:.0f} MiB; methods {methods}")
+    base_rss = sampler.peak()  # resident now; ru_maxrss would include writing the phantoms
+    print(f"start-up (libraries, model, warm-up): RSS {base_rss:.0f} MiB; methods {methods}")
 
     walls, cpus, rsss, flagged = [], [], [], []
     for i, ref in enumerate(refs):
@@ -259,14 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"GPU actor to keep up")
     print(f"studies/hour per GPU ({args.device}), GPU actor with the CPU stage beside it: "
           f"{3600 / gpu_s:.0f}; the whole path in one process: {3600 / total:.0f}")
-    print(f"process peak RSS: {base_rss:.0f} MiB after start-up, {_maxrss_mib():.0f} MiB at the end; "
-          f"GPU actor stages peak {max(max(r[s] for s in GPU_ACTOR) for r in rsss):.0f} MiB, CPU stage "
-          f"{max(max(r[s] for s in CPU_STAGE) for r in rsss):.0f} MiB")
+    gpu_peak = max(max(r[s] for s in GPU_ACTOR) for r in rsss)
+    cpu_peak = max(max(r[s] for s in CPU_STAGE) for r in rsss)
+    print(f"process RSS: {base_rss:.0f} MiB after start-up; peak during the GPU actor's stages "
+          f"{gpu_peak:.0f} MiB (+{gpu_peak - base_rss:.0f}), during the CPU stage's {cpu_peak:.0f} MiB "
+          f"(+{cpu_peak - base_rss:.0f}; in one process it also holds the study the GPU half read)")
     if args.device.startswith("cuda"):
         print(f"GPU peak memory allocated by torch: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"[{load_info()}] workdir {work}")
     return {"median_s": med, "median_cpu_s": med_cpu, "studies_per_hour_gpu": 3600 / gpu_s,
-            "studies_per_hour_serial": 3600 / total, "peak_rss_mib": _maxrss_mib()}
+            "studies_per_hour_serial": 3600 / total, "peak_rss_mib": max(gpu_peak, cpu_peak)}
 
 
 if __name__ == "__main__":

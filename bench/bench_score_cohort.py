@@ -2,7 +2,8 @@
 scoring actor's peak memory for a small vs a 4x larger cohort.
 
 * end to end: `score(refs, out, thresholds)` with one actor holding both CPUs (the same resources as
-  the bare loop), Ray start-up (ray.init) timed and reported separately;
+  the bare loop), Ray start-up (ray.init) timed and reported separately; with --split, scoring
+  split into a masking stage and a CPU stage (issue 20), the bare loop unchanged;
 * bare: a plain loop doing what each study needs (load_study, classify_volume, volume_cams,
   segment, metrics, write_mask) in this process with the same methods and thresholds;
 * memory: our own Ray Data actor wrapping jobs.score_cohort.StudyScorer reports its
@@ -57,7 +58,7 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
     from wsseg_core.cams import CamEngine
     from wsseg_core.data import load_study, write_mask
     from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
-    from wsseg_core.metrics import study_metrics
+    from wsseg_core.metrics import MaskSummary, study_metrics
     from wsseg_core.models import load_classifier
     from wsseg_core.segment import segment_volume, threshold_volume
 
@@ -72,6 +73,7 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
         probs = classify_volume(model, pre, st.suv, st.ct, 64)
         z = flagged_slices(probs)
         maps = volume_cams(engine, pre, st.suv, st.ct, z, cams, 64)
+        reference = None if st.seg is None else MaskSummary(st.seg)  # as the scorer: once per study
         for m in methods:
             th = thresholds[m]
             if m == "Threshold":
@@ -79,7 +81,7 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
             else:
                 mask = segment_volume(st.suv, z, maps[m], th["t"], th["q"])
             write_mask(out / layout.mask(m, ref.patient_id, ref.study_id), mask, st.affine)
-            study_metrics(mask, st.seg, st.suv, st.voxel_volume_ml, spacing_mm=st.spacing_mm)
+            study_metrics(mask, reference, st.suv, st.voxel_volume_ml, spacing_mm=st.spacing_mm)
 
 
 def studies_seconds(out: Path) -> float:
@@ -118,6 +120,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (0 = memory runs only)")
     p.add_argument("--threads", type=int, default=2, help="CPUs: ray.init(num_cpus=...), torch threads")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--split", action="store_true",
+                   help="score with split_cpu_stage=True: one masking actor with --threads CPUs and "
+                        "one CPU-stage actor; Ray gets one logical CPU more than --threads so both "
+                        "can be placed (the CPU stage mostly waits for masks; the OS shares the cores)")
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"),
                    help=f"phantom volume size in voxels (default {SHAPE}); larger shows the "
                         "per-study working set above the fixed start-up cost")
@@ -140,10 +146,12 @@ def main(argv=None) -> None:
     for name in ("ray", "bare", "mem_small", "mem_large"):
         outs[name] = work / name
         save_model(model, pre, outs[name] / "models" / "classifier.pt")
-    print(f"{args.n} phantom studies {shape}, methods {methods}; machine: {load_info()}")
+    print(f"{args.n} phantom studies {shape}, methods {methods}; "
+          f"{'split: masking actor + CPU-stage actor' if args.split else 'one scoring actor'}; "
+          f"machine: {load_info()}")
 
     t_init0 = time.perf_counter()
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.threads + int(args.split), include_dashboard=False, log_to_driver=False)
     t_init = time.perf_counter() - t_init0
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -151,7 +159,8 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             t0 = time.perf_counter()
             res = score(refs, outs["ray"], thresholds, methods=methods, concurrency=1,
-                        num_cpus_per_actor=args.threads, overwrite=True)
+                        num_cpus_per_actor=args.threads, overwrite=True, split_cpu_stage=args.split,
+                        cpu_stage_concurrency=1)
             t_ray.append(time.perf_counter() - t0)
             assert res["ok_studies"] == len(refs), res
             t_studies.append(studies_seconds(outs["ray"]))

@@ -13,6 +13,11 @@ the same command therefore resumes: studies whose file exists are skipped, the r
 sha256, schema); results computed with anything else are stale and the run refuses unless
 `--overwrite`. A scoring actor that dies is restarted by Ray and its study retried.
 
+With `--split-cpu-stage` (the default when actors hold GPUs) the GPU actors only read, classify,
+compute CAMs and build masks (`StudyMasker`); the masks travel packed (bounding box + bits) to a
+second Ray Data stage of CPU actors (`StudyFinisher`) that computes the metrics and writes the
+masks, slice table and result file, so a GPU never waits on CPU work.
+
     python -m jobs.score_cohort --cohort runs/demo/cohort.parquet --out runs/demo
     python -m jobs.score_cohort ... --overwrite      # discard earlier results, score everything
 """
@@ -110,6 +115,11 @@ STATUS_SCHEMA = pa.schema([
     ("patient_id", pa.string()), ("study_id", pa.string()), ("status", pa.string()),
     ("error", pa.string()), ("n_rows", pa.int64()), ("seconds", pa.float64()), ("file", pa.string()),
 ])
+# What the GPU half hands the CPU half when scoring is split: the ref, the packed StudyMasks (None
+# for a failed study), the error, and the GPU half's seconds.
+MASKS_SCHEMA = pa.schema([(k, pa.string()) for k in REF_FIELDS] + [
+    ("masks", pa.large_binary()), ("error", pa.string()), ("seconds", pa.float64()),
+])
 # Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
 TMP_MARKER = ".tmp-"
 
@@ -161,20 +171,85 @@ def write_slice_table(path: Path, patient_id: str, study_id: str, split: str | N
     write_study_table(table, path)
 
 
-class StudyScorer:
-    """A Ray Data actor: loads the classifier once, then scores one study per call."""
+@dataclass
+class StudyMasks:
+    """One study's masks and what measuring and writing them needs: the hand-over from the GPU half
+    of scoring (`StudyMasker`) to the CPU half (`StudyFinisher`).
+
+    Arrays are on the SUV grid. In one process they are the study's own arrays; between processes
+    `pack` sends each mask and the reference as bounding box + packed bits and the SUV only inside
+    the box of all of them (the only voxels TLG sums), so `unpack` gives back equal masks and an SUV
+    that is equal wherever the metrics read it (`wsseg_core.packing`).
+    """
+
+    suv: np.ndarray
+    seg: np.ndarray | None
+    affine: np.ndarray
+    spacing_mm: np.ndarray
+    probs: np.ndarray
+    n_flagged: int
+    masks: dict[str, np.ndarray]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def pack(self) -> bytes:
+        """A compact pickle: packed masks and reference, the SUV cropped to their union's box."""
+        import pickle
+
+        from wsseg_core.packing import crop_volume, pack_mask, union_box
+
+        masks = {m: pack_mask(v) for m, v in self.masks.items()}
+        seg = None if self.seg is None else pack_mask(self.seg)
+        box = union_box(list(masks.values()) + ([seg] if seg is not None else []))
+        return pickle.dumps({"suv": crop_volume(self.suv, box), "seg": seg, "masks": masks,
+                             "affine": self.affine, "spacing_mm": self.spacing_mm,
+                             "probs": self.probs, "n_flagged": self.n_flagged},
+                            protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> "StudyMasks":
+        import pickle
+
+        from wsseg_core.packing import uncrop_volume, unpack_mask
+
+        d = pickle.loads(blob)  # written by StudyMasker.pack in this job: trusted
+        return cls(suv=uncrop_volume(d["suv"]),
+                   seg=None if d["seg"] is None else unpack_mask(d["seg"]),
+                   affine=d["affine"], spacing_mm=d["spacing_mm"], probs=d["probs"],
+                   n_flagged=d["n_flagged"], masks={m: unpack_mask(v) for m, v in d["masks"].items()})
+
+
+def _failure_text(ref, e: Exception) -> str:
+    return str(e) if type(e).__name__ == "StudyError" else f"{ref.suv_path}: {type(e).__name__}: {e}"
+
+
+def _base_row(ref) -> dict:
+    return {"patient_id": ref.patient_id, "study_id": ref.study_id, "split": ref.split,
+            "suv_path": ref.suv_path, "seg_path": ref.seg_path}
+
+
+def _failed_rows(ref, methods: Sequence[str], error: str) -> list[dict]:
+    LOG.warning("FAILED %s/%s: %s", ref.patient_id, ref.study_id, error)
+    return [{**_base_row(ref), "method": m, "status": "failed", "error": error} for m in methods]
+
+
+def _ref_of(rec: dict) -> tuple[dict, Any]:
+    from wsseg_core.data import StudyRef
+
+    fields = {k: _none_if_missing(rec.get(k)) for k in REF_FIELDS}
+    return fields, StudyRef(**fields)
+
+
+class StudyMasker:
+    """The GPU half of scoring: loads the classifier (and network methods) once, then per study
+    reads it, classifies every slice, computes the CAMs of the flagged ones and builds one mask per
+    method. As a Ray Data actor it emits one row per study: the ref, the packed `StudyMasks`
+    (`masks`, None if the study failed), `error` and its `seconds`."""
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
-                 cam_batch_size: int = 64, num_cpus: float = 1.0,
-                 kill_once: dict[str, str] | None = None) -> None:
-        """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
-        staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
-        masks and rows as soon as they are written (the rows last: their file marks the study done).
-
-        `kill_once` is a test hook only: {"patient_id", "study_id", "marker"}. The first actor to
-        score that study after computing its rows (masks written, Parquet not yet) creates the
-        marker file and SIGKILLs its own process, as a lost node would; Ray restarts the actor
-        and retries the study. Never set it in production."""
+                 cam_batch_size: int = 64, num_cpus: float = 1.0) -> None:
         import torch
 
         from wsseg_core.cams import CamEngine
@@ -196,28 +271,128 @@ class StudyScorer:
                            for m in methods if m in MODEL_METHODS}
         self.methods = list(methods)
         self.cam_batch_size = cam_batch_size
+
+    def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
+        out: list[dict] = []
+        for rec in batch.to_dict("records"):
+            fields, ref = _ref_of(rec)
+            t0 = time.perf_counter()
+            blob, error = None, None
+            try:
+                blob = self.masks(ref).pack()
+            except Exception as e:  # noqa: BLE001 - a bad study must become rows, not stop the cohort
+                error = _failure_text(ref, e)
+            out.append({**fields, "masks": blob, "error": error, "seconds": time.perf_counter() - t0})
+        return pa.Table.from_pylist(out, schema=MASKS_SCHEMA)
+
+    def masks(self, ref) -> StudyMasks:
+        """Read, classify, CAMs, one mask per method (raises on a bad study)."""
+        from wsseg_core.data import load_study
+        from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
+        from wsseg_core.segment import segment_volume, threshold_volume
+
+        study = load_study(ref)
+        probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
+        z = flagged_slices(probs)
+        cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
+        maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
+                           self.cam_batch_size)
+        masks = {}
+        for m in self.methods:
+            th = self.thresholds.get(m, {})
+            if m in self.segmenters:
+                masks[m] = self.segmenters[m](study)
+            elif m == "Threshold":
+                masks[m] = threshold_volume(study.suv, z, th["q"], reference=th.get("reference", "body"),
+                                            ct=study.ct)
+            else:
+                masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
+        return StudyMasks(suv=study.suv, seg=study.seg, affine=study.affine,
+                          spacing_mm=study.spacing_mm, probs=probs, n_flagged=int(len(z)), masks=masks)
+
+
+class StudyFinisher:
+    """The CPU half of scoring: per study, the metrics of every mask, the mask NIfTIs, the slice
+    table, and last the study's result file (atomic: its rename marks the study done).
+
+    As a Ray Data actor it takes `StudyMasker`'s rows and emits the small status rows.
+    `kill_once` is a test hook only: {"patient_id", "study_id", "marker"}. The first actor to
+    finish that study after computing its rows (masks written, Parquet not yet) creates the marker
+    file and SIGKILLs its own process, as a lost node would; Ray restarts the actor and retries the
+    study. Never set it in production."""
+
+    def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
+                 kill_once: dict[str, str] | None = None) -> None:
+        setup_logging()
+        self.layout, self.remote = open_run(out)
+        self.thresholds = thresholds
+        self.methods = list(methods)
         self.kill_once = kill_once
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
         status: list[dict] = []
         for rec in batch.to_dict("records"):
-            ref = {k: _none_if_missing(rec.get(k)) for k in REF_FIELDS}
-            rows = self.score(**ref)
-            self._maybe_die(ref["patient_id"], ref["study_id"])
-            path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
-            # The study's rows become visible in one rename: a resumed run sees all or nothing.
-            write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
-            publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
-                    slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
-            failed = [r for r in rows if r["status"] != "ok"]
-            status.append({"patient_id": ref["patient_id"], "study_id": ref["study_id"],
-                           "status": "failed" if failed else "ok",
-                           "error": failed[0]["error"] if failed else None, "n_rows": len(rows),
-                           "seconds": rows[0]["seconds"] if rows else 0.0, "file": path.name})
+            fields, ref = _ref_of(rec)
+            t0 = time.perf_counter()
+            error = _none_if_missing(rec.get("error"))
+            if error is not None:
+                rows = _failed_rows(ref, self.methods, error)
+            else:
+                try:
+                    rows = self.rows(ref, StudyMasks.unpack(rec["masks"]))
+                except Exception as e:  # noqa: BLE001 - a bad study must become rows
+                    rows = _failed_rows(ref, self.methods, _failure_text(ref, e))
+            seconds = float(rec["seconds"]) + time.perf_counter() - t0  # both halves
+            for r in rows:
+                r["seconds"] = seconds
+            status.append(self.commit(fields, rows))
         return pa.Table.from_pylist(status, schema=STATUS_SCHEMA)
 
+    def rows(self, ref, sm: StudyMasks) -> list[dict]:
+        """Write every mask and compute its row; write the slice table (raises on failure)."""
+        from wsseg_core.data import slice_labels, write_mask
+        from wsseg_core.metrics import MaskSummary, study_metrics
+        from wsseg_core.train import roc_auc
+
+        labels = None if sm.seg is None else slice_labels(sm.seg)
+        auc = float("nan") if labels is None else roc_auc(sm.probs, labels)  # NaN: one class only
+        write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
+                          ref.patient_id, ref.study_id, ref.split, sm.probs, labels)
+        reference = None if sm.seg is None else MaskSummary(sm.seg)  # labelled once for all methods
+        base = _base_row(ref)
+        rows, dices = [], []
+        for m in self.methods:
+            th = self.thresholds.get(m, {})
+            mask = sm.masks[m]
+            rel = self.layout.mask(m, ref.patient_id, ref.study_id)
+            write_mask(self.layout.out / rel, mask, sm.affine)
+            vals = study_metrics(mask, reference, sm.suv, sm.voxel_volume_ml, spacing_mm=sm.spacing_mm)
+            dices.append(f"{m} {vals['dice']:.2f}")
+            rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
+                         "voxel_volume_ml": sm.voxel_volume_ml, "mask_path": rel.as_posix(),
+                         "t_m": th.get("t"), "q_m": th.get("q"), "n_slices": int(sm.suv.shape[2]),
+                         "n_flagged_slices": sm.n_flagged, "max_slice_prob": float(sm.probs.max()),
+                         "slice_auc": auc})
+        LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,
+                 sm.n_flagged, sm.suv.shape[2], ", ".join(dices))
+        return rows
+
+    def commit(self, ref: dict, rows: list[dict]) -> dict:
+        """Write the study's rows (one rename), publish its files; its status row."""
+        self._maybe_die(ref["patient_id"], ref["study_id"])
+        path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
+        # The study's rows become visible in one rename: a resumed run sees all or nothing.
+        write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
+        publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
+                slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
+        failed = [r for r in rows if r["status"] != "ok"]
+        return {"patient_id": ref["patient_id"], "study_id": ref["study_id"],
+                "status": "failed" if failed else "ok",
+                "error": failed[0]["error"] if failed else None, "n_rows": len(rows),
+                "seconds": rows[0]["seconds"] if rows else 0.0, "file": path.name}
+
     def _maybe_die(self, patient_id: str, study_id: str) -> None:
-        """The `kill_once` test hook (see __init__)."""
+        """The `kill_once` test hook (see the class)."""
         hook = self.kill_once
         if not hook or (hook["patient_id"], hook["study_id"]) != (patient_id, study_id):
             return
@@ -231,65 +406,43 @@ class StudyScorer:
                     patient_id, study_id)
         os.kill(os.getpid(), signal.SIGKILL)
 
+
+class StudyScorer:
+    """Both halves in one Ray Data actor (the CPU-only default, and tests): loads the classifier
+    once, then scores one study per call, its arrays never leaving the process."""
+
+    def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
+                 cam_batch_size: int = 64, num_cpus: float = 1.0,
+                 kill_once: dict[str, str] | None = None) -> None:
+        """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
+        staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
+        masks and rows as soon as they are written (the rows last: their file marks the study done).
+        `kill_once`: the test hook of `StudyFinisher`."""
+        self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus)
+        self.finisher = StudyFinisher(thresholds, out, methods, kill_once)
+        self.methods = list(methods)
+
+    def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
+        status: list[dict] = []
+        for rec in batch.to_dict("records"):
+            fields, _ = _ref_of(rec)
+            status.append(self.finisher.commit(fields, self.score(**fields)))
+        return pa.Table.from_pylist(status, schema=STATUS_SCHEMA)
+
     def score(self, **ref_fields: Any) -> list[dict]:
         from wsseg_core.data import StudyRef
 
         ref = StudyRef(**ref_fields)
         t0 = time.perf_counter()
-        base = {"patient_id": ref.patient_id, "study_id": ref.study_id, "split": ref.split,
-                "suv_path": ref.suv_path, "seg_path": ref.seg_path}
         try:
-            rows = self._score_ok(ref, base)
+            rows = self.finisher.rows(ref, self.masker.masks(ref))
         except Exception as e:  # noqa: BLE001 - a bad study must become a row, not stop the cohort
-            error = str(e) if type(e).__name__ == "StudyError" else f"{ref.suv_path}: {type(e).__name__}: {e}"
-            LOG.warning("FAILED %s/%s: %s", ref.patient_id, ref.study_id, error)
-            rows = [{**base, "method": m, "status": "failed", "error": error} for m in self.methods]
+            rows = _failed_rows(ref, self.methods, _failure_text(ref, e))
         seconds = time.perf_counter() - t0
         worker = f"{socket.gethostname()}:{os.getpid()}"
         for r in rows:
             r["seconds"] = seconds
             r["worker"] = worker
-        return rows
-
-    def _score_ok(self, ref, base: dict) -> list[dict]:
-        from wsseg_core.data import load_study, slice_labels, write_mask
-        from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
-        from wsseg_core.metrics import study_metrics
-        from wsseg_core.segment import segment_volume, threshold_volume
-        from wsseg_core.train import roc_auc
-
-        study = load_study(ref)
-        probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
-        z = flagged_slices(probs)
-        labels = None if study.seg is None else slice_labels(study.seg)
-        auc = float("nan") if labels is None else roc_auc(probs, labels)  # NaN: one class only
-        write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
-                          ref.patient_id, ref.study_id, ref.split, probs, labels)
-        cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
-        maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
-                           self.cam_batch_size)
-        rows, dices = [], []
-        for m in self.methods:
-            th = self.thresholds.get(m, {})
-            if m in self.segmenters:
-                mask = self.segmenters[m](study)
-            elif m == "Threshold":
-                mask = threshold_volume(study.suv, z, th["q"], reference=th.get("reference", "body"),
-                                        ct=study.ct)
-            else:
-                mask = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
-            rel = self.layout.mask(m, ref.patient_id, ref.study_id)
-            write_mask(self.layout.out / rel, mask, study.affine)
-            vals = study_metrics(mask, study.seg, study.suv, study.voxel_volume_ml,
-                                 spacing_mm=study.spacing_mm)
-            dices.append(f"{m} {vals['dice']:.2f}")
-            rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
-                         "voxel_volume_ml": study.voxel_volume_ml, "mask_path": rel.as_posix(),
-                         "t_m": th.get("t"), "q_m": th.get("q"), "n_slices": int(study.suv.shape[2]),
-                         "n_flagged_slices": int(len(z)), "max_slice_prob": float(probs.max()),
-                         "slice_auc": auc})
-        LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,
-                 len(z), study.suv.shape[2], ", ".join(dices))
         return rows
 
 
@@ -352,8 +505,18 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
           methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
           cam_batch_size: int = 64, overwrite: bool = False,
-          kill_once: dict[str, str] | None = None) -> dict[str, Any]:
+          kill_once: dict[str, str] | None = None, split_cpu_stage: bool | None = None,
+          cpu_stage_concurrency: int | None = None,
+          num_cpus_per_finisher: float = 1.0) -> dict[str, Any]:
     """Score `refs` with a Ray Data actor pool, one Parquet file per study; resumes by default.
+
+    With `split_cpu_stage` (the default when actors hold GPUs) scoring runs in two Ray Data stages:
+    `StudyMasker` actors (`concurrency`, each `num_gpus_per_actor` GPUs and `num_cpus_per_actor`
+    CPUs) read, classify, compute the CAMs and build the masks, so a GPU never waits on CPU work;
+    `StudyFinisher` actors (`cpu_stage_concurrency`, default: the CPUs the first stage leaves,
+    each `num_cpus_per_finisher`) compute the metrics and write the masks and result files. The
+    masks pass between them packed (`StudyMasks.pack`). Without it (the default on CPU-only
+    clusters, where both halves share the same cores anyway) one `StudyScorer` actor does both.
 
     Studies whose result file already exists in `<out>/metrics/` (computed with the same methods,
     thresholds and classifier, see `_fingerprint`) are not scored again; `overwrite=True` discards
@@ -415,20 +578,50 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 
     t0 = time.perf_counter()
     if todo:
+        split = num_gpus_per_actor > 0 if split_cpu_stage is None else split_cpu_stage
         if concurrency is None:  # one actor per GPU, or per `num_cpus_per_actor` CPUs
             concurrency = auto_parallelism(num_cpus_per_actor, num_gpus_per_actor)
+            if split and num_gpus_per_actor <= 0:  # leave the CPU stage a finisher's CPUs
+                cpus = ray.cluster_resources().get("CPU", 1)
+                concurrency = max(1, int((cpus - num_cpus_per_finisher) // num_cpus_per_actor))
         concurrency = max(1, min(concurrency, len(todo)))
         # One study per block, so a block that Ray drops or retries holds exactly one study.
         ds = ray.data.from_items([r.to_dict() for r in todo], override_num_blocks=len(todo))
-        status = ds.map_batches(
-            StudyScorer,
-            fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
-                                       cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
-                                       kill_once=kill_once),
-            batch_size=1, batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
-        ).take_all()
+        if not split:
+            status = ds.map_batches(
+                StudyScorer,
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
+                                           cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
+                                           kill_once=kill_once),
+                batch_size=1, batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
+            ).take_all()
+        else:
+            if cpu_stage_concurrency is None:  # the CPUs the masking actors leave
+                cpus = ray.cluster_resources().get("CPU", 1)
+                cpu_stage_concurrency = int((cpus - concurrency * num_cpus_per_actor)
+                                            // num_cpus_per_finisher)
+            cpu_stage_concurrency = max(1, min(cpu_stage_concurrency, len(todo)))
+            LOG.info("split scoring: %d masking actor(s) (%g GPU, %g CPU each), %d CPU-stage actor(s) "
+                     "(%g CPU each)", concurrency, num_gpus_per_actor, num_cpus_per_actor,
+                     cpu_stage_concurrency, num_cpus_per_finisher)
+            masked = ds.map_batches(
+                StudyMasker,
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
+                                           cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor),
+                batch_size=1, batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
+            )
+            status = masked.map_batches(
+                StudyFinisher,
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
+                                           kill_once=kill_once),
+                batch_size=1, batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=cpu_stage_concurrency),
+                num_cpus=num_cpus_per_finisher,
+            ).take_all()
         LOG.info("scored %d studies in %.1f s", len(status), time.perf_counter() - t0)
         if remote is not None:  # actors on other nodes uploaded their rows: mirror them here
             shutil.rmtree(layout.metrics, ignore_errors=True)
@@ -484,6 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--split-cpu-stage", action=argparse.BooleanOptionalAction, default=None,
+                   help="metrics and writes in a separate CPU stage, so GPU actors only read, "
+                        "classify, compute CAMs and build masks (default: on when actors hold GPUs)")
+    p.add_argument("--cpu-stage-concurrency", type=int, default=None,
+                   help="CPU-stage actors with --split-cpu-stage (default: the CPUs the GPU actors leave)")
+    p.add_argument("--num-cpus-per-finisher", type=float, default=1.0)
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit 1 if any study failed (default: failed studies are rows, exit 0)")
     p.add_argument("--overwrite", action="store_true",
@@ -508,7 +707,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, split_cpu_stage=args.split_cpu_stage,
+                    cpu_stage_concurrency=args.cpu_stage_concurrency,
+                    num_cpus_per_finisher=args.num_cpus_per_finisher)
     except StaleResultsError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"metrics: {res['metrics']}  ({res['ok_studies']} studies ok, {res['failed_studies']} failed; "

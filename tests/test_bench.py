@@ -1,6 +1,6 @@
-"""The issue-7 benchmark scripts still run (tiny sizes, one repeat). Their timings are not checked
-here - speed belongs in the scripts' printed figures - only that they run end to end and print the
-figures and agreement checks they promise."""
+"""The issue-7 and issue-20 benchmark scripts still run (tiny sizes, one repeat). Their timings are
+not checked here - speed belongs in the scripts' printed figures - only that they run end to end and
+print the figures and agreement checks they promise."""
 
 from __future__ import annotations
 
@@ -47,3 +47,27 @@ def test_bench_tuning_counts_one_pass_per_study(classifier, tmp_path, capsys) ->
     assert "0 further engine passes" in out
     m = re.search(r"CAM caching: (\d+) studies, (\d+) engine passes", out)
     assert m and m.group(1) == m.group(2) == "2", out
+
+
+def test_bench_metrics_agrees_with_old(capsys) -> None:
+    from bench import bench_metrics
+
+    res = bench_metrics.main(["--shape", "40", "40", "24", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "all columns, all masks: 0 -> OK" in out, out
+    assert set(res) == {"Threshold q=0.3 (whole body)", "Threshold q=0.5",
+                        "lesions dilated + hot spots", "empty"}
+
+
+def test_bench_stages_runs_every_stage(classifier, tmp_path, capsys) -> None:
+    from bench import bench_stages
+
+    res = bench_stages.main(["--classifier", classifier, "--shape", "40", "40", "20", "--n", "1",
+                             "--device", "cpu", "--flagged-fraction", "0.1", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "  study 0: 2/20 slices flagged" in out, out
+    for stage in bench_stages.STAGES:
+        assert re.search(rf"^{stage} +(GPU actor|CPU stage) +\d", out, re.M), stage
+        assert res["median_s"][stage] > 0
+    assert "studies/hour per GPU (cpu)" in out and "CPU cores per GPU actor" in out
+    assert len(list((tmp_path / "out" / "masks").rglob("*.nii.gz"))) == 5  # one per method

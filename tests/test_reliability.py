@@ -287,3 +287,32 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(tmp_path, ray_clus
     assert len(epochs) == len(set(epochs)) and epochs[-1] == 2
     assert starts[2] == 2
     assert Path(res["checkpoint"]).is_file()
+
+
+def test_split_cpu_stage_gives_the_same_rows_and_survives_a_killed_finisher(scored, tmp_path):
+    """Issue 20: masks built in one Ray Data stage, metrics and writes in a second (CPU) stage,
+    the masks passed packed between them. Same rows as the one-actor run (failed rows and their
+    errors included), a CPU-stage actor killed mid-study is restarted and the study retried, and
+    a rerun resumes with nothing to do."""
+    from jobs.score_cohort import score
+    from jobs.tune_thresholds import load_thresholds
+
+    _, out, refs, _, _ = scored
+    run2 = tmp_path / "out"
+    _classifier(run2)
+    victim = next(r for r in refs if r.patient_id.startswith("PETCT"))
+    marker = tmp_path / "killed.pid"
+    res = score(refs, run2, load_thresholds(None), methods=METHODS, concurrency=1,
+                split_cpu_stage=True, cpu_stage_concurrency=1,
+                kill_once={"patient_id": victim.patient_id, "study_id": victim.study_id,
+                           "marker": str(marker)})
+    assert marker.is_file()  # the finisher really was killed, once
+    before = _table(out)
+    assert res["failed_studies"] == (before.groupby(["patient_id", "study_id"]).status.first() != "ok").sum()
+    pd.testing.assert_frame_equal(_table(run2).drop(columns="seconds"), before.drop(columns="seconds"))
+    for f in ("masks", "slices"):  # the same files, written by the CPU stage
+        assert sorted(p.relative_to(run2 / f) for p in (run2 / f).rglob("*.*")) == \
+            sorted(p.relative_to(out / f) for p in (out / f).rglob("*.*"))
+    res = score(refs, run2, load_thresholds(None), methods=METHODS, concurrency=1,
+                split_cpu_stage=True, cpu_stage_concurrency=1)
+    assert res["scored_now"] == 0 and res["resumed"] == len(refs)

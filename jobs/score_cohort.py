@@ -116,10 +116,16 @@ STATUS_SCHEMA = pa.schema([
     ("error", pa.string()), ("n_rows", pa.int64()), ("seconds", pa.float64()), ("file", pa.string()),
 ])
 # What the GPU half hands the CPU half when scoring is split: the ref, the packed StudyMasks (None
-# for a failed study), the error, and the GPU half's seconds.
+# for a failed study), the error, the GPU half's seconds and which process computed the masks.
 MASKS_SCHEMA = pa.schema([(k, pa.string()) for k in REF_FIELDS] + [
     ("masks", pa.large_binary()), ("error", pa.string()), ("seconds", pa.float64()),
+    ("worker", pa.string()),
 ])
+
+
+def worker_id() -> str:
+    """`hostname:pid` of this scoring process (the rows' `worker` column)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 # Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
 TMP_MARKER = ".tmp-"
 
@@ -282,7 +288,8 @@ class StudyMasker:
                 blob = self.masks(ref).pack()
             except Exception as e:  # noqa: BLE001 - a bad study must become rows, not stop the cohort
                 error = _failure_text(ref, e)
-            out.append({**fields, "masks": blob, "error": error, "seconds": time.perf_counter() - t0})
+            out.append({**fields, "masks": blob, "error": error, "seconds": time.perf_counter() - t0,
+                        "worker": worker_id()})
         return pa.Table.from_pylist(out, schema=MASKS_SCHEMA)
 
     def masks(self, ref) -> StudyMasks:
@@ -345,6 +352,7 @@ class StudyFinisher:
             seconds = float(rec["seconds"]) + time.perf_counter() - t0  # both halves
             for r in rows:
                 r["seconds"] = seconds
+                r["worker"] = rec.get("worker")  # the GPU actor that scored it
             status.append(self.commit(fields, rows))
         return pa.Table.from_pylist(status, schema=STATUS_SCHEMA)
 
@@ -439,7 +447,7 @@ class StudyScorer:
         except Exception as e:  # noqa: BLE001 - a bad study must become a row, not stop the cohort
             rows = _failed_rows(ref, self.methods, _failure_text(ref, e))
         seconds = time.perf_counter() - t0
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        worker = worker_id()
         for r in rows:
             r["seconds"] = seconds
             r["worker"] = worker

@@ -228,7 +228,11 @@ class StudyMasks:
 
 
 def _failure_text(ref, e: Exception) -> str:
-    return str(e) if type(e).__name__ == "StudyError" else f"{ref.suv_path}: {type(e).__name__}: {e}"
+    """A failed row's `error`: a StudyError already names the file and the problem; anything else
+    is unexpected, so it gets the study's SUV path and the exception's type."""
+    from wsseg_core.data import StudyError
+
+    return str(e) if isinstance(e, StudyError) else f"{ref.suv_path}: {type(e).__name__}: {e}"
 
 
 def _base_row(ref) -> dict:

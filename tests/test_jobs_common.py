@@ -48,3 +48,25 @@ def test_thresholds_default_to_the_paper_and_tuned_values_win(tmp_path):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "a" / "run.json", "{}\n")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["run.json"]
+
+
+def test_failure_text_recognises_study_errors_by_type_not_by_name():
+    """A StudyError (and its subclasses) already names the file; any other exception, even one
+    that happens to be called StudyError, is unexpected and gets the SUV path and its type."""
+    from jobs.score_cohort import _failure_text
+    from wsseg_core.data import StudyError, StudyRef
+
+    ref = StudyRef(patient_id="p", study_id="s", suv_path="/d/SUV.nii.gz", ct_path="/d/CT.nii.gz",
+                   seg_path=None)
+
+    class Truncated(StudyError):
+        pass
+
+    class Impostor(Exception):
+        pass
+
+    Impostor.__name__ = "StudyError"
+    assert _failure_text(ref, StudyError("/d/SUV.nii.gz", "corrupt")) == "/d/SUV.nii.gz: corrupt"
+    assert _failure_text(ref, Truncated("/d/SUV.nii.gz", "truncated")) == "/d/SUV.nii.gz: truncated"
+    assert _failure_text(ref, Impostor("boom")) == "/d/SUV.nii.gz: StudyError: boom"
+    assert _failure_text(ref, ValueError("boom")) == "/d/SUV.nii.gz: ValueError: boom"

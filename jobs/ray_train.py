@@ -76,6 +76,16 @@ def beat_watchdog() -> None:
 # Data-parallel helpers: every rank must take part in the same collectives in the same order.
 
 
+def share_cpus(free: float, workers: int) -> float:
+    """CPUs per Train worker when `workers` share `free` CPUs: whole CPUs when there are enough,
+    else an equal fraction (a 2-CPU machine still fits 2 workers next to a Tune trial; asking 1 CPU
+    each would leave the workers waiting for resources for ever). Torch threads: max(1, int(.))."""
+    workers = max(1, int(workers))
+    if free >= workers:
+        return float(int(free // workers))
+    return max(0.01, float(free) / workers)
+
+
 def world_info() -> tuple[int, int]:
     """(rank, world size) of this Ray Train worker."""
     import ray.train

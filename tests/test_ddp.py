@@ -73,3 +73,73 @@ def test_one_step_on_2_workers_x_8_equals_1_worker_x_16(cohort, tmp_path, ray_cl
     assert moved > 1e-4
     assert r1["history"][0]["train_loss"] == pytest.approx(r2["history"][0]["train_loss"], rel=1e-5)
     assert r1["history"][0]["val_loss"] == pytest.approx(r2["history"][0]["val_loss"], rel=1e-5)
+
+
+def _check_two_worker_history(res: dict, epochs: int) -> None:
+    """Every epoch reported once, by 2 workers, with equal steps (the sampler's count)."""
+    hist = res["history"]
+    assert [int(h["epoch"]) for h in hist] == list(range(epochs))
+    assert all(int(h["workers"]) == 2 and int(h["steps"]) >= 1 for h in hist)
+    assert Path(res["checkpoint"]).is_file()
+
+
+def test_unet_trains_on_2_workers(cohort, tmp_path, ray_cluster):
+    from jobs.train_unet import fit_unet
+    from wsseg_core.unet import load_unet
+
+    train, val = cohort
+    t0 = time.perf_counter()
+    # 32 training slices (2 x 16), global batch 12: 2 steps of 6 + 6 slices per worker, rest dropped.
+    res = fit_unet(train, val, tmp_path / "out", model_preset="small", input_size=32, base=4,
+                   epochs=2, batch_size=12, lr=1e-3, negative_keep=1.0, num_workers=2,
+                   cpus_per_worker=1.0, max_failures=0)
+    print(f"U-Net, 2 workers, 2 epochs: {time.perf_counter() - t0:.1f} s")
+    _check_two_worker_history(res, 2)
+    assert [int(h["steps"]) for h in res["history"]] == [2, 2]
+    load_unet(res["checkpoint"])
+
+
+def test_mipcam_trains_on_2_workers(cohort, tmp_path, ray_cluster):
+    from jobs.train_mipcam import fit_mipcam, prepare_samples
+    from wsseg_core.mipcam import TUMOUR_CLASSES, load_mipcam
+
+    train, val = cohort
+    files = prepare_samples(train, tmp_path / "samples", TUMOUR_CLASSES)
+    val_files = prepare_samples(val, tmp_path / "samples", TUMOUR_CLASSES)
+    t0 = time.perf_counter()
+    res = fit_mipcam(files, val_files, tmp_path / "mipcam.pt", distance_weight=0.01, epochs=2,
+                     batch_size=2, storage_path=str(tmp_path / "ray"), name="mipcam_ddp",
+                     num_workers=2, cpus_per_worker=1.0, max_failures=0)
+    print(f"MIP-CAM, 2 workers, 2 epochs: {time.perf_counter() - t0:.1f} s")
+    _check_two_worker_history(res, 2)
+    load_mipcam(res["checkpoint"])
+
+
+def test_boxfcn_trains_on_2_workers(cohort, tmp_path, ray_cluster):
+    from jobs.train_boxfcn import fit_boxfcn
+    from wsseg_core.boxfcn import load_boxfcn
+
+    train, val = cohort
+    t0 = time.perf_counter()
+    # Whole volumes: one per worker per step; 3 volumes-steps at 1 worker -> 2 steps at 2 workers.
+    res = fit_boxfcn(train, val, tmp_path / "out", kind="box_dice", epochs=2, patience=5,
+                     steps_per_epoch=3, num_workers=2, cpus_per_worker=1.0, max_failures=0,
+                     name="boxfcn_ddp")
+    print(f"BoxFCN, 2 workers, 2 epochs: {time.perf_counter() - t0:.1f} s")
+    _check_two_worker_history(res, 2)
+    assert [int(h["steps"]) for h in res["history"]] == [2, 2]
+    load_boxfcn(res["checkpoint"])
+
+
+def test_loss_weight_search_runs_train_on_2_workers_inside_tune(cohort, tmp_path, ray_cluster):
+    """A Tune trial (0.01 CPU) whose Train run has 2 workers: on 2 CPUs the workers get 0.995 CPU
+    each (1 CPU each would wait for resources for ever)."""
+    from jobs.tune_loss_weight import search
+
+    train, val = cohort
+    t0 = time.perf_counter()
+    res = search(train, val, tmp_path / "out", (7.7,), model_preset="small", input_size=32,
+                 epochs=1, batch_size=16, lr=0.01, weights=None, num_workers=2, max_failures=0)
+    print(f"loss-weight search, 1 trial x 2 workers: {time.perf_counter() - t0:.1f} s")
+    assert res["tumour_weight"] == 7.7
+    assert (tmp_path / "out" / "loss_weight" / "w7.7" / "models" / "classifier.pt").is_file()

@@ -121,14 +121,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
         train_loss = mean_over_ranks(train_one_epoch(model, loader, optimizer, train_loss_fn,
                                                      device=device, augment=config["augment"],
                                                      generator=aug_gen))
+        train_s = time.perf_counter() - t0
         _maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate(bare, x_va, y_va, loss_fn, device=device))
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
-                   "start_epoch": start_epoch, "workers": world, "steps": len(sampler)}
+                   "start_epoch": start_epoch, "workers": world, "steps": len(sampler),
+                   # rank 0's wall time of the epoch's training steps (bench/bench_ddp.py)
+                   "train_s": on_rank0(lambda: train_s)}
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], val["auc"])

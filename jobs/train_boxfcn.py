@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box-Dice warm-start epochs (default: the preset's, small 8, paper 100)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fine-tuning epochs (default: the preset's, small 6, paper 100)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs (= torch threads) per Train worker; default: the cluster's CPUs / workers")
     p.add_argument("--use-gpu", action="store_true")

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
     p.add_argument("--max-failures", type=int, default=3)

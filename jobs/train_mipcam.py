@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", choices=("tumour", "diagnosis"), default="tumour",
                    help="what the CNN classifies: tumour vs none, or the manifest's cancer type")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 40, paper 200)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")

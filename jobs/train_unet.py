@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 1e-2, paper 5e-5)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
     p.add_argument("--name", default="unet", help="Ray Train run name (same name + storage = resume)")

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet",
                    help="classifier init: 'imagenet' (random init offline or width-reduced), 'none', or a file")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
     p.add_argument("--storage-path", default=None)

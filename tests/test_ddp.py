@@ -59,7 +59,6 @@ def test_one_step_on_2_workers_x_8_equals_1_worker_x_16(cohort, tmp_path, ray_cl
     t2 = time.perf_counter()
     assert [h["steps"] for h in r1["history"]] == [h["steps"] for h in r2["history"]] == [1]
     a, b = _state(Path(r1["checkpoint"])), _state(Path(r2["checkpoint"]))
-    init = None
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
     worst = max(diffs.values())
     print(f"1 worker {t1 - t0:.1f} s, 2 workers {t2 - t1:.1f} s; max |w1 - w2| = {worst:.3g}")

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: preset)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (random init offline or for width-reduced presets), 'none', or a VGG16 state_dict file")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the preset's batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--concurrency", type=int, default=None,
                    help="scoring actors (default: as many as the cluster's CPUs or GPUs hold)")

@@ -6,10 +6,14 @@ Each network job (classifier, U-Net, ...) supplies only its own train loop and s
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +21,10 @@ from jobs.common import auto_parallelism, open_run, publish, ray_storage_path
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
+# Seconds without a reported epoch before a worker warns (config "watchdog_s" overrides).
+WATCHDOG_ENV = "WSSEG_TRAIN_WATCHDOG_S"
+DEFAULT_WATCHDOG_S = 1800.0
+_WATCHDOG: "Watchdog | None" = None
 
 
 def resume_from_checkpoint(ckpt_file: str, load: Callable[[Path], tuple]) -> tuple[tuple, int, dict] | None:
@@ -55,6 +63,141 @@ def report_epoch(metrics: dict[str, Any], epoch: int, optimizer, ckpt_file: str,
             torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+    beat_watchdog()
+
+
+def beat_watchdog() -> None:
+    """Tell this worker's watchdog (if started) that an epoch was just reported."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.beat()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-parallel helpers: every rank must take part in the same collectives in the same order.
+
+
+def share_cpus(free: float, workers: int) -> float:
+    """CPUs per Train worker when `workers` share `free` CPUs: whole CPUs when there are enough,
+    else an equal fraction (a 2-CPU machine still fits 2 workers next to a Tune trial; asking 1 CPU
+    each would leave the workers waiting for resources for ever). Torch threads: max(1, int(.))."""
+    workers = max(1, int(workers))
+    if free >= workers:
+        return float(int(free // workers))
+    return max(0.01, float(free) / workers)
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of this Ray Train worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def prepare_ddp_model(model, *, sync_batchnorm: bool = True):
+    """`ray.train.torch.prepare_model`, with BatchNorm turned into SyncBatchNorm first when more than
+    one worker trains on GPUs: the batch statistics are then those of the GLOBAL batch, as on one
+    worker. PyTorch's SyncBatchNorm runs on GPUs only, so CPU (gloo) workers keep per-worker batch
+    statistics (a small deviation from one-worker training, logged once by rank 0)."""
+    import ray.train.torch
+    import torch
+
+    rank, world = world_info()
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if world > 1 and has_bn and sync_batchnorm:
+        if ray.train.torch.get_device().type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif rank == 0:
+            LOG.info("%d CPU workers: BatchNorm statistics are per worker (SyncBatchNorm needs GPUs)",
+                     world)
+    return ray.train.torch.prepare_model(model)
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """`fn()` computed on rank 0 only and handed to every rank (one broadcast): validation runs once
+    and every rank reports the same metrics."""
+    import torch.distributed as dist
+
+    rank, world = world_info()
+    if world == 1 or not dist.is_initialized():
+        return fn()
+    box = [fn() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank float over all ranks (e.g. each rank's training loss of its share)."""
+    import torch
+    import torch.distributed as dist
+
+    _, world = world_info()
+    if world == 1 or not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+class Watchdog:
+    """Warns when no epoch has been reported for `seconds`: a deadlocked DDP job (ranks out of step,
+    a lost peer) otherwise just sits there silently. The warning names the rank and dumps every
+    thread's stack to stderr (which Ray forwards to the driver), showing where the worker waits.
+    Warns again every `seconds` while nothing is reported; `beat()` after each report."""
+
+    def __init__(self, seconds: float, label: str = "", log: logging.Logger = LOG,
+                 poll_s: float | None = None) -> None:
+        self.seconds, self.label, self.log = float(seconds), label, log
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self.warnings = 0
+        poll = poll_s if poll_s is not None else min(30.0, max(0.05, self.seconds / 4))
+        self._thread = threading.Thread(target=self._run, args=(poll,), daemon=True,
+                                        name="wsseg-train-watchdog")
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, poll: float) -> None:
+        warned_at = None
+        while not self._stop.wait(poll):
+            idle = time.monotonic() - self._last
+            if idle < self.seconds:
+                warned_at = None
+                continue
+            if warned_at is not None and time.monotonic() - warned_at < self.seconds:
+                continue
+            warned_at = time.monotonic()
+            self.warnings += 1
+            self.log.warning("%sno epoch reported for %.0f s (limit %.0f s, %s): training is stuck "
+                             "or an epoch is far slower than expected; with several workers, check "
+                             "that every rank runs the same number of steps (stacks follow)",
+                             f"{self.label}: " if self.label else "", idle, self.seconds, WATCHDOG_ENV)
+            try:
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            except Exception:  # noqa: BLE001 - no usable stderr: the warning alone must do
+                pass
+
+
+def start_watchdog(config: dict[str, Any]) -> Watchdog:
+    """Inside a train loop: start this worker's :class:`Watchdog` (seconds from config "watchdog_s",
+    else $WSSEG_TRAIN_WATCHDOG_S, else 1800); :func:`report_epoch` beats it."""
+    global _WATCHDOG
+    seconds = float(config.get("watchdog_s") or os.environ.get(WATCHDOG_ENV) or DEFAULT_WATCHDOG_S)
+    if _WATCHDOG is not None:
+        _WATCHDOG.stop()
+    rank, world = world_info()
+    _WATCHDOG = Watchdog(seconds, label=f"train worker rank {rank}/{world}").start()
+    return _WATCHDOG
 
 
 def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest: str | Path,

@@ -49,7 +49,8 @@ import numpy as np
 
 from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
                          resolve_cohort, safe_name, setup_logging)
-from jobs.ray_train import fit_and_keep_best
+from jobs.ray_train import (beat_watchdog, fit_and_keep_best, mean_over_ranks, on_rank0,
+                            prepare_ddp_model, start_watchdog, world_info)
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
@@ -78,8 +79,10 @@ def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker: box labels of its share of the patients, trains, reports and checkpoints
-    every epoch, stops early when the validation loss has not improved for `patience` epochs."""
+    """One DDP worker: box labels of all training patients; each step it trains on its share of one
+    global batch (patches: `batch_size` split across the workers; whole volumes: one per worker),
+    reports and checkpoints every epoch, stops early when the validation loss has not improved for
+    `patience` epochs (decided on rank 0's validation, so every rank stops at the same epoch)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -88,23 +91,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    make_optimizer, save_boxfcn, train_epoch)
     from wsseg_core.data import StudyRef
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = world_info()
+    start_watchdog(config)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    torch.manual_seed(config["seed"] + rank)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    rng = np.random.default_rng(config["seed"] * 1000 + rank)
+    torch.manual_seed(config["seed"])
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)  # augmentation, per rank
+    rng = np.random.default_rng(config["seed"] * 1000 + rank)  # patch positions, per rank
     preset = BOXFCN_PRESETS[config["model_preset"]]
 
     train_refs = [StudyRef(**r) for r in config["train_refs"]]
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
     margin = dict(margin_mm=config["margin_mm"], margin_vox=config["margin_vox"])
     # Only volumes with a lesion: against an empty box the Dice loss is constant (no gradient).
-    train = [v for v in box_volumes(load_readable(train_refs[rank::world]), **margin) if v.box.any()]
-    val = box_volumes(load_readable(val_refs), **margin)
+    # Every rank holds all of them: each step draws one global batch from a shared seeded stream and
+    # every rank trains on its share, so all ranks run the same steps (issue 17).
+    train = [v for v in box_volumes(load_readable(train_refs), **margin) if v.box.any()]
+    val = box_volumes(load_readable(val_refs), **margin) if rank == 0 else []
     if rank == 0:
-        LOG.info("BoxFCN %s: %d training volumes (worker 0), %d validation volumes", config["kind"],
-                 len(train), len(val))
+        LOG.info("BoxFCN %s: %d training volumes, %d validation volumes, %d worker(s)", config["kind"],
+                 len(train), len(val), world)
 
     model = build_boxfcn(config["model_preset"], base=config.get("base"), levels=config.get("levels"))
     if config.get("init_from"):  # warm start (paper: the network trained on the box masks)
@@ -121,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
     model.train()
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
     optimizer = make_optimizer(model, config["optimizer"], config["lr"])
     if optimizer_state is not None:
@@ -129,23 +134,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     patch = config.get("patch", preset["patch"])
     batch_size = int(config.get("batch_size") or preset["batch_size"])
     steps = int(config.get("steps_per_epoch") or max(1, len(train)))
+    if not patch and world > 1:
+        # Whole volumes: one per worker per step, so N workers see N volumes a step; the epoch keeps
+        # (about) the volumes of one worker's epoch in 1/N of the steps.
+        steps = max(1, math.ceil(steps / world))
     loss_kw = {"kind": config["kind"], **config["loss"]}
     bare = model.module if hasattr(model, "module") else model
 
     for epoch in range(start_epoch, config["epochs"]):
         if bad >= config["patience"]:  # a resumed run that had already stopped early
             break
-        train_loss = train_epoch(model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size,
-                                 steps=steps, rng=rng, generator=gen, device=device)
+        # The global picks of an epoch come from (seed, epoch) alone: the same on every rank and
+        # after a resume.
+        pick_rng = np.random.default_rng([config["seed"], epoch])
+        train_loss = mean_over_ranks(train_epoch(
+            model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
+            rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world))
         _maybe_die(config, epoch, rank)
-        ev = evaluate(bare, val, loss_kw)
+        ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         improved = ev["loss"] < best
         best, bad = (ev["loss"], 0) if improved else (best, bad + 1)
         dice = float(ev["dice"])
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(ev["loss"]),
                    # NaN (no tumour in validation) would break ranking by Dice.
                    "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
-                   "best_val_loss": float(best), "bad_epochs": bad, "start_epoch": start_epoch}
+                   "best_val_loss": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
+                   "workers": world, "steps": steps}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -158,6 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
                          "" if bad < config["patience"] else "  (early stop)")
             ray.train.report(metrics, checkpoint=checkpoint)
+        beat_watchdog()
         if bad >= config["patience"]:
             break
 
@@ -182,7 +197,12 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
     from jobs.common import auto_parallelism
     from wsseg_core.losses import PAPER_LOSS
 
+    from wsseg_core.boxfcn import BOXFCN_PRESETS
+    from wsseg_core.train import check_global_batch
+
     jp = BOXFCN_JOB_PRESETS[preset]
+    if BOXFCN_PRESETS[jp["model_preset"]]["patch"]:  # patches: the preset's batch is the global one
+        check_global_batch(BOXFCN_PRESETS[jp["model_preset"]]["batch_size"], num_workers)
     warm = kind == "box_dice" and init_from is None
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
@@ -509,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box-Dice warm-start epochs (default: the preset's, small 8, paper 100)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fine-tuning epochs (default: the preset's, small 6, paper 100)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs (= torch threads) per Train worker; default: the cluster's CPUs / workers")
     p.add_argument("--use-gpu", action="store_true")

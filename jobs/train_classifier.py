@@ -3,6 +3,10 @@
     python -m jobs.train_classifier --cohort runs/demo/cohort.parquet --out runs/demo
     ray job submit --working-dir . -- python -m jobs.train_classifier --cohort ... --use-gpu --num-workers 4
 
+With N workers the batch size stays the GLOBAL batch (the preset's 64 is 16 slices per worker at
+N = 4): each step every worker takes its share of one global batch drawn from a shared seeded
+order, so all workers run the same number of steps and the result does not depend on N (issue 17).
+
 Resume after a failure: run the same command again (same --out / --storage-path / --name); each
 worker picks up the latest checkpoint (Ray Train V2 semantics). Within one run, a worker that dies
 (up to --max-failures times) makes Ray Train restart the worker group, which resumes from the
@@ -21,7 +25,8 @@ from typing import Any
 
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, resolve_cohort,
                          setup_logging)
-from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
+from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
+                            report_epoch, resume_from_checkpoint, start_watchdog, world_info)
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -64,57 +69,70 @@ def _maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker: builds slices of its patients, trains, reports and checkpoints per epoch."""
-    import ray.train
+    """One DDP worker: builds the training slices, trains on its share of each GLOBAL batch
+    (`config["batch_size"]` split across the workers), reports and checkpoints per epoch."""
     import ray.train.torch
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from wsseg_core.data import StudyRef
     from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
-    from wsseg_core.train import (evaluate, make_loss, make_optimizer, slices_from_studies,
-                                  train_one_epoch)
+    from wsseg_core.train import (GlobalBatchSampler, GlobalMeanCrossEntropy, evaluate, make_loss,
+                                  make_optimizer, slices_from_studies, train_one_epoch)
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = world_info()
+    start_watchdog(config)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    torch.manual_seed(config["seed"] + rank)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    # Same seed on every rank: DDP broadcasts rank 0's weights anyway, and the negative-slice
+    # subsampling below must pick the same training set on every rank (one shared order).
+    torch.manual_seed(config["seed"])
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000)
+    aug_gen = torch.Generator().manual_seed(config["seed"] * 1000 + 1 + rank)
 
     train_refs = [StudyRef(**r) for r in config["train_refs"]]
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
-    # Each worker loads only its share of the training studies: memory scales down with workers.
-    mine = train_refs[rank::world]
     model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
                                         input_size=config.get("input_size"),
                                         weights=config.get("weights"))
-    x_tr, y_tr = slices_from_studies(load_readable(mine), pre,
-                                     negative_keep=config["negative_keep"], generator=gen)
-    x_va, y_va = slices_from_studies(load_readable(val_refs), pre)
+    # Every rank holds the whole training set and takes its share of each global batch from one
+    # shared seeded order, so all ranks run the same number of steps (issue 17).
+    x_tr, y_tr = slices_from_studies(load_readable(train_refs), pre,
+                                     negative_keep=config["negative_keep"], generator=data_gen)
+    # Validation runs on rank 0 only (see on_rank0 below).
+    x_va, y_va = slices_from_studies(load_readable(val_refs), pre) if rank == 0 else (None, None)
+    sampler = GlobalBatchSampler(len(y_tr), config["batch_size"], rank, world, seed=config["seed"],
+                                 shuffle=config.get("shuffle", True))
 
     start_epoch, optimizer_state = 0, None
     resumed = resume_from_checkpoint(CKPT_FILE, load_classifier)
     if resumed is not None:
         (model, pre, _), start_epoch, optimizer_state = resumed
 
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
     optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(config["tumour_weight"]).to(device)
-    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=config["batch_size"], shuffle=True,
-                        generator=gen, drop_last=len(y_tr) > config["batch_size"])
+    # The gradient of the weighted mean over the GLOBAL batch, whatever its split into ranks.
+    train_loss_fn = GlobalMeanCrossEntropy(loss_fn.weight, world).to(device)
+    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
 
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
-        train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
-                                     augment=config["augment"], generator=gen)
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_loss = mean_over_ranks(train_one_epoch(model, loader, optimizer, train_loss_fn,
+                                                     device=device, augment=config["augment"],
+                                                     generator=aug_gen))
+        train_s = time.perf_counter() - t0
         _maybe_die(config, epoch, rank)
-        val = evaluate(bare, x_va, y_va, loss_fn, device=device)
+        val = on_rank0(lambda: evaluate(bare, x_va, y_va, loss_fn, device=device))
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
-                   "start_epoch": start_epoch}
+                   "start_epoch": start_epoch, "workers": world, "steps": len(sampler),
+                   # rank 0's wall time of the epoch's training steps (bench/bench_ddp.py)
+                   "train_s": on_rank0(lambda: train_s)}
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], val["auc"])
@@ -133,10 +151,18 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
+    `batch_size` is the GLOBAL batch (slices per optimiser step), split across the `num_workers`
+    DDP workers: the learning dynamics do not change with the number of workers (the learning rate is
+    not scaled). It must be at least `num_workers`. Every worker holds the whole training set.
+
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
-    tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`).
+    tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
+    slice order; `watchdog_s`: see `jobs.ray_train.start_watchdog`).
     """
     from wsseg_core.models import PRESETS
+    from wsseg_core.train import check_global_batch
+
+    check_global_batch(batch_size, num_workers)
 
     if weights == "imagenet" and (width or PRESETS[model_preset]["width"]) != 1.0:
         # ImageNet VGG16 weights exist only for the full-width network.
@@ -159,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
     p.add_argument("--max-failures", type=int, default=3)

@@ -31,6 +31,7 @@ import numpy as np
 from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
                          resolve_cohort, safe_name, setup_logging, study_key, torch_threads_for,
                          write_json)
+from jobs.ray_train import share_cpus
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -103,21 +104,25 @@ def _load_samples(files: Sequence[str]) -> list:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker: its share of the train samples; reports and checkpoints every epoch."""
-    import ray.train
+    """One DDP worker: its share of each GLOBAL batch (`config["batch_size"]` split across the
+    workers) of one shared seeded order; reports and checkpoints every epoch."""
     import ray.train.torch
     import torch
 
-    from jobs.ray_train import report_epoch, resume_from_checkpoint
+    from jobs.ray_train import (mean_over_ranks, on_rank0, prepare_ddp_model, report_epoch,
+                                resume_from_checkpoint, start_watchdog, world_info)
     from wsseg_core.mipcam import build_mipcam, evaluate, load_mipcam, save_mipcam, train_epoch
+    from wsseg_core.train import GlobalBatchSampler
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = world_info()
+    start_watchdog(config)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    torch.manual_seed(config["seed"] + rank)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    train = _load_samples(config["train_files"][rank::world])
-    val = _load_samples(config["val_files"])
+    torch.manual_seed(config["seed"])
+    # Every rank holds all training samples and takes its share of each global batch of one shared
+    # seeded order: equal steps on every rank (issue 17). Validation runs on rank 0 only.
+    train = _load_samples(config["train_files"])
+    val = _load_samples(config["val_files"]) if rank == 0 else []
+    sampler = GlobalBatchSampler(len(train), config["batch_size"], rank, world, seed=config["seed"])
     w = float(config["distance_weight"])
 
     model = build_mipcam(config["model_preset"], classes=config["classes"])
@@ -126,19 +131,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is not None:
         (model, _), start_epoch, optimizer_state = resumed
         model.train()
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
-        tr = train_epoch(model, train, optimizer, w, config["batch_size"], gen, device)
-        va = evaluate(bare, val, w, config["batch_size"], device)
+        sampler.set_epoch(epoch)
+        tr = train_epoch(model, train, optimizer, w, config["batch_size"], device=device,
+                         index_batches=sampler)
+        tr = {k: mean_over_ranks(v) for k, v in tr.items()}
+        va = on_rank0(lambda: evaluate(bare, val, w, config["batch_size"], device))
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_bce": tr["bce"],
                    "train_dist_mm": tr["dist_mm"], "val_loss": va["loss"], "val_bce": va["bce"],
                    "val_dist_mm": va["dist_mm"], "val_accuracy": va["accuracy"],
-                   "val_peak_mm": va["peak_mm"], "distance_weight": w, "start_epoch": start_epoch}
+                   "val_peak_mm": va["peak_mm"], "distance_weight": w, "start_epoch": start_epoch,
+                   "workers": world, "steps": len(sampler)}
         # NaN (no labelled validation sample) would break the checkpoint ranking.
         metrics = {k: (v if not isinstance(v, float) or math.isfinite(v) else 1e9)
                    for k, v in metrics.items()}
@@ -158,8 +167,12 @@ def fit_mipcam(train_files: list[str], val_files: list[str], dest: str | Path, *
                **fit_kwargs: Any) -> dict:
     """Ray Train fit at one distance weight; the best epoch (lowest validation loss at this weight)
     is copied to `dest`. `fit_kwargs`: num_workers, use_gpu, cpus_per_worker, max_failures,
-    callbacks (see :func:`jobs.ray_train.fit_best`). Returns dict(checkpoint, history, best)."""
+    callbacks (see :func:`jobs.ray_train.fit_best`). Returns dict(checkpoint, history, best).
+    `batch_size` is the GLOBAL batch, split across the workers (at least num_workers)."""
     from jobs.ray_train import fit_best
+    from wsseg_core.train import check_global_batch
+
+    check_global_batch(int(batch_size), int(fit_kwargs.get("num_workers", 1)))
 
     config = dict(train_files=list(train_files), val_files=list(val_files or train_files),
                   distance_weight=float(distance_weight), classes=list(classes),
@@ -288,8 +301,8 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     # A trial holds 1 CPU (it computes the validation CAMs and the grid; Tune refuses a trial with
     # no resources at all) and its Train workers share what the other CPUs leave, whole CPUs each.
     total = int(ray.cluster_resources().get("CPU", 1))
-    cpus_per_worker = 1.0 if use_gpu else float(
-        max(1, (total - max_concurrent_trials) // (num_workers * max_concurrent_trials)))
+    cpus_per_worker = 1.0 if use_gpu else share_cpus(
+        (total - max_concurrent_trials) / max_concurrent_trials, num_workers)
     fit_kwargs = dict(classes=list(class_names), model_preset=jp["model_preset"],
                       epochs=int(epochs or jp["epochs"]), batch_size=jp["batch_size"], lr=jp["lr"],
                       num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
@@ -349,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", choices=("tumour", "diagnosis"), default="tumour",
                    help="what the CNN classifies: tumour vs none, or the manifest's cancer type")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 40, paper 200)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
     p.add_argument("--storage-path", default=None, help="Ray Train/Tune storage; default <out>/ray")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import add_common_args, init_ray, labelled, resolve_cohort, setup_logging
-from jobs.ray_train import fit_and_keep_best, report_epoch, resume_from_checkpoint
+from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
+                            report_epoch, resume_from_checkpoint, start_watchdog, world_info)
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_unet")
@@ -43,34 +44,40 @@ def unet_path(out: str | Path) -> Path:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker: slices + masks of its patients, trains, reports and checkpoints per epoch."""
-    import ray.train
+    """One DDP worker: slices + masks of the training studies; trains on its share of each GLOBAL
+    batch (`config["batch_size"]` split across the workers), reports and checkpoints per epoch."""
     import ray.train.torch
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from wsseg_core.data import StudyRef
-    from wsseg_core.train import make_loss
+    from wsseg_core.train import GlobalBatchSampler, GlobalMeanCrossEntropy, make_loss
     from wsseg_core.unet import (build_unet, evaluate_unet, load_unet, make_unet_optimizer,
                                  masks_from_studies, save_unet, train_unet_epoch)
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = world_info()
+    start_watchdog(config)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    torch.manual_seed(config["seed"] + rank)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    # Same seed on every rank: the negative-slice subsampling must pick the same training set on
+    # every rank (one shared order); DDP broadcasts rank 0's initial weights anyway.
+    torch.manual_seed(config["seed"])
+    data_gen = torch.Generator().manual_seed(config["seed"] * 1000)
+    aug_gen = torch.Generator().manual_seed(config["seed"] * 1000 + 1 + rank)
 
     train_refs = [StudyRef(**r) for r in config["train_refs"]]
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
-    mine = train_refs[rank::world]  # each worker holds only its share of the training slices
     model, pre = build_unet(config["model_preset"], base=config.get("base"),
                             input_size=config.get("input_size"))
-    x_tr, y_tr = masks_from_studies(load_readable(mine), pre, negative_keep=config["negative_keep"],
-                                    generator=gen)
-    x_va, y_va = masks_from_studies(load_readable(val_refs), pre)
+    # Every rank holds all training slices and takes its share of each global batch of one shared
+    # seeded order: equal steps on every rank (issue 17). Validation runs on rank 0 only.
+    x_tr, y_tr = masks_from_studies(load_readable(train_refs), pre,
+                                    negative_keep=config["negative_keep"], generator=data_gen)
+    x_va, y_va = masks_from_studies(load_readable(val_refs), pre) if rank == 0 else (None, None)
+    sampler = GlobalBatchSampler(len(y_tr), config["batch_size"], rank, world, seed=config["seed"])
     if rank == 0:
-        LOG.info("U-Net data: %d train slices (worker 0), %d validation slices, %d validation "
-                 "tumour pixels", len(y_tr), len(y_va), int(y_va.sum()))
+        LOG.info("U-Net data: %d train slices, %d validation slices, %d validation tumour pixels; "
+                 "global batch %d over %d worker(s), %d steps per epoch", len(y_tr), len(y_va),
+                 int(y_va.sum()), config["batch_size"], world, len(sampler))
         if int(y_va.sum()) == 0:
             LOG.warning("validation slices hold no tumour pixel: val_dice is undefined (reported "
                         "as 0), so the kept 'best' checkpoint is not chosen by Dice")
@@ -81,26 +88,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (model, pre, _), start_epoch, optimizer_state = resumed
         model.train()
 
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
     optimizer = make_unet_optimizer(model, lr=config["lr"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(config["tumour_weight"]).to(device)
-    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=config["batch_size"], shuffle=True,
-                        generator=gen, drop_last=len(y_tr) > config["batch_size"])
+    # The gradient of the weighted pixel mean over the GLOBAL batch, whatever its split into ranks.
+    train_loss_fn = GlobalMeanCrossEntropy(loss_fn.weight, world).to(device)
+    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
 
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
-        train_loss = train_unet_epoch(model, loader, optimizer, loss_fn, device=device,
-                                      augment=config["augment"], generator=gen)
+        sampler.set_epoch(epoch)
+        train_loss = mean_over_ranks(train_unet_epoch(model, loader, optimizer, train_loss_fn,
+                                                      device=device, augment=config["augment"],
+                                                      generator=aug_gen))
         _maybe_die(config, epoch, rank)
-        val = evaluate_unet(bare, x_va, y_va, loss_fn, batch_size=config["batch_size"], device=device)
+        val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
+                                             batch_size=config["batch_size"], device=device))
         dice = float(val["dice"])
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    # NaN (no tumour pixel in validation) would break the checkpoint ranking.
                    "val_dice": dice if math.isfinite(dice) else 0.0,
-                   "val_dice_defined": math.isfinite(dice), "start_epoch": start_epoch}
+                   "val_dice_defined": math.isfinite(dice), "start_epoch": start_epoch,
+                   "workers": world, "steps": len(sampler)}
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], dice)
@@ -121,7 +133,12 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     Returns dict(checkpoint (path of unet.pt), ray_checkpoint, history (per-epoch metrics of the
     final attempt), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     `test_hooks` as in `jobs.train_classifier.fit` (`fail_after_epoch`, `fail_marker`).
+    `batch_size` is the GLOBAL batch, split across `num_workers` (at least `num_workers`; the
+    learning rate is not scaled).
     """
+    from wsseg_core.train import check_global_batch
+
+    check_global_batch(batch_size, num_workers)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   tumour_weight=tumour_weight, negative_keep=negative_keep, augment=augment,
@@ -137,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 15, paper 200)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 1e-2, paper 5e-5)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared on a cluster); default <out>/ray")
     p.add_argument("--name", default="unet", help="Ray Train run name (same name + storage = resume)")

@@ -21,6 +21,7 @@ import numpy as np
 from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, labelled,
                          open_run, publish, ray_storage_path, resolve_cohort, safe_name,
                          setup_logging, write_json)
+from jobs.ray_train import share_cpus
 from wsseg_core.storage import read_bytes
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
@@ -76,7 +77,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     trial_cpu = 0.01
     if not fit_kwargs.get("use_gpu") and fit_kwargs.get("cpus_per_worker") is None:
         workers = int(fit_kwargs.get("num_workers", 1))
-        fit_kwargs["cpus_per_worker"] = float(max(1, (auto_parallelism() - 1) // workers))
+        fit_kwargs["cpus_per_worker"] = share_cpus((auto_parallelism() - trial_cpu * max_concurrent_trials)
+                                                   / max_concurrent_trials, workers)
     tuner = tune.Tuner(
         # The trial itself only waits on its Train run; the Train workers hold the real resources.
         tune.with_resources(tune.with_parameters(trial, train_refs=train_refs, val_refs=val_refs,
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet",
                    help="classifier init: 'imagenet' (random init offline or width-reduced), 'none', or a file")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-concurrent-trials", type=int, default=1)
     p.add_argument("--storage-path", default=None)

@@ -415,16 +415,31 @@ def make_optimizer(model: nn.Module, optimizer: str = "sgd", lr: float = PAPER_L
 def train_epoch(model: nn.Module, volumes: Sequence[BoxVolume], optimizer: torch.optim.Optimizer,
                 loss_kw: Mapping[str, Any], *, patch: Sequence[int] | None, batch_size: int,
                 steps: int, rng: np.random.Generator, generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu", augment_data: bool = True) -> float:
+                device: str | torch.device = "cpu", augment_data: bool = True,
+                pick_rng: np.random.Generator | None = None, rank: int = 0, world: int = 1) -> float:
     """``steps`` optimiser steps on random patches (or whole volumes when ``patch`` is None, then
     batch 1) -> mean training loss. ``loss_kw`` are :func:`losses.boxfcn_loss` keywords (kind, beta,
-    lam, alpha, omega1, omega2, ...); the Mumford-Shah image is the (augmented) network input."""
+    lam, alpha, omega1, omega2, ...); the Mumford-Shah image is the (augmented) network input.
+
+    Data-parallel (DDP, ``world`` > 1): give every rank the same ``volumes`` and a ``pick_rng``
+    seeded alike on every rank. Each step then draws ONE global batch (``batch_size`` patches, or
+    ``world`` whole volumes, one per rank) from ``pick_rng`` and this rank trains on its share
+    (``train.rank_share``); ``rng`` (patch positions) and ``generator`` (augmentation) stay per rank.
+    """
+    from wsseg_core.train import check_global_batch, rank_share
+
     model.train()
     if not volumes:
         return float("nan")
+    draw = pick_rng if pick_rng is not None else rng
+    n_global = batch_size if patch else 1
+    if world > 1:
+        n_global = batch_size if patch else world
+        check_global_batch(n_global, world)
     total = 0.0
     for _ in range(int(steps)):
-        picks = [volumes[int(rng.integers(len(volumes)))] for _ in range(batch_size if patch else 1)]
+        globl = [int(draw.integers(len(volumes))) for _ in range(n_global)]
+        picks = [volumes[j] for j in globl[rank_share(n_global, rank, world)]]
         if patch:
             xs, bs = zip(*(sample_patch(v, patch, rng) for v in picks))
         else:

@@ -509,14 +509,19 @@ def batches(samples: Sequence[MipSample], batch_size: int, generator: torch.Gene
 
 def train_epoch(model: nn.Module, samples: Sequence[MipSample], optimizer: torch.optim.Optimizer,
                 distance_weight: float, batch_size: int = PAPER_BATCH_SIZE,
-                generator: torch.Generator | None = None, device: str | torch.device = "cpu"
-                ) -> dict[str, float]:
-    """One shuffled pass in batches of ``batch_size`` -> sample-weighted mean loss, bce, dist_mm."""
+                generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                index_batches: Iterable[Sequence[int]] | None = None) -> dict[str, float]:
+    """One shuffled pass in batches of ``batch_size`` -> sample-weighted mean loss, bce, dist_mm.
+
+    ``index_batches`` (e.g. a ``train.GlobalBatchSampler``: this worker's share of each global
+    batch under DDP) replaces the shuffled pass: one step per list of sample indices."""
     bare = getattr(model, "module", model)
     model.train()
     tot = {"loss": 0.0, "bce": 0.0, "dist_mm": 0.0}
     n = 0
-    for batch in batches(samples, batch_size, generator, bare.stride):
+    it = (batches(samples, batch_size, generator, bare.stride) if index_batches is None
+          else (collate([samples[j] for j in idx], bare.stride) for idx in index_batches))
+    for batch in it:
         batch = tuple(t.to(device) for t in batch)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = multitask_loss(model, batch, distance_weight)

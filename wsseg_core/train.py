@@ -254,3 +254,110 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
     return history
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-parallel training (DDP): one global batch, split across the workers
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """The contiguous part of ``n`` items that worker ``rank`` of ``world`` takes: sizes differ by at
+    most one, the first ``n % world`` ranks take one more (as ``numpy.array_split``)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    base, extra = divmod(int(n), int(world))
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+class GlobalBatchSampler:
+    """Each worker's index batches of one shared, seeded order over the WHOLE training set.
+
+    Every rank builds the same permutation of ``range(n)`` (seeded by ``seed`` and the epoch, so a
+    resumed run sees the epoch's order it would have seen uninterrupted), cuts it into global batches
+    of ``global_batch`` items, and yields its own :func:`rank_share` of each. Hence:
+
+    * the global batch is ``global_batch`` whatever the number of workers (a preset's batch size
+      means the same thing on 1 or 8 GPUs), and every sample is seen once per epoch by one rank;
+    * every rank runs exactly ``len(self)`` steps per epoch. DDP needs that: a rank that runs out
+      of batches first waits in ``ray.train.report`` while the others wait in a DDP collective, and
+      nothing ever times out (issue 17).
+
+    Like ``DataLoader(drop_last=True)`` the incomplete last global batch is dropped when there is
+    more than one batch; a set no larger than ``global_batch`` is one global batch of all ``n``.
+
+    Use as ``DataLoader(ds, batch_sampler=sampler)``; call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        check_global_batch(global_batch, world)
+        if n < world:
+            raise ValueError(f"{n} training samples cannot feed {world} workers (each needs at least one)")
+        self.n, self.global_batch, self.rank, self.world = int(n), int(global_batch), int(rank), int(world)
+        self.seed, self.shuffle, self.epoch = int(seed), bool(shuffle), 0
+        rank_share(1, self.rank, self.world)  # validates rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (the same on every rank)."""
+        self.epoch = int(epoch)
+
+    def global_order(self) -> list[int]:
+        """This epoch's order of all ``n`` indices (identical on every rank)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches (indices over the whole set), before the split into ranks."""
+        order = self.global_order()
+        if self.n <= self.global_batch:
+            return [order]
+        steps = self.n // self.global_batch
+        return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(steps)]
+
+    def __iter__(self):
+        for b in self.global_batches():
+            yield b[rank_share(len(b), self.rank, self.world)]
+
+    def __len__(self) -> int:
+        """Steps per epoch (equal on every rank)."""
+        return 1 if self.n <= self.global_batch else self.n // self.global_batch
+
+
+def check_global_batch(global_batch: int, world: int) -> None:
+    """Refuse a global batch that cannot give every one of ``world`` workers at least one sample."""
+    if int(world) < 1:
+        raise ValueError(f"need at least one worker, got {world}")
+    if int(global_batch) < int(world):
+        raise ValueError(f"batch size {global_batch} is the GLOBAL batch, split across the workers; "
+                         f"it must be at least the number of workers ({world}): raise --batch-size "
+                         f"or lower --num-workers")
+
+
+class GlobalMeanCrossEntropy(nn.Module):
+    """Weighted cross-entropy whose gradient, averaged by DDP over ``world`` ranks, is the gradient of
+    the weighted mean over the GLOBAL batch.
+
+    ``nn.CrossEntropyLoss(weight=w)`` divides by the sum of the weights of the LOCAL batch; DDP then
+    averages ranks, which weights a rank with few tumour slices like one with many. Here each rank
+    returns ``world * sum_i w_i l_i / sum_global w_i`` (the weight sum all-reduced over ranks, no
+    gradient through it), so the DDP mean equals the single-process loss of the whole global batch.
+    With ``world == 1`` (or no process group) it is exactly ``nn.CrossEntropyLoss(weight=w)``.
+    Train-time only: every rank must call it the same number of times (it is a collective).
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, world: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.detach().clone().float())
+        self.world = int(world)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = F.cross_entropy(logits, target, weight=self.weight, reduction="none")
+        den = (self.weight[target] if self.weight is not None else torch.ones_like(per)).sum().detach()
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            den = den.clone()
+            torch.distributed.all_reduce(den)
+            return per.sum() * self.world / den
+        return per.sum() / den

@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.common import auto_parallelism, input_record, open_run, publish, ray_storage_path
+from jobs.common import (auto_parallelism, fit_keeping_ctrl_c, input_record, open_run, publish,
+                         ray_storage_path)
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
@@ -336,7 +337,7 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    result = fit_keeping_ctrl_c(trainer)
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"{run_name}: training finished without a checkpoint")

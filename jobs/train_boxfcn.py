@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
                          resolve_cohort, safe_name, setup_logging)
 from jobs.ray_train import (fit_and_keep_best, report_epoch, resume_from_checkpoint,
@@ -379,7 +380,7 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
                                         random_state=seed)),
         run_config=tune.RunConfig(name="boxfcn_loss", storage_path=storage, verbose=1),
     )
-    results = tuner.fit()
+    results = fit_keeping_ctrl_c(tuner)
     errors = [str(r.error) for r in results if r.error]
     if errors:
         raise RuntimeError(f"BoxFCN tuning trials failed: {errors}")

@@ -52,6 +52,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     LOG.info("Ray resources: %s", ray.cluster_resources())
 
 
+def fit_keeping_ctrl_c(runner: Any) -> Any:
+    """`runner.fit()` (a Ray Tune `Tuner` or Train `TorchTrainer`) with the caller's SIGINT handler
+    restored afterwards.
+
+    Ray Tune installs its own handler ("Stop signal received ..., ending Ray Tune run") and leaves
+    it in place after the search: a Ctrl-C during the pipeline's later stages (scoring) was then
+    swallowed and the run went on to the end.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return runner.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return runner.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def auto_parallelism(per_unit_cpus: float = 1.0, per_unit_gpus: float = 0.0) -> int:
     """How many actors/workers of this size the cluster holds right now (at least 1)."""
     import ray

@@ -51,7 +51,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from nothing: discard this run folder's models, thresholds, results and "
+                        "stored Ray runs (default: a rerun resumes what is current and redoes what changed)")
     return p
+
+
+# Pipeline arguments that change where or how fast stages run, not what they compute.
+_NOT_IN_STAGE_FINGERPRINT = {"address", "concurrency", "num_gpus_per_actor", "num_workers", "use_gpu",
+                             "storage_path", "overwrite", "out"}
+_RUN_OUTPUTS = ("models", "tune", "metrics", "masks", "slices", "figures", "thresholds.json",
+                "run.json", "icc.parquet", "summary.parquet", "slice_auc.parquet", "report.html")
+
+
+def discard_outputs(layout, storage_path: str | None, out: str) -> None:
+    """`--overwrite`: remove what earlier runs left in the run folder and their stored Ray runs
+    (all of `<out>/ray` by default; with a shared `--storage-path`, only the runs this folder's
+    run.json names, so other runs kept there survive)."""
+    import json
+    import shutil
+
+    from jobs.common import ray_storage_path
+    from jobs.ray_train import discard_run
+
+    storage = ray_storage_path(storage_path, out)
+    if storage_path:
+        try:
+            old = json.loads(layout.run_json.read_text())
+        except (OSError, ValueError):
+            old = {}
+        for rec in (old.get("training_runs") or {}).values():
+            if rec and discard_run(storage, rec["run_name"]):
+                LOG.info("--overwrite: discarded stored Ray run %s", rec["run_name"])
+    elif layout.ray_storage.exists():
+        shutil.rmtree(layout.ray_storage)
+    for name in _RUN_OUTPUTS:
+        p = layout.out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    LOG.info("--overwrite: removed earlier outputs of %s", layout.out)
+
+
+def stage_fingerprint(args, refs: list, model_file) -> dict[str, Any]:
+    """What the threshold search computes from: the classifier's sha256, its studies (ids, paths,
+    sizes) and the pipeline's settings (less those that only place or pace the work)."""
+    import hashlib
+    import json
+
+    from jobs.common import input_record, sha256_file
+
+    fields = {"classifier_sha256": sha256_file(model_file), "studies": input_record(refs),
+              "args": {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IN_STAGE_FINGERPRINT}}
+    blob = json.dumps(fields, sort_keys=True, default=str)
+    return {"digest": hashlib.sha256(blob.encode()).hexdigest(), "fields": json.loads(blob)}
+
+
+def training_record(fit: dict[str, Any] | None, path: str, local_file) -> dict[str, Any] | None:
+    """run.json's entry for one trained network: where it is, which Ray run and epoch it came from
+    and why that epoch, and every epoch's metrics (the kept one marked)."""
+    if fit is None:
+        return None
+    return {"path": path, "sha256": sha256_file(local_file), "run_name": fit.get("run_name"),
+            "fingerprint": fit.get("fingerprint"), "kept_epoch": fit.get("kept_epoch"),
+            "kept_by": fit.get("kept_by"), "best_epoch_metrics": fit["best"],
+            "history": [{**h, "kept": h.get("epoch") == fit.get("kept_epoch")} for h in fit["history"]]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     layout, remote = open_run(args.out)
     out = args.out if remote is not None else str(layout.out)  # what every job is given
     layout.out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        discard_outputs(layout, args.storage_path, out)
     if remote is not None:
         LOG.info("--out is a URI: staging in %s, outputs go to %s", layout.out, args.out)
     timings: dict[str, float] = {}
@@ -137,8 +204,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings["train_unet_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
-                                 storage_path=args.storage_path)
+    # The search is rerun only when what it computes from changed (a retrained classifier, other
+    # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
+    tune_stage = stage_fingerprint(args, tune_refs, layout.classifier)
+    stage_file = layout.out / "tune" / "stage.json"
+    try:
+        import json as _json
+
+        previous = _json.loads(stage_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous.get("digest") == tune_stage["digest"] and layout.thresholds.exists():
+        LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
+                 layout.thresholds)
+    else:
+        if previous:
+            from jobs.ray_train import describe_change
+
+            LOG.info("tune: rerunning the threshold search (%s)",
+                     describe_change(previous.get("fields", {}), tune_stage["fields"]))
+        stage_file.unlink(missing_ok=True)  # until the new search has finished
+        tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
+                             storage_path=args.storage_path)
+        write_json(stage_file, tune_stage)
     timings["tune_s"] = time.perf_counter() - t0
 
     mipcam_fit = None
@@ -193,10 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "tumour_weight": tumour_weight,
         "thresholds": thresholds,
-        "classifier": {"path": join(out, "models/classifier.pt"), "sha256": sha256_file(layout.classifier),
-                       "best_epoch_metrics": fit["best"]},
-        "unet": None if unet_fit is None else {"path": join(out, "models/unet.pt"), "sha256": sha256_file(layout.unet),
-                                               "best_epoch_metrics": unet_fit["best"]},
+        "classifier": training_record(fit, join(out, "models/classifier.pt"), layout.classifier),
+        "unet": training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
         "mipcam": None if mipcam_fit is None else {
             "path": mipcam_fit["checkpoint"], "sha256": sha256_file(mipcam_fit["checkpoint"]),
             "distance_weight": mipcam_fit["distance_weight"], "t": mipcam_fit["t"],
@@ -204,14 +290,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
             "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
         "boxfcn": None if boxfcn_fit is None else {
-            "path": boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
-            "sha256": sha256_file(boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
-            "best_epoch_metrics": boxfcn_fit["fits"]["mdice_ms"]["best"],
-            "warm_start": {"path": boxfcn_fit["fits"]["box_dice"]["checkpoint"],
-                           "sha256": sha256_file(boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
-                           "best_epoch_metrics": boxfcn_fit["fits"]["box_dice"]["best"]},
+            **training_record(boxfcn_fit["fits"]["mdice_ms"], boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
+                              boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
+            "warm_start": training_record(boxfcn_fit["fits"]["box_dice"],
+                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"],
+                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
             "thresholds_entry": boxfcn_fit["entry"]},
-        "training_history": fit["history"],
+        # Every epoch of the classifier's run (the kept one marked), as in run.json["classifier"].
+        "training_history": training_record(fit, "", layout.classifier)["history"],
+        "training_runs": {k: ({"run_name": f.get("run_name"), "fingerprint": f.get("fingerprint")}
+                              if f else None)
+                          for k, f in (("classifier", fit), ("unet", unet_fit),
+                                       ("boxfcn", boxfcn_fit and boxfcn_fit["fits"]["mdice_ms"]),
+                                       ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
+        "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
                     "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
                     "cohort": join(out, "cohort.parquet"), "staging": str(layout.out) if remote else None},

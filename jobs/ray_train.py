@@ -2,12 +2,28 @@
 the driver side that runs a `TorchTrainer` and keeps the best epoch's network in `<out>/models/`.
 
 Each network job (classifier, U-Net, ...) supplies only its own train loop and save/load functions.
+
+Two records travel inside every epoch checkpoint, written by rank 0 (:class:`EpochKeeper`):
+`kept.json` (every epoch's metrics since the run began, the epoch kept and by which metric) and
+`best_<ckpt_file>` (that epoch's network). The driver reads both from the run's latest checkpoint,
+so the network it keeps never depends on which reports Ray still lists: a restored run that reports
+nothing new, a metric that is NaN in every epoch (no validation study with both classes) and
+`num_to_keep` pruning all give the same answer as the uninterrupted run.
+
+Ray Train restores a run by name (RAY_NOTES: a changed configuration under the same name silently
+continues the old run), so :func:`fit_best` names each run `<name>-<fingerprint>`, the fingerprint
+covering the configuration, the studies (ids, paths, byte sizes), files the run starts from and the
+code version. The same command resumes; a changed one trains a new run and the log names what changed.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import functools
+import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -17,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.common import auto_parallelism, open_run, publish, ray_storage_path
+from jobs.common import (auto_parallelism, fit_keeping_ctrl_c, input_record, open_run, publish,
+                         ray_storage_path)
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
@@ -25,14 +42,113 @@ STATE_FILE = "train_state.pt"
 WATCHDOG_ENV = "WSSEG_TRAIN_WATCHDOG_S"
 DEFAULT_WATCHDOG_S = 1800.0
 _WATCHDOG: "Watchdog | None" = None
+KEPT_FILE = "kept.json"
+# Settings that change where or how fast a run trains, not what it computes: a rerun on a bigger
+# cluster resumes the same run; the watchdog only warns. Test hooks (fail_*) only kill a worker.
+UNFINGERPRINTED = frozenset({"cpus_per_worker", "num_workers", "use_gpu", "watchdog_s"})
+
+
+def best_file(ckpt_file: str) -> str:
+    """Name of the kept (best) network's copy inside each checkpoint."""
+    return f"best_{ckpt_file}"
+
+
+class EpochKeeper:
+    """Per worker: every epoch's metrics and the best network so far, carried from checkpoint to
+    checkpoint.
+
+    `metric`/`mode` rank epochs ("max" or "min"); an epoch whose metric is not finite never beats a
+    finite one. Until some epoch has a finite value the latest epoch is kept and `fallback` is set,
+    so a run without a usable validation metric still keeps a network (its last) and says so.
+    """
+
+    def __init__(self, metric: str | None = None, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.history: list[dict[str, Any]] = []
+        self.kept_epoch: int | None = None
+        self.kept_value: float | None = None
+        self.extra: dict[str, Any] = {}  # the loop's own state at the checkpoint resumed from
+        self._best_dir = Path(tempfile.mkdtemp(prefix="wsseg-kept-"))
+
+    @property
+    def fallback(self) -> bool:
+        return self.kept_value is None
+
+    def _beats(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.kept_value is None:
+            return True
+        return value > self.kept_value if self.mode == "max" else value < self.kept_value
+
+    def record(self, metrics: dict[str, Any], epoch: int) -> bool:
+        """Add one epoch; True when its network becomes the kept one."""
+        # A restarted worker restores the keeper from its checkpoint, so epochs are never redone
+        # on top of their own record; drop a stale entry anyway rather than list an epoch twice.
+        self.history = [h for h in self.history if int(h.get("epoch", -1)) != epoch]
+        self.history.append({**metrics, "epoch": epoch})
+        value = float(metrics.get(self.metric, float("nan"))) if self.metric else float("nan")
+        if self._beats(value):
+            self.kept_epoch, self.kept_value = epoch, value
+            return True
+        if self.kept_value is None:
+            self.kept_epoch = epoch
+            return True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "kept_epoch": self.kept_epoch,
+                "kept_value": self.kept_value, "fallback": self.fallback, "history": self.history}
+
+    def write(self, d: Path, ckpt_file: str, improved: bool) -> None:
+        """Into checkpoint folder `d` (which holds this epoch's `ckpt_file`): the kept network and
+        kept.json."""
+        kept = self._best_dir / ckpt_file
+        if improved or not kept.exists():
+            shutil.copyfile(d / ckpt_file, kept)
+        shutil.copyfile(kept, d / best_file(ckpt_file))
+        (d / KEPT_FILE).write_text(json.dumps(self.state(), default=float))
+
+    def restore(self, d: Path, ckpt_file: str) -> None:
+        """From a checkpoint folder written by :meth:`write` (older checkpoints have no record: the
+        run then continues with an empty history)."""
+        rec = d / KEPT_FILE
+        if not rec.exists():
+            return
+        state = json.loads(rec.read_text())
+        self.history = list(state.get("history", []))
+        self.kept_epoch = state.get("kept_epoch")
+        self.kept_value = state.get("kept_value")
+        if (d / best_file(ckpt_file)).exists():
+            shutil.copyfile(d / best_file(ckpt_file), self._best_dir / ckpt_file)
+
+
+_KEEPER: EpochKeeper | None = None
+
+
+def _keeper() -> EpochKeeper:
+    global _KEEPER
+    if _KEEPER is None:  # a loop run outside fit_best keeps the latest epoch
+        _KEEPER = EpochKeeper()
+    return _KEEPER
+
+
+def _run_keeping(train_loop: Callable[[dict], None], metric: str, mode: str, config: dict) -> None:
+    """What each worker runs: `train_loop` with a fresh EpochKeeper ranking by `metric`."""
+    global _KEEPER
+    _KEEPER = EpochKeeper(metric, mode)
+    train_loop(config)
 
 
 def resume_from_checkpoint(ckpt_file: str, load: Callable[[Path], tuple]) -> tuple[tuple, int, dict] | None:
     """Inside a train loop: the latest checkpoint Ray Train hands this worker, if any.
 
     Returns (what `load(<checkpoint dir>/ckpt_file)` returns, the epoch to start at, the optimizer
-    state), or None on a fresh start. After a worker failure or a resubmitted run, Ray gives the
-    last checkpoint it registered (see README, "When things go wrong").
+    state), or None on a fresh start; the `extra_state` reported with that epoch is
+    `resumed_extra_state()`. After a worker failure or a rerun of the same command, Ray gives the last
+    checkpoint it registered (see README, "When things go wrong"); the epoch record restarts from it.
     """
     import ray.train
     import torch
@@ -43,24 +159,39 @@ def resume_from_checkpoint(ckpt_file: str, load: Callable[[Path], tuple]) -> tup
     with ckpt.as_directory() as d:
         loaded = load(Path(d) / ckpt_file)
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        _keeper().restore(Path(d), ckpt_file)
+    _keeper().extra = dict(state.get("extra") or {})
     start_epoch = int(state["epoch"]) + 1
     if ray.train.get_context().get_world_rank() == 0:
         LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
     return loaded, start_epoch, state["optimizer"]
 
 
+def resumed_extra_state() -> dict[str, Any]:
+    """The `extra_state` reported with the epoch this worker resumed from ({} on a fresh start)."""
+    return dict(_keeper().extra)
+
+
 def report_epoch(metrics: dict[str, Any], epoch: int, optimizer, ckpt_file: str,
-                 save: Callable[[Path], None]) -> None:
-    """Report one epoch's metrics; rank 0 also writes the network (`save(path)`) and the optimizer
-    state as the epoch's checkpoint (one copy of the weights; the other ranks report metrics only)."""
+                 save: Callable[[Path], None], extra_state: dict[str, Any] | None = None) -> None:
+    """Report one epoch's metrics; rank 0 also writes the epoch's checkpoint: the network
+    (`save(path)`), the optimizer state and `extra_state` (e.g. early-stopping counters), the
+    best network so far and the record of every epoch (:class:`EpochKeeper`).
+
+    Every rank must call this once per epoch: `ray.train.report` is a barrier across ranks.
+    """
     import ray.train
     import torch
 
+    keeper = _keeper()
+    improved = keeper.record(metrics, epoch)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
             save(Path(d) / ckpt_file)
-            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, Path(d) / STATE_FILE)
+            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "extra": extra_state or {}},
+                       Path(d) / STATE_FILE)
+            keeper.write(Path(d), ckpt_file, improved)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
     beat_watchdog()
@@ -200,56 +331,182 @@ def start_watchdog(config: dict[str, Any]) -> Watchdog:
     return _WATCHDOG
 
 
+def _file_digest(path: str) -> str | None:
+    """sha256 of a local file a run starts from (warm start, weights), None if it is no local file."""
+    if not isinstance(path, str) or "://" in path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(config: dict[str, Any], *, metric: str, mode: str) -> dict[str, Any]:
+    """What a training run computes from: its configuration (less UNFINGERPRINTED and test hooks),
+    the byte size of every study file (`*_refs` lists), the sha256 of local files it starts from
+    (`init_from`, `weights`), the ranking metric and the code version.
+
+    Returns dict(digest (hex), fields (the comparable values, for naming what changed)).
+    """
+    import wsseg_core
+
+    fields: dict[str, Any] = {}
+    for k, v in sorted(config.items()):
+        if k in UNFINGERPRINTED or k.startswith("fail_"):
+            continue
+        if k.endswith("_refs") and isinstance(v, list):
+            from wsseg_core.data import StudyRef
+
+            refs = [StudyRef(**r) if isinstance(r, dict) else r for r in v]
+            fields[k] = input_record(refs)
+        elif k in ("init_from", "weights") and _file_digest(v):
+            fields[k] = {"path": v, "sha256": _file_digest(v)}
+        else:
+            fields[k] = v
+    fields["_keep"] = f"{mode} {metric}"
+    fields["_code"] = wsseg_core.__version__
+    blob = json.dumps(fields, sort_keys=True, default=str)
+    return {"digest": hashlib.sha256(blob.encode()).hexdigest(), "fields": json.loads(blob)}
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """One line naming what differs between two fingerprints' fields (values shown when short)."""
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k.endswith("_refs"):
+            ids_a = {(r["patient_id"], r["study_id"]) for r in a or []}
+            ids_b = {(r["patient_id"], r["study_id"]) for r in b or []}
+            what = (f"{len(ids_b - ids_a)} studies added, {len(ids_a - ids_b)} removed"
+                    if ids_a != ids_b else "paths or file sizes changed")
+            parts.append(f"{k}: {what}")
+        else:
+            sa, sb = json.dumps(a, default=str), json.dumps(b, default=str)
+            parts.append(f"{k}: {sa} -> {sb}" if len(sa) + len(sb) < 80 else f"{k} changed")
+    return "; ".join(parts) or "nothing recorded differs"
+
+
+def _last_run_record(storage_path: str, name: str) -> str:
+    from wsseg_core.storage import join
+
+    return join(storage_path, f"{name}.last-run.json")
+
+
+def _note_run(storage_path: str, name: str, run_name: str, fingerprint: dict[str, Any]) -> None:
+    """Log whether `run_name` resumes the last run under `name` or replaces it, and why; record it."""
+    from wsseg_core.storage import filesystem_and_path, read_bytes
+
+    record = _last_run_record(storage_path, name)
+    try:
+        last = json.loads(read_bytes(record))
+    except (FileNotFoundError, OSError, ValueError):
+        last = None
+    if last is None:
+        LOG.info("%s: new training run %s", name, run_name)
+    elif last.get("run_name") == run_name:
+        LOG.info("%s: same settings and data as run %s: resuming it (a finished run is reused)",
+                 name, run_name)
+    else:
+        LOG.warning("%s: settings or data changed since run %s (%s): training a new run %s",
+                    name, last.get("run_name"), describe_change(last.get("fields", {}),
+                                                                  fingerprint["fields"]), run_name)
+    fs, path = filesystem_and_path(record)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp, compression=None) as f:
+        f.write(json.dumps({"run_name": run_name, "digest": fingerprint["digest"],
+                            "fields": fingerprint["fields"]}, default=str).encode())
+    fs.move(tmp, path)
+
+
+def discard_run(storage_path: str, run_name: str) -> bool:
+    """Delete Ray's stored state of one training run (for a forced fresh start); True if it existed."""
+    import pyarrow.fs as pafs
+
+    from wsseg_core.storage import filesystem_and_path, join
+
+    fs, path = filesystem_and_path(join(storage_path, run_name))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest: str | Path,
              ckpt_file: str, metric: str, name: str, storage_path: str, mode: str = "max",
              num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
-             max_failures: int = 3, callbacks: list | None = None) -> dict[str, Any]:
+             max_failures: int = 3, callbacks: list | None = None,
+             fresh: bool = False) -> dict[str, Any]:
     """Run `train_loop` on `num_workers` Ray Train workers (DDP) and copy the best epoch's
-    `ckpt_file` (by `metric`, `mode` "max" or "min") to the local file `dest` (temp name, then
-    rename, so trials writing side by side never see each other's half-copied files).
+    `ckpt_file` (by `metric`, `mode` "max" or "min"; the last epoch, with a warning, when the
+    metric is never finite) to the local file `dest` (temp name, then rename, so trials writing side
+    by side never see each other's half-copied files).
 
-    Checkpoints and run state go to `storage_path` under `name`: the same name and storage resume an
-    interrupted run. `cpus_per_worker` None shares the cluster's CPUs among the workers on CPU
-    (torch threads follow it via `config["cpus_per_worker"]`).
+    The Ray run is `<name>-<fingerprint>` under `storage_path` (see :func:`run_fingerprint`): the
+    same configuration and data resume an interrupted run or reuse a finished one; anything else
+    trains a new run. `fresh` discards a stored run of the same fingerprint first. `cpus_per_worker`
+    None shares the cluster's CPUs among the workers on CPU (torch threads follow it via
+    `config["cpus_per_worker"]`).
 
-    Returns dict(checkpoint (`dest`), ray_checkpoint, history (per-epoch metrics Ray kept, in epoch
-    order), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
+    Returns dict(checkpoint (`dest`), ray_checkpoint, run_name, fingerprint (hex), history (every
+    epoch's metrics, in epoch order), best (the kept epoch's metrics), kept_epoch, kept_by (e.g.
+    "max val_auc", or "last epoch (val_auc never finite)")).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
+    fingerprint = run_fingerprint(config, metric=metric, mode=mode)
+    run_name = f"{name}-{fingerprint['digest'][:12]}"
+    if fresh and discard_run(storage_path, run_name):
+        LOG.info("%s: discarded the stored run %s (fresh start asked for)", name, run_name)
+    _note_run(storage_path, name, run_name, fingerprint)
     trainer = TorchTrainer(
-        train_loop,
+        functools.partial(_run_keeping, train_loop, metric, mode),
         train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker,
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=run_name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+            # The latest two: the keeper carries the best network inside each of them.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
-    best = result.get_best_checkpoint(metric=metric, mode=mode) or result.checkpoint
-    if best is None:
-        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    result = fit_keeping_ctrl_c(trainer)
+    latest = result.checkpoint
+    if latest is None:
+        raise RuntimeError(f"{run_name}: training finished without a checkpoint")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with best.as_directory() as d:
-        shutil.copyfile(Path(d) / ckpt_file, tmp)
-    os.replace(tmp, dest)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    # Ray lists the kept reports in checkpoint-score order; a history reads in epoch order.
-    history.sort(key=lambda h: (h.get("epoch", 0), h.get("start_epoch", 0)))
-    return {"checkpoint": str(dest), "ray_checkpoint": best.path, "history": history,
-            "best": dict(result.metrics or {})}
+    try:
+        with latest.as_directory() as d:
+            state = json.loads((Path(d) / KEPT_FILE).read_text())
+            shutil.copyfile(Path(d) / best_file(ckpt_file), tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    history = sorted(state["history"], key=lambda h: int(h.get("epoch", 0)))
+    kept_epoch = state["kept_epoch"]
+    if state["fallback"]:
+        kept_by = f"last epoch ({metric} never finite)"
+        LOG.warning("%s: %s was not finite in any epoch (e.g. no validation study, or one class "
+                    "only), so the last epoch (%s) is kept", run_name, metric, kept_epoch)
+    else:
+        kept_by = f"{mode} {metric}"
+    best = next((h for h in history if h.get("epoch") == kept_epoch), {})
+    LOG.info("%s: kept epoch %s of %d (%s)", run_name, kept_epoch, len(history), kept_by)
+    return {"checkpoint": str(dest), "ray_checkpoint": latest.path, "run_name": run_name,
+            "fingerprint": fingerprint["digest"], "history": history, "best": best,
+            "kept_epoch": kept_epoch, "kept_by": kept_by}
 
 
 def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, out: str | Path,
@@ -259,7 +516,7 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
     """:func:`fit_best` into a run folder: the best epoch's network lands in
     `<out>/models/<model_file or ckpt_file>` (uploaded when `out` is a URI), and Ray's checkpoints
     under `--storage-path` (default `<out>/ray`). `fit_kwargs`: num_workers, use_gpu,
-    cpus_per_worker, max_failures, callbacks (see :func:`fit_best`).
+    cpus_per_worker, max_failures, callbacks, fresh (see :func:`fit_best`).
     """
     layout, remote = open_run(out)
     dest = layout.model(model_file or ckpt_file)

@@ -41,23 +41,23 @@ import argparse
 import logging
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
                          resolve_cohort, safe_name, setup_logging)
-from jobs.ray_train import (beat_watchdog, fit_and_keep_best, mean_over_ranks, on_rank0,
-                            prepare_ddp_model, start_watchdog, world_info)
+from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
+                            report_epoch, resume_from_checkpoint, resumed_extra_state,
+                            start_watchdog, world_info)
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
 CKPT_FILE = "boxfcn.pt"  # the scored model (L_MDice + L_MS)
 WARM_FILE = "boxfcn_boxdice.pt"  # the box-Dice warm start
 MDICE_FILE = "boxfcn_mdice.pt"  # the ablation's L_MDice-only model
-STATE_FILE = "train_state.pt"
 
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
@@ -116,15 +116,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         warm, _ = load_boxfcn(config["init_from"])
         model.load_state_dict(warm.state_dict())
     start_epoch, best, bad, optimizer_state = 0, math.inf, 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model, _ = load_boxfcn(Path(d) / CKPT_FILE)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        start_epoch = int(state["epoch"]) + 1
-        best, bad, optimizer_state = float(state["best_val_loss"]), int(state["bad_epochs"]), state["optimizer"]
-        if rank == 0:
-            LOG.info("resuming from checkpoint after epoch %d", start_epoch - 1)
+    resumed = resume_from_checkpoint(CKPT_FILE, load_boxfcn)
+    if resumed is not None:
+        (model, _), start_epoch, optimizer_state = resumed
+        extra = resumed_extra_state()
+        best, bad = float(extra["best_val_loss"]), int(extra["bad_epochs"])
     model.train()
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
@@ -160,19 +156,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
                    "best_val_loss": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
                    "workers": world, "steps": steps}
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                save_boxfcn(Path(d) / CKPT_FILE, bare, meta={**metrics, "kind": config["kind"],
-                                                             "loss": config["loss"], **margin})
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "best_val_loss": best,
-                            "bad_epochs": bad}, Path(d) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                LOG.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f%s", config["kind"],
-                         epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
-                         "" if bad < config["patience"] else "  (early stop)")
-            ray.train.report(metrics, checkpoint=checkpoint)
-        beat_watchdog()
+        if rank == 0:
+            LOG.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f%s", config["kind"],
+                     epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
+                     "" if bad < config["patience"] else "  (early stop)")
+        report_epoch(metrics, epoch, optimizer, CKPT_FILE,
+                     lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
+                                                                "loss": config["loss"], **margin}),
+                     extra_state={"best_val_loss": best, "bad_epochs": bad})
         if bad >= config["patience"]:
             break
 
@@ -221,9 +212,7 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
                             name=name or f"boxfcn_{Path(filename).stem}", num_workers=num_workers,
                             use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                             storage_path=storage_path, max_failures=max_failures, callbacks=callbacks)
-    history = res["history"]
-    kept = min(history, key=lambda h: h.get("val_loss", math.inf)) if history else res["best"]
-    return {**res, "best": kept}
+    return res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +399,7 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
                                         random_state=seed)),
         run_config=tune.RunConfig(name="boxfcn_loss", storage_path=storage, verbose=1),
     )
-    results = tuner.fit()
+    results = fit_keeping_ctrl_c(tuner)
     errors = [str(r.error) for r in results if r.error]
     if errors:
         raise RuntimeError(f"BoxFCN tuning trials failed: {errors}")

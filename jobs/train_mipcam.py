@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
                          resolve_cohort, safe_name, setup_logging, study_key, torch_threads_for,
                          write_json)
@@ -316,7 +317,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
                                     max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name="mipcam", storage_path=storage, verbose=1),
     )
-    results = tuner.fit()
+    results = fit_keeping_ctrl_c(tuner)
     errors = [str(r.error) for r in results if r.error]
     if errors:
         raise RuntimeError(f"MIP-CAM trials failed: {errors}")

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, labelled,
                          open_run, publish, ray_storage_path, resolve_cohort, safe_name,
                          setup_logging, write_json)
@@ -87,7 +88,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1),
     )
-    results = tuner.fit()
+    results = fit_keeping_ctrl_c(tuner)
     df = results.get_dataframe()
     errors = [str(r.error) for r in results if r.error]
     if errors:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (add_common_args, fetch, init_ray, labelled, open_run, publish,
                          ray_storage_path, resolve_cohort, safe_name, setup_logging,
                          torch_threads_for, write_json)
@@ -132,7 +133,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                                    storage_path=ray_storage_path(storage_path, out)),
     )
     t0 = time.perf_counter()
-    results = tuner.fit()
+    results = fit_keeping_ctrl_c(tuner)
     LOG.info("CAMs of %d validation studies computed once (%.1f s); %d grid cells x %d q scored from "
              "that cache (%.1f s)", len(files), t_cache, len(cells), len(q_grid),
              time.perf_counter() - t0)

@@ -163,7 +163,7 @@ class StudyScorer:
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
                  cam_batch_size: int = 64, num_cpus: float = 1.0,
-                 kill_once: dict[str, str] | None = None) -> None:
+                 kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
         staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
         masks and rows as soon as they are written (the rows last: their file marks the study done).
@@ -194,6 +194,7 @@ class StudyScorer:
         self.methods = list(methods)
         self.cam_batch_size = cam_batch_size
         self.kill_once = kill_once
+        self.flag_threshold = float(flag_threshold)  # Algorithm 1 step 1 (thresholds.json)
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
         status: list[dict] = []
@@ -255,7 +256,7 @@ class StudyScorer:
 
         study = load_study(ref)
         probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
-        z = flagged_slices(probs)
+        z = flagged_slices(probs, self.flag_threshold)
         labels = None if study.seg is None else slice_labels(study.seg)
         auc = float("nan") if labels is None else roc_auc(probs, labels)  # NaN: one class only
         write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
@@ -288,7 +289,8 @@ class StudyScorer:
         return rows
 
 
-def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str]) -> dict:
+def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str],
+                 flag_threshold: float = 0.5) -> dict:
     """What a study's rows depend on besides its input files: reused only if all of it matches.
 
     The schema is part of it: files written before a column was added would not share one schema,
@@ -296,6 +298,7 @@ def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequen
     """
     fp = {"methods": sorted(methods),
           "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
+          "flag_threshold": float(flag_threshold),
           "classifier_sha256": sha256_file(layout.classifier),
           "models_sha256": {m: sha256_file(layout.model(MODEL_METHODS[m].checkpoint))
                             for m in sorted(methods) if m in MODEL_METHODS},
@@ -347,7 +350,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
           methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
           cam_batch_size: int = 64, overwrite: bool = False,
-          kill_once: dict[str, str] | None = None) -> dict[str, Any]:
+          kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5) -> dict[str, Any]:
     """Score `refs` with a Ray Data actor pool, one Parquet file per study; resumes by default.
 
     Studies whose result file already exists in `<out>/metrics/` (computed with the same methods,
@@ -400,7 +403,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             remote.fs.delete_dir_contents(remote.path("metrics"), missing_dir_ok=True)
         shutil.rmtree(layout.metrics, ignore_errors=True)
         fetch(layout, remote, layout.metrics)
-    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods), overwrite)
+    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods, flag_threshold), overwrite)
     publish(layout, remote, layout.metrics_record)
     _clean_temp_files(layout)
     done = {r for r in refs if layout.study_metrics(r.patient_id, r.study_id).exists()}
@@ -419,7 +422,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             StudyScorer,
             fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
                                        cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
-                                       kill_once=kill_once),
+                                       kill_once=kill_once, flag_threshold=flag_threshold),
             batch_size=1, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
@@ -488,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.tune_thresholds import load_thresholds
+    from jobs.tune_thresholds import load_flag_threshold, load_thresholds
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -503,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite,
+                    flag_threshold=load_flag_threshold(layout.thresholds))
     except StaleResultsError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"metrics: {res['metrics']}  ({res['ok_studies']} studies ok, {res['failed_studies']} failed; "

@@ -72,8 +72,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from wsseg_core.data import StudyRef
     from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
-    from wsseg_core.train import (evaluate, make_loss, make_optimizer, slices_from_studies,
-                                  train_one_epoch)
+    from wsseg_core.train import (EarlyStopping, evaluate, make_loss, make_optimizer,
+                                  make_scheduler, slices_from_studies, train_one_epoch)
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -99,17 +99,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"])
+    optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"],
+                               weight_decay=config.get("weight_decay", 0.0),
+                               kind=config.get("optimizer", "sgd"))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(config["tumour_weight"]).to(device)
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=config["batch_size"], shuffle=True,
                         generator=gen, drop_last=len(y_tr) > config["batch_size"])
+    scheduler = make_scheduler(optimizer, config.get("schedule", "constant"), config["lr"],
+                               config["epochs"], len(loader), start_epoch=start_epoch)
+    # Every worker validates the same weights on all validation slices, so all stop together.
+    # (After a resume the patience count restarts: at worst a few extra epochs.)
+    stopper = EarlyStopping(config.get("patience"))
 
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
         train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
-                                     augment=config["augment"], generator=gen)
+                                     augment=config["augment"], generator=gen, scheduler=scheduler)
         _maybe_die(config, epoch, rank)
         val = evaluate(bare, x_va, y_va, loss_fn, device=device)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
@@ -120,6 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      config["epochs"], train_loss, val["loss"], val["auc"])
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_classifier(path, bare, pre, meta=metrics))
+        if stopper.update(float(val["auc"])):
+            if rank == 0:
+                LOG.info("early stop after epoch %d: no better validation AUC for %d epochs "
+                         "(best %.3f)", epoch + 1, stopper.patience, stopper.best)
+            break
 
 
 def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
@@ -130,9 +142,14 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         cpus_per_worker: float | None = None,
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None,
+        optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
+        weight_decay: float = 0.0,
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
+    `optimizer` / `schedule`: wsseg_core.train.make_optimizer / make_scheduler (`lr` is the peak of
+    a one-cycle schedule); `patience`: early stop after that many epochs without a better
+    validation AUC (None: run every epoch).
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`).
     """
@@ -147,11 +164,23 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
-                  **(test_hooks or {}))
+                  optimizer=optimizer, schedule=schedule, patience=patience,
+                  weight_decay=weight_decay, **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
+
+
+def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None) -> dict[str, Any]:
+    """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
+    as `fit` keywords; `optimizer` overrides the preset's (with SGD the schedule is constant,
+    as in the paper)."""
+    opt = optimizer or preset.get("optimizer", "sgd")
+    return dict(optimizer=opt,
+                schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
+                patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
+                input_size=preset.get("input_size"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
+              **classifier_recipe(preset, optimizer=args.optimizer),
               weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed)

@@ -168,7 +168,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, max_lr: float, e
 class EarlyStopping:
     """Stop when validation AUC has not improved for ``patience`` epochs (None: never stop).
 
-    NaN AUC (a validation set without both classes) never counts as an improvement.
+    A NaN AUC (a validation set without both classes, or none) is no evidence either way: it
+    neither improves nor counts toward the patience, so training without validation runs every epoch.
     """
 
     def __init__(self, patience: int | None) -> None:
@@ -180,7 +181,9 @@ class EarlyStopping:
 
     def update(self, auc: float) -> bool:
         """Record one epoch's AUC; True when training should stop now."""
-        if auc == auc and auc > self.best:
+        if auc != auc:
+            return False
+        if auc > self.best:
             self.best, self.since = float(auc), 0
         else:
             self.since += 1

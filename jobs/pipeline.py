@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                           weights=None if args.weights == "none" else args.weights,
-                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                          **train_classifier.classifier_recipe(preset, optimizer=args.optimizer))
         tumour_weight = searched["tumour_weight"]
         timings["loss_weight_search_s"] = time.perf_counter() - t0
 

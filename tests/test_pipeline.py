@@ -41,7 +41,10 @@ def finished_run(tmp_path_factory, ray_cluster):
     for name in ("CTres.nii.gz", "SEG.nii.gz"):
         (bad / name).write_bytes((good.parent / name).read_bytes())
     out = root / "out"
-    run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3"])
+    # The output contract holds whatever 3 epochs on 12 tiny studies learned: go on past the
+    # classifier gate (tests/test_pipeline_gate.py tests the gate itself).
+    run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3",
+                         "--allow-weak-classifier"])
     return out, run
 
 

@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     gate = tune_thresholds.check_classifier(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
                                             flag_threshold=args.flag_threshold)
-    publish(layout, remote, layout.thresholds)
     timings["classifier_check_s"] = time.perf_counter() - t0
     gate_record = {**gate.to_dict(), "allowed_weak": bool(args.allow_weak_classifier and not gate.passed),
                    "on": "validation" if val else "training (no validation study)"}
+    tune_thresholds.update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
+    publish(layout, remote, layout.thresholds)
     if not gate.passed:
         if not args.allow_weak_classifier:
             write_json(layout.run_json, {

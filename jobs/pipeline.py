@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier learning rate (peak lr of a one-cycle schedule); default: the preset's")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
                    help="classifier optimizer (default: the preset's; small adamw, paper sgd)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
+                        "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
         weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
-        **train_classifier.classifier_recipe(preset, optimizer=args.optimizer))
+        **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer),
+           **({"input_size": args.input_size} if args.input_size else {})})
     timings["train_s"] = time.perf_counter() - t0
 
     # Quality gate (wsseg_core.gate) on the slices of the tuning studies: choose the flag

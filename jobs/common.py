@@ -28,8 +28,8 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # with a 7.7-weighted loss drove the net to a constant output on unseen cohorts (README,
     # "Früh method"). Every tumour-free slice kept: subsampling them doubles the prior shift the
     # weighted loss already causes. Up to 20 epochs, stopped 6 epochs after the best validation
-    # AUC. Input stays 64 (8x8 CAMs): at 128 (16x16) an epoch of a 15-study cohort took 50-75 s on
-    # the shared 2 cores against ~2-5 s at 64, which the 10-minute demo cannot hold; pass
+    # AUC. Input stays 64 (8x8 CAMs): at 128 (16x16) an epoch of a 15-study cohort took 43-78 s on
+    # the shared 2 cores against ~2 s at 64, which the 10-minute demo cannot hold; pass
     # --input-size 128 to jobs.pipeline for 16x16 maps where time allows.
     "small": dict(model_preset="small", epochs=20, batch_size=32, lr=3e-3, negative_keep=1.0,
                   optimizer="adamw", schedule="onecycle", patience=6, weight_decay=1e-4,

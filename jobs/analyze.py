@@ -75,10 +75,11 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
     res: dict[str, Any] = {
         "icc": icc, "summary": summary, "slice_auc": slice_auc,
         "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
-        "figures": [], "report": None,
+        "figures": [], "report": None, "classifier_gate": read_gate(layout.thresholds),
     }
     if figures:
-        res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split)
+        res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split,
+                                                      gate=res["classifier_gate"])
     publish(layout, remote, layout.icc, layout.summary, layout.out / "slice_auc.parquet",
             *(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
@@ -179,8 +180,40 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     return written
 
 
+def read_gate(thresholds_path: str | Path) -> dict | None:
+    """The classifier quality gate's record in thresholds.json (jobs.tune_thresholds.check_classifier),
+    or None for a run made before the gate existed."""
+    import json
+
+    p = Path(thresholds_path)
+    if not p.exists():
+        return None
+    return json.loads(p.read_text()).get("classifier_gate")
+
+
+def format_gate(gate: dict | None) -> str:
+    """One line for the one-screen summary: the gate's verdict and what it measured."""
+    if not gate:
+        return "classifier gate: not measured in this run"
+
+    def f(v: Any, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    verdict = "PASSED" if gate.get("passed") else (
+        "FAILED (went on: --allow-weak-classifier)" if gate.get("allowed_weak") else "FAILED")
+    line = (f"classifier gate {verdict}: validation slice AUC {f(gate.get('auc'), '.3f')}, "
+            f"p std {f(gate.get('p_std'), '.3f')} IQR {f(gate.get('p_iqr'), '.3f')}, flag threshold "
+            f"{f(gate.get('flag_threshold'), '.3f')}: {f(gate.get('sensitivity'), '.0%')} of tumour "
+            f"slices, {f(gate.get('tumour_free_flagged'), '.0%')} of "
+            f"{gate.get('tumour_free_flagged_source', 'tumour-free slices')} flagged")
+    if gate.get("failures"):
+        line += "\n  failed: " + "; ".join(gate["failures"])
+    return line
+
+
 def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary: pd.DataFrame,
-                  slice_auc: pd.DataFrame | None, split: str) -> tuple[list[Path], Path]:
+                  slice_auc: pd.DataFrame | None, split: str,
+                  gate: dict | None = None) -> tuple[list[Path], Path]:
     """`<out>/figures/*.png` and `<out>/report.html` for the rows ``df`` of one split.
 
     Figures: dice_boxplot.png (Fig. 5), mtv_scatter.png / tlg_scatter.png (Figs. 6-7),
@@ -218,6 +251,7 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     meta = html.escape(f"run {out} · split {split}: {n_studies} studies of {n_patients} patients · "
                        f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
     sections = [
+        ("Classifier quality gate (validation)", report.gate_html(gate)),
         ("Table 1: segmentation and agreement",
          report.html_table(table1)
          + "<p class='note'>Median (IQR) over studies; Dice per study (NaN for studies without "
@@ -327,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     res = analyze(args.out, args.split, figures=not args.no_figures)
     print(f"split={args.split}: {res['n_studies']} studies")
+    print(format_gate(res["classifier_gate"]))
     print(format_report(res["icc"], res["summary"], res["slice_auc"]))
     if res["report"] is not None:
         print(f"report: {res['report']}  ({len(res['figures'])} figures in {Path(args.out) / 'figures'})")

@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with BoxFCN: Ray Tune trials over beta, lambda, omega1, omega2, alpha "
                         "(0: the paper's values, no search)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="classifier learning rate (peak lr of a one-cycle schedule); default: the preset's")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="classifier optimizer (default: the preset's; small adamw, paper sgd)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
+                        "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
+    p.add_argument("--allow-weak-classifier", action="store_true",
+                   help="go on to tuning and scoring even when the classifier fails the quality "
+                        "gate (wsseg_core.gate); run.json records that it did")
+    from jobs.tune_thresholds import add_grid_args
+    add_grid_args(p)
     p.add_argument("--tune-loss-weight", action="store_true",
                    help="first search w in {1, 3.85, 7.7, 15.4} with Ray Tune (one Ray Train fit per value)")
     p.add_argument("--overwrite", action="store_true",
@@ -178,18 +190,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                           weights=None if args.weights == "none" else args.weights,
-                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                          **train_classifier.classifier_recipe(preset, optimizer=args.optimizer))
         tumour_weight = searched["tumour_weight"]
         timings["loss_weight_search_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     fit = train_classifier.fit(
         train, val, out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-        batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
-        tumour_weight=tumour_weight,
+        batch_size=preset["batch_size"], lr=preset["lr"] if args.lr is None else args.lr,
+        negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
         weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
-        use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
+        use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
+        **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer),
+           **({"input_size": args.input_size} if args.input_size else {})})
     timings["train_s"] = time.perf_counter() - t0
+
+    # Quality gate (wsseg_core.gate) on the slices of the tuning studies: choose the flag
+    # threshold, then stop here, before tuning and scoring, if the classifier did not learn.
+    t0 = time.perf_counter()
+    gate = tune_thresholds.check_classifier(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
+                                            flag_threshold=args.flag_threshold)
+    timings["classifier_check_s"] = time.perf_counter() - t0
+    gate_record = {**gate.to_dict(), "allowed_weak": bool(args.allow_weak_classifier and not gate.passed),
+                   "on": "validation" if val else "training (no validation study)"}
+    tune_thresholds.update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
+    publish(layout, remote, layout.thresholds)
+    if not gate.passed:
+        if not args.allow_weak_classifier:
+            write_json(layout.run_json, {
+                "argv": sys.argv if argv is None else ["python", "-m", "jobs.pipeline", *argv],
+                "status": "stopped: classifier failed the quality gate", "classifier_gate": gate_record,
+                "classifier": {"best_epoch_metrics": fit["best"]}, "training_history": fit["history"],
+                "timings": timings, "versions": versions()})
+            publish(layout, remote, layout.run_json)
+            bar = "=" * 78
+            print(f"\n{bar}\n{gate.message()}\n{bar}", file=sys.stderr, flush=True)
+            raise SystemExit(gate.message())
+        LOG.warning("--allow-weak-classifier: going on with a classifier that failed the gate: %s",
+                    "; ".join(gate.failures))
 
     unet_fit = None
     if "UNet" in args.methods:
@@ -204,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings["train_unet_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    from wsseg_core.segment import Q_GRID, T_GRID
+
     # The search is rerun only when what it computes from changed (a retrained classifier, other
     # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
     tune_stage = stage_fingerprint(args, tune_refs, layout.classifier)
@@ -225,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      describe_change(previous.get("fields", {}), tune_stage["fields"]))
         stage_file.unlink(missing_ok=True)  # until the new search has finished
         tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
-                             storage_path=args.storage_path)
+                             storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
+                             t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
+                             q_grid=tune_thresholds.grid_from_args(args.q_grid, Q_GRID))
         write_json(stage_file, tune_stage)
     timings["tune_s"] = time.perf_counter() - t0
 
@@ -257,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
-                    num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"])
+                    num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
+                    flag_threshold=gate.flag_threshold)
     try:  # resumes an interrupted scoring of this same classifier and thresholds
         scored = score_cohort.score(refs, out, thresholds, **score_kw)
     except score_cohort.StaleResultsError as e:
@@ -279,7 +323,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv if argv is None else ["python", "-m", "jobs.pipeline", *argv],
         "config": {**vars(args), "preset_values": preset, "cohort_resolved": str(cohort)},
         "seed": args.seed,
+        "status": "ok" if gate.passed else "ok, classifier failed the gate (--allow-weak-classifier)",
+        "classifier_gate": gate_record,
         "tumour_weight": tumour_weight,
+        "flag_threshold": {"value": gate.flag_threshold,
+                           "source": "fixed (--flag-threshold)" if args.flag_threshold is not None
+                           else "validation slice F1"},
         "thresholds": thresholds,
         "classifier": training_record(fit, join(out, "models/classifier.pt"), layout.classifier),
         "unet": training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
@@ -317,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(layout.run_json, run)
     publish(layout, remote, layout.run_json)
     print()
+    print(analyze_job.format_gate(gate_record))
     print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")

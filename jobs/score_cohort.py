@@ -259,7 +259,7 @@ class StudyMasker:
     (`masks`, None if the study failed), `error` and its `seconds`."""
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
-                 cam_batch_size: int = 64, num_cpus: float = 1.0) -> None:
+                 cam_batch_size: int = 64, num_cpus: float = 1.0, flag_threshold: float = 0.5) -> None:
         import torch
 
         from wsseg_core.cams import CamEngine
@@ -273,6 +273,7 @@ class StudyMasker:
               *[self.layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
         self.model, self.pre, _ = load_classifier(self.layout.classifier)
         self.model.to(self.device).eval()
+        self.flag_threshold = float(flag_threshold)  # Algorithm 1 step 1 (thresholds.json)
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
         self.segmenters = {m: MODEL_METHODS[m].load(self.layout.model(MODEL_METHODS[m].checkpoint),
@@ -304,7 +305,7 @@ class StudyMasker:
 
         study = load_study(ref)
         probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
-        z = flagged_slices(probs)
+        z = flagged_slices(probs, self.flag_threshold)
         cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
         maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
                            self.cam_batch_size)
@@ -425,12 +426,12 @@ class StudyScorer:
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
                  cam_batch_size: int = 64, num_cpus: float = 1.0,
-                 kill_once: dict[str, str] | None = None) -> None:
+                 kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
         staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
         masks and rows as soon as they are written (the rows last: their file marks the study done).
         `kill_once`: the test hook of `StudyFinisher`."""
-        self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus)
+        self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus, flag_threshold)
         self.finisher = StudyFinisher(thresholds, out, methods, kill_once)
         self.methods = list(methods)
 
@@ -458,7 +459,8 @@ class StudyScorer:
         return rows
 
 
-def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str]) -> dict:
+def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str],
+                 flag_threshold: float = 0.5) -> dict:
     """What a study's rows depend on besides its input files: reused only if all of it matches.
 
     The schema is part of it: files written before a column was added would not share one schema,
@@ -466,6 +468,7 @@ def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequen
     """
     fp = {"methods": sorted(methods),
           "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
+          "flag_threshold": float(flag_threshold),
           "classifier_sha256": sha256_file(layout.classifier),
           "models_sha256": {m: sha256_file(layout.model(MODEL_METHODS[m].checkpoint))
                             for m in sorted(methods) if m in MODEL_METHODS},
@@ -517,7 +520,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
           methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
           cam_batch_size: int = 64, overwrite: bool = False,
-          kill_once: dict[str, str] | None = None, split_cpu_stage: bool | None = None,
+          kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
+          split_cpu_stage: bool | None = None,
           cpu_stage_concurrency: int | None = None,
           num_cpus_per_finisher: float = 1.0) -> dict[str, Any]:
     """Score `refs` with a Ray Data actor pool, one Parquet file per study; resumes by default.
@@ -580,7 +584,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             remote.fs.delete_dir_contents(remote.path("metrics"), missing_dir_ok=True)
         shutil.rmtree(layout.metrics, ignore_errors=True)
         fetch(layout, remote, layout.metrics)
-    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods), overwrite)
+    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods, flag_threshold), overwrite)
     publish(layout, remote, layout.metrics_record)
     _clean_temp_files(layout)
     done = {r for r in refs if layout.study_metrics(r.patient_id, r.study_id).exists()}
@@ -604,7 +608,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                 StudyScorer,
                 fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
                                            cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
-                                           kill_once=kill_once),
+                                           kill_once=kill_once, flag_threshold=flag_threshold),
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
@@ -621,7 +625,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             masked = ds.map_batches(
                 StudyMasker,
                 fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
-                                           cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor),
+                                           cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
+                                           flag_threshold=flag_threshold),
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
@@ -704,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.tune_thresholds import load_thresholds
+    from jobs.tune_thresholds import load_flag_threshold, load_thresholds
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -719,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-                    overwrite=args.overwrite, split_cpu_stage=args.split_cpu_stage,
+                    overwrite=args.overwrite, flag_threshold=load_flag_threshold(layout.thresholds),
+                    split_cpu_stage=args.split_cpu_stage,
                     cpu_stage_concurrency=args.cpu_stage_concurrency,
                     num_cpus_per_finisher=args.num_cpus_per_finisher)
     except StaleResultsError as e:

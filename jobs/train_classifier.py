@@ -26,7 +26,8 @@ from typing import Any
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, resolve_cohort,
                          setup_logging)
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
-                            report_epoch, resume_from_checkpoint, start_watchdog, world_info)
+                            report_epoch, resume_from_checkpoint, resumed_extra_state,
+                            start_watchdog, world_info)
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -77,8 +78,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from wsseg_core.data import StudyRef
     from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
-    from wsseg_core.train import (GlobalBatchSampler, GlobalMeanCrossEntropy, evaluate, make_loss,
-                                  make_optimizer, slices_from_studies, train_one_epoch)
+    from wsseg_core.train import (EarlyStopping, GlobalBatchSampler, GlobalMeanCrossEntropy,
+                                  evaluate, make_loss, make_optimizer, make_scheduler,
+                                  slices_from_studies, train_one_epoch)
 
     rank, world = world_info()
     start_watchdog(config)
@@ -110,21 +112,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
-    optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"])
+    optimizer = make_optimizer(model, lr=config["lr"], momentum=config["momentum"],
+                               weight_decay=config.get("weight_decay", 0.0),
+                               kind=config.get("optimizer", "sgd"))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(config["tumour_weight"]).to(device)
     # The gradient of the weighted mean over the GLOBAL batch, whatever its split into ranks.
     train_loss_fn = GlobalMeanCrossEntropy(loss_fn.weight, world).to(device)
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
+    scheduler = make_scheduler(optimizer, config.get("schedule", "constant"), config["lr"],
+                               config["epochs"], len(sampler), start_epoch=start_epoch)
+    # Validation metrics come from rank 0 (on_rank0), so every rank stops at the same epoch. The
+    # stopper's counts travel in the checkpoint: a rerun of a run that stopped early stops again
+    # at once instead of training `patience` more epochs.
+    stopper = EarlyStopping(config.get("patience"))
+    if resumed is not None:
+        stopper.restore(resumed_extra_state().get("early_stopping"))
+        if stopper.stopped:
+            if rank == 0:
+                LOG.info("run had stopped early after epoch %d: nothing to train", start_epoch)
+            return
 
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch)
+        # Seeded per epoch (not once per run), so a run resumed from epoch k's checkpoint draws
+        # the same augmentations as the uninterrupted run.
+        aug_gen.manual_seed(config["seed"] * 1000 + 1 + rank + 7919 * (epoch + 1))
         t0 = time.perf_counter()
         train_loss = mean_over_ranks(train_one_epoch(model, loader, optimizer, train_loss_fn,
                                                      device=device, augment=config["augment"],
-                                                     generator=aug_gen))
+                                                     generator=aug_gen, scheduler=scheduler))
         train_s = time.perf_counter() - t0
         _maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate(bare, x_va, y_va, loss_fn, device=device))
@@ -136,8 +155,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], val["auc"])
+        stop = stopper.update(float(val["auc"]))
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
-                     lambda path: save_classifier(path, bare, pre, meta=metrics))
+                     lambda path: save_classifier(path, bare, pre, meta=metrics),
+                     extra_state={"early_stopping": stopper.state()})
+        if stop:
+            if rank == 0:
+                LOG.info("early stop after epoch %d: no better validation AUC for %d epochs "
+                         "(best %.3f)", epoch + 1, stopper.patience, stopper.best)
+            break
 
 
 def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
@@ -148,12 +174,17 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         cpus_per_worker: float | None = None,
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None,
+        optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
+        weight_decay: float = 0.0,
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
     `batch_size` is the GLOBAL batch (slices per optimiser step), split across the `num_workers`
     DDP workers: the learning dynamics do not change with the number of workers (the learning rate is
     not scaled). It must be at least `num_workers`. Every worker holds the whole training set.
+    `optimizer` / `schedule`: wsseg_core.train.make_optimizer / make_scheduler (`lr` is the peak of
+    a one-cycle schedule); `patience`: early stop after that many epochs without a better
+    validation AUC (None: run every epoch).
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
@@ -173,11 +204,23 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
-                  **(test_hooks or {}))
+                  optimizer=optimizer, schedule=schedule, patience=patience,
+                  weight_decay=weight_decay, **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
+
+
+def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None) -> dict[str, Any]:
+    """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
+    as `fit` keywords; `optimizer` overrides the preset's (with SGD the schedule is constant,
+    as in the paper)."""
+    opt = optimizer or preset.get("optimizer", "sgd")
+    return dict(optimizer=opt,
+                schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
+                patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
+                input_size=preset.get("input_size"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
@@ -210,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
+              **classifier_recipe(preset, optimizer=args.optimizer),
               weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed)

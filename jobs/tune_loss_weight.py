@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
+    from jobs.train_classifier import classifier_recipe
+
     preset = PIPELINE_PRESETS[args.preset]
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
                  model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                  batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
-                 weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+                 weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                 **classifier_recipe(preset))
     print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
     return res
 

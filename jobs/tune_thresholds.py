@@ -32,7 +32,75 @@ LOG = logging.getLogger("wsseg.tune_thresholds")
 THRESHOLD_REFERENCE = "max"  # q % of the slice SUVmax: see wsseg_core.segment
 
 
-def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0) -> str | None:
+def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
+                      num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(slice tumour probabilities (Z,), slice labels (Z,)) of one labelled validation study, or
+    None when it is unlabeled or unreadable (logged)."""
+    from wsseg_core.data import StudyError, StudyRef, load_study, slice_labels
+    from wsseg_core.inference import classify_volume
+    from wsseg_core.models import load_classifier
+
+    torch_threads_for(num_cpus)
+    ref = StudyRef(**ref)
+    try:
+        study = load_study(ref)
+    except StudyError as e:
+        LOG.warning("classifier check skips %s/%s: %s", ref.patient_id, ref.study_id, e)
+        return None
+    if study.seg is None:
+        return None
+    layout, remote = open_run(out)
+    fetch(layout, remote, layout.classifier)
+    model, pre, _ = load_classifier(layout.classifier)
+    probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
+    return probs, np.asarray(slice_labels(study.seg)).astype(np.int8)
+
+
+def check_classifier(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
+                     flag_threshold: float | None = None, cpus_per_study: float = 1.0) -> Any:
+    """Classify the validation studies, choose the flag threshold, run the quality gate.
+
+    The flag threshold is `flag_threshold` when given (e.g. the paper's 0.5), else the one that
+    maximises slice F1 on validation (wsseg_core.gate.choose_flag_threshold). Both, and the gate's
+    figures, are written to thresholds.json ("flag_threshold", "flag_threshold_source",
+    "classifier_gate"). Returns the wsseg_core.gate.GateResult (the caller decides to stop).
+    """
+    import ray
+
+    from wsseg_core.gate import choose_flag_threshold, classifier_gate
+
+    layout, remote = open_run(out)
+    task = ray.remote(num_cpus=cpus_per_study)(study_slice_probs)
+    got = [g for g in ray.get([task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study)
+                               for r in val_refs]) if g is not None]
+    probs = [g[0] for g in got]
+    labels = [g[1] for g in got]
+    if flag_threshold is None:
+        thr = choose_flag_threshold(np.concatenate(probs), np.concatenate(labels)) if got else 0.5
+        source = "validation slice F1"
+    else:
+        thr, source = float(flag_threshold), "fixed"
+    res = classifier_gate(probs, labels, thr)
+    update_thresholds(layout.thresholds, {}, flag_threshold=thr, flag_threshold_source=source,
+                      classifier_gate=res.to_dict())
+    publish(layout, remote, layout.thresholds)
+    (LOG.info if res.passed else LOG.error)("%s", res.message())
+    return res
+
+
+def load_flag_threshold(path: str | Path | None) -> float:
+    """The flag threshold of thresholds.json, or the paper's 0.5 where none was chosen."""
+    import json
+
+    from wsseg_core.gate import PAPER_FLAG_THRESHOLD
+
+    if path is not None and Path(path).exists():
+        return float(json.loads(Path(path).read_text()).get("flag_threshold", PAPER_FLAG_THRESHOLD))
+    return PAPER_FLAG_THRESHOLD
+
+
+def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
+                     flag_threshold: float = 0.5) -> str | None:
     """Classify one validation study, compute its CAMs on flagged slices, save them (npz) under
     `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read it).
 
@@ -57,7 +125,7 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
     model, pre, _ = load_classifier(layout.classifier)
     probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
-    z = flagged_slices(probs)
+    z = flagged_slices(probs, flag_threshold)
     maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
     path = layout.out / "tune" / "cache" / f"{safe_name(ref.patient_id)}__{safe_name(ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +165,39 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
             "q": float(q_grid[best]), "dice_by_q": [float(v) for v in mean], "n_patients": n}
 
 
+def grid_from_args(spec: list[float] | None, default: np.ndarray) -> np.ndarray:
+    """`--t-grid` / `--q-grid` START STOP N -> linspace(START, STOP, N); None -> `default`."""
+    if spec is None:
+        return np.asarray(default, dtype=float)
+    if len(spec) != 3 or int(spec[2]) != spec[2] or spec[2] < 1 or spec[1] < spec[0]:
+        raise ValueError(f"a grid is START STOP N with START <= STOP and integer N >= 1, got {spec}")
+    return np.linspace(float(spec[0]), float(spec[1]), int(spec[2]))
+
+
+def grid_edges(t: float | None, q: float, t_grid: np.ndarray, q_grid: np.ndarray) -> list[str]:
+    """Which of a chosen (t, q) lie on the edge of their grid: e.g. ["q max"]. A value on the edge
+    may mean the optimum lies outside the grid (widen it with --t-grid / --q-grid)."""
+    edges = []
+    for name, v, g in (("t", t, t_grid), ("q", q, q_grid)):
+        if v is None or len(g) < 2:
+            continue
+        if np.isclose(v, np.min(g)):
+            edges.append(f"{name} min")
+        elif np.isclose(v, np.max(g)):
+            edges.append(f"{name} max")
+    return edges
+
+
 def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
          storage_path: str | None = None, cpus_per_trial: float = 0.5,
-         cpus_per_study: float = 1.0) -> dict[str, Any]:
-    """Cache validation CAMs, grid-search with Ray Tune, write the grid and the chosen values."""
+         cpus_per_study: float = 1.0, flag_threshold: float | None = None,
+         t_grid: np.ndarray | None = None, q_grid: np.ndarray | None = None) -> dict[str, Any]:
+    """Cache validation CAMs, grid-search with Ray Tune, write the grid and the chosen values.
+
+    `flag_threshold`: slices with p >= it get CAMs (default: thresholds.json's, see
+    `check_classifier`, else 0.5). `t_grid` / `q_grid`: default the paper's (T_GRID, Q_GRID).
+    A chosen value on the edge of its grid is logged and recorded ("grid_edge" in its entry).
+    """
     import pandas as pd
     import ray
     from ray import tune as rtune
@@ -110,17 +207,23 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
 
     layout, remote = open_run(out)
     fetch(layout, remote, layout.classifier)
+    if flag_threshold is None:
+        flag_threshold = load_flag_threshold(layout.thresholds)
+    t_grid = np.asarray(T_GRID if t_grid is None else t_grid, dtype=float)
+    q_grid_arr = np.asarray(Q_GRID if q_grid is None else q_grid, dtype=float)
     cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
-    LOG.info("computing CAMs of %d validation studies once", len(val_refs))
+    LOG.info("computing CAMs of %d validation studies once (slices with p >= %.3f)", len(val_refs),
+             flag_threshold)
     t0 = time.perf_counter()
-    files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study)
+    files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study,
+                                                   flag_threshold)
                                  for r in val_refs]) if f]
     t_cache = time.perf_counter() - t0
     if not files:
         raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
 
-    q_grid = [float(q) for q in Q_GRID]
-    cells = [{"method": m, "t": float(t)} for m in CAM_METHODS for t in T_GRID]
+    q_grid = [float(q) for q in q_grid_arr]
+    cells = [{"method": m, "t": float(t)} for m in CAM_METHODS for t in t_grid]
     cells.append({"method": "Threshold", "t": float("nan")})
     trainable = rtune.with_resources(
         rtune.with_parameters(evaluate_cell, cache_files=files, q_grid=q_grid), {"cpu": cpus_per_trial})
@@ -156,14 +259,28 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         g = g.dropna(subset=["mean_dice"])
         if g.empty:
             continue
+        if not (g["mean_dice"] > 0).any():
+            # Nothing overlaps anywhere on the grid (e.g. no slice flagged): idxmax would keep the
+            # first cell at Dice 0 as if it had been chosen. Say so; the record shows it.
+            LOG.error("%s: validation Dice is 0 at every grid cell (flagged slices do not reach "
+                      "the tumour); its (t, q) are not informative", method)
         best = g.loc[g["mean_dice"].idxmax()]
         entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
         if method == "Threshold":
             entry["reference"] = THRESHOLD_REFERENCE
+            edges = grid_edges(None, entry["q"], t_grid, q_grid_arr)
         else:
             entry["t"] = float(best["t"])
+            edges = grid_edges(entry["t"], entry["q"], t_grid, q_grid_arr)
+        entry["grid_edge"] = edges
+        if edges:
+            LOG.warning("%s: tuned %s on the edge of the grid (%s); the optimum may lie outside: "
+                        "widen it with --t-grid / --q-grid START STOP N", method,
+                        ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
         chosen[str(method)] = entry
-    update_thresholds(layout.thresholds, chosen, n_val_studies=len(files))
+    update_thresholds(layout.thresholds, chosen, n_val_studies=len(files),
+                      t_grid=[float(v) for v in t_grid], q_grid=q_grid,
+                      cam_flag_threshold=float(flag_threshold))
     publish(layout, remote, layout.tune_grid, layout.thresholds)
     for m, e in chosen.items():
         LOG.info("%-9s t=%s q=%.1f validation Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
@@ -206,7 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--storage-path", default=None)
+    add_grid_args(p)
     return p
+
+
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """--t-grid / --q-grid / --flag-threshold (shared with jobs.pipeline)."""
+    p.add_argument("--t-grid", type=float, nargs=3, default=None, metavar=("START", "STOP", "N"),
+                   help="CAM threshold grid (default the paper's 0.1 0.9 10)")
+    p.add_argument("--q-grid", type=float, nargs=3, default=None, metavar=("START", "STOP", "N"),
+                   help="SUV percentile grid (default the paper's 20 50 20), e.g. 10 60 26")
+    p.add_argument("--flag-threshold", type=float, default=None,
+                   help="flag slices with p >= this (0.5: the paper's Algorithm 1); default: "
+                        "chosen on validation (max slice F1), see wsseg_core.gate")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,9 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
+    from wsseg_core.segment import Q_GRID, T_GRID
+
     res = tune(labelled(refs, "val"), args.out,
                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-               storage_path=args.storage_path)
+               storage_path=args.storage_path, flag_threshold=args.flag_threshold,
+               t_grid=grid_from_args(args.t_grid, T_GRID), q_grid=grid_from_args(args.q_grid, Q_GRID))
     print(f"thresholds: {join(args.out, 'thresholds.json')}\ngrid: {res['grid']}")
     return res
 

@@ -51,9 +51,11 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
                   "--no-wait", "--submission-id", "wsseg-test", "--",
                   # A small job: this tests the submission, not the pipeline (test_pipeline does),
                   # but still the normal path: 5 patients split 3/1/1, so one validation study.
+                  # One epoch need not clear the classifier gate (tests/test_pipeline_gate.py
+                  # tests the gate).
                   "python", "-m", "jobs.pipeline", "--out", str(out), "--phantom-n", "5",
                   "--phantom-shape", "48", "48", "24", "--epochs", "1",
-                  "--methods", "CAM", "Threshold"]
+                  "--methods", "CAM", "Threshold", "--allow-weak-classifier"]
         # The job agent comes up a little after `ray start` returns ("No available agent to submit
         # job"): retry for a while, as a user would.
         for _ in range(30):

@@ -179,3 +179,34 @@ def test_bad_arguments():
         make_phantom_study(0, shape=(4, 4, 4))
     with pytest.raises(ValueError):
         make_phantom_study(0, diagnosis="FLU")
+
+
+def test_options_change_what_they_say_and_nothing_by_default(tmp_path: Path):
+    from wsseg_core.phantom import ORGAN_NAMES, PhantomOptions, main
+
+    shape = (64, 64, 48)
+    base = make_phantom_study(7, shape=shape)
+    same = make_phantom_study(7, shape=shape, options=PhantomOptions())
+    np.testing.assert_array_equal(base.suv, same.suv)
+    # organs twice as hot: the brain's mean SUV doubles (blur and noise aside), lesions keep theirs
+    hot = make_phantom_study(7, shape=shape, options=PhantomOptions(organ_uptake_scale=2.0))
+    brain = base.organs == ORGAN_NAMES.index("brain")
+    ratio = hot.suv[brain].mean() / base.suv[brain].mean()
+    assert 1.8 < ratio < 2.2, ratio
+    assert [les.suv for les in hot.lesions] == [les.suv for les in base.lesions]
+    # lesion size and contrast ranges are honoured
+    opts = PhantomOptions(lesion_diameter_mm=(10.0, 14.0), lesion_suv=(8.0, 9.0), low_contrast_fraction=0.0)
+    les = [l_ for s in range(8) for l_ in make_phantom_study(100 + s, shape=shape, options=opts).lesions]
+    assert les and all(8.0 <= l_.suv <= 9.0 for l_ in les)
+    assert all(9.99 <= l_.diameter_mm <= 14.01 for l_ in les)
+    # z field of view: head-to-pelvis shows no legs; the brain takes a larger share of slices
+    torso = make_phantom_study(7, shape=shape, options=PhantomOptions(body_z=(0.45, 1.0)))
+    def brain_slices(st):
+        return int((st.organs == ORGAN_NAMES.index("brain")).any(axis=(0, 1)).sum())
+    assert brain_slices(torso) > 1.5 * brain_slices(base)
+    # the CLI exposes the options and the study count
+    assert main([str(tmp_path / "c"), "--n", "2", "--shape", "48", "48", "24", "--organ-uptake-scale", "1.5",
+                 "--lesion-diameter", "8", "20", "--lesion-suv", "5", "10", "--body-z", "0.3", "1.0"]) == 0
+    assert len(list((tmp_path / "c").glob("PETCT_*/*/SUV.nii.gz"))) == 2
+    with pytest.raises(ValueError):
+        PhantomOptions(body_z=(0.5, 0.5))

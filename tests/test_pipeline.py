@@ -44,9 +44,11 @@ def finished_run(tmp_path_factory, ray_cluster):
     (bad / "SUV.nii.gz").write_bytes(data[: len(data) // 2])
     (bad / "CTres.nii.gz").write_bytes((good.parent / "CTres.nii.gz").read_bytes())
     out = root / "out"
-    # --concurrency 2: the scoring must spread over two actors (checked from the `worker` column)
+    # --concurrency 2: the scoring must spread over two actors (checked from the `worker` column).
+    # The output contract holds whatever 3 epochs on 12 tiny studies learned: go on past the
+    # classifier gate (tests/test_pipeline_gate.py tests the gate itself).
     run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3",
-                         "--concurrency", "2"])
+                         "--concurrency", "2", "--allow-weak-classifier"])
     return out, run
 
 

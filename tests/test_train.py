@@ -139,3 +139,45 @@ def test_fit_classifier_learns_synthetic_blobs():
     assert set(hist[-1]) >= {"train_loss", "val_loss", "val_auc", "val_accuracy"}
     assert hist[-1]["val_auc"] > 0.9, hist
     assert elapsed < 120, elapsed
+
+
+def test_early_stopping_counts_epochs_without_a_better_auc():
+    from wsseg_core.train import EarlyStopping
+
+    s = EarlyStopping(2)
+    # 0.6 best, 0.7 better, then 0.65 and 0.7 (equal is not better): stop at the second
+    assert [s.update(a) for a in (0.6, 0.7, 0.65, 0.7)] == [False, False, False, True]
+    assert s.best == 0.7
+    nan = EarlyStopping(1)
+    assert not any(nan.update(float("nan")) for _ in range(5))  # no validation: never stops
+    assert [EarlyStopping(None).update(0.5) for _ in range(3)] == [False] * 3
+    with pytest.raises(ValueError):
+        EarlyStopping(0)
+
+
+def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
+    import torch
+
+    from wsseg_core.train import make_optimizer, make_scheduler
+
+    def lrs(start_epoch=0, state=None, n=None):
+        m = torch.nn.Linear(2, 2)
+        opt = make_optimizer(m, lr=1e-2, kind="adamw")
+        if state is not None:
+            opt.load_state_dict(state)
+        sch = make_scheduler(opt, "onecycle", 1e-2, epochs=4, steps_per_epoch=5, start_epoch=start_epoch)
+        out = []
+        for _ in range(n if n is not None else 20 - 5 * start_epoch):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return out, opt.state_dict()
+
+    full, _ = lrs()
+    assert full[0] == pytest.approx(1e-2 / 25)  # warm-up start: max_lr / div_factor
+    assert max(full) == pytest.approx(1e-2, rel=1e-3) and int(np.argmax(full)) == 5  # peak at step 0.3 * 20 - 1
+    assert full[-1] < 1e-4
+    first, state = lrs(n=10)
+    resumed, _ = lrs(start_epoch=2, state=state)
+    np.testing.assert_allclose(first + resumed, full, rtol=1e-9)
+    assert make_scheduler(make_optimizer(torch.nn.Linear(1, 1)), "constant", 1e-3, 1, 1) is None

@@ -67,3 +67,22 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         assert res["q"] == q_grid[int(np.nanargmax(expect))]
         assert res["n_patients"] == len(by_patient)
     assert seen == n_flagged  # no CAM was computed again by any trial
+
+
+def test_grid_spec_and_edges() -> None:
+    from jobs.tune_thresholds import grid_edges, grid_from_args
+    from wsseg_core.segment import Q_GRID, T_GRID
+
+    np.testing.assert_allclose(grid_from_args([10, 60, 26], Q_GRID), np.arange(10, 61, 2.0))
+    np.testing.assert_array_equal(grid_from_args(None, T_GRID), T_GRID)
+    for bad in ([10, 60], [60, 10, 5], [10, 60, 2.5], [10, 60, 0]):
+        try:
+            grid_from_args(bad, Q_GRID)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
+    # the demo's symptom: q at the paper grid's maximum 50
+    assert grid_edges(0.72, 50.0, T_GRID, Q_GRID) == ["q max"]
+    assert grid_edges(float(T_GRID[0]), float(Q_GRID[3]), T_GRID, Q_GRID) == ["t min"]
+    assert grid_edges(0.9, 20.0, T_GRID, Q_GRID) == ["t max", "q min"]
+    assert grid_edges(None, 35.0, T_GRID, Q_GRID) == []

@@ -69,6 +69,47 @@ _SITE_MAX_D: dict[str, float] = {"neck": 35, "mediastinum": 50, "axilla": 35, "a
 
 
 @dataclass(frozen=True)
+class PhantomOptions:
+    """Knobs that make cohorts unlike the default one (all defaults reproduce the default phantom).
+
+    Attributes:
+        organ_uptake_scale: multiplies the physiological SUV of brain, blood pool, myocardium,
+            liver, spleen, kidneys, bladder and bowel (2.0: organs twice as hot relative to lesions).
+        lesion_diameter_mm: (min, max) equivalent-sphere diameter in mm; diameters are drawn
+            log-uniform in [min, min(max, the site's plausible maximum)].
+        lesion_suv: (min, max) SUV of ordinary lesions, drawn log-uniform (g/ml).
+        low_contrast_fraction: share of lesions drawn instead from ``low_contrast_suv``.
+        low_contrast_suv: (min, max) SUV of low-contrast lesions, drawn uniform (g/ml).
+        body_z: (start, stop) fraction of the body length (0 = feet, 1 = top of head) that the
+            z field of view covers; (0.45, 1.0) is a head-to-pelvis scan, the body keeps its
+            proportions and the feet fall outside the volume.
+    """
+
+    organ_uptake_scale: float = 1.0
+    lesion_diameter_mm: tuple[float, float] = (6.0, 50.0)
+    lesion_suv: tuple[float, float] = (4.0, 20.0)
+    low_contrast_fraction: float = 0.2
+    low_contrast_suv: tuple[float, float] = (2.5, 4.0)
+    body_z: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if not self.organ_uptake_scale > 0:
+            raise ValueError(f"organ_uptake_scale must be > 0, got {self.organ_uptake_scale}")
+        for name in ("lesion_diameter_mm", "lesion_suv", "low_contrast_suv"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {(lo, hi)}")
+        if not 0.0 <= self.low_contrast_fraction <= 1.0:
+            raise ValueError(f"low_contrast_fraction must be in [0, 1], got {self.low_contrast_fraction}")
+        lo, hi = self.body_z
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"body_z must satisfy 0 <= start < stop <= 1, got {(lo, hi)}")
+
+
+DEFAULT_OPTIONS = PhantomOptions()
+
+
+@dataclass(frozen=True)
 class PhantomLesion:
     """Ground truth of one synthetic lesion.
 
@@ -133,10 +174,13 @@ class _Grid:
     w: np.ndarray  # (Z,) mm toward head
 
     @classmethod
-    def make(cls, shape: Sequence[int], spacing_mm: Sequence[float]) -> "_Grid":
+    def make(cls, shape: Sequence[int], spacing_mm: Sequence[float],
+             body_z: tuple[float, float] = (0.0, 1.0)) -> "_Grid":
         X, Y, Z = (int(n) for n in shape)
         sp = np.asarray(spacing_mm, dtype=np.float64)
-        origin = np.array([-(X - 1) / 2 * sp[0], -(Y - 1) / 2 * sp[1], 0.0])
+        # the field of view spans body_z of the body: slice 0 sits body_z[0] of the way up
+        body_len = max((Z - 1) * sp[2], 1.0) / (body_z[1] - body_z[0])
+        origin = np.array([-(X - 1) / 2 * sp[0], -(Y - 1) / 2 * sp[1], body_z[0] * body_len])
         return cls((X, Y, Z), sp, origin,
                    (origin[0] + np.arange(X) * sp[0]).astype(np.float32),
                    (origin[1] + np.arange(Y) * sp[1]).astype(np.float32),
@@ -225,13 +269,13 @@ _FAT_T = np.array([0.0, 0.40, 0.50, 0.60, 0.78, 0.80, 0.83, 0.845, 1.0])
 _FAT_K = np.array([0.8, 1.00, 1.35, 1.10, 0.90, 0.60, 0.60, 0.30, 0.3])
 
 
-def _make_anatomy(grid: _Grid, rng: np.random.Generator) -> _Anatomy:
+def _make_anatomy(grid: _Grid, rng: np.random.Generator, body_stop: float = 1.0) -> _Anatomy:
     X, Y, Z = grid.shape
     W = X * grid.spacing[0]
     H = Y * grid.spacing[1]
     A = 0.36 * W * rng.uniform(0.9, 1.05)
     B = min(A * 0.64 * rng.uniform(0.88, 1.08), 0.42 * H)
-    Lz = max(grid.w[-1], 1.0) * rng.uniform(0.97, 1.0)
+    Lz = max(grid.w[-1], 1.0) / body_stop * rng.uniform(0.97, 1.0)
     fat0 = rng.uniform(4.0, 13.0)
     t = grid.w / Lz
     a = np.interp(t, _TRUNK_T, _TRUNK_A, left=0.0, right=0.0) * A
@@ -452,7 +496,8 @@ def _lesion_hu(site: str, rng: np.random.Generator, liver_hu: float) -> float:
 
 
 def _place_lesions(anat: _Anatomy, rng: np.random.Generator, diagnosis: str, suv: np.ndarray, ct: np.ndarray,
-                   seg: np.ndarray, ct_lut: np.ndarray) -> list[PhantomLesion]:
+                   seg: np.ndarray, ct_lut: np.ndarray,
+                   opts: PhantomOptions = DEFAULT_OPTIONS) -> list[PhantomLesion]:
     """Paint 1-8 lesions into ``suv``/``ct``/``seg`` (pre-blur, in place) and return their ground truth."""
     grid, labels = anat.grid, anat.labels
     weights = _SITE_WEIGHTS[diagnosis]
@@ -476,7 +521,9 @@ def _place_lesions(anat: _Anatomy, rng: np.random.Generator, diagnosis: str, suv
             c = _sample_site(site, anat, rng, w)
             if c is None:
                 continue
-            d = math.exp(rng.uniform(math.log(6.0), math.log(d_hi)))
+            d_lo = opts.lesion_diameter_mm[0]
+            d_hi = max(min(d_hi, opts.lesion_diameter_mm[1]), d_lo)
+            d = math.exp(rng.uniform(math.log(d_lo), math.log(d_hi)))
             radii = d / 2 * rng.uniform(0.75, 1.3, 3)
             radii *= (d / 2) / np.prod(radii) ** (1 / 3)
             ext = float(radii.max()) * 1.3
@@ -513,10 +560,10 @@ def _place_lesions(anat: _Anatomy, rng: np.random.Generator, diagnosis: str, suv
         else:
             continue
 
-        if rng.uniform() < 0.2:
-            val = rng.uniform(2.5, 4.0)  # low contrast: near liver / bowel uptake
+        if rng.uniform() < opts.low_contrast_fraction:
+            val = rng.uniform(*opts.low_contrast_suv)  # low contrast: near liver / bowel uptake
         else:
-            val = math.exp(rng.uniform(math.log(4.0), math.log(20.0)))
+            val = math.exp(rng.uniform(math.log(opts.lesion_suv[0]), math.log(opts.lesion_suv[1])))
         necrotic = d > 25.0 and rng.uniform() < 0.6
         # viable tumour slightly hotter at the centre; a necrotic core is cold but still tumour (in SEG)
         prof = val * (1.1 - 0.2 * np.clip(rr, 0, 1))
@@ -554,6 +601,7 @@ def make_phantom_study(
     negative: bool = False,
     anatomy_seed: int | None = None,
     diagnosis: str | None = None,
+    options: PhantomOptions = DEFAULT_OPTIONS,
 ) -> PhantomStudy:
     """Generate one synthetic whole-body PET/CT study.
 
@@ -564,6 +612,7 @@ def make_phantom_study(
         negative: no lesions (SEG all zero), a negative control.
         anatomy_seed: seeds the body and organ geometry; follow-up studies of one patient share it.
         diagnosis: one of ``DIAGNOSES`` (drives lesion sites); random if None; "NEGATIVE" if negative.
+        options: organ uptake, lesion size / contrast and z field of view (``PhantomOptions``).
 
     Returns:
         PhantomStudy with float32 SUV (g/ml), float32 CT (HU), uint8 SEG, LAS affine, lesion list.
@@ -580,8 +629,8 @@ def make_phantom_study(
     rng_les = np.random.default_rng([seed, 3])
     rng_noise = np.random.default_rng([seed, 4])
 
-    grid = _Grid.make(shape, spacing)
-    anat = _make_anatomy(grid, rng_anat)
+    grid = _Grid.make(shape, spacing, options.body_z)
+    anat = _make_anatomy(grid, rng_anat, options.body_z[1])
     labels = anat.labels
 
     # per-study physiological uptake (SUV) and tissue density (HU), indexed by label
@@ -591,6 +640,8 @@ def make_phantom_study(
         rng_up.uniform(6.0, 10.0), rng_up.uniform(1.3, 1.9), rng_up.uniform(3.0, 8.0), rng_up.uniform(2.0, 2.5),
         rng_up.uniform(1.6, 2.1), rng_up.uniform(4.0, 8.0), rng_up.uniform(10.0, 30.0), rng_up.uniform(1.5, 3.5),
     ]
+    hot = [BRAIN, BLOOD, MYOCARDIUM, LIVER, SPLEEN, KIDNEY, BLADDER, BOWEL]
+    suv_lut[hot] *= np.float32(options.organ_uptake_scale)
     ct_lut = np.full(256, -1000.0, dtype=np.float32)
     ct_lut[[FAT, SOFT, LUNG, BONE, MARROW, BRAIN, BLOOD, MYOCARDIUM, LIVER, SPLEEN, KIDNEY, BLADDER, BOWEL]] = [
         -100.0, 40.0, -850.0, 900.0, 350.0, 35.0, 40.0, 45.0, rng_up.uniform(50.0, 65.0), 45.0, 35.0, 10.0, 20.0,
@@ -605,7 +656,7 @@ def make_phantom_study(
         diag = diagnosis if diagnosis is not None else str(rng_les.choice(DIAGNOSES))
         if diag not in _SITE_WEIGHTS:
             raise ValueError(f"diagnosis must be one of {DIAGNOSES}, got {diag!r}")
-        lesions = _place_lesions(anat, rng_les, diag, suv, ct, seg, ct_lut)
+        lesions = _place_lesions(anat, rng_les, diag, suv, ct, seg, ct_lut, options)
 
     # PSF: Gaussian of PSF_FWHM_MM, per-axis sigma in voxels from the spacing
     sigma = PSF_FWHM_MM / (2.0 * math.sqrt(2.0 * math.log(2.0))) / np.asarray(spacing)
@@ -673,7 +724,7 @@ def _cohort_plan(n: int, seed: int, negative_fraction: float) -> list[tuple[int,
     return plan
 
 
-def _iter_cohort(out, n, shape, seed, negative_fraction, spacing_mm):
+def _iter_cohort(out, n, shape, seed, negative_fraction, spacing_mm, options=DEFAULT_OPTIONS):
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= negative_fraction <= 1.0:
@@ -684,7 +735,8 @@ def _iter_cohort(out, n, shape, seed, negative_fraction, spacing_mm):
     for i, (patient, visit, negative, anat_seed, diag) in enumerate(_cohort_plan(n, seed, negative_fraction)):
         study_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
         st = make_phantom_study(study_seed, shape=shape, spacing_mm=spacing_mm, negative=negative,
-                                anatomy_seed=anat_seed, diagnosis=None if negative else diag)
+                                anatomy_seed=anat_seed, diagnosis=None if negative else diag,
+                                options=options)
         pid = f"PETCT_{patient + 1:04d}"
         date = f"01-01-{2000 + visit}" if visit == 0 else f"{1 + (i % 12):02d}-15-{2000 + visit}"
         study_id = f"{date}-NA-PET-CT Ganzkoerper phantom-{i + 1:04d}"
@@ -714,6 +766,7 @@ def write_phantom_cohort(
     seed: int = 0,
     negative_fraction: float = 0.25,
     spacing_mm: Sequence[float] = DEFAULT_SPACING_MM,
+    options: PhantomOptions = DEFAULT_OPTIONS,
 ) -> list[StudyRef]:
     """Write ``n`` phantom studies in the autoPET layout and return their references.
 
@@ -724,8 +777,33 @@ def write_phantom_cohort(
     new lesions), so splits must be by patient. An existing folder is overwritten
     file by file, deterministically for ``seed``; each file is written to a temp name then replaced.
     Paths in the returned refs are absolute; ``diagnosis`` is set (``"NEGATIVE"`` for controls).
+    ``options`` varies organ uptake, lesion size / contrast and the z field of view.
     """
-    return [ref for ref, _ in _iter_cohort(out, n, shape, seed, negative_fraction, spacing_mm)]
+    return [ref for ref, _ in _iter_cohort(out, n, shape, seed, negative_fraction, spacing_mm, options)]
+
+
+def options_from_args(args: argparse.Namespace) -> PhantomOptions:
+    """PhantomOptions from the CLI flags that ``add_options_args`` defines."""
+    return PhantomOptions(organ_uptake_scale=args.organ_uptake_scale,
+                          lesion_diameter_mm=tuple(args.lesion_diameter),
+                          lesion_suv=tuple(args.lesion_suv),
+                          low_contrast_fraction=args.low_contrast_fraction,
+                          body_z=tuple(args.body_z))
+
+
+def add_options_args(p: argparse.ArgumentParser) -> None:
+    """CLI flags for ``PhantomOptions`` (defaults: the default phantom)."""
+    d = DEFAULT_OPTIONS
+    p.add_argument("--organ-uptake-scale", type=float, default=d.organ_uptake_scale,
+                   help="multiply physiological organ SUV (brain, heart, kidneys, bladder, ...)")
+    p.add_argument("--lesion-diameter", type=float, nargs=2, default=list(d.lesion_diameter_mm),
+                   metavar=("MIN", "MAX"), help="lesion diameter range, mm (default 6 50)")
+    p.add_argument("--lesion-suv", type=float, nargs=2, default=list(d.lesion_suv), metavar=("MIN", "MAX"),
+                   help="SUV range of ordinary lesions (default 4 20)")
+    p.add_argument("--low-contrast-fraction", type=float, default=d.low_contrast_fraction,
+                   help="share of lesions with SUV 2.5-4 (default 0.2)")
+    p.add_argument("--body-z", type=float, nargs=2, default=list(d.body_z), metavar=("START", "STOP"),
+                   help="fraction of the body the z field of view covers (default 0 1: whole body)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -739,11 +817,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative-fraction", type=float, default=0.25)
     p.add_argument("--figure", metavar="PNG", default=None, help="write a figure of the first positive study")
+    add_options_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     fig_study = None
-    for ref, st in _iter_cohort(args.out, args.n, args.shape, args.seed, args.negative_fraction, args.spacing):
+    for ref, st in _iter_cohort(args.out, args.n, args.shape, args.seed, args.negative_fraction, args.spacing,
+                                options_from_args(args)):
         print(f"{ref.patient_id}  {ref.study_id}  {st.diagnosis:<11}  lesions={len(st.lesions)}  "
               f"seg_voxels={int(st.seg.sum())}  -> {Path(ref.suv_path).parent}")
         if fig_study is None and st.lesions:

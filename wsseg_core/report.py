@@ -389,6 +389,36 @@ figcaption { font-size: 13px; color: #5a6573; }
 """
 
 
+def gate_html(gate: dict | None) -> str:
+    """The classifier quality gate's figures (``wsseg_core.gate``) as an escaped HTML block; a
+    failed gate is shown as a warning."""
+    import html
+
+    if not gate:
+        return "<p class='note'>Not measured in this run (made before the gate existed).</p>"
+
+    def f(v, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    ok = bool(gate.get("passed"))
+    verdict = "passed" if ok else ("FAILED — the run went on because of --allow-weak-classifier"
+                                   if gate.get("allowed_weak") else "FAILED")
+    rows = [("verdict", verdict), ("slice AUC", f(gate.get("auc"), ".3f")),
+            ("spread of p (std / IQR)", f"{f(gate.get('p_std'), '.3f')} / {f(gate.get('p_iqr'), '.3f')}"),
+            ("flag threshold", f(gate.get("flag_threshold"), ".3f")),
+            ("tumour slices flagged", f(gate.get("sensitivity"), ".1%")),
+            (f"{gate.get('tumour_free_flagged_source', 'tumour-free slices')} flagged",
+             f(gate.get("tumour_free_flagged"), ".1%")),
+            ("slices / tumour slices / studies",
+             f"{gate.get('n_slices')} / {gate.get('n_tumour_slices')} / {gate.get('n_studies')}")]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    fails = "".join(f"<li>{html.escape(x)}</li>" for x in gate.get("failures") or [])
+    style = "" if ok else " style='border:3px solid #c00;padding:6px'"
+    bars = html.escape(", ".join(f"{k} {v}" for k, v in (gate.get("bars") or {}).items()))
+    return (f"<div{style}><table>{body}</table>" + (f"<ul>{fails}</ul>" if fails else "")
+            + f"<p class='note'>Bars: {bars}.</p></div>")
+
+
 def write_html_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]],
                       meta: str = "") -> Path:
     """A self-contained HTML page (CSS in the page, images by relative link): opens from file://.

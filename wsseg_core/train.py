@@ -125,18 +125,91 @@ def make_loss(tumour_weight: float = 7.7) -> nn.CrossEntropyLoss:
     return nn.CrossEntropyLoss(weight=torch.tensor([1.0, float(tumour_weight)]))
 
 
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
+
+
 def make_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> torch.optim.SGD:
-    """SGD with momentum over all trainable parameters (paper: lr 1e-3, momentum 0.9)."""
+                   weight_decay: float = 0.0, kind: str = "sgd") -> torch.optim.Optimizer:
+    """The optimizer over all trainable parameters.
+
+    kind "sgd": SGD with momentum (paper: lr 1e-3, momentum 0.9). kind "adamw": AdamW
+    (betas 0.9, 0.999; ``momentum`` unused), whose per-parameter step size does not depend on the
+    gradient scale, so a randomly initialised BN network and a weighted loss do not need a
+    hand-tuned lr (see ``fit_classifier``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, max_lr: float, epochs: int,
+                   steps_per_epoch: int, start_epoch: int = 0):
+    """Per-step lr schedule, or None for a constant lr.
+
+    kind "onecycle": lr rises from max_lr/25 to max_lr over the first 30% of the steps (a warm-up,
+    so the first updates of a random init cannot throw BN statistics and ReLUs into a dead state)
+    and anneals (cosine) to max_lr/1e4 by the last step. ``start_epoch`` > 0 resumes it (the
+    optimizer's state must already be loaded: it carries the schedule's initial_lr).
+    """
+    if kind == "constant":
+        return None
+    if kind != "onecycle":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    total = max(1, int(epochs) * max(1, int(steps_per_epoch)))
+    last = int(start_epoch) * max(1, int(steps_per_epoch)) - 1
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total,
+                                               last_epoch=last if last >= 0 else -1)
+
+
+class EarlyStopping:
+    """Stop when validation AUC has not improved for ``patience`` epochs (None: never stop).
+
+    A NaN AUC (a validation set without both classes, or none) is no evidence either way: it
+    neither improves nor counts toward the patience, so training without validation runs every epoch.
+    """
+
+    def __init__(self, patience: int | None) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {patience!r}")
+        self.patience = patience
+        self.best = -math.inf
+        self.since = 0
+
+    @property
+    def stopped(self) -> bool:
+        """True once `patience` epochs in a row brought no better AUC."""
+        return self.patience is not None and self.since >= self.patience
+
+    def update(self, auc: float) -> bool:
+        """Record one epoch's AUC; True when training should stop now."""
+        if auc != auc:
+            return False
+        if auc > self.best:
+            self.best, self.since = float(auc), 0
+        else:
+            self.since += 1
+        return self.stopped
+
+    def state(self) -> dict[str, float]:
+        """What a checkpoint carries, so a resumed run counts on where it was (:meth:`restore`)."""
+        return {"best": self.best, "since": self.since}
+
+    def restore(self, state: dict[str, float] | None) -> None:
+        """Continue from :meth:`state` (None: a checkpoint written without one; start afresh)."""
+        if state:
+            self.best, self.since = float(state["best"]), int(state["since"])
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, device: str | torch.device = "cpu", augment: bool = True,
-                    generator: torch.Generator | None = None) -> float:
+                    generator: torch.Generator | None = None, scheduler=None) -> float:
     """One pass over ``loader`` (batches ``(x (B,2,S,S), y (B,))``); returns the sample-weighted
-    mean training loss (NaN for an empty loader)."""
+    mean training loss (NaN for an empty loader). ``scheduler`` (per-step) is stepped after each
+    optimizer step."""
     model.train()
     loss_fn = loss_fn.to(device)
     total, n = 0.0, 0
@@ -149,6 +222,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         loss = loss_fn(model(xb), yb)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(yb)
         n += len(yb)
     return total / n if n else float("nan")
@@ -220,8 +295,13 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
                    seed: int = 0,
                    on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None,
                    *, device: str | torch.device | None = None, augment: bool = True,
-                   weight_decay: float = 0.0) -> list[dict[str, float]]:
+                   weight_decay: float = 0.0, optimizer: str = "sgd", schedule: str = "constant",
+                   patience: int | None = None) -> list[dict[str, float]]:
     """Train for ``epochs`` and validate after each; the single-process reference loop.
+
+    ``optimizer`` / ``schedule``: see ``make_optimizer`` / ``make_scheduler`` (``lr`` is the peak lr
+    of a one-cycle schedule). ``patience``: stop early after that many epochs without a better
+    validation AUC (the caller keeps the best epoch's weights through ``on_epoch``).
 
     Shuffling and augmentation draw from generators seeded by ``seed`` (the weight init is the
     caller's: seed torch before building the model). ``device`` defaults to the model's device.
@@ -242,17 +322,21 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
                         # a last batch of 1-2 slices gives a noisy step; drop it when possible
                         drop_last=len(y_tr) > batch_size)
     loss_fn = make_loss(tumour_weight).to(device)
-    optimizer = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, kind=optimizer)
+    sched = make_scheduler(opt, schedule, lr, epochs, len(loader))
+    stopper = EarlyStopping(patience)
     history: list[dict[str, float]] = []
     for epoch in range(int(epochs)):
-        train_loss = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
-                                     augment=augment, generator=aug_gen)
+        train_loss = train_one_epoch(model, loader, opt, loss_fn, device=device,
+                                     augment=augment, generator=aug_gen, scheduler=sched)
         val = evaluate(model, x_va, y_va, loss_fn, batch_size=max(256, batch_size), device=device)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": val["loss"],
                    "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
+        if stopper.update(val["auc"]):
+            break
     return history
 
 

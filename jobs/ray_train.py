@@ -397,7 +397,7 @@ def _last_run_record(storage_path: str, name: str) -> str:
 
 def _note_run(storage_path: str, name: str, run_name: str, fingerprint: dict[str, Any]) -> None:
     """Log whether `run_name` resumes the last run under `name` or replaces it, and why; record it."""
-    from wsseg_core.storage import filesystem_and_path, read_bytes
+    from wsseg_core.storage import exists, filesystem_and_path, join, read_bytes
 
     record = _last_run_record(storage_path, name)
     try:
@@ -410,9 +410,14 @@ def _note_run(storage_path: str, name: str, run_name: str, fingerprint: dict[str
         LOG.info("%s: same settings and data as run %s: resuming it (a finished run is reused)",
                  name, run_name)
     else:
-        LOG.warning("%s: settings or data changed since run %s (%s): training a new run %s",
-                    name, last.get("run_name"), describe_change(last.get("fields", {}),
-                                                                  fingerprint["fields"]), run_name)
+        change = describe_change(last.get("fields", {}), fingerprint["fields"])
+        if exists(join(storage_path, run_name)):  # e.g. back to an earlier setting
+            LOG.warning("%s: settings or data changed since run %s (%s): run %s was trained with "
+                        "these settings before: resuming it (a finished run is reused)",
+                        name, last.get("run_name"), change, run_name)
+        else:
+            LOG.warning("%s: settings or data changed since run %s (%s): training a new run %s",
+                        name, last.get("run_name"), change, run_name)
     fs, path = filesystem_and_path(record)
     fs.create_dir(os.path.dirname(path), recursive=True)
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"

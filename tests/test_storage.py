@@ -127,7 +127,9 @@ def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster,
     fit = train_classifier.fit(refs[:1], refs[:1], out, model_preset="small", epochs=1, batch_size=16,
                                lr=0.01, weights=None, num_workers=1, cpus_per_worker=1.0)
     assert (dest / "models" / "classifier.pt").is_file()  # published to the URI
-    assert any((dest / "ray" / "classifier").glob("checkpoint_*"))  # Ray Train storage under the URI
+    # Ray Train storage under the URI, the run named by its fingerprint, plus the last-run record
+    assert any((dest / "ray" / fit["run_name"]).glob("checkpoint_*"))
+    assert fit["run_name"].startswith("classifier-") and (dest / "ray" / "classifier.last-run.json").is_file()
     assert fit["history"]
 
     methods = ["CAM", "Threshold"]

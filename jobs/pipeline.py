@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         searched = search(train, val, out, storage_path=args.storage_path,
+                          cam_batch_size=preset["cam_batch_size"],
                           model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                           lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],

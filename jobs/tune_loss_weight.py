@@ -22,6 +22,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, in
                          open_run, publish, ray_storage_path, resolve_cohort, safe_name,
                          setup_logging, write_json)
 from jobs.ray_train import share_cpus
+from jobs.train_classifier import WEIGHTS_HELP, weights_arg
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -116,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, cohort_required=True)
     p.add_argument("--grid", type=float, nargs="+", default=list(PAPER_WEIGHT_GRID),
                    help="tumour-class weights to try (paper: 7.7)")
-    p.add_argument("--weights", default="imagenet",
-                   help="classifier init: 'imagenet' (random init offline or width-reduced), 'none', or a file")
+    p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
                  cam_batch_size=preset["cam_batch_size"], model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                  batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
-                 weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                 weights=weights_arg(args.weights), num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
                  **classifier_recipe(preset))
     print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
     return res

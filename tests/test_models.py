@@ -99,21 +99,25 @@ def test_volume_to_batch_takes_axial_slices():
     assert volume_to_batch(suv, ct, [], pre).shape == (0, 2, 16, 16)
 
 
-def test_imagenet_offline_falls_back_with_one_warning(monkeypatch, caplog):
+def test_imagenet_offline_is_an_error_that_says_how_to_supply_the_weights(monkeypatch):
+    """The paper preset never starts from random weights silently (issue 18): offline, asking for
+    ImageNet weights fails with a message naming the local-file and --weights random ways on."""
     import torchvision.models._api as tv_api
+
+    from wsseg_core.models import PretrainedWeightsUnavailable, require_imagenet_weights
 
     def offline(*args, **kwargs):
         raise OSError("no route to host")
 
     # patch torchvision's own loader, so the test does not depend on network or cache state
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
-    with caplog.at_level(logging.WARNING, logger="wsseg_core.models"):
-        model, pre = build_slice_classifier("paper", weights="imagenet")
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1
-    msg = warnings[0].getMessage()
-    assert msg.startswith("ImageNet VGG16 weights unavailable (") and "no route to host" in msg
-    assert msg.endswith("; using random initialisation")
+    for call in (lambda: build_slice_classifier("paper", weights="imagenet"), require_imagenet_weights):
+        with pytest.raises(PretrainedWeightsUnavailable) as err:
+            call()
+        msg = str(err.value)
+        assert "no route to host" in msg
+        assert "--weights /path/to/vgg16-397923af.pth" in msg and "--weights random" in msg
+    model, _ = build_slice_classifier("paper", weights=None)  # random, when asked for explicitly
     with torch.inference_mode():
         assert model(torch.rand(1, 2, 64, 64)).shape == (1, 2)
 

@@ -341,6 +341,32 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+IMAGENET_VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet VGG16 weights were asked for and cannot be had; the message says how to supply them."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"ImageNet VGG16 weights could not be fetched ({cause}). Früh et al. start from ImageNet "
+            f"weights, so wsseg does not silently start from random ones. Either supply them as a "
+            f"local file: download {IMAGENET_VGG16_FILE} (torchvision's VGG16_Weights.IMAGENET1K_V1, "
+            f"https://download.pytorch.org/models/{IMAGENET_VGG16_FILE}) on a machine that can, then "
+            f"pass --weights /path/to/{IMAGENET_VGG16_FILE} (or copy it into "
+            f"$TORCH_HOME/hub/checkpoints/ on every node); or pass --weights random to train from "
+            f"random initialisation on purpose.")
+
+
+def require_imagenet_weights() -> None:
+    """Fetch (or find in torchvision's cache) the ImageNet VGG16 weights now, so a job fails before
+    it starts workers rather than in each of them. Raises PretrainedWeightsUnavailable."""
+    try:
+        _fetch_imagenet_vgg16_state_dict()
+    except Exception as e:  # noqa: BLE001 - offline, proxy, corrupt cache, hash mismatch
+        raise PretrainedWeightsUnavailable(f"{type(e).__name__}: {_one_line(e)}") from e
+
+
 def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
                            weights: str | os.PathLike | None = None
@@ -351,13 +377,15 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
         preset: a key of ``PRESETS`` ("paper": width 1, 256x256; "small": width 1/8, 64x64).
         width, input_size: override the preset's values.
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
-            download; if unavailable, logs one warning and keeps random init); or a path to a
-            torchvision vgg16 state dict file. Pretrained weights need width 1.0.
+            download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
+            weights need width 1.0.
     Returns:
         (model in train mode on CPU, SlicePreprocessor(input_size)).
     Raises:
         ValueError: unknown preset, pretrained weights at width != 1, or a weights file that is
             missing or not a VGG16 state dict.
+        PretrainedWeightsUnavailable: "imagenet" asked for and not available (offline); its
+            message says how to supply a local file or choose random initialisation.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -380,10 +408,9 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     if isinstance(weights, str) and weights.lower() == "imagenet":
         try:
             state = _fetch_imagenet_vgg16_state_dict()
-        except Exception as e:  # offline, proxy, corrupt cache, hash mismatch: all non-fatal
-            LOG.warning("ImageNet VGG16 weights unavailable (%s: %s); using random initialisation",
-                        type(e).__name__, _one_line(e))
-            return model, pre
+        except Exception as e:  # offline, proxy, corrupt cache, hash mismatch
+            # Never a silent random start: the paper's numbers assume ImageNet features.
+            raise PretrainedWeightsUnavailable(f"{type(e).__name__}: {_one_line(e)}") from e
         load_vgg16_weights(model, state, source="torchvision VGG16_Weights.IMAGENET1K_V1")
         LOG.info("loaded ImageNet VGG16 weights into the slice classifier")
         return model, pre

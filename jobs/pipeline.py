@@ -18,6 +18,7 @@ from typing import Any
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, labelled,
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
+from jobs.train_classifier import WEIGHTS_HELP, resolve_weights, weights_arg
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -31,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-n", type=int, default=None, help="studies in the synthetic cohort")
     p.add_argument("--phantom-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: preset)")
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (random init offline or for width-reduced presets), 'none', or a VGG16 state_dict file")
+    p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the preset's batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier optimizer (default: the preset's; small adamw, paper sgd)")
     p.add_argument("--input-size", type=int, default=None,
                    help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
-                        "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
+                        "1/4 of it for the small preset (64 -> 16x16) and 1/8 for the paper's (256 -> "
+                        "32x32) (default: the preset's)")
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")
@@ -139,7 +140,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
     preset = PIPELINE_PRESETS[args.preset]
+    from wsseg_core.models import PretrainedWeightsUnavailable
     from wsseg_core.storage import join
+
+    try:  # before anything is written or started: the paper preset never starts from random silently
+        resolve_weights(weights_arg(args.weights), preset["model_preset"])
+    except (PretrainedWeightsUnavailable, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
     # `--out` may be a URI (s3://, file://): the run is staged locally and uploaded as it goes.
     layout, remote = open_run(args.out)
@@ -186,10 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         searched = search(train, val, out, storage_path=args.storage_path,
+                          cam_batch_size=preset["cam_batch_size"],
                           model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                           lr=preset["lr"],
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
-                          weights=None if args.weights == "none" else args.weights,
+                          weights=weights_arg(args.weights),
                           num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
                           **train_classifier.classifier_recipe(preset, optimizer=args.optimizer))
         tumour_weight = searched["tumour_weight"]
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train, val, out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
         batch_size=preset["batch_size"], lr=preset["lr"] if args.lr is None else args.lr,
         negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
-        weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
+        weights=weights_arg(args.weights), num_workers=args.num_workers,
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
         **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer),
            **({"input_size": args.input_size} if args.input_size else {})})

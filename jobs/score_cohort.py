@@ -301,7 +301,7 @@ class StudyMasker:
         """Read, classify, CAMs, one mask per method (raises on a bad study)."""
         from wsseg_core.data import load_study
         from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
-        from wsseg_core.segment import segment_volume, threshold_volume
+        from wsseg_core.segment import THRESHOLD_REFERENCE, segment_volume, threshold_volume
 
         study = load_study(ref)
         probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
@@ -315,7 +315,8 @@ class StudyMasker:
             if m in self.segmenters:
                 masks[m] = self.segmenters[m](study)
             elif m == "Threshold":
-                masks[m] = threshold_volume(study.suv, z, th["q"], reference=th.get("reference", "body"),
+                masks[m] = threshold_volume(study.suv, z, th["q"],
+                                            reference=th.get("reference", THRESHOLD_REFERENCE),
                                             ct=study.ct)
             else:
                 masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"])

@@ -166,6 +166,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
+def weights_arg(value: str) -> str | None:
+    """`--weights` as the library takes it: "random" (or "none") -> None, "imagenet", or a path."""
+    return None if value.lower() in ("random", "none") else value
+
+
+WEIGHTS_HELP = ("'imagenet' (default: ImageNet VGG16 via torchvision; the paper preset stops with a "
+                "message saying how to supply them when they cannot be fetched; the width-reduced small "
+                "preset has no pretrained weights and starts from random), 'random' (or 'none'), or a "
+                "local torchvision VGG16 state_dict file (e.g. vgg16-397923af.pth)")
+
+
+def resolve_weights(weights: str | None, model_preset: str, width: float | None = None) -> str | None:
+    """What the workers build the classifier from, checked in the driver before any worker starts.
+
+    "imagenet" at a width-reduced preset -> None (logged: ImageNet weights need width 1.0);
+    "imagenet" at full width -> fetched now (raises PretrainedWeightsUnavailable, whose message says
+    how to supply a local file or choose random init); a file -> must exist.
+    """
+    from wsseg_core.models import PRESETS, require_imagenet_weights
+
+    if weights is None:
+        return None
+    full_width = (width or PRESETS[model_preset]["width"]) == 1.0
+    if weights == "imagenet":
+        if not full_width:
+            LOG.info("width-reduced preset %r: random initialisation (ImageNet weights need width "
+                     "1.0)", model_preset)
+            return None
+        require_imagenet_weights()
+        return weights
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found (--weights takes 'imagenet', "
+                                f"'random' or a torchvision VGG16 state_dict file)")
+    return str(Path(weights).absolute())
+
+
 def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
         epochs: int = 8, batch_size: int = 64, lr: float = 1e-3, momentum: float = 0.9,
         tumour_weight: float = 7.7, negative_keep: float = 1.0, augment: bool = True,
@@ -190,16 +226,11 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
     slice order; `watchdog_s`: see `jobs.ray_train.start_watchdog`).
     """
-    from wsseg_core.models import PRESETS
     from wsseg_core.train import check_global_batch
 
     check_global_batch(batch_size, num_workers)
 
-    if weights == "imagenet" and (width or PRESETS[model_preset]["width"]) != 1.0:
-        # ImageNet VGG16 weights exist only for the full-width network.
-        LOG.info("width-reduced preset %r: random initialisation (ImageNet weights need width 1.0)",
-                 model_preset)
-        weights = None
+    weights = resolve_weights(weights, model_preset, width)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                   model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
@@ -233,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (falls back to random init offline), 'none', or a local VGG16 state_dict file")
+    p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
@@ -255,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
               **classifier_recipe(preset, optimizer=args.optimizer),
-              weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers,
+              weights=weights_arg(args.weights), num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed)
     print(f"classifier checkpoint: {res['checkpoint']}  (val AUC {res['best'].get('val_auc', float('nan')):.3f})")

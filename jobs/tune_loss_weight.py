@@ -11,7 +11,6 @@ thresholds reach with that classifier (its validation CAMs computed once, every 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,30 +22,31 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, in
                          open_run, publish, ray_storage_path, resolve_cohort, safe_name,
                          setup_logging, write_json)
 from jobs.ray_train import share_cpus
-from wsseg_core.storage import read_bytes
+from jobs.train_classifier import WEIGHTS_HELP, weights_arg
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
 
 
 def best_val_dice(cache_files: Sequence[str]) -> dict[str, float]:
-    """Best mean validation Dice per CAM method over the full (t_m, q_m) grid (pooled over studies)."""
+    """Best validation Dice per CAM method over the full (t_m, q_m) grid, averaged per patient and
+    then over patients: the selection rule of the threshold search (`tune_thresholds.evaluate_cell`),
+    which it reuses, so a weight is judged by the Dice the pipeline would tune for it."""
+    from jobs.tune_thresholds import evaluate_cell
     from wsseg_core.cams import CAM_METHODS
-    from wsseg_core.segment import Q_GRID, T_GRID, dice_grid
+    from wsseg_core.segment import Q_GRID, T_GRID
 
+    q_grid = [float(q) for q in Q_GRID]
     best = {}
     for m in CAM_METHODS:
-        grids = []
-        for f in cache_files:
-            with np.load(io.BytesIO(read_bytes(f))) as c:
-                grids.append(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{m}"], T_GRID, Q_GRID))
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(np.stack(grids), axis=0) if grids else np.full((1, 1), np.nan)
-        best[m] = float(np.nanmax(mean)) if np.isfinite(mean).any() else float("nan")
+        res = evaluate_cell({"cell": {"method": m, "ts": [float(t) for t in T_GRID]}}, list(cache_files),
+                            q_grid)
+        best[m] = res["mean_dice"] if res["n_patients"] else float("nan")
     return best
 
 
-def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fit_kwargs: dict) -> dict:
+def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fit_kwargs: dict,
+          cam_batch_size: int = 64) -> dict:
     """One Tune trial: a Ray Train fit at weight w, then the Dice its CAMs reach on validation."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -58,7 +58,8 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
     res = fit(train_refs, val_refs, trial_out, tumour_weight=w, name=f"classifier_w{w:g}",
               callbacks=[TuneReportCallback()], **fit_kwargs)
     # That fit's classifier is <trial_out>/models/classifier.pt; its CAMs go to <trial_out>/tune/cache.
-    files = [f for f in (cache_study_cams(r.to_dict(), str(trial_out), 64) for r in val_refs) if f]
+    files = [f for f in (cache_study_cams(r.to_dict(), str(trial_out), cam_batch_size) for r in val_refs)
+             if f]
     dice = best_val_dice(files)
     return {"val_auc": float(res["best"].get("val_auc", float("nan"))),
             "best_cam_dice": float(np.nanmax(list(dice.values()))) if dice else float("nan"),
@@ -66,8 +67,10 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
 
 
 def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[float] = PAPER_WEIGHT_GRID,
-           *, storage_path: str | None = None, max_concurrent_trials: int = 1, **fit_kwargs) -> dict[str, Any]:
-    """Run the search; write `<out>/loss_weight/results.parquet` and return the chosen weight."""
+           *, storage_path: str | None = None, max_concurrent_trials: int = 1, cam_batch_size: int = 64,
+           **fit_kwargs) -> dict[str, Any]:
+    """Run the search; write `<out>/loss_weight/results.parquet` and return the chosen weight.
+    `cam_batch_size`: slices per CAM batch when caching each trial's validation CAMs (the preset's)."""
     from ray import tune
 
     layout, remote = open_run(out)
@@ -83,7 +86,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     tuner = tune.Tuner(
         # The trial itself only waits on its Train run; the Train workers hold the real resources.
         tune.with_resources(tune.with_parameters(trial, train_refs=train_refs, val_refs=val_refs,
-                                                 out=str(layout.out), fit_kwargs=fit_kwargs), {"cpu": trial_cpu}),
+                                                 out=str(layout.out), fit_kwargs=fit_kwargs,
+                                                 cam_batch_size=cam_batch_size), {"cpu": trial_cpu}),
         param_space={"tumour_weight": tune.grid_search([float(w) for w in grid])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1),
@@ -113,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, cohort_required=True)
     p.add_argument("--grid", type=float, nargs="+", default=list(PAPER_WEIGHT_GRID),
                    help="tumour-class weights to try (paper: 7.7)")
-    p.add_argument("--weights", default="imagenet",
-                   help="classifier init: 'imagenet' (random init offline or width-reduced), 'none', or a file")
+    p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -135,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = search(labelled(refs, "train"),
                  labelled(refs, "val"), args.out, args.grid,
                  storage_path=args.storage_path, max_concurrent_trials=args.max_concurrent_trials,
-                 model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+                 cam_batch_size=preset["cam_batch_size"], model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
                  batch_size=preset["batch_size"], lr=preset["lr"], negative_keep=preset["negative_keep"],
-                 weights=None if args.weights == "none" else args.weights, num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                 weights=weights_arg(args.weights), num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
                  **classifier_recipe(preset))
     print(f"chosen tumour-class weight: {res['tumour_weight']:g}  (table: {res['results']})")
     return res

@@ -3,8 +3,10 @@
 Grid (Früh et al. 2.2.1): t in linspace(0.1, 0.9, 10), q in linspace(20, 50, 20); score = 3-D Dice
 per study, averaged per patient, then over the validation patients. Each validation study's CAMs
 are computed ONCE (Ray tasks, one per study) and cached; the Tune trials then only threshold.
-One trial is one (method, t_m) cell and evaluates all 20 q_m at once (the percentiles of a region
-for every q cost one sort), so the 200-point grid per method runs as 10 trials.
+One trial is one method and evaluates its whole t x q grid from one read of the cache (the
+percentiles of a region for every q cost one sort), so the search runs as 5 trials: a trial per
+(method, t) cell (41) spent most of its time in Tune's per-trial overhead and in reading the cache
+again for every t.
 
     python -m jobs.tune_thresholds --cohort runs/demo/cohort.parquet --out runs/demo
 """
@@ -24,12 +26,13 @@ import numpy as np
 
 from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (add_common_args, fetch, init_ray, labelled, open_run, publish,
-                         ray_storage_path, resolve_cohort, safe_name, setup_logging,
+                         ray_storage_path, resolve_cohort, setup_logging, study_key,
                          torch_threads_for, write_json)
 from wsseg_core.storage import join, read_bytes
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
-THRESHOLD_REFERENCE = "max"  # q % of the slice SUVmax: see wsseg_core.segment
+# q % of the slice SUVmax (wsseg_core.segment); scoring falls back to the same when an entry has none.
+from wsseg_core.segment import THRESHOLD_REFERENCE  # noqa: E402
 
 
 def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
@@ -127,7 +130,9 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
     z = flagged_slices(probs, flag_threshold)
     maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
-    path = layout.out / "tune" / "cache" / f"{safe_name(ref.patient_id)}__{safe_name(ref.study_id)}.npz"
+    # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
+    # and two studies sharing a cache file would let the search score one of them twice.
+    path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
@@ -140,29 +145,41 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
 
 
 def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[float]) -> dict:
-    """One Tune trial: mean validation Dice over patients for every q at one (method, t)."""
+    """One Tune trial: mean validation Dice over patients at every (t, q) of one method.
+
+    `config["cell"]`: {"method", "ts": [t, ...]} (or "t": one t); the Threshold baseline has no t
+    (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
+    best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
+    """
     from wsseg_core.segment import dice_grid, threshold_dice_grid
 
-    method, t = config["cell"]["method"], config["cell"]["t"]
+    cell = config["cell"]
+    method = cell["method"]
+    ts = [float(t) for t in cell.get("ts", [cell.get("t", float("nan"))])]
     per_patient: dict[str, list[np.ndarray]] = {}
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
             if method == "Threshold":
-                d = threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
-                                        reference=THRESHOLD_REFERENCE, ct=c["ct"])
+                d = np.asarray(threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
+                                                   reference=THRESHOLD_REFERENCE, ct=c["ct"]),
+                               dtype=float)[None, :].repeat(len(ts), axis=0)
             else:
-                d = dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], [t], q_grid)[0]
-            per_patient.setdefault(str(c["patient_id"]), []).append(np.asarray(d, dtype=float))
+                d = np.asarray(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], ts,
+                                         q_grid), dtype=float)
+            per_patient.setdefault(str(c["patient_id"]), []).append(d)
     # Dice is NaN for studies without tumour: average what exists, per patient then over patients
     # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         patient_means = np.array([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
-        mean = np.nanmean(patient_means, axis=0) if len(patient_means) else np.full(len(q_grid), np.nan)
-    n = int(np.sum(~np.isnan(patient_means[:, 0]))) if len(patient_means) else 0
-    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
-    return {"mean_dice": float(mean[best]) if np.isfinite(mean[best]) else 0.0,
-            "q": float(q_grid[best]), "dice_by_q": [float(v) for v in mean], "n_patients": n}
+        mean = (np.nanmean(patient_means, axis=0) if len(patient_means)
+                else np.full((len(ts), len(q_grid)), np.nan))
+    n = int(np.sum(~np.isnan(patient_means[:, 0, 0]))) if len(patient_means) else 0
+    flat = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
+    bt, bq = np.unravel_index(flat, mean.shape)
+    return {"mean_dice": float(mean[bt, bq]) if np.isfinite(mean[bt, bq]) else 0.0,
+            "t": ts[bt], "q": float(q_grid[bq]), "dice_by_tq": [[float(v) for v in row] for row in mean],
+            "dice_by_q": [float(v) for v in mean[bt]], "n_patients": n}
 
 
 def grid_from_args(spec: list[float] | None, default: np.ndarray) -> np.ndarray:
@@ -223,31 +240,32 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
 
     q_grid = [float(q) for q in q_grid_arr]
-    cells = [{"method": m, "t": float(t)} for m in CAM_METHODS for t in t_grid]
-    cells.append({"method": "Threshold", "t": float("nan")})
+    cells = [{"method": m, "ts": [float(t) for t in t_grid]} for m in CAM_METHODS]
+    cells.append({"method": "Threshold", "ts": [float("nan")]})
     trainable = rtune.with_resources(
         rtune.with_parameters(evaluate_cell, cache_files=files, q_grid=q_grid), {"cpu": cpus_per_trial})
     tuner = rtune.Tuner(
         trainable,
         param_space={"cell": rtune.grid_search(cells)},
         tune_config=rtune.TuneConfig(metric="mean_dice", mode="max"),
-        # verbose=1: one status table now and then, not a table per trial (41 of them).
+        # verbose=1: one status table now and then, not a table per trial.
         run_config=rtune.RunConfig(name="thresholds", verbose=1,
                                    storage_path=ray_storage_path(storage_path, out)),
     )
     t0 = time.perf_counter()
     results = fit_keeping_ctrl_c(tuner)
-    LOG.info("CAMs of %d validation studies computed once (%.1f s); %d grid cells x %d q scored from "
-             "that cache (%.1f s)", len(files), t_cache, len(cells), len(q_grid),
-             time.perf_counter() - t0)
+    LOG.info("CAMs of %d validation studies computed once (%.1f s); %d (method, t) cells x %d q "
+             "scored from that cache in %d trials (%.1f s)", len(files), t_cache,
+             sum(len(c["ts"]) for c in cells), len(q_grid), len(cells), time.perf_counter() - t0)
     rows = []
     for r in results:
         if r.error:
             raise RuntimeError(f"tuning trial {r.config} failed: {r.error}")
         cell = r.config["cell"]
-        for q, d in zip(q_grid, r.metrics["dice_by_q"]):
-            rows.append({"method": cell["method"], "t": cell["t"], "q": q, "mean_dice": d,
-                         "n_patients": r.metrics["n_patients"]})
+        for t, dice_by_q in zip(cell["ts"], r.metrics["dice_by_tq"]):
+            for q, d in zip(q_grid, dice_by_q):
+                rows.append({"method": cell["method"], "t": t, "q": q, "mean_dice": d,
+                             "n_patients": r.metrics["n_patients"]})
     grid = pd.DataFrame(rows)
     layout.tune_grid.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.tune_grid.with_name(f".{layout.tune_grid.name}.tmp")

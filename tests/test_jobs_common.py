@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from jobs.common import RunLayout, atomic_write_text, safe_name
 from jobs.tune_thresholds import load_thresholds
@@ -70,3 +71,33 @@ def test_failure_text_recognises_study_errors_by_type_not_by_name():
     assert _failure_text(ref, Truncated("/d/SUV.nii.gz", "truncated")) == "/d/SUV.nii.gz: truncated"
     assert _failure_text(ref, Impostor("boom")) == "/d/SUV.nii.gz: StudyError: boom"
     assert _failure_text(ref, ValueError("boom")) == "/d/SUV.nii.gz: ValueError: boom"
+
+
+def test_paper_preset_without_imagenet_weights_stops_before_anything_runs(tmp_path, monkeypatch):
+    """`jobs.pipeline --preset paper` offline: exit with the how-to message, nothing written, no Ray;
+    `--weights random` and a local weights file are the two ways on (issue 18, item 4)."""
+    import torchvision.models._api as tv_api
+    from torchvision.models import vgg16
+
+    from jobs import pipeline
+    from jobs.train_classifier import resolve_weights, weights_arg
+
+    def offline(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--preset", "paper", "--out", str(out)])
+    assert "ImageNet VGG16 weights could not be fetched" in str(err.value.code)
+    assert "--weights random" in str(err.value.code)
+    assert not out.exists()
+    # the ways on
+    assert weights_arg("random") is None and weights_arg("none") is None
+    assert resolve_weights(weights_arg("random"), "paper") is None
+    assert resolve_weights("imagenet", "small") is None  # width 1/8: no pretrained weights exist
+    local = tmp_path / "vgg16-397923af.pth"
+    torch.save(vgg16().state_dict(), local)
+    assert resolve_weights(str(local), "paper") == str(local)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        resolve_weights(str(tmp_path / "missing.pth"), "paper")

@@ -34,10 +34,11 @@ def test_paper_preset_map_is_32x32x512():
     assert model.fc.in_features == 512 and model.fc.out_features == 2
 
 
-def test_small_preset_map_is_8x8x64_and_cam_identity():
+def test_small_preset_map_is_16x16x64_and_cam_identity():
     torch.manual_seed(0)
     model, pre = build_slice_classifier("small")
-    assert PRESETS["small"] == dict(width=0.125, input_size=64, batch_norm=True)
+    assert PRESETS["small"] == dict(width=0.125, input_size=64, batch_norm=True, map_stride=4)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 2
     assert pre.input_size == 64 and model.num_channels_last == 64
     assert model.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.features) == 13
     assert [c.out_channels for c in model.conv_layers()] == [8, 8, 16, 16, 32, 32, 32] + [64] * 6
@@ -46,11 +47,37 @@ def test_small_preset_map_is_8x8x64_and_cam_identity():
     with torch.no_grad():
         a = model.forward_features(x)
         logits = model(x)
-    assert a.shape == (3, 64, 8, 8)
+    assert a.shape == (3, 64, 16, 16)  # issue 16: at least 16x16 maps on the CPU preset
     assert torch.allclose(logits, model.logits_from_features(a))
     # classic CAM: the mean of M_c = sum_k w_k A_k plus the bias is exactly the class logit
     cam = torch.einsum("k,bkhw->bhw", model.fc.weight[1], a)
     assert torch.allclose(cam.mean(dim=(1, 2)) + model.fc.bias[1], logits[:, 1], atol=1e-5)
+
+
+def test_map_stride_4_drops_only_the_last_pool_and_round_trips(tmp_path):
+    """Stride 4 removes the pool before the last block: same 13 convs (so ImageNet weights still
+    fit), a map of S/4; the paper preset keeps S/8; a checkpoint restores the stride, and one
+    written before the option existed loads as stride 8."""
+    paper = SliceClassifier(width=0.125, input_size=64, map_stride=8)
+    fine = SliceClassifier(width=0.125, input_size=64, map_stride=4)
+    def layers(net):
+        return [type(m).__name__ for m in net.features if not isinstance(m, torch.nn.MaxPool2d)]
+
+    assert layers(paper) == layers(fine)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in fine.features) == 2  # paper: 3
+    x = torch.rand(1, 2, 64, 64)
+    assert paper.forward_features(x).shape[-1] == 8 and fine.forward_features(x).shape[-1] == 16
+    assert build_slice_classifier("paper")[0].map_stride == 8
+    with pytest.raises(ValueError, match="map_stride"):
+        SliceClassifier(map_stride=2)
+    path = tmp_path / "c.pt"
+    save_classifier(path, fine, SlicePreprocessor(64))
+    assert load_classifier(path)[0].map_stride == 4
+    save_classifier(path, paper, SlicePreprocessor(64))
+    raw = torch.load(path, weights_only=True)
+    del raw["config"]["map_stride"]  # as written before the option existed
+    torch.save(raw, path)
+    assert load_classifier(path)[0].map_stride == 8
 
 
 def test_width_multiplier_and_overrides():
@@ -99,21 +126,25 @@ def test_volume_to_batch_takes_axial_slices():
     assert volume_to_batch(suv, ct, [], pre).shape == (0, 2, 16, 16)
 
 
-def test_imagenet_offline_falls_back_with_one_warning(monkeypatch, caplog):
+def test_imagenet_offline_is_an_error_that_says_how_to_supply_the_weights(monkeypatch):
+    """The paper preset never starts from random weights silently (issue 18): offline, asking for
+    ImageNet weights fails with a message naming the local-file and --weights random ways on."""
     import torchvision.models._api as tv_api
+
+    from wsseg_core.models import PretrainedWeightsUnavailable, require_imagenet_weights
 
     def offline(*args, **kwargs):
         raise OSError("no route to host")
 
     # patch torchvision's own loader, so the test does not depend on network or cache state
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
-    with caplog.at_level(logging.WARNING, logger="wsseg_core.models"):
-        model, pre = build_slice_classifier("paper", weights="imagenet")
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1
-    msg = warnings[0].getMessage()
-    assert msg.startswith("ImageNet VGG16 weights unavailable (") and "no route to host" in msg
-    assert msg.endswith("; using random initialisation")
+    for call in (lambda: build_slice_classifier("paper", weights="imagenet"), require_imagenet_weights):
+        with pytest.raises(PretrainedWeightsUnavailable) as err:
+            call()
+        msg = str(err.value)
+        assert "no route to host" in msg
+        assert "--weights /path/to/vgg16-397923af.pth" in msg and "--weights random" in msg
+    model, _ = build_slice_classifier("paper", weights=None)  # random, when asked for explicitly
     with torch.inference_mode():
         assert model(torch.rand(1, 2, 64, 64)).shape == (1, 2)
 

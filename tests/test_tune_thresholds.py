@@ -8,6 +8,8 @@ with metrics.dice, a different code path from the count-based dice_grid the tria
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -43,7 +45,7 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
     assert all(n == 12 for n in n_flagged)
     assert seen == n_flagged  # one pass per study, each flagged slice once, all methods together
     for c in caches:
-        assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
+        assert all(c[f"cam_{m}"].shape == (12, 16, 16) for m in CAM_METHODS)  # small preset: S/4
 
     (out / "models" / "classifier.pt").unlink()  # trials must not need the model
     q_grid = [20.0, 45.0, 70.0]
@@ -66,7 +68,34 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         np.testing.assert_allclose(res["dice_by_q"], expect, atol=1e-9, err_msg=str(cell))
         assert res["q"] == q_grid[int(np.nanargmax(expect))]
         assert res["n_patients"] == len(by_patient)
+    # The search runs one trial per method over its whole t grid: each row equals its own cell.
+    ts = [0.2, 0.3, 0.6]
+    for m in CAM_METHODS:
+        whole = evaluate_cell({"cell": {"method": m, "ts": ts}}, files, q_grid)
+        rows = [evaluate_cell({"cell": {"method": m, "t": t}}, files, q_grid)["dice_by_q"] for t in ts]
+        np.testing.assert_allclose(whole["dice_by_tq"], rows, atol=1e-12, err_msg=m)
+        ti, qi = np.unravel_index(int(np.nanargmax(rows)), (len(ts), len(q_grid)))
+        assert (whole["t"], whole["q"]) == (ts[ti], q_grid[qi])
+        assert whole["mean_dice"] == max(max(r) for r in rows)
     assert seen == n_flagged  # no CAM was computed again by any trial
+
+
+def test_cache_files_are_distinct_for_ids_that_sanitise_alike(tmp_path) -> None:
+    """"a b" and "a_b" become the same safe name; their cached CAMs must not share a file, or the
+    search would score one study twice and never the other (issue 19)."""
+    from wsseg_core.data import StudyRef
+
+    refs = write_phantom_cohort(tmp_path / "cohort", n=1, shape=(32, 32, 8), seed=1)
+    out = tmp_path / "out"
+    model, pre = build_slice_classifier("small", weights=None)
+    save_classifier(out / "models" / "classifier.pt", model, pre)
+    r = refs[0]
+    twins = [StudyRef(**{**r.to_dict(), "patient_id": pid, "seg_path": r.seg_path})
+             for pid in ("pat a", "pat_a")]
+    files = [cache_study_cams(t.to_dict(), str(out), cam_batch_size=8, flag_threshold=0.0)
+             for t in twins]
+    assert len(set(files)) == 2 and all(Path(f).is_file() for f in files)
+    assert {str(np.load(f)["patient_id"]) for f in files} == {"pat a", "pat_a"}
 
 
 def test_grid_spec_and_edges() -> None:

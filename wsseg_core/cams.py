@@ -19,7 +19,7 @@ The model is duck-typed (see ``wsseg_core.models.SliceClassifier``)::
     model(x) == model.logits_from_features(model.forward_features(x))
     model.fc.weight (2, K)                            # only needed for CAM (Eq. 1)
 
-Class index 1 = tumour.  Maps are returned at the feature resolution (h, w) = (S/8, S/8),
+Class index 1 = tumour.  Maps are returned at the feature resolution (h, w) = (S/stride, S/stride) (stride 8, or 4),
 min-max normalised to [0, 1] per slice (a constant map becomes all zeros).
 
 Target score (``score=``):
@@ -427,7 +427,7 @@ class CamEngine:
             methods: subset of :data:`CAM_METHODS` (order irrelevant; may be empty for probs only).
 
         Returns:
-            :class:`CamResult` with maps (B, S/8, S/8) in [0, 1].
+            :class:`CamResult` with maps (B, h, w) at the last conv map's resolution, in [0, 1].
         """
         if isinstance(methods, str):
             methods = (methods,)

@@ -50,6 +50,6 @@ def volume_cams(engine: CamEngine, pre: SlicePreprocessor, suv: np.ndarray, ct: 
         for m in methods:
             parts[m].append(res.maps[m])
     if len(z_indices) == 0:
-        h = pre.input_size // 8
+        h = pre.input_size // getattr(engine.model, "map_stride", 8)
         return {m: np.zeros((0, h, h), dtype=np.float32) for m in methods}
     return {m: np.concatenate(parts[m], axis=0) for m in methods}

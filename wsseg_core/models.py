@@ -34,6 +34,10 @@ LOG = logging.getLogger(__name__)
 # pools remain, hence a last map of input_size / 8.
 VGG16_CFG: tuple[int | str, ...] = (64, 64, 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512)
+#: Last-map strides a SliceClassifier can have: 8 (the paper's three pools) or 4 (the pool before
+#: the last block also removed: a CAM twice as fine for ~1.3x the FLOPs, since only the last block,
+#: ~10 % of VGG16's work at stride 8, runs at the finer grid).
+MAP_STRIDES = (4, 8)
 N_VGG16_CONVS = 13
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,7 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU preset: 1/8 of the channels and 64x64 slices, last conv map 8x8 with 64 channels. It has
     # no pretrained weights, and a 13-conv plain VGG trained from random init barely learns in the
     # few epochs a CPU demo affords; batch norm after each conv makes it train in minutes.
-    "small": dict(width=0.125, input_size=64, batch_norm=True),
+    # map_stride 4: a 16x16 CAM at 64x64 (issue 16: 8x8 maps built masks from 16x16-voxel blocks of
+    # a 128^2 slice); a larger input would cost 4x per doubling, this ~1.3x.
+    "small": dict(width=0.125, input_size=64, batch_norm=True, map_stride=4),
 }
 
 CHECKPOINT_FORMAT = "wsseg.SliceClassifier"
@@ -170,16 +176,20 @@ class SliceClassifier(nn.Module):
             expected input and the CAM size S/8).
         in_channels: 2 (PET, CT).
         batch_norm: BatchNorm after every conv (as torchvision's vgg16_bn); off for the paper's VGG16.
+        map_stride: 8 (the paper's: last map S/8) or 4 (the pool before the last block removed too:
+            last map S/4). ImageNet weights fit either (the pools have no weights).
     Attributes:
         features: nn.Sequential of conv/ReLU/max-pool; its output is the last conv's ReLU,
-            (B, K, S/8, S/8).
+            (B, K, S/map_stride, S/map_stride).
         fc: nn.Linear(K, 2).
         width, input_size, num_channels_last (K).
     """
 
     def __init__(self, width: float = 1.0, input_size: int = 256, in_channels: int = 2,
-                 batch_norm: bool = False) -> None:
+                 batch_norm: bool = False, map_stride: int = 8) -> None:
         super().__init__()
+        if map_stride not in MAP_STRIDES:
+            raise ValueError(f"map_stride must be one of {MAP_STRIDES}, got {map_stride!r}")
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width!r}")
         if int(input_size) != input_size or input_size < 8 or input_size % 8:
@@ -188,9 +198,13 @@ class SliceClassifier(nn.Module):
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
         self.batch_norm = bool(batch_norm)
+        self.map_stride = int(map_stride)
+        cfg = list(VGG16_CFG)
+        if self.map_stride == 4:  # drop the last pool (before the last block)
+            del cfg[len(cfg) - 1 - cfg[::-1].index("M")]
         layers: list[nn.Module] = []
         c_in = self.in_channels
-        for v in VGG16_CFG:
+        for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
@@ -222,7 +236,7 @@ class SliceClassifier(nn.Module):
         return [m for m in self.features if isinstance(m, nn.Conv2d)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 2, S, S) -> A (B, K, S/8, S/8), the last conv's ReLU output."""
+        """x (B, 2, S, S) -> A (B, K, S/map_stride, S/map_stride), the last conv's ReLU output."""
         return self.features(x)
 
     def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
@@ -235,7 +249,7 @@ class SliceClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, input_size={self.input_size}, K={self.num_channels_last}, "
-                f"batch_norm={self.batch_norm}")
+                f"batch_norm={self.batch_norm}, map_stride={self.map_stride}")
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -341,6 +355,32 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+IMAGENET_VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet VGG16 weights were asked for and cannot be had; the message says how to supply them."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"ImageNet VGG16 weights could not be fetched ({cause}). Früh et al. start from ImageNet "
+            f"weights, so wsseg does not silently start from random ones. Either supply them as a "
+            f"local file: download {IMAGENET_VGG16_FILE} (torchvision's VGG16_Weights.IMAGENET1K_V1, "
+            f"https://download.pytorch.org/models/{IMAGENET_VGG16_FILE}) on a machine that can, then "
+            f"pass --weights /path/to/{IMAGENET_VGG16_FILE} (or copy it into "
+            f"$TORCH_HOME/hub/checkpoints/ on every node); or pass --weights random to train from "
+            f"random initialisation on purpose.")
+
+
+def require_imagenet_weights() -> None:
+    """Fetch (or find in torchvision's cache) the ImageNet VGG16 weights now, so a job fails before
+    it starts workers rather than in each of them. Raises PretrainedWeightsUnavailable."""
+    try:
+        _fetch_imagenet_vgg16_state_dict()
+    except Exception as e:  # noqa: BLE001 - offline, proxy, corrupt cache, hash mismatch
+        raise PretrainedWeightsUnavailable(f"{type(e).__name__}: {_one_line(e)}") from e
+
+
 def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
                            weights: str | os.PathLike | None = None
@@ -351,13 +391,15 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
         preset: a key of ``PRESETS`` ("paper": width 1, 256x256; "small": width 1/8, 64x64).
         width, input_size: override the preset's values.
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
-            download; if unavailable, logs one warning and keeps random init); or a path to a
-            torchvision vgg16 state dict file. Pretrained weights need width 1.0.
+            download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
+            weights need width 1.0.
     Returns:
         (model in train mode on CPU, SlicePreprocessor(input_size)).
     Raises:
         ValueError: unknown preset, pretrained weights at width != 1, or a weights file that is
             missing or not a VGG16 state dict.
+        PretrainedWeightsUnavailable: "imagenet" asked for and not available (offline); its
+            message says how to supply a local file or choose random initialisation.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -367,7 +409,7 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     if input_size is not None:
         cfg["input_size"] = int(input_size)
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
-                            batch_norm=cfg.get("batch_norm", False))
+                            batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8))
     pre = SlicePreprocessor(input_size=cfg["input_size"])
     if weights is None:
         return model, pre
@@ -380,10 +422,9 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     if isinstance(weights, str) and weights.lower() == "imagenet":
         try:
             state = _fetch_imagenet_vgg16_state_dict()
-        except Exception as e:  # offline, proxy, corrupt cache, hash mismatch: all non-fatal
-            LOG.warning("ImageNet VGG16 weights unavailable (%s: %s); using random initialisation",
-                        type(e).__name__, _one_line(e))
-            return model, pre
+        except Exception as e:  # offline, proxy, corrupt cache, hash mismatch
+            # Never a silent random start: the paper's numbers assume ImageNet features.
+            raise PretrainedWeightsUnavailable(f"{type(e).__name__}: {_one_line(e)}") from e
         load_vgg16_weights(model, state, source="torchvision VGG16_Weights.IMAGENET1K_V1")
         LOG.info("loaded ImageNet VGG16 weights into the slice classifier")
         return model, pre
@@ -413,7 +454,8 @@ def save_classifier(path: str | os.PathLike, model: nn.Module, pre: SlicePreproc
         raise TypeError(f"expected a SliceClassifier, got {type(bare).__name__}")
     save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
                     config={"width": float(bare.width), "input_size": int(bare.input_size),
-                            "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm)},
+                            "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm),
+                            "map_stride": int(bare.map_stride)},
                     meta=meta, preprocessor=pre.to_dict())
 
 
@@ -423,5 +465,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[SliceClassifier, SlicePrep
         path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="classifier",
         build=lambda cfg: SliceClassifier(width=float(cfg["width"]), input_size=int(cfg["input_size"]),
                                           in_channels=int(cfg.get("in_channels", 2)),
-                                          batch_norm=bool(cfg.get("batch_norm", False))))
+                                          batch_norm=bool(cfg.get("batch_norm", False)),
+                                          # checkpoints written before the option: the paper's 8
+                                          map_stride=int(cfg.get("map_stride", 8))))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})

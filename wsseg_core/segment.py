@@ -30,6 +30,7 @@ __all__ = [
     "PAPER_THRESHOLDS",
     "T_GRID",
     "Q_GRID",
+    "THRESHOLD_REFERENCE",
     "THRESHOLD_REFERENCES",
     "BODY_CT_HU",
     "BODY_SUV_FLOOR",
@@ -56,6 +57,8 @@ Q_GRID: np.ndarray = np.linspace(20, 50, 20)
 
 #: Reference distributions the global-threshold baseline can take its percentile from.
 THRESHOLD_REFERENCES = ("slice", "body", "max")
+#: The one the pipeline uses (tuning and scoring): q % of the slice's SUVmax (see the notes below).
+THRESHOLD_REFERENCE = "max"
 #: CT body threshold (HU): soft tissue, fat (~-100 HU) and bone are above, air (-1000 HU) below.
 BODY_CT_HU = -500.0
 #: SUV body floor without CT: reconstructed air is ~0 with noise of a few hundredths, while the

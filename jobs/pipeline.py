@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier optimizer (default: the preset's; small adamw, paper sgd)")
     p.add_argument("--input-size", type=int, default=None,
                    help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
-                        "1/4 of it for the small preset (64 -> 16x16) and 1/8 for the paper's (256 -> "
-                        "32x32) (default: the preset's)")
+                        "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")

@@ -45,7 +45,7 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
     assert all(n == 12 for n in n_flagged)
     assert seen == n_flagged  # one pass per study, each flagged slice once, all methods together
     for c in caches:
-        assert all(c[f"cam_{m}"].shape == (12, 16, 16) for m in CAM_METHODS)  # small preset: S/4
+        assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
 
     (out / "models" / "classifier.pt").unlink()  # trials must not need the model
     q_grid = [20.0, 45.0, 70.0]

@@ -45,9 +45,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU preset: 1/8 of the channels and 64x64 slices, last conv map 8x8 with 64 channels. It has
     # no pretrained weights, and a 13-conv plain VGG trained from random init barely learns in the
     # few epochs a CPU demo affords; batch norm after each conv makes it train in minutes.
-    # map_stride 4: a 16x16 CAM at 64x64 (issue 16: 8x8 maps built masks from 16x16-voxel blocks of
-    # a 128^2 slice); a larger input would cost 4x per doubling, this ~1.3x.
-    "small": dict(width=0.125, input_size=64, batch_norm=True, map_stride=4),
+    # map_stride stays 8: stride 4 (16x16 CAMs at 64x64, ~1.3x the FLOPs) was measured on
+    # tests/test_fruh_method.py's cohort and its CAMs segmented no better than a uniform CAM
+    # (test Dice 0.009-0.012 against 0.036-0.088 at 8x8); README, "CAM resolution".
+    "small": dict(width=0.125, input_size=64, batch_norm=True, map_stride=8),
 }
 
 CHECKPOINT_FORMAT = "wsseg.SliceClassifier"

@@ -35,11 +35,11 @@ LOG = logging.getLogger("wsseg.tune_thresholds")
 from wsseg_core.segment import THRESHOLD_REFERENCE  # noqa: E402
 
 
-def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
-                      num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
-    """(slice tumour probabilities (Z,), slice labels (Z,)) of one labelled validation study, or
-    None when it is unlabeled or unreadable (logged)."""
-    from wsseg_core.data import StudyError, StudyRef, load_study, slice_labels
+def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus: float, purpose: str):
+    """Load one validation study and the run's classifier and classify every slice: (study, model,
+    preprocessor, probs (Z,)), or None when the study is unlabeled or unreadable (logged with
+    `purpose`, never fatal for the search)."""
+    from wsseg_core.data import StudyError, StudyRef, load_study
     from wsseg_core.inference import classify_volume
     from wsseg_core.models import load_classifier
 
@@ -48,14 +48,26 @@ def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
     try:
         study = load_study(ref)
     except StudyError as e:
-        LOG.warning("classifier check skips %s/%s: %s", ref.patient_id, ref.study_id, e)
+        LOG.warning("%s skips %s/%s: %s", purpose, ref.patient_id, ref.study_id, e)
         return None
     if study.seg is None:
         return None
     layout, remote = open_run(out)
-    fetch(layout, remote, layout.classifier)
+    fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
     model, pre, _ = load_classifier(layout.classifier)
-    probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
+    return study, model, pre, classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
+
+
+def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
+                      num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(slice tumour probabilities (Z,), slice labels (Z,)) of one labelled validation study, or
+    None when it is unlabeled or unreadable (logged)."""
+    from wsseg_core.data import slice_labels
+
+    got = _classify_labelled_study(ref, out, cam_batch_size, num_cpus, "classifier check")
+    if got is None:
+        return None
+    study, _, _, probs = got
     return probs, np.asarray(slice_labels(study.seg)).astype(np.int8)
 
 
@@ -111,23 +123,15 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     unreadable; logged, never fatal for the search).
     """
     from wsseg_core.cams import CAM_METHODS, CamEngine
-    from wsseg_core.data import StudyError, StudyRef, load_study
-    from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
-    from wsseg_core.models import load_classifier
+    from wsseg_core.data import StudyRef
+    from wsseg_core.inference import flagged_slices, volume_cams
 
-    torch_threads_for(num_cpus)
+    got = _classify_labelled_study(ref, out, cam_batch_size, num_cpus, "tuning")
+    if got is None:
+        return None
+    study, model, pre, probs = got
     ref = StudyRef(**ref)
-    try:
-        study = load_study(ref)
-    except StudyError as e:
-        LOG.warning("tuning skips %s/%s: %s", ref.patient_id, ref.study_id, e)
-        return None
-    if study.seg is None:
-        return None
     layout, remote = open_run(out)
-    fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
-    model, pre, _ = load_classifier(layout.classifier)
-    probs = classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
     z = flagged_slices(probs, flag_threshold)
     maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),

@@ -315,6 +315,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def load_labelled_study(ref: Any, purpose: str, log: logging.Logger = LOG) -> tuple[Any, Any] | None:
+    """(StudyRef, loaded Study) of a study with a reference mask, or None - logged as "<purpose>
+    skips <patient>/<study>: <error>" - when its files cannot be read, or silently when it has no
+    SEG. The one rule for every stage that learns or tunes from labelled studies: a bad study is
+    left out, never fatal. `ref`: a StudyRef or its dict (as Ray tasks receive it)."""
+    from wsseg_core.data import StudyError, StudyRef, load_study
+
+    ref = StudyRef(**ref) if isinstance(ref, dict) else ref
+    try:
+        study = load_study(ref)
+    except StudyError as e:
+        log.warning("%s skips %s/%s: %s", purpose, ref.patient_id, ref.study_id, e)
+        return None
+    return None if study.seg is None else (ref, study)
+
+
 def labelled(refs: list, split: str) -> list:
     """The studies of `split` ("train", "val" or "test") that have a reference mask (SEG): the
     only ones a network can learn from or be validated on."""

@@ -228,18 +228,14 @@ def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
     """
     from jobs.common import torch_threads_for
     from wsseg_core.boxfcn import load_boxfcn, postprocess, predict_volume
-    from wsseg_core.data import StudyError, StudyRef, load_study
+    from jobs.common import load_labelled_study
     from wsseg_core.metrics import dice, ude_mm
 
     torch_threads_for(num_cpus)
-    r = StudyRef(**ref)
-    try:
-        st = load_study(r)
-    except StudyError as e:
-        LOG.warning("ablation skips %s/%s: %s", r.patient_id, r.study_id, e)
+    got = load_labelled_study(ref, "ablation", LOG)
+    if got is None:
         return []
-    if st.seg is None:
-        return []
+    r, st = got
     masks = {}
     for role, path in models.items():
         model, _ = load_boxfcn(path)

@@ -61,17 +61,13 @@ def mipcam_path(out: str | Path) -> Path:
 
 def prepare_study(ref: dict, cache_dir: str, classes: Sequence[str]) -> str | None:
     """Load one study, write its two view samples (npz); None for an unreadable or unlabelled one."""
-    from wsseg_core.data import StudyError, StudyRef, load_study
+    from jobs.common import load_labelled_study
     from wsseg_core.mipcam import samples_to_npz, study_samples
 
-    r = StudyRef(**ref)
-    try:
-        st = load_study(r)
-    except StudyError as e:
-        LOG.warning("MIP-CAM skips %s/%s: %s", r.patient_id, r.study_id, e)
+    got = load_labelled_study(ref, "MIP-CAM", LOG)
+    if got is None:
         return None
-    if st.seg is None:
-        return None
+    r, st = got
     path = Path(cache_dir) / f"{study_key(r.patient_id, r.study_id)}.npz"
     try:
         samples = study_samples(st.suv, st.seg, st.affine, st.spacing_mm, classes, r.diagnosis,

@@ -26,7 +26,7 @@ import numpy as np
 
 from jobs.common import fit_keeping_ctrl_c
 from jobs.common import (add_common_args, fetch, init_ray, labelled, open_run, publish,
-                         ray_storage_path, resolve_cohort, setup_logging, study_key,
+                         load_labelled_study, ray_storage_path, resolve_cohort, setup_logging, study_key,
                          torch_threads_for, write_json)
 from wsseg_core.storage import join, read_bytes
 
@@ -39,19 +39,14 @@ def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus:
     """Load one validation study and the run's classifier and classify every slice: (study, model,
     preprocessor, probs (Z,)), or None when the study is unlabeled or unreadable (logged with
     `purpose`, never fatal for the search)."""
-    from wsseg_core.data import StudyError, StudyRef, load_study
     from wsseg_core.inference import classify_volume
     from wsseg_core.models import load_classifier
 
     torch_threads_for(num_cpus)
-    ref = StudyRef(**ref)
-    try:
-        study = load_study(ref)
-    except StudyError as e:
-        LOG.warning("%s skips %s/%s: %s", purpose, ref.patient_id, ref.study_id, e)
+    got = load_labelled_study(ref, purpose, LOG)
+    if got is None:
         return None
-    if study.seg is None:
-        return None
+    _, study = got
     layout, remote = open_run(out)
     fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
     model, pre, _ = load_classifier(layout.classifier)

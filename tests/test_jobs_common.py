@@ -101,3 +101,23 @@ def test_paper_preset_without_imagenet_weights_stops_before_anything_runs(tmp_pa
     assert resolve_weights(str(local), "paper") == str(local)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         resolve_weights(str(tmp_path / "missing.pth"), "paper")
+
+
+def test_load_labelled_study_skips_bad_and_unlabelled_studies(tmp_path, caplog):
+    """The stages that learn or tune from labelled studies leave a bad one out with a log line
+    naming it and the problem, and an unlabelled one out silently."""
+    import logging
+
+    from jobs.common import load_labelled_study
+    from wsseg_core.data import StudyRef
+    from wsseg_core.phantom import write_phantom_cohort
+
+    ref = write_phantom_cohort(tmp_path / "c", n=1, shape=(24, 24, 8), seed=3)[0]
+    got = load_labelled_study(ref.to_dict(), "tuning")
+    assert got is not None and got[0] == ref and got[1].seg.shape == (24, 24, 8)
+    assert load_labelled_study(StudyRef(**{**ref.to_dict(), "seg_path": None}), "tuning") is None
+    broken = tmp_path / "SUV.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    with caplog.at_level(logging.WARNING, logger="wsseg"):
+        assert load_labelled_study(StudyRef(**{**ref.to_dict(), "suv_path": str(broken)}), "tuning") is None
+    assert f"tuning skips {ref.patient_id}/{ref.study_id}: {broken}" in caplog.text

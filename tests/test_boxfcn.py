@@ -129,18 +129,22 @@ def test_zscore_augment_and_patches():
     assert big.shape == (48, 48, 24)
 
 
+def _toy_study():
+    """A 16x16x8 volume with one 4x4x4 lesion, 7x brighter than the N(1, 0.1) background."""
+    rng = np.random.default_rng(0)
+    seg = np.zeros((16, 16, 8), np.uint8)
+    seg[5:9, 5:9, 2:6] = 1
+    suv = (rng.normal(1.0, 0.1, seg.shape) + 6.0 * seg).astype(np.float32)
+    return type("S", (), {"suv": suv, "seg": seg, "spacing_mm": np.ones(3)})()
+
+
 @pytest.mark.slow
 def test_box_dice_then_mdice_ms_fit_on_a_toy_volume():
     """A few steps of each phase run, with finite losses, and keep the best-validation-loss state."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rng = np.random.default_rng(0)
-        seg = np.zeros((16, 16, 8), np.uint8)
-        seg[5:9, 5:9, 2:6] = 1
-        suv = (rng.normal(1.0, 0.1, seg.shape) + 6.0 * seg).astype(np.float32)
-        st = type("S", (), {"suv": suv, "seg": seg, "spacing_mm": np.ones(3)})()
-        vols = box_volumes([st], margin_vox=1)
+        vols = box_volumes([_toy_study()], margin_vox=1)
         torch.manual_seed(0)
         model = BoxFCN3D(base=2, levels=2)
         hist, best = fit_boxfcn_volumes(model, vols, vols, {"kind": "box_dice"}, epochs=3, patience=3,
@@ -166,17 +170,14 @@ def test_boxfcn_overfits_one_volume():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rng = np.random.default_rng(0)
-        seg = np.zeros((16, 16, 8), np.uint8)
-        seg[5:9, 5:9, 2:6] = 1
-        suv = (rng.normal(1.0, 0.1, seg.shape) + 6.0 * seg).astype(np.float32)
-        st = type("S", (), {"suv": suv, "seg": seg, "spacing_mm": np.ones(3)})()
+        st = _toy_study()
+        seg = st.seg
         vols = box_volumes([st])
         torch.manual_seed(0)
         model = BoxFCN3D(base=2, levels=2)
 
         def dice_now() -> float:
-            pred, ref = predict_volume(model, suv) >= 0.5, seg > 0
+            pred, ref = predict_volume(model, st.suv) >= 0.5, seg > 0
             return 2.0 * float((pred & ref).sum()) / float(pred.sum() + ref.sum())
 
         before = dice_now()

@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
                              storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
                              t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
-                             q_grid=tune_thresholds.grid_from_args(args.q_grid, Q_GRID))
+                             q_grid=tune_thresholds.grid_from_args(
+                                 args.q_grid, tune_thresholds.grid_from_args(preset.get("q_grid"), Q_GRID)))
         write_json(stage_file, tune_stage)
     timings["tune_s"] = time.perf_counter() - t0
 

@@ -349,7 +349,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t-grid", type=float, nargs=3, default=None, metavar=("START", "STOP", "N"),
                    help="CAM threshold grid (default the paper's 0.1 0.9 10)")
     p.add_argument("--q-grid", type=float, nargs=3, default=None, metavar=("START", "STOP", "N"),
-                   help="SUV percentile grid (default the paper's 20 50 20), e.g. 10 60 26")
+                   help="SUV percentile grid (default: the preset's; paper 20 50 20 as Früh et al., "
+                        "small 20 99 80), e.g. 10 60 26")
     p.add_argument("--flag-threshold", type=float, default=None,
                    help="flag slices with p >= this (0.5: the paper's Algorithm 1); default: "
                         "chosen on validation (max slice F1), see wsseg_core.gate")
@@ -367,7 +368,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = tune(labelled(refs, "val"), args.out,
                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
                storage_path=args.storage_path, flag_threshold=args.flag_threshold,
-               t_grid=grid_from_args(args.t_grid, T_GRID), q_grid=grid_from_args(args.q_grid, Q_GRID))
+               t_grid=grid_from_args(args.t_grid, T_GRID),
+               q_grid=grid_from_args(args.q_grid, grid_from_args(PIPELINE_PRESETS[args.preset].get("q_grid"),
+                                                                 Q_GRID)))
     print(f"thresholds: {join(args.out, 'thresholds.json')}\ngrid: {res['grid']}")
     return res
 

@@ -3,8 +3,9 @@ changed setting reruns what depends on it and says what changed, and the records
 trained.
 
 One cohort with train / validation / test studies (a manifest fixes the split), the pipeline run
-as a user runs it (a subprocess), interrupted by SIGKILL of the whole process group during
-training (a lost node) and by SIGINT during scoring (Ctrl-C), then rerun.
+as a user runs it (a subprocess), interrupted by SIGKILL of the whole process group (a lost node)
+during training, the threshold search and the analysis, and by SIGINT (Ctrl-C) during scoring;
+each rerun exits 0 or goes on to the next interruption.
 """
 
 from __future__ import annotations
@@ -104,10 +105,9 @@ def test_interrupted_and_changed_reruns(tmp_path):
     rc, log = _run(base, kill_on="epoch 3/4", log_file=tmp_path / "run1.log")
     assert rc != 0 and not (out / "run.json").exists()
 
-    # 2. The same command resumes that run from its checkpoint; Ctrl-C once the first study's
-    # rows are written (actors' log lines reach the driver late, so watch the files).
-    rc, log = _run(base, kill_when=lambda: any((out / "metrics").glob("*.parquet")),
-                   sig=signal.SIGINT, log_file=tmp_path / "run2.log")
+    # 2. The same command resumes that run from its checkpoint, trains only the epochs left; a lost
+    # node again, now during the threshold search.
+    rc, log = _run(base, kill_on="computing CAMs of", log_file=tmp_path / "run2.log")
     assert rc != 0
     assert "resuming it" in log
     resumed = re.search(r"resuming from checkpoint after epoch (\d)", log)
@@ -115,14 +115,26 @@ def test_interrupted_and_changed_reruns(tmp_path):
     trained = [int(k) for k in re.findall(r"epoch (\d)/4 train_loss", log)]
     assert 1 <= int(resumed.group(1)) + 1 <= 3  # it had trained at least one epoch, not all
     assert trained == list(range(int(resumed.group(1)) + 2, 5))  # only the epochs not yet done
-    assert not (out / "run.json").exists()
 
-    # 3. Again: training and tuning are reused, only the missing studies are scored.
+    # 3. Training is reused (no epoch), the interrupted search runs again; Ctrl-C once the first
+    # study's rows are written (actors' log lines reach the driver late, so watch the files).
+    rc, log = _run(base, kill_when=lambda: any((out / "metrics").glob("*.parquet")),
+                   sig=signal.SIGINT, log_file=tmp_path / "run3.log")
+    assert rc != 0
+    assert "resuming it" in log and not TRAINED.search(log) and "computing CAMs of" in log
+
+    # 4. A lost node during the analysis (after the summary of scoring).
+    rc, log = _run(base, kill_on="score_cohort: summary:", log_file=tmp_path / "run4.log")
+    assert rc != 0 and not (out / "run.json").exists()
+    assert "tune: classifier, validation studies and settings unchanged" in log
+
+    # 5. Again: training and tuning are reused, no study is scored twice, the analysis is redone.
     rc, log = _run(base)
     assert rc == 0, log[-3000:]
     assert "resuming it" in log and not TRAINED.search(log)
     assert "tune: classifier, validation studies and settings unchanged" in log
-    assert "resuming: " in log and "already scored" in log
+    assert "resuming: 9 of 9 studies already scored, scoring 0" in log
+    assert (out / "report.html").is_file()
     first = _rows(out)
     run = json.loads((out / "run.json").read_text())
     n = first[["patient_id", "study_id"]].drop_duplicates().shape[0]
@@ -135,7 +147,7 @@ def test_interrupted_and_changed_reruns(tmp_path):
     kept = next(h for h in clf["history"] if h["kept"])
     assert kept["val_auc"] == max(h["val_auc"] for h in clf["history"])
 
-    # 4. A changed setting retrains and rescores, and the log names the change.
+    # 6. A changed setting retrains and rescores, and the log names the change.
     rc, log = _run([*base, "--tumour-weight", "1.0"])
     assert rc == 0, log[-3000:]
     assert "tumour_weight: 7.7 -> 1.0" in log and "epoch 1/4 train_loss" in log
@@ -148,7 +160,7 @@ def test_interrupted_and_changed_reruns(tmp_path):
     assert record["classifier_sha256"] == changed["classifier"]["sha256"]
     assert len(_rows(out)) == 9 * len(METHODS)
 
-    # 5. Back to the first setting: its finished training run is found again (no epoch trained),
+    # 7. Back to the first setting: its finished training run is found again (no epoch trained),
     # and every row equals the one computed before, except the timing column.
     rc, log = _run(base)
     assert rc == 0, log[-3000:]

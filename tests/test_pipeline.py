@@ -161,4 +161,7 @@ def test_run_json_records_the_run(finished_run):
     assert {"torch", "ray", "numpy"} <= set(rec["versions"])
     assert rec["studies"] == {"total": 13, "ok": 12, "failed": 1}
     grid = pd.read_parquet(out / "tune" / "grid.parquet")
-    assert len(grid[grid["method"] == "CAM"]) == 10 * 20
+    # The paper's 10 t values x the small preset's q grid (20..99, 80 values; the paper's is 20..50).
+    th = json.loads((out / "thresholds.json").read_text())
+    assert np.allclose(th["q_grid"], np.linspace(20, 99, 80)) and len(th["t_grid"]) == 10
+    assert len(grid[grid["method"] == "CAM"]) == 10 * 80

@@ -46,9 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import fit_keeping_ctrl_c
-from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
-                         resolve_cohort, safe_name, setup_logging)
+from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
+                         ray_storage_path, resolve_cohort, safe_name, setup_logging)
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
                             start_watchdog, world_info)

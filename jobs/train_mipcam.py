@@ -28,10 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import fit_keeping_ctrl_c
-from jobs.common import (RunLayout, add_common_args, init_ray, labelled, ray_storage_path,
-                         resolve_cohort, safe_name, setup_logging, study_key, torch_threads_for,
-                         write_json)
+from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
+                         ray_storage_path, resolve_cohort, safe_name, setup_logging, study_key,
+                         torch_threads_for, write_json)
 from jobs.ray_train import share_cpus
 
 LOG = logging.getLogger("wsseg.train_mipcam")

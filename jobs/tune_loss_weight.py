@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import fit_keeping_ctrl_c
-from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, init_ray, labelled,
-                         open_run, publish, ray_storage_path, resolve_cohort, safe_name,
-                         setup_logging, write_json)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, fit_keeping_ctrl_c,
+                         init_ray, labelled, open_run, publish, ray_storage_path, resolve_cohort,
+                         safe_name, setup_logging, write_json)
 from jobs.ray_train import share_cpus
 from jobs.train_classifier import WEIGHTS_HELP, weights_arg
 

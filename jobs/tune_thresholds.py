@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import fit_keeping_ctrl_c
-from jobs.common import (add_common_args, fetch, init_ray, labelled, open_run, publish,
-                         load_labelled_study, ray_storage_path, resolve_cohort, setup_logging, study_key,
-                         torch_threads_for, write_json)
+from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, labelled,
+                         load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
+                         setup_logging, study_key, torch_threads_for, write_json)
 from wsseg_core.storage import join, read_bytes
 
 LOG = logging.getLogger("wsseg.tune_thresholds")

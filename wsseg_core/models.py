@@ -2,9 +2,17 @@
 
 The network is torchvision's VGG16 convolutional stack with two changes from the paper: the first
 max-pool is removed and the features are cut before the last max-pool, so the last conv map is 1/8 of
-the input (32x32x512 at 256x256). PET (SUV) and CT are the two input channels. The head is global
-average pooling plus one linear layer over two classes (0 = no tumour, 1 = tumour), which is exactly
-the architecture classic CAM (Eq. 1, ``M = sum_k w_k A_k``) requires.
+the input (32x32x512 at 256x256). PET (SUV) and CT are the two input channels. Two heads over that
+last conv map A, both giving two classes (0 = no tumour, 1 = tumour):
+
+* ``"gap"`` (default): global average pooling plus one linear layer, exactly the architecture classic
+  CAM (Eq. 1, ``M = sum_k w_k A_k``) requires. Under it GradCAM's weights are ``w_k / (h w)``, so the
+  GradCAM map is ReLU(CAM) up to normalisation (see ``wsseg_core.cams``).
+* ``"fc"``: the head of the authors' public code (``VggGrad32`` in b4shy/weaklySupervisedSegmentation):
+  VGG16's own classifier over the last conv map: 2x2 max-pool, adaptive average pool to 7x7, then
+  Linear(49 K, 4096) - ReLU - Dropout - Linear(4096, 4096) - ReLU - Dropout - Linear(4096, 2)
+  (4096 scaled by the width). The gradients then vary over the map, so GradCAM, GradCAM++ and
+  ScoreCAM differ from each other as in the paper; classic CAM is undefined (no GAP + linear head).
 
 A width multiplier scales every channel count, so the same code gives the paper network and a small
 CPU preset.
@@ -39,6 +47,12 @@ VGG16_CFG: tuple[int | str, ...] = (64, 64, 128, 128, "M", 256, 256, 256, "M",
 #: ~10 % of VGG16's work at stride 8, runs at the finer grid).
 MAP_STRIDES = (4, 8)
 N_VGG16_CONVS = 13
+#: Classifier heads: "gap" (GAP + one linear layer, CAM's architecture) and "fc" (VGG16's fully
+#: connected classifier over the last conv map, as in the authors' public code).
+HEADS = ("gap", "fc")
+#: VGG16's adaptive pool output (torchvision ``avgpool``) and hidden width of its classifier.
+FC_POOL = 7
+FC_HIDDEN = 4096
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(width=1.0, input_size=256, batch_norm=False),
@@ -169,7 +183,7 @@ def _scaled(c: int, width: float) -> int:
 
 
 class SliceClassifier(nn.Module):
-    """Modified VGG16 (no BN) with GAP + one linear layer; class 1 = tumour.
+    """Modified VGG16 (no BN) with a GAP + linear head (or VGG16's fc head); class 1 = tumour.
 
     Args:
         width: channel multiplier (1.0 = VGG16).
@@ -179,16 +193,21 @@ class SliceClassifier(nn.Module):
         batch_norm: BatchNorm after every conv (as torchvision's vgg16_bn); off for the paper's VGG16.
         map_stride: 8 (the paper's: last map S/8) or 4 (the pool before the last block removed too:
             last map S/4). ImageNet weights fit either (the pools have no weights).
+        head: "gap" (default; GAP + ``fc``) or "fc" (VGG16's classifier; see the module doc).
     Attributes:
         features: nn.Sequential of conv/ReLU/max-pool; its output is the last conv's ReLU,
             (B, K, S/map_stride, S/map_stride).
-        fc: nn.Linear(K, 2).
-        width, input_size, num_channels_last (K).
+        fc: nn.Linear(K, 2) under the "gap" head; None under "fc".
+        classifier: None under "gap"; under "fc" nn.Sequential(Linear(49 K, H), ReLU, Dropout,
+            Linear(H, H), ReLU, Dropout, Linear(H, 2)), H = 4096 x width.
+        width, input_size, num_channels_last (K), head.
     """
 
     def __init__(self, width: float = 1.0, input_size: int = 256, in_channels: int = 2,
-                 batch_norm: bool = False, map_stride: int = 8) -> None:
+                 batch_norm: bool = False, map_stride: int = 8, head: str = "gap") -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if map_stride not in MAP_STRIDES:
             raise ValueError(f"map_stride must be one of {MAP_STRIDES}, got {map_stride!r}")
         if not width > 0:
@@ -200,6 +219,7 @@ class SliceClassifier(nn.Module):
         self.in_channels = int(in_channels)
         self.batch_norm = bool(batch_norm)
         self.map_stride = int(map_stride)
+        self.head = str(head)
         cfg = list(VGG16_CFG)
         if self.map_stride == 4:  # drop the last pool (before the last block)
             del cfg[len(cfg) - 1 - cfg[::-1].index("M")]
@@ -219,7 +239,16 @@ class SliceClassifier(nn.Module):
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.num_channels_last = c_in
-        self.fc = nn.Linear(self.num_channels_last, 2)
+        self.fc: nn.Linear | None = None
+        self.classifier: nn.Sequential | None = None
+        if self.head == "gap":
+            self.fc = nn.Linear(self.num_channels_last, 2)
+        else:
+            hidden = _scaled(FC_HIDDEN, self.width)
+            self.classifier = nn.Sequential(
+                nn.Linear(self.num_channels_last * FC_POOL * FC_POOL, hidden), nn.ReLU(inplace=False),
+                nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(inplace=False), nn.Dropout(0.5),
+                nn.Linear(hidden, 2))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -241,8 +270,13 @@ class SliceClassifier(nn.Module):
         return self.features(x)
 
     def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
-        """A (B, K, h, w) -> logits (B, 2) via global average pooling and ``fc``."""
-        return self.fc(a.mean(dim=(2, 3)))
+        """A (B, K, h, w) -> logits (B, 2): global average pooling and ``fc`` ("gap" head), or
+        VGG16's 2x2 max-pool, 7x7 adaptive average pool and ``classifier`` ("fc" head)."""
+        if self.classifier is None:
+            return self.fc(a.mean(dim=(2, 3)))
+        # The authors' VggGrad32 takes A before VGG's last max-pool and applies that pool in the head.
+        pooled = F.adaptive_avg_pool2d(F.max_pool2d(a, 2, 2), FC_POOL)
+        return self.classifier(torch.flatten(pooled, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 2, S, S) -> logits (B, 2); softmax(.)[:, 1] is the tumour probability."""
@@ -250,7 +284,7 @@ class SliceClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, input_size={self.input_size}, K={self.num_channels_last}, "
-                f"batch_norm={self.batch_norm}, map_stride={self.map_stride}")
+                f"batch_norm={self.batch_norm}, map_stride={self.map_stride}, head={self.head}")
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -319,6 +353,8 @@ def _vgg_conv_weights(state: Mapping[str, Any], source: str) -> list[tuple[torch
 
 def load_vgg16_weights(model: SliceClassifier, state: Mapping[str, Any], source: str = "state dict") -> None:
     """Copy torchvision VGG16 conv weights into ``model`` (width 1.0 only); ``fc`` stays random.
+    Under the "fc" head the first two classifier layers (``classifier.0``, ``classifier.3``) are
+    copied too, as the authors' code kept them; the last (1000 ImageNet classes) stays random.
 
     The RGB first conv (64, 3, 3, 3) becomes (64, 2, 3, 3) with both PET and CT channels set to
     the mean over RGB. Why the mean: PET and CT are single-intensity images, like a grey image
@@ -338,6 +374,16 @@ def load_vgg16_weights(model: SliceClassifier, state: Mapping[str, Any], source:
                                  f"{tuple(conv.weight.shape)}")
             conv.weight.copy_(w)
             conv.bias.copy_(b.to(torch.float32))
+        if model.classifier is not None:
+            for ours, theirs in ((model.classifier[0], "classifier.0"), (model.classifier[3], "classifier.3")):
+                w, b = state.get(f"{theirs}.weight"), state.get(f"{theirs}.bias")
+                if not (torch.is_tensor(w) and torch.is_tensor(b)):
+                    raise ValueError(f"{source}: {theirs}.weight/.bias missing (needed by the fc head)")
+                if tuple(w.shape) != tuple(ours.weight.shape):
+                    raise ValueError(f"{source}: {theirs} has shape {tuple(w.shape)}, the fc head "
+                                     f"expects {tuple(ours.weight.shape)}")
+                ours.weight.copy_(w.detach().to(torch.float32))
+                ours.bias.copy_(b.detach().to(torch.float32))
 
 
 def _load_state_file(path: Path) -> Mapping[str, Any]:
@@ -384,13 +430,15 @@ def require_imagenet_weights() -> None:
 
 def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
-                           weights: str | os.PathLike | None = None
+                           weights: str | os.PathLike | None = None, head: str = "gap"
                            ) -> tuple[SliceClassifier, SlicePreprocessor]:
     """Build the classifier and its matching preprocessor.
 
     Args:
         preset: a key of ``PRESETS`` ("paper": width 1, 256x256; "small": width 1/8, 64x64).
         width, input_size: override the preset's values.
+        head: "gap" (GAP + linear, CAM's architecture; default) or "fc" (VGG16's classifier, as in
+            the authors' code; CAM undefined).
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
             download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
             weights need width 1.0.
@@ -410,7 +458,8 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     if input_size is not None:
         cfg["input_size"] = int(input_size)
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
-                            batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8))
+                            batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8),
+                            head=head)
     pre = SlicePreprocessor(input_size=cfg["input_size"])
     if weights is None:
         return model, pre
@@ -456,7 +505,7 @@ def save_classifier(path: str | os.PathLike, model: nn.Module, pre: SlicePreproc
     save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
                     config={"width": float(bare.width), "input_size": int(bare.input_size),
                             "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm),
-                            "map_stride": int(bare.map_stride)},
+                            "map_stride": int(bare.map_stride), "head": bare.head},
                     meta=meta, preprocessor=pre.to_dict())
 
 
@@ -468,5 +517,6 @@ def load_classifier(path: str | os.PathLike) -> tuple[SliceClassifier, SlicePrep
                                           in_channels=int(cfg.get("in_channels", 2)),
                                           batch_norm=bool(cfg.get("batch_norm", False)),
                                           # checkpoints written before the option: the paper's 8
-                                          map_stride=int(cfg.get("map_stride", 8))))
+                                          map_stride=int(cfg.get("map_stride", 8)),
+                                          head=str(cfg.get("head", "gap"))))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})

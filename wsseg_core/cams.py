@@ -18,6 +18,16 @@ The model is duck-typed (see ``wsseg_core.models.SliceClassifier``)::
     model.logits_from_features(A) -> logits (B, 2)    # global average pool + nn.Linear ``fc``
     model(x) == model.logits_from_features(model.forward_features(x))
     model.fc.weight (2, K)                            # only needed for CAM (Eq. 1)
+    model.head == "gap"                               # optional; another head makes CAM undefined
+
+Under the GAP + linear head the four maps are not independent.  The target logit is
+``sum_k w_k mean(A_k) + b``, so ``dS/dA_k = w_k / (h w)`` everywhere: GradCAM's weights are CAM's
+divided by ``h w``, and after min-max normalisation **GradCAM = normalised ReLU(CAM)**; GradCAM++'s
+closed form reduces to CAM restricted to the channels with ``w_k > 0``.  The paper's contrast between
+GradCAM and CAM therefore cannot appear under this head.  Früh et al.'s public code used VGG16's
+fully connected head over the last conv map (``SliceClassifier(head="fc")``); there the gradients
+vary over the map and GradCAM, GradCAM++ and ScoreCAM differ, while CAM (Eq. 1) is undefined:
+asking for it raises :class:`CamUndefined` (use :func:`available_methods`).
 
 Class index 1 = tumour.  Maps are returned at the feature resolution (h, w) = (S/stride, S/stride) (stride 8, or 4),
 min-max normalised to [0, 1] per slice (a constant map becomes all zeros).
@@ -49,6 +59,8 @@ from wsseg_core.models import fold_batch_norm
 __all__ = [
     "CAM_METHODS",
     "SCORES",
+    "CamUndefined",
+    "available_methods",
     "CamResult",
     "CamEngine",
     "target_score",
@@ -64,6 +76,24 @@ __all__ = [
 CAM_METHODS: tuple[str, ...] = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
 SCORES: tuple[str, ...] = ("logit", "prob")
 _GRADIENT_METHODS = ("GradCAM", "GradCAM++")
+
+
+class CamUndefined(ValueError):
+    """A CAM method that the classifier's architecture does not define (CAM without a GAP head)."""
+
+
+def cam_undefined_reason(model: nn.Module, method: str) -> str | None:
+    """Why ``method`` is undefined for ``model``, or None when it is defined."""
+    head = getattr(model, "head", "gap")
+    if method == "CAM" and (head != "gap" or getattr(model, "fc", None) is None):
+        return (f"CAM (Eq. 1) needs a global-average-pooling head followed by one linear layer; "
+                f"this classifier has head {head!r} (GradCAM, GradCAM++ and ScoreCAM work with it)")
+    return None
+
+
+def available_methods(model: nn.Module, methods: Sequence[str] = CAM_METHODS) -> tuple[str, ...]:
+    """The methods of ``methods`` that ``model``'s architecture defines (CAM needs the GAP head)."""
+    return tuple(m for m in methods if cam_undefined_reason(model, m) is None)
 
 
 @dataclass
@@ -441,6 +471,10 @@ class CamEngine:
         if self.channels_last:  # masked ScoreCAM inputs x * mask inherit the layout
             x = x.contiguous(memory_format=torch.channels_last)
 
+        for m in methods:
+            reason = cam_undefined_reason(self.model, m)
+            if reason is not None:
+                raise CamUndefined(reason)
         model = self.model
         was_training = model.training
         model.eval()

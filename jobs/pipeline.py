@@ -18,7 +18,7 @@ from typing import Any
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, labelled,
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
-from jobs.train_classifier import WEIGHTS_HELP, resolve_weights, weights_arg
+from jobs.train_classifier import HEAD_CHOICES, HEAD_HELP, WEIGHTS_HELP, resolve_weights, weights_arg
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: preset)")
     p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
+    p.add_argument("--head", choices=HEAD_CHOICES, default="gap", help=HEAD_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the preset's batch is the global batch, split across them")
     p.add_argument("--use-gpu", action="store_true")
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                           weights=weights_arg(args.weights),
                           num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                          **train_classifier.classifier_recipe(preset, optimizer=args.optimizer))
+                          **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head))
         tumour_weight = searched["tumour_weight"]
         timings["loss_weight_search_s"] = time.perf_counter() - t0
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
         weights=weights_arg(args.weights), num_workers=args.num_workers,
         use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
-        **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer),
+        **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
            **({"input_size": args.input_size} if args.input_size else {})})
     timings["train_s"] = time.perf_counter() - t0
 

@@ -245,6 +245,23 @@ def _failed_rows(ref, methods: Sequence[str], error: str) -> list[dict]:
     return [{**_base_row(ref), "method": m, "status": "failed", "error": error} for m in methods]
 
 
+def _skipped_rows(ref, skipped: dict[str, str]) -> list[dict]:
+    """Rows for methods the classifier's architecture does not define (CAM under the fc head):
+    `status = "skipped"`, the reason in `error`; not failures, and not in any statistic."""
+    return [{**_base_row(ref), "method": m, "status": "skipped", "error": why}
+            for m, why in skipped.items()]
+
+
+def undefined_methods(classifier_path: str | Path, methods: Sequence[str]) -> dict[str, str]:
+    """{method: why} for the CAM methods of `methods` that the classifier cannot compute."""
+    from wsseg_core.cams import cam_undefined_reason
+    from wsseg_core.models import load_classifier
+
+    model, _, _ = load_classifier(classifier_path)
+    return {m: why for m in methods if m in CAM_METHOD_NAMES
+            and (why := cam_undefined_reason(model, m)) is not None}
+
+
 def _ref_of(rec: dict) -> tuple[dict, Any]:
     from wsseg_core.data import StudyRef
 
@@ -335,12 +352,15 @@ class StudyFinisher:
     study. Never set it in production."""
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
-                 kill_once: dict[str, str] | None = None) -> None:
+                 kill_once: dict[str, str] | None = None, skipped: dict[str, str] | None = None) -> None:
+        """`methods`: the methods with masks; `skipped`: {method: why} for requested methods the
+        classifier does not define (`undefined_methods`), written as `skipped` rows."""
         setup_logging()
         self.layout, self.remote = open_run(out)
         self.thresholds = thresholds
         self.methods = list(methods)
         self.kill_once = kill_once
+        self.skipped = dict(skipped or {})
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
         status: list[dict] = []
@@ -349,12 +369,13 @@ class StudyFinisher:
             t0 = time.perf_counter()
             error = _none_if_missing(rec.get("error"))
             if error is not None:
-                rows = _failed_rows(ref, self.methods, error)
+                rows = _failed_rows(ref, self.methods, error) + _skipped_rows(ref, self.skipped)
             else:
                 try:
                     rows = self.rows(ref, StudyMasks.unpack(rec["masks"]))
                 except Exception as e:  # noqa: BLE001 - a bad study must become rows
-                    rows = _failed_rows(ref, self.methods, _failure_text(ref, e))
+                    rows = _failed_rows(ref, self.methods, _failure_text(ref, e)) \
+                        + _skipped_rows(ref, self.skipped)
             seconds = float(rec["seconds"]) + time.perf_counter() - t0  # both halves
             for r in rows:
                 r["seconds"] = seconds
@@ -389,7 +410,7 @@ class StudyFinisher:
                          "slice_auc": auc})
         LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,
                  sm.n_flagged, sm.suv.shape[2], ", ".join(dices))
-        return rows
+        return rows + _skipped_rows(ref, self.skipped)
 
     def commit(self, ref: dict, rows: list[dict]) -> dict:
         """Write the study's rows (one rename), publish its files; its status row."""
@@ -399,7 +420,7 @@ class StudyFinisher:
         write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
         publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
                 slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
-        failed = [r for r in rows if r["status"] != "ok"]
+        failed = [r for r in rows if r["status"] == "failed"]
         return {"patient_id": ref["patient_id"], "study_id": ref["study_id"],
                 "status": "failed" if failed else "ok",
                 "error": failed[0]["error"] if failed else None, "n_rows": len(rows),
@@ -427,13 +448,15 @@ class StudyScorer:
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
                  cam_batch_size: int = 64, num_cpus: float = 1.0,
-                 kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5) -> None:
+                 kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
+                 skipped: dict[str, str] | None = None) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
         staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
         masks and rows as soon as they are written (the rows last: their file marks the study done).
-        `kill_once`: the test hook of `StudyFinisher`."""
+        `kill_once`: the test hook of `StudyFinisher`; `skipped`: methods not computed (see
+        `StudyFinisher`), not included in `methods`."""
         self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus, flag_threshold)
-        self.finisher = StudyFinisher(thresholds, out, methods, kill_once)
+        self.finisher = StudyFinisher(thresholds, out, methods, kill_once, skipped)
         self.methods = list(methods)
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
@@ -451,7 +474,8 @@ class StudyScorer:
         try:
             rows = self.finisher.rows(ref, self.masker.masks(ref))
         except Exception as e:  # noqa: BLE001 - a bad study must become a row, not stop the cohort
-            rows = _failed_rows(ref, self.methods, _failure_text(ref, e))
+            rows = _failed_rows(ref, self.methods, _failure_text(ref, e)) \
+                + _skipped_rows(ref, self.finisher.skipped)
         seconds = time.perf_counter() - t0
         worker = worker_id()
         for r in rows:
@@ -557,7 +581,12 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     out_arg = str(out) if is_uri(out) else str(layout.out)  # what every actor opens, on any node
     fetch(layout, remote, layout.classifier,
           *[layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
-    missing = [m for m in methods if m not in thresholds
+    # A CAM method the classifier's head does not define (CAM under head "fc") gets "skipped" rows.
+    skipped = undefined_methods(layout.classifier, methods)
+    for m, why in skipped.items():
+        LOG.warning("%s: not computed, rows marked skipped: %s", m, why)
+    live = [m for m in methods if m not in skipped]
+    missing = [m for m in live if m not in thresholds
                and (m not in MODEL_METHODS or MODEL_METHODS[m].needs_thresholds)]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
@@ -607,9 +636,10 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
         if not split:
             status = ds.map_batches(
                 StudyScorer,
-                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=live,
                                            cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
-                                           kill_once=kill_once, flag_threshold=flag_threshold),
+                                           kill_once=kill_once, flag_threshold=flag_threshold,
+                                           skipped=skipped),
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
@@ -625,7 +655,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                      cpu_stage_concurrency, num_cpus_per_finisher)
             masked = ds.map_batches(
                 StudyMasker,
-                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=live,
                                            cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
                                            flag_threshold=flag_threshold),
                 batch_size=1, batch_format="pandas",
@@ -634,8 +664,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             )
             status = masked.map_batches(
                 StudyFinisher,
-                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=list(methods),
-                                           kill_once=kill_once),
+                fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=live,
+                                           kill_once=kill_once, skipped=skipped),
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=cpu_stage_concurrency),
                 num_cpus=num_cpus_per_finisher,
@@ -653,9 +683,9 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     per_study = []
     for f in files:
         t = pq.read_table(f, columns=["patient_id", "study_id", "status", "error"]).to_pylist()
-        bad = [r for r in t if r["status"] != "ok"]
+        bad = [r for r in t if r["status"] == "failed"]
         per_study.append(bad[0] if bad else t[0] if t else {"status": "failed", "error": "no rows"})
-    failed = [r for r in per_study if r["status"] != "ok"]
+    failed = [r for r in per_study if r["status"] == "failed"]
     n_rows = sum(pq.read_metadata(f).num_rows for f in files)
     others = {p.name for p in layout.metrics.glob("*.parquet")} - {Path(f).name for f in files}
     if others:

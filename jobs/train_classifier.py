@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
     model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
                                         input_size=config.get("input_size"),
-                                        weights=config.get("weights"))
+                                        weights=config.get("weights"), head=config.get("head", "gap"))
     # Every rank holds the whole training set and takes its share of each global batch from one
     # shared seeded order, so all ranks run the same number of steps (issue 17).
     x_tr, y_tr = slices_from_studies(load_readable(train_refs), pre,
@@ -175,6 +175,11 @@ WEIGHTS_HELP = ("'imagenet' (default: ImageNet VGG16 via torchvision; the paper 
                 "message saying how to supply them when they cannot be fetched; the width-reduced small "
                 "preset has no pretrained weights and starts from random), 'random' (or 'none'), or a "
                 "local torchvision VGG16 state_dict file (e.g. vgg16-397923af.pth)")
+HEAD_CHOICES = ("gap", "fc")
+HEAD_HELP = ("classifier head: 'gap' (default; global average pooling + one linear layer, the "
+             "architecture classic CAM needs; under it GradCAM = ReLU(CAM)) or 'fc' (VGG16's fully "
+             "connected head over the last conv map, as in Früh et al.'s public code; CAM rows are "
+             "then 'skipped')")
 
 
 def resolve_weights(weights: str | None, model_preset: str, width: float | None = None) -> str | None:
@@ -211,7 +216,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None,
         optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.0, head: str = "gap",
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
@@ -220,7 +225,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     not scaled). It must be at least `num_workers`. Every worker holds the whole training set.
     `optimizer` / `schedule`: wsseg_core.train.make_optimizer / make_scheduler (`lr` is the peak of
     a one-cycle schedule); `patience`: early stop after that many epochs without a better
-    validation AUC (None: run every epoch).
+    validation AUC (None: run every epoch). `head`: "gap" (GAP + linear, CAM's architecture) or
+    "fc" (VGG16's fully connected head, as in Früh et al.'s code; no CAM), see wsseg_core.models.
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
@@ -236,22 +242,23 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
                   optimizer=optimizer, schedule=schedule, patience=patience,
-                  weight_decay=weight_decay, **(test_hooks or {}))
+                  weight_decay=weight_decay, head=head, **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
 
 
-def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None) -> dict[str, Any]:
+def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
+                      head: str = "gap") -> dict[str, Any]:
     """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
-    as `fit` keywords; `optimizer` overrides the preset's (with SGD the schedule is constant,
-    as in the paper)."""
+    and the classifier head, as `fit` keywords; `optimizer` overrides the preset's (with SGD the
+    schedule is constant, as in the paper)."""
     opt = optimizer or preset.get("optimizer", "sgd")
     return dict(optimizer=opt,
                 schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
                 patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
-                input_size=preset.get("input_size"))
+                input_size=preset.get("input_size"), head=head)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
+    p.add_argument("--head", choices=HEAD_CHOICES, default="gap", help=HEAD_HELP)
     p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
-              **classifier_recipe(preset, optimizer=args.optimizer),
+              **classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
               weights=weights_arg(args.weights), num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed)

@@ -27,17 +27,18 @@ LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
 
 
-def best_val_dice(cache_files: Sequence[str]) -> dict[str, float]:
+def best_val_dice(cache_files: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, float]:
     """Best validation Dice per CAM method over the full (t_m, q_m) grid, averaged per patient and
     then over patients: the selection rule of the threshold search (`tune_thresholds.evaluate_cell`),
-    which it reuses, so a weight is judged by the Dice the pipeline would tune for it."""
+    which it reuses, so a weight is judged by the Dice the pipeline would tune for it. `methods`:
+    the CAM methods the classifier defines (default all four)."""
     from jobs.tune_thresholds import evaluate_cell
     from wsseg_core.cams import CAM_METHODS
     from wsseg_core.segment import Q_GRID, T_GRID
 
     q_grid = [float(q) for q in Q_GRID]
     best = {}
-    for m in CAM_METHODS:
+    for m in (CAM_METHODS if methods is None else methods):
         res = evaluate_cell({"cell": {"method": m, "ts": [float(t) for t in T_GRID]}}, list(cache_files),
                             q_grid)
         best[m] = res["mean_dice"] if res["n_patients"] else float("nan")
@@ -51,6 +52,8 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
 
     from jobs.train_classifier import fit
     from jobs.tune_thresholds import cache_study_cams
+    from wsseg_core.cams import available_methods
+    from wsseg_core.models import load_classifier
 
     w = float(config["tumour_weight"])
     trial_out = Path(out) / "loss_weight" / safe_name(f"w{w:g}")
@@ -59,7 +62,7 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
     # That fit's classifier is <trial_out>/models/classifier.pt; its CAMs go to <trial_out>/tune/cache.
     files = [f for f in (cache_study_cams(r.to_dict(), str(trial_out), cam_batch_size) for r in val_refs)
              if f]
-    dice = best_val_dice(files)
+    dice = best_val_dice(files, available_methods(load_classifier(open_run(str(trial_out))[0].classifier)[0]))
     return {"val_auc": float(res["best"].get("val_auc", float("nan"))),
             "best_cam_dice": float(np.nanmax(list(dice.values()))) if dice else float("nan"),
             **{f"dice_{m}": v for m, v in dice.items()}, "checkpoint": res["checkpoint"]}

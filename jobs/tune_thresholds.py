@@ -116,7 +116,7 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
     unreadable; logged, never fatal for the search).
     """
-    from wsseg_core.cams import CAM_METHODS, CamEngine
+    from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef
     from wsseg_core.inference import flagged_slices, volume_cams
 
@@ -127,14 +127,15 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     ref = StudyRef(**ref)
     layout, remote = open_run(out)
     z = flagged_slices(probs, flag_threshold)
-    maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, CAM_METHODS, cam_batch_size)
+    methods = available_methods(model)  # no CAM under the fc head
+    maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, methods, cam_batch_size)
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
     # and two studies sharing a cache file would let the search score one of them twice.
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
-             patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in CAM_METHODS})
+             patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in methods})
     os.replace(tmp, path)
     if remote is not None:
         publish(layout, remote, path)
@@ -217,11 +218,13 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     import ray
     from ray import tune as rtune
 
-    from wsseg_core.cams import CAM_METHODS
+    from wsseg_core.cams import available_methods
+    from wsseg_core.models import load_classifier
     from wsseg_core.segment import Q_GRID, T_GRID
 
     layout, remote = open_run(out)
     fetch(layout, remote, layout.classifier)
+    cam_methods = available_methods(load_classifier(layout.classifier)[0])  # no CAM under head "fc"
     if flag_threshold is None:
         flag_threshold = load_flag_threshold(layout.thresholds)
     t_grid = np.asarray(T_GRID if t_grid is None else t_grid, dtype=float)
@@ -238,7 +241,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         raise RuntimeError("no usable labeled validation study: cannot tune thresholds")
 
     q_grid = [float(q) for q in q_grid_arr]
-    cells = [{"method": m, "ts": [float(t) for t in t_grid]} for m in CAM_METHODS]
+    cells = [{"method": m, "ts": [float(t) for t in t_grid]} for m in cam_methods]
     cells.append({"method": "Threshold", "ts": [float("nan")]})
     trainable = rtune.with_resources(
         rtune.with_parameters(evaluate_cell, cache_files=files, q_grid=q_grid), {"cpu": cpus_per_trial})

@@ -154,3 +154,23 @@ def test_metric_names_are_valid_and_counters_do_not_end_in_total():
         assert not (spec.kind == "counter" and name.endswith("_total")), name
         assert list(spec.boundaries) == sorted(spec.boundaries)
         assert (spec.kind == "histogram") == bool(spec.boundaries), name
+
+
+def test_grafana_dashboard_plots_every_metric_under_its_exported_name():
+    """docs/grafana_wsseg.json queries the names Ray exports (`ray_` + name, `_total` for counters,
+    `_bucket` for histograms) of metrics that exist, and plots every one of them."""
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parents[1] / "docs" / "grafana_wsseg.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\bray_wsseg_[a-z_]+", e)}
+    suffix = {"counter": "_total", "gauge": "", "histogram": "_bucket"}
+    exported = {f"ray_{name}{suffix[spec.kind]}" for name, spec in METRICS.items()}
+    assert used == exported
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))

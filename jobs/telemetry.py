@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,6 +96,14 @@ METRICS: dict[str, MetricSpec] = {
 
 _OBJECTS: dict[str, Any] = {}  # name -> ray.util.metrics object, built on first use per process
 _WARNED: set[str] = set()
+# Ray 2.60 exports a gauge value once after it is set and evicts it from the node's endpoint ~2
+# report intervals later, even while its process lives (measured: a gauge set once by a live driver
+# was gone 2 s later with RAY_metrics_report_interval_ms=1000, a counter stayed). An epoch or a Tune
+# trial takes far longer than that, so each process re-sets its gauges' last values every half
+# interval from a daemon thread (`_keep_gauges_alive`); they vanish when the process ends.
+_GAUGE_LAST: dict[tuple[str, tuple], tuple[float, dict[str, str]]] = {}
+_GAUGE_LOCK = threading.Lock()
+_GAUGE_THREAD: threading.Thread | None = None
 
 
 def _metric(name: str) -> Any:
@@ -132,6 +142,7 @@ def record(name: str, value: float, **tags: Any) -> bool:
             m.inc(value, tags=str_tags)
         elif spec.kind == "gauge":
             m.set(value, tags=str_tags)
+            _remember_gauge(name, value, str_tags)
         else:
             m.observe(value, tags=str_tags)
         return True
@@ -141,6 +152,40 @@ def record(name: str, value: float, **tags: Any) -> bool:
             LOG.warning("metric %s not recorded (%s: %s); further errors of it are not logged",
                         name, type(e).__name__, e)
         return False
+
+
+def gauge_refresh_s() -> float:
+    """Seconds between re-sets of a live gauge: half of Ray's export interval
+    (`RAY_metrics_report_interval_ms`, 10 s by default, never under 1 s), so every export carries it."""
+    try:
+        ms = float(os.environ.get("RAY_metrics_report_interval_ms", "10000"))
+    except ValueError:
+        ms = 10000.0
+    return max(ms, 1000.0) / 2000.0
+
+
+def _remember_gauge(name: str, value: float, tags: dict[str, str]) -> None:
+    global _GAUGE_THREAD
+    with _GAUGE_LOCK:
+        _GAUGE_LAST[(name, tuple(sorted(tags.items())))] = (value, tags)
+        if _GAUGE_THREAD is None or not _GAUGE_THREAD.is_alive():
+            _GAUGE_THREAD = threading.Thread(target=_keep_gauges_alive, name="wsseg-gauges", daemon=True)
+            _GAUGE_THREAD.start()
+
+
+def _keep_gauges_alive() -> None:
+    """Daemon loop: re-set every gauge's last value (see `_GAUGE_LAST`); errors logged once."""
+    while True:
+        time.sleep(gauge_refresh_s())
+        with _GAUGE_LOCK:
+            last = list(_GAUGE_LAST.items())
+        for (name, _), (value, tags) in last:
+            try:
+                _metric(name).set(value, tags=tags)
+            except Exception as e:  # noqa: BLE001 - never let the keeper die on a metric error
+                if name not in _WARNED:
+                    _WARNED.add(name)
+                    LOG.warning("metric %s not refreshed (%s: %s)", name, type(e).__name__, e)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The project's metrics reach Prometheus: a head started with `--metrics-export-port`, a tiny cohort
 (one good study, one truncated) scored by `python -m jobs.score_cohort` against it, and the node's
-metrics endpoint read over HTTP until the counters match the rows written."""
+metrics endpoint read over HTTP until the counters match the rows written; then a toy Ray Train run
+(through `jobs.ray_train.fit_best`) and a toy Tune search on the same head, and their gauges and
+counters read back the same way."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def _kill_cluster(temp_dir: Path) -> None:
             time.sleep(0.5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def metrics_head():
     """A Ray head (2 CPUs, no dashboard UI) exporting Prometheus metrics on a free port; its own
     ports and temp dir so it never meets the test session's cluster. Yields (gcs address, metrics
@@ -167,3 +169,95 @@ def test_scored_and_failed_counters_equal_the_rows_written(metrics_head, scoring
         b: int(flagged <= b) for b in FLAGGED_BUCKETS + [float("inf")]}
     assert _cumulative(samples, "ray_wsseg_flagged_slice_fraction") == {
         b: int(flagged / n_slices <= b) for b in FRACTION_BUCKETS + [float("inf")]}
+
+
+# Ray evicts a gauge from the endpoint ~2 report intervals after its process stops reporting (a
+# finished Train worker, an exited driver), so each phase waits for the test's go-ahead (a file)
+# before it lets its process end: the test reads the gauges while they are live, as a person would.
+TRAIN_AND_TUNE = """
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from jobs.ray_train import fit_best, report_epoch
+from jobs.telemetry import tune_callback
+
+ray.init(address=sys.argv[1])
+out = Path(sys.argv[2])
+
+
+def wait_for(name):
+    deadline = time.monotonic() + 120
+    while not (out / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def loop(config):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(3):
+        report_epoch({"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_auc": 0.5 + 0.1 * epoch},
+                     epoch, opt, "toy.pt", lambda p: torch.save(model.state_dict(), p))
+    wait_for("train_read")
+
+
+fit_best(loop, {"epochs": 3}, dest=out / "toy.pt", ckpt_file="toy.pt", metric="val_auc", name="toy",
+         storage_path=str(out / "ray"), num_workers=1, cpus_per_worker=1.0)
+
+
+def trial(config):
+    return {"score": config["x"]}
+
+
+tune.Tuner(trial, param_space={"x": tune.grid_search([0.2, 0.9, 0.5])},
+           tune_config=tune.TuneConfig(metric="score", mode="max"),
+           run_config=tune.RunConfig(name="toy_search", storage_path=str(out / "ray"),
+                                     callbacks=[tune_callback("toy_search", "score", "max")])).fit()
+wait_for("tune_read")
+"""
+
+
+def _wait_for_values(url: str, want: dict, proc: subprocess.Popen, timeout_s: float = 90) -> dict:
+    """Poll the endpoint until every (metric, label, value) key sums to its wanted value, the
+    driver exits or `timeout_s` passes; returns what it saw last."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _samples(url)
+        seen = {k: _total(samples, k[0], **{k[1]: k[2]}) for k in want}
+        if (all(seen[k] == pytest.approx(v) for k, v in want.items()) or proc.poll() is not None
+                or time.monotonic() > deadline):
+            return seen
+        time.sleep(1)
+
+
+def test_train_and_tune_metrics_reach_prometheus(metrics_head, tmp_path):
+    """report_epoch sets the epoch gauges (rank 0), the Tune callback counts trials and keeps the
+    best score; each read back from the node's endpoint while its process is alive."""
+    address, url, env = metrics_head
+    script = tmp_path / "train_and_tune.py"
+    script.write_text(TRAIN_AND_TUNE)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, str(script), address, str(tmp_path)], env=env, cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        train = {("ray_wsseg_train_epoch", "model", "toy"): 2.0,
+                 ("ray_wsseg_train_loss", "model", "toy"): 1.0 / 3,
+                 ("ray_wsseg_train_val_auc", "model", "toy"): 0.7}
+        seen = _wait_for_values(url, train, proc)
+        (tmp_path / "train_read").touch()
+        assert seen == pytest.approx(train), (tmp_path / "driver.log").read_text()[-4000:]
+        tune = {("ray_wsseg_tune_best_score", "search", "toy_search"): 0.9,
+                ("ray_wsseg_tune_trials_done_total", "search", "toy_search"): 3.0}
+        seen = _wait_for_values(url, tune, proc)
+        (tmp_path / "tune_read").touch()
+        assert seen == pytest.approx(tune), (tmp_path / "driver.log").read_text()[-4000:]
+        assert proc.wait(timeout=120) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

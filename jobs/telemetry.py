@@ -17,6 +17,9 @@ Rules:
 - Label values stay few (method, split, stage, error kind, model, search): never a study id.
 - Outside a Ray worker (a unit test calling a scorer in-process) recording does nothing harmful:
   Ray keeps the values in the process and exports nothing.
+- A gauge stays on the endpoint while its process lives (`_keep_gauges_alive`): Ray 2.60 itself
+  drops a gauge ~2 report intervals after it was set.
+- Ray 2.60 exports a histogram's `_sum` from bucket midpoints: use the buckets (`histogram_quantile`).
 
 The progress line of `score_cohort`'s driver (`progress_line`, `ProgressLog`) is pure arithmetic
 on counts and seconds, kept here beside the metrics it mirrors.

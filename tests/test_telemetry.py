@@ -174,3 +174,17 @@ def test_grafana_dashboard_plots_every_metric_under_its_exported_name():
             assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("env, seconds", [(None, 5.0), ("1000", 0.5), ("200", 0.5), ("30000", 15.0),
+                                          ("junk", 5.0)])
+def test_gauges_are_refreshed_every_half_export_interval(monkeypatch, env, seconds):
+    """Ray exports every max(RAY_metrics_report_interval_ms, 1000) ms (10 s by default) and evicts a
+    gauge after two exports without it: re-set at half that interval."""
+    from jobs.telemetry import gauge_refresh_s
+
+    if env is None:
+        monkeypatch.delenv("RAY_metrics_report_interval_ms", raising=False)
+    else:
+        monkeypatch.setenv("RAY_metrics_report_interval_ms", env)
+    assert gauge_refresh_s() == seconds

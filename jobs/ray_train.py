@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from jobs.common import (auto_parallelism, fit_keeping_ctrl_c, input_record, open_run, publish,
                          ray_storage_path)
+from jobs.telemetry import record_epoch
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
@@ -193,6 +194,9 @@ def report_epoch(metrics: dict[str, Any], epoch: int, optimizer, ckpt_file: str,
                        Path(d) / STATE_FILE)
             keeper.write(Path(d), ckpt_file, improved)
             checkpoint = ray.train.Checkpoint.from_directory(d)
+            # Dashboard gauges (epoch, losses, validation AUC/Dice), tagged by the network's file
+            # stem ("classifier", "unet", ...): rank 0 only, every rank reports the same values.
+            record_epoch(Path(ckpt_file).stem, metrics)
         ray.train.report(metrics, checkpoint=checkpoint)
     beat_watchdog()
 

@@ -43,6 +43,7 @@ import pyarrow as pa
 from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, fetch, init_ray, open_run,
                          publish, resolve_cohort, setup_logging, sha256_file, torch_threads_for,
                          write_json)
+from jobs.telemetry import ProgressLog, StageClock, record_flagged, record_study
 
 LOG = logging.getLogger("wsseg.score_cohort")
 CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
@@ -320,23 +321,30 @@ class StudyMasker:
         from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
         from wsseg_core.segment import THRESHOLD_REFERENCE, segment_volume, threshold_volume
 
-        study = load_study(ref)
-        probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
-        z = flagged_slices(probs, self.flag_threshold)
+        clock = StageClock()  # seconds per stage, recorded once the study's masks exist
+        with clock.stage("read"):
+            study = load_study(ref)
+        with clock.stage("classify"):
+            probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
+            z = flagged_slices(probs, self.flag_threshold)
         cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
-        maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
-                           self.cam_batch_size)
+        with clock.stage("cams"):
+            maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
+                               self.cam_batch_size)
         masks = {}
-        for m in self.methods:
-            th = self.thresholds.get(m, {})
-            if m in self.segmenters:
-                masks[m] = self.segmenters[m](study)
-            elif m == "Threshold":
-                masks[m] = threshold_volume(study.suv, z, th["q"],
-                                            reference=th.get("reference", THRESHOLD_REFERENCE),
-                                            ct=study.ct)
-            else:
-                masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
+        with clock.stage("segment"):
+            for m in self.methods:
+                th = self.thresholds.get(m, {})
+                if m in self.segmenters:
+                    masks[m] = self.segmenters[m](study)
+                elif m == "Threshold":
+                    masks[m] = threshold_volume(study.suv, z, th["q"],
+                                                reference=th.get("reference", THRESHOLD_REFERENCE),
+                                                ct=study.ct)
+                else:
+                    masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
+        clock.flush()
+        record_flagged(len(z), int(study.suv.shape[2]), ref.split)
         return StudyMasks(suv=study.suv, seg=study.seg, affine=study.affine,
                           spacing_mm=study.spacing_mm, probs=probs, n_flagged=int(len(z)), masks=masks)
 
@@ -361,6 +369,7 @@ class StudyFinisher:
         self.methods = list(methods)
         self.kill_once = kill_once
         self.skipped = dict(skipped or {})
+        self.clock = StageClock()  # this study's metrics and write seconds, recorded by commit
 
     def __call__(self, batch: "pd.DataFrame") -> pa.Table:  # noqa: F821
         status: list[dict] = []
@@ -389,19 +398,26 @@ class StudyFinisher:
         from wsseg_core.metrics import MaskSummary, study_metrics
         from wsseg_core.train import roc_auc
 
-        labels = None if sm.seg is None else slice_labels(sm.seg)
-        auc = float("nan") if labels is None else roc_auc(sm.probs, labels)  # NaN: one class only
-        write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
-                          ref.patient_id, ref.study_id, ref.split, sm.probs, labels)
-        reference = None if sm.seg is None else MaskSummary(sm.seg)  # labelled once for all methods
+        clock = self.clock
+        with clock.stage("metrics"):
+            labels = None if sm.seg is None else slice_labels(sm.seg)
+            auc = float("nan") if labels is None else roc_auc(sm.probs, labels)  # NaN: one class only
+        with clock.stage("write"):
+            write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
+                              ref.patient_id, ref.study_id, ref.split, sm.probs, labels)
+        with clock.stage("metrics"):
+            reference = None if sm.seg is None else MaskSummary(sm.seg)  # labelled once for all methods
         base = _base_row(ref)
         rows, dices = [], []
         for m in self.methods:
             th = self.thresholds.get(m, {})
             mask = sm.masks[m]
             rel = self.layout.mask(m, ref.patient_id, ref.study_id)
-            write_mask(self.layout.out / rel, mask, sm.affine)
-            vals = study_metrics(mask, reference, sm.suv, sm.voxel_volume_ml, spacing_mm=sm.spacing_mm)
+            with clock.stage("write"):
+                write_mask(self.layout.out / rel, mask, sm.affine)
+            with clock.stage("metrics"):
+                vals = study_metrics(mask, reference, sm.suv, sm.voxel_volume_ml,
+                                     spacing_mm=sm.spacing_mm)
             dices.append(f"{m} {vals['dice']:.2f}")
             rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
                          "voxel_volume_ml": sm.voxel_volume_ml, "mask_path": rel.as_posix(),
@@ -416,10 +432,14 @@ class StudyFinisher:
         """Write the study's rows (one rename), publish its files; its status row."""
         self._maybe_die(ref["patient_id"], ref["study_id"])
         path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
-        # The study's rows become visible in one rename: a resumed run sees all or nothing.
-        write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
-        publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
-                slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
+        with self.clock.stage("write"):
+            # The study's rows become visible in one rename: a resumed run sees all or nothing.
+            write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
+            publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
+                    slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
+        # Counted once the rows are on disk, so the counters equal the rows written.
+        self.clock.flush()
+        record_study(rows)
         failed = [r for r in rows if r["status"] == "failed"]
         return {"patient_id": ref["patient_id"], "study_id": ref["study_id"],
                 "status": "failed" if failed else "ok",
@@ -634,7 +654,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
         # One study per block, so a block that Ray drops or retries holds exactly one study.
         ds = ray.data.from_items([r.to_dict() for r in todo], override_num_blocks=len(todo))
         if not split:
-            status = ds.map_batches(
+            status_ds = ds.map_batches(
                 StudyScorer,
                 fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=live,
                                            cam_batch_size=cam_batch_size, num_cpus=num_cpus_per_actor,
@@ -643,7 +663,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
-            ).take_all()
+            )
         else:
             if cpu_stage_concurrency is None:  # the CPUs the masking actors leave
                 cpus = ray.cluster_resources().get("CPU", 1)
@@ -662,14 +682,22 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
             )
-            status = masked.map_batches(
+            status_ds = masked.map_batches(
                 StudyFinisher,
                 fn_constructor_kwargs=dict(thresholds=thresholds, out=out_arg, methods=live,
                                            kill_once=kill_once, skipped=skipped),
                 batch_size=1, batch_format="pandas",
                 compute=ray.data.ActorPoolStrategy(size=cpu_stage_concurrency),
                 num_cpus=num_cpus_per_finisher,
-            ).take_all()
+            )
+        # Status rows stream back as studies finish: a progress line every 5% of the studies or
+        # every minute (studies done, failed, rate, ETA), so a long run's log says where it is.
+        progress = ProgressLog(len(todo), every_n=max(1, len(todo) // 20), every_s=60.0, log=LOG)
+        status = []
+        for row in status_ds.iter_rows():
+            status.append(row)
+            progress.add(row["status"])
+        progress.finish()
         LOG.info("scored %d studies in %.1f s", len(status), time.perf_counter() - t0)
         if remote is not None:  # actors on other nodes uploaded their rows: mirror them here
             shutil.rmtree(layout.metrics, ignore_errors=True)

@@ -51,6 +51,7 @@ from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ra
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
                             start_watchdog, world_info)
+from jobs.telemetry import tune_callback
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
@@ -392,7 +393,8 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
                                     search_alg=BasicVariantGenerator(
                                         points_to_evaluate=[{k: PAPER_LOSS[k] for k in space}],
                                         random_state=seed)),
-        run_config=tune.RunConfig(name="boxfcn_loss", storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name="boxfcn_loss", storage_path=storage, verbose=1,
+                                  callbacks=[tune_callback("boxfcn_loss", "val_dice", "max")]),
     )
     results = fit_keeping_ctrl_c(tuner)
     errors = [str(r.error) for r in results if r.error]

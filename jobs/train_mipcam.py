@@ -32,6 +32,7 @@ from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ra
                          ray_storage_path, resolve_cohort, safe_name, setup_logging, study_key,
                          torch_threads_for, write_json)
 from jobs.ray_train import share_cpus
+from jobs.telemetry import tune_callback
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -310,7 +311,8 @@ def search(train_refs: list, val_refs: list, out: str | Path,
         param_space={"distance_weight": tune.grid_search([float(w) for w in weights])},
         tune_config=tune.TuneConfig(metric="val_dice", mode="max",
                                     max_concurrent_trials=max_concurrent_trials),
-        run_config=tune.RunConfig(name="mipcam", storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name="mipcam", storage_path=storage, verbose=1,
+                                  callbacks=[tune_callback("mipcam", "val_dice", "max")]),
     )
     results = fit_keeping_ctrl_c(tuner)
     errors = [str(r.error) for r in results if r.error]

@@ -20,6 +20,7 @@ import numpy as np
 from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, fit_keeping_ctrl_c,
                          init_ray, labelled, open_run, publish, ray_storage_path, resolve_cohort,
                          safe_name, setup_logging, write_json)
+from jobs.telemetry import tune_callback
 from jobs.ray_train import share_cpus
 from jobs.train_classifier import WEIGHTS_HELP, weights_arg
 
@@ -92,7 +93,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
                                                  cam_batch_size=cam_batch_size), {"cpu": trial_cpu}),
         param_space={"tumour_weight": tune.grid_search([float(w) for w in grid])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
-        run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name="loss_weight", storage_path=storage, verbose=1,
+                                  callbacks=[tune_callback("loss_weight", "val_auc", "max")]),
     )
     results = fit_keeping_ctrl_c(tuner)
     df = results.get_dataframe()

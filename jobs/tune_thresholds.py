@@ -27,6 +27,7 @@ import numpy as np
 from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, labelled,
                          load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
                          setup_logging, study_key, torch_threads_for, write_json)
+from jobs.telemetry import tune_callback
 from wsseg_core.storage import join, read_bytes
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
@@ -251,7 +252,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         tune_config=rtune.TuneConfig(metric="mean_dice", mode="max"),
         # verbose=1: one status table now and then, not a table per trial.
         run_config=rtune.RunConfig(name="thresholds", verbose=1,
-                                   storage_path=ray_storage_path(storage_path, out)),
+                                   storage_path=ray_storage_path(storage_path, out),
+                                   callbacks=[tune_callback("thresholds", "mean_dice", "max")]),
     )
     t0 = time.perf_counter()
     results = fit_keeping_ctrl_c(tuner)

@@ -124,7 +124,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     written; none (logged) when the run has no classifier or no cohort manifest.
     """
     from jobs.tune_thresholds import load_thresholds
-    from wsseg_core.cams import CAM_METHODS, CamEngine
+    from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
     from wsseg_core.inference import classify_volume, volume_cams
     from wsseg_core.models import load_classifier
@@ -150,7 +150,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     model.eval()
     engine = CamEngine(model)
     thresholds = load_thresholds(layout.thresholds)
-    methods = [m for m in CAM_METHODS if m in thresholds]
+    methods = [m for m in available_methods(model) if m in thresholds]  # no CAM under head "fc"
     written = []
     for row in picks.itertuples():
         match = cohort[(cohort["patient_id"] == row.patient_id) & (cohort["study_id"] == row.study_id)]

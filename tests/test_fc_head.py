@@ -7,6 +7,8 @@ code) makes the gradients vary over the map, and classic CAM undefined.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,7 +143,10 @@ def test_scoring_under_the_fc_head_writes_skipped_cam_rows(ray_cluster, tmp_path
     import pandas as pd
 
     from jobs.common import RunLayout
+    from jobs.analyze import analyze
     from jobs.score_cohort import score
+    from jobs.common import write_manifest
+    from jobs.tune_thresholds import update_thresholds
     from wsseg_core.stats import summarize
 
     ref, _ = scoring_study
@@ -160,3 +165,9 @@ def test_scoring_under_the_fc_head_writes_skipped_cam_rows(ray_cluster, tmp_path
     assert pd.isna(df.loc["CAM", "mask_path"])
     assert list(df.loc[["GradCAM", "Threshold"], "status"]) == ["ok", "ok"]
     assert set(summarize(df.reset_index())["method"]) == {"GradCAM", "Threshold"}
+    # The analysis (tables, figures, CAM overlays of the methods the head defines) runs on them.
+    write_manifest([ref], layout.cohort)
+    update_thresholds(layout.thresholds, thresholds)
+    res = analyze(layout.out, split="all")
+    assert set(res["summary"]["method"]) == {"GradCAM", "Threshold"}
+    assert any("cam_" in Path(f).name for f in res["figures"])

@@ -93,7 +93,7 @@ def pooled_slice_auc(out: str | Path, metrics: pd.DataFrame) -> pd.DataFrame | N
     with the split the metrics rows give them. Returns rows ``split`` (train, val, test, all),
     ``n_studies, n_slices, n_tumour_slices, auc``, or None (logged) when the run has no slice files.
     """
-    from wsseg_core.train import roc_auc
+    from wsseg_core.metrics import roc_auc
 
     folder = Path(out) / "slices"
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []

@@ -396,7 +396,7 @@ class StudyFinisher:
         """Write every mask and compute its row; write the slice table (raises on failure)."""
         from wsseg_core.data import slice_labels, write_mask
         from wsseg_core.metrics import MaskSummary, study_metrics
-        from wsseg_core.train import roc_auc
+        from wsseg_core.metrics import roc_auc
 
         clock = self.clock
         with clock.stage("metrics"):

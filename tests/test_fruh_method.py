@@ -15,7 +15,8 @@ from wsseg_core.metrics import dice
 from wsseg_core.models import build_slice_classifier
 from wsseg_core.phantom import make_phantom_study
 from wsseg_core.segment import Q_GRID, T_GRID, dice_grid, segment_volume
-from wsseg_core.train import fit_classifier, predict_proba, roc_auc, slices_from_studies
+from wsseg_core.metrics import roc_auc
+from wsseg_core.train import fit_classifier, predict_proba, slices_from_studies
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from wsseg_core.models import SlicePreprocessor, build_slice_classifier
+from wsseg_core.metrics import roc_auc
 from wsseg_core.train import (augment_batch, evaluate, fit_classifier, make_loss, make_optimizer,
-                              predict_proba, roc_auc, slices_from_studies)
+                              predict_proba, slices_from_studies)
 
 
 pytestmark = pytest.mark.usefixtures("two_torch_threads")

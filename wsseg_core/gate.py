@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsseg_core.train import roc_auc
+from wsseg_core.metrics import roc_auc
 
 PAPER_FLAG_THRESHOLD = 0.5
 

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["dice", "voxel_volume_ml", "mtv_ml", "tlg_g", "study_metrics", "false_positive_volume_ml",
            "false_negative_volume_ml", "hd95_mm", "ude_mm", "lesion_detection", "extra_metrics",
-           "MaskSummary", "summarize_mask"]
+           "MaskSummary", "summarize_mask", "roc_auc"]
 
 
 def _as_mask(a: np.ndarray) -> np.ndarray:
@@ -482,3 +482,24 @@ def _extra(p: MaskSummary, r: MaskSummary | None, inter: tuple | None, voxel_ml:
         "ude_mm": nan if d is None else float(d.mean()),
         **_detection(pred_hit, ref_hit),
     }
+
+
+def roc_auc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int]) -> float:
+    """Area under the ROC curve as the Mann-Whitney U statistic / (n_pos n_neg).
+
+    Ties get average ranks, so a tied positive/negative pair counts 1/2. NaN if either class is
+    absent.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    lab = np.asarray(labels).reshape(-1).astype(bool)
+    if s.shape != lab.shape:
+        raise ValueError(f"scores {s.shape} and labels {lab.shape} differ in length")
+    n_pos = int(lab.sum())
+    n_neg = lab.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)  # average ranks for ties
+    u = ranks[lab].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from wsseg_core.metrics import roc_auc
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
 
 # Augmentation ranges (per sample, uniform).
@@ -248,25 +248,6 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     """Tumour probability softmax(logits)[:, 1] for x (N, 2, S, S) -> float32 (N,), eval mode,
     no autograd; the model's train/eval mode is restored afterwards."""
     return torch.softmax(_logits(model, x, batch_size, device), dim=1)[:, 1].numpy().astype(np.float32)
-
-
-def roc_auc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int]) -> float:
-    """Area under the ROC curve as the Mann-Whitney U statistic / (n_pos n_neg).
-
-    Ties get average ranks, so a tied positive/negative pair counts 1/2. NaN if either class is
-    absent.
-    """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    lab = np.asarray(labels).reshape(-1).astype(bool)
-    if s.shape != lab.shape:
-        raise ValueError(f"scores {s.shape} and labels {lab.shape} differ in length")
-    n_pos = int(lab.sum())
-    n_neg = lab.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)  # average ranks for ties
-    u = ranks[lab].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,

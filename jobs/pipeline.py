@@ -346,12 +346,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "q": mipcam_fit["q"], "val_dice": mipcam_fit["val_dice"],
             "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
             "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
+        # The scored BoxFCN is the variant chosen on validation (jobs.train_boxfcn.select_variant);
+        # every trained network is recorded, keyed by its loss.
         "boxfcn": None if boxfcn_fit is None else {
-            **training_record(boxfcn_fit["fits"]["mdice_ms"], boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
-                              boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
-            "warm_start": training_record(boxfcn_fit["fits"]["box_dice"],
-                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"],
-                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
+            "path": boxfcn_fit["checkpoint"], "sha256": sha256_file(boxfcn_fit["checkpoint"]),
+            "selected_variant": boxfcn_fit["entry"]["variant"],
+            "val_dice_by_variant": boxfcn_fit["entry"]["val_dice_by_variant"],
+            "networks": {role: training_record(f, f["checkpoint"], f["checkpoint"])
+                         for role, f in boxfcn_fit["fits"].items()},
             "thresholds_entry": boxfcn_fit["entry"]},
         # Every epoch of the classifier's run (the kept one marked), as in run.json["classifier"].
         "training_history": training_record(fit, "", layout.classifier)["history"],
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               if f else None)
                           for k, f in (("classifier", fit), ("unet", unet_fit),
                                        ("boxfcn", boxfcn_fit and boxfcn_fit["fits"]["mdice_ms"]),
+                                       ("boxfcn_mdice", boxfcn_fit and boxfcn_fit["fits"].get("mdice")),
                                        ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(analyze_job.format_gate(gate_record))
     print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
+    print("\n" + analyze_job.format_papers(analysis["icc"], analysis["summary"], analysis_split))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")
     print(f"metrics Parquet: {join(out, 'metrics')}\nICC: {join(out, 'icc.parquet')}\n"

@@ -20,11 +20,41 @@ def test_ablation_table_and_markdown():
                              "dice": d, "ude_mm": 2.0 * (k + 1), "mtv_pred_ml": 1.0, "mtv_true_ml": 1.0})
     t = ablation_table(pd.DataFrame(rows)).set_index("variant")
     assert list(t.index) == list(VARIANTS)
-    assert t.loc["L_MDice", "val_dice_median"] == pytest.approx(0.2)  # (0.1 + 0.3) / 2
+    assert t.loc["L_MDice", "val_dice_median"] == pytest.approx(0.3)  # 3rd variant: (0.2 + 0.4) / 2
     assert t.loc["L_MDice", "test_n"] == 2 and t.loc["L_MDice", "test_dice_median"] == pytest.approx(0.4)
     assert t.loc["L_MDice", "test_ude_median_mm"] == pytest.approx(4.0)
     md = format_ablation(t.reset_index())
     assert md.count("\n") == 1 + len(VARIANTS) and "| L_MDice+L_MS+M |" in md
+
+
+def _val_rows(dices: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"patient_id": f"P{k}", "split": "val", "variant": v, "dice": d}
+                         for v, ds in dices.items() for k, d in enumerate(ds)])
+
+
+def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
+    from jobs.train_boxfcn import VARIANTS, select_variant
+
+    assert len(VARIANTS) == 6  # three networks, each with and without M
+    # The demo's failure (README ablation): L_MDice + L_MS over-segments, L_MDice is best.
+    rows = _val_rows({"L_Dice (box)": [0.2, 0.25, np.nan], "L_Dice (box)+M": [0.21, 0.2, np.nan],
+                      "L_MDice": [0.3, 0.22, np.nan], "L_MDice+M": [0.31, 0.24, np.nan],
+                      "L_MDice+L_MS": [0.1, 0.15, np.nan], "L_MDice+L_MS+M": [0.12, 0.2, np.nan]})
+    c = select_variant(rows)
+    assert (c["variant"], c["role"], c["postprocess"]) == ("L_MDice+M", "mdice", True)
+    assert c["val_dice"] == pytest.approx(0.275)  # median of 0.31, 0.24 (the NaN left out)
+    assert c["medians"]["L_MDice+L_MS"] == pytest.approx(0.125)
+    # The warm start wins when fine-tuning made both fine-tuned networks worse.
+    rows = _val_rows({"L_Dice (box)": [0.5], "L_Dice (box)+M": [0.4], "L_MDice": [0.3],
+                      "L_MDice+M": [0.3], "L_MDice+L_MS": [0.1], "L_MDice+L_MS+M": [0.1]})
+    assert select_variant(rows)["role"] == "box_dice" and not select_variant(rows)["postprocess"]
+    # Ties go to the paper's full method; a variant that was not trained is simply absent.
+    rows = _val_rows({"L_Dice (box)": [0.4], "L_Dice (box)+M": [0.4],
+                      "L_MDice+L_MS": [0.4], "L_MDice+L_MS+M": [0.4]})
+    c = select_variant(rows)
+    assert c["variant"] == "L_MDice+L_MS+M" and "L_MDice" not in c["medians"]
+    with pytest.raises(ValueError, match="no BoxFCN variant"):
+        select_variant(_val_rows({"L_MDice": [np.nan]}))
 
 
 @pytest.mark.slow

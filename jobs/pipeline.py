@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             epochs=up["epochs"], batch_size=up["batch_size"], lr=up["lr"],
                             negative_keep=up["negative_keep"], num_workers=args.num_workers,
                             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
+        from jobs.train_unet import tune_threshold as unet_threshold
+
+        # The unet.pt of this run is local (Ray Train copied it into the staging folder).
+        unet_fit["threshold"] = unet_threshold(tune_refs, layout.out, train)
+        publish(layout, remote, layout.thresholds)
         timings["train_unet_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -339,7 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            else "validation slice F1"},
         "thresholds": thresholds,
         "classifier": training_record(fit, join(out, "models/classifier.pt"), layout.classifier),
-        "unet": training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
+        "unet": None if unet_fit is None else {
+            **training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
+            "threshold": unet_fit.get("threshold")},
         "mipcam": None if mipcam_fit is None else {
             "path": mipcam_fit["checkpoint"], "sha256": sha256_file(mipcam_fit["checkpoint"]),
             "distance_weight": mipcam_fit["distance_weight"], "t": mipcam_fit["t"],

@@ -149,6 +149,29 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                              max_failures=max_failures, callbacks=callbacks)
 
 
+def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = None) -> dict[str, Any]:
+    """Choose the U-Net's probability threshold on the validation studies (median 3-D Dice,
+    `wsseg_core.unet.choose_threshold`) and write it to thresholds.json's "UNet" entry, which the
+    scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
+    training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
+    from jobs.common import RunLayout
+    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.unet import choose_threshold, load_unet
+
+    layout = RunLayout(Path(out))
+    model, pre, _ = load_unet(unet_path(out))
+    res = choose_threshold(model, pre, load_readable(val_refs))
+    source = "validation"
+    if res["n"] == 0 and train_refs:
+        res = choose_threshold(model, pre, load_readable(train_refs))
+        source = "training (no validation study with tumour)"
+    entry = {**res, "selected_on": f"median 3-D Dice of {res['n']} {source} studies"}
+    update_thresholds(layout.thresholds, {"UNet": entry})
+    LOG.info("U-Net threshold %.2f (median %s Dice %.3f; by threshold %s)", res["threshold"], source,
+             res["val_dice"], res["by_threshold"])
+    return entry
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train_unet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    max_failures=args.max_failures, seed=args.seed)
     dices = [h.get("val_dice", float("nan")) for h in res["history"]]
     best = max((d for d in dices if d == d), default=float("nan"))
-    print(f"U-Net checkpoint: {res['checkpoint']}  (best val Dice {best:.3f})")
+    res["threshold"] = tune_threshold(val, args.out, train)
+    print(f"U-Net checkpoint: {res['checkpoint']}  (best val pixel Dice {best:.3f}; threshold "
+          f"{res['threshold']['threshold']:g}, median val study Dice {res['threshold']['val_dice']:.3f})")
     return res
 
 

@@ -239,13 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     unet_fit = None
     if "UNet" in args.methods:
-        from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
+        from jobs.train_unet import fit_unet, preset_kwargs
 
         t0 = time.perf_counter()
-        up = UNET_JOB_PRESETS[args.preset]
-        unet_fit = fit_unet(train, val, out, model_preset=up["model_preset"],
-                            epochs=up["epochs"], batch_size=up["batch_size"], lr=up["lr"],
-                            negative_keep=up["negative_keep"], num_workers=args.num_workers,
+        unet_fit = fit_unet(train, val, out, **preset_kwargs(args.preset), num_workers=args.num_workers,
                             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
         from jobs.train_unet import tune_threshold as unet_threshold
 

@@ -66,3 +66,34 @@ def test_choose_threshold_without_voters_and_bad_grid():
     assert res["threshold"] == 0.5 and res["n"] == 0 and np.isnan(res["val_dice"])
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         choose_threshold(PetIsProbability(), pre, [], grid=(0.0, 0.5))
+
+
+def test_epoch_lr_cosine_by_hand():
+    from wsseg_core.unet import epoch_lr
+
+    assert [epoch_lr(1e-3, e, 4, "constant") for e in range(4)] == [1e-3] * 4
+    # (1 + cos(pi e / 4)) / 2 = 1, 0.8536, 0.5, 0.1464
+    assert [round(epoch_lr(2e-3, e, 4, "cosine"), 7) for e in range(4)] == [2e-3, 0.0017071, 1e-3, 0.0002929]
+    with pytest.raises(ValueError, match="schedule"):
+        epoch_lr(1e-3, 0, 4, "step")
+
+
+def test_crop_pair_keeps_image_and_mask_aligned_and_finds_lesions():
+    from wsseg_core.unet import crop_pair
+
+    b, s = 64, 32
+    x = torch.arange(b * 2 * s * s, dtype=torch.float32).reshape(b, 2, s, s)
+    y = torch.zeros((b, s, s), dtype=torch.int64)
+    y[:, 28:30, 2:4] = 1  # one small lesion near a corner: a uniform 16x16 window rarely holds it
+    g = torch.Generator().manual_seed(0)
+    xc, yc = crop_pair(x, y, 16, g, lesion_fraction=1.0)
+    assert xc.shape == (b, 2, 16, 16) and yc.shape == (b, 16, 16)
+    for i in range(b):  # the window's top-left pixel value tells where it was cut: same for the mask
+        r0, c0 = divmod(int(xc[i, 0, 0, 0]) - i * 2 * s * s, s)
+        assert torch.equal(yc[i], y[i, r0:r0 + 16, c0:c0 + 16])
+        assert torch.equal(xc[i, 1], x[i, 1, r0:r0 + 16, c0:c0 + 16])
+    assert (yc.flatten(1).sum(1) == 4).all()  # lesion-centred (shift <= 4 px) windows hold all of it
+    _, yu = crop_pair(x, y, 16, torch.Generator().manual_seed(0), lesion_fraction=0.0)
+    assert (yu.flatten(1).sum(1) > 0).float().mean() < 0.5  # uniform windows mostly miss it
+    with pytest.raises(ValueError, match="exceeds"):
+        crop_pair(x, y, 48)

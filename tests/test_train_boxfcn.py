@@ -76,3 +76,26 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
     # the kept checkpoint is the one with the lowest validation loss
     assert meta["val_loss"] == pytest.approx(min(h["val_loss"] for h in res["history"]))
+
+
+def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
+    from jobs.train_boxfcn import VARIANTS, evaluate_study, select_variant
+    from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
+    from wsseg_core.phantom import write_phantom_cohort
+
+    ref = write_phantom_cohort(tmp_path / "c", n=1, shape=(48, 48, 16), seed=3, negative_fraction=0.0)[0]
+    import torch
+
+    models = {}
+    for k, role in enumerate(("box_dice", "mdice", "mdice_ms")):
+        torch.manual_seed(k)
+        models[role] = str(tmp_path / f"{role}.pt")
+        save_boxfcn(models[role], build_boxfcn("small"))
+    rows = pd.DataFrame(evaluate_study(ref.to_dict(), models, {"opening_vox": 1, "min_volume_ml": 0.1}))
+    assert list(rows["variant"]) == list(VARIANTS)
+    assert rows["dice"].between(0, 1).all()
+    # "+M" never adds voxels: opening and small-component removal only remove
+    for name in ("L_Dice (box)", "L_MDice", "L_MDice+L_MS"):
+        with_m = rows.loc[rows["variant"] == name + "+M", "mtv_pred_ml"].item()
+        assert with_m <= rows.loc[rows["variant"] == name, "mtv_pred_ml"].item()
+    assert select_variant(rows)["variant"] in VARIANTS

@@ -16,7 +16,7 @@ Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x25
 batch 64, 200 epochs). "small" (base 8, 64x64) trains from scratch: Adam lr 2e-3 with a cosine
 decay, batch 16, 40 epochs, a fifth of the tumour-free slices. lr 5e-5 does not move in CPU minutes
 (64x64x32 phantoms, 6 studies, 8 epochs: validation pixel Dice 0.035 -> 0.037; lr 1e-3 reaches
-0.13). The former small preset (lr 1e-2, batch 64, 15 epochs, half the negatives) took ~190
+0.13). The former small preset (lr 1e-2, batch 64, 15 epochs, half the negatives) took ~180
 optimizer steps in all and its validation Dice was still rising at the last epoch (demo cohort:
 0.24 at epoch 15, test median Dice 0.28 at threshold 0.3, 0.02 at 0.5); batch 16 with a fifth of
 the negatives gives ~30 steps an epoch on the demo (README, "U-Net: why it undertrained").
@@ -40,7 +40,7 @@ CKPT_FILE = "unet.pt"
 
 UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # small: see the module docstring and README ("U-Net: why it undertrained"): 15 epochs of
-    # batch 64 were ~190 optimizer steps and the validation Dice was still rising at the last one.
+    # batch 64 were ~180 optimizer steps and the validation Dice was still rising at the last one.
     "small": dict(model_preset="small", epochs=40, batch_size=16, lr=2e-3, schedule="cosine",
                   negative_keep=0.2),
     "paper": dict(model_preset="paper", epochs=200, batch_size=64, lr=5e-5, schedule="constant",

@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
+OUT_ALL ?= runs/all
 
-.PHONY: setup demo test figure clean
+.PHONY: setup demo demo-all test figure clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -17,6 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: setup  ## phantom cohort -> train -> tune -> score -> analyze, on the small CPU preset
 	$(BIN)/python -m jobs.pipeline --out $(OUT)
+
+demo-all: setup  ## all eight methods in one run on the small preset; prints them beside the papers' numbers
+	$(BIN)/python -m jobs.pipeline --out $(OUT_ALL) --methods CAM GradCAM GradCAM++ ScoreCAM Threshold UNet MIP-CAM BoxFCN
 
 test: setup  ## the whole test suite (CI runs exactly this)
 	$(BIN)/python -m pytest -q

@@ -346,6 +346,14 @@ def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFr
     return "\n".join(lines)
 
 
+def format_papers(icc: pd.DataFrame, summary: pd.DataFrame, split: str) -> str:
+    """Every method of the run beside the papers' numbers, as markdown (`make demo-all` prints it)."""
+    from wsseg_core.report import format_methods_table, methods_table
+
+    return (f"ours ({split} split) beside the papers' (paper values in the 'paper' columns):\n"
+            + format_methods_table(methods_table(summary, icc)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train, val, test or all (default: test)")
     p.add_argument("--no-figures", action="store_true",
                    help="skip figures/*.png and report.html (tables only)")
+    p.add_argument("--papers", action="store_true",
+                   help="also print every method beside the papers' numbers (wsseg_core.report.methods_table)")
     return p
 
 
@@ -363,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"split={args.split}: {res['n_studies']} studies")
     print(format_gate(res["classifier_gate"]))
     print(format_report(res["icc"], res["summary"], res["slice_auc"]))
+    if args.papers:
+        print("\n" + format_papers(res["icc"], res["summary"], args.split))
     if res["report"] is not None:
         print(f"report: {res['report']}  ({len(res['figures'])} figures in {Path(args.out) / 'figures'})")
     return res

@@ -240,14 +240,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     unet_fit = None
     if "UNet" in args.methods:
-        from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
+        from jobs.train_unet import fit_unet, preset_kwargs
 
         t0 = time.perf_counter()
-        up = UNET_JOB_PRESETS[args.preset]
-        unet_fit = fit_unet(train, val, out, model_preset=up["model_preset"],
-                            epochs=up["epochs"], batch_size=up["batch_size"], lr=up["lr"],
-                            negative_keep=up["negative_keep"], num_workers=args.num_workers,
+        unet_fit = fit_unet(train, val, out, **preset_kwargs(args.preset), num_workers=args.num_workers,
                             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
+        from jobs.train_unet import tune_threshold as unet_threshold
+
+        # The unet.pt of this run is local (Ray Train copied it into the staging folder).
+        unet_fit["threshold"] = unet_threshold(tune_refs, layout.out, train)
+        publish(layout, remote, layout.thresholds)
         timings["train_unet_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -340,19 +342,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            else "validation slice F1"},
         "thresholds": thresholds,
         "classifier": training_record(fit, join(out, "models/classifier.pt"), layout.classifier),
-        "unet": training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
+        "unet": None if unet_fit is None else {
+            **training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
+            "threshold": unet_fit.get("threshold")},
         "mipcam": None if mipcam_fit is None else {
             "path": mipcam_fit["checkpoint"], "sha256": sha256_file(mipcam_fit["checkpoint"]),
             "distance_weight": mipcam_fit["distance_weight"], "t": mipcam_fit["t"],
             "q": mipcam_fit["q"], "val_dice": mipcam_fit["val_dice"],
             "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
             "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
+        # The scored BoxFCN is the variant chosen on validation (jobs.train_boxfcn.select_variant);
+        # every trained network is recorded, keyed by its loss.
         "boxfcn": None if boxfcn_fit is None else {
-            **training_record(boxfcn_fit["fits"]["mdice_ms"], boxfcn_fit["fits"]["mdice_ms"]["checkpoint"],
-                              boxfcn_fit["fits"]["mdice_ms"]["checkpoint"]),
-            "warm_start": training_record(boxfcn_fit["fits"]["box_dice"],
-                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"],
-                                          boxfcn_fit["fits"]["box_dice"]["checkpoint"]),
+            "path": boxfcn_fit["checkpoint"], "sha256": sha256_file(boxfcn_fit["checkpoint"]),
+            "selected_variant": boxfcn_fit["entry"]["variant"],
+            "val_dice_by_variant": boxfcn_fit["entry"]["val_dice_by_variant"],
+            "networks": {role: training_record(f, f["checkpoint"], f["checkpoint"])
+                         for role, f in boxfcn_fit["fits"].items()},
             "thresholds_entry": boxfcn_fit["entry"]},
         # Every epoch of the classifier's run (the kept one marked), as in run.json["classifier"].
         "training_history": training_record(fit, "", layout.classifier)["history"],
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               if f else None)
                           for k, f in (("classifier", fit), ("unet", unet_fit),
                                        ("boxfcn", boxfcn_fit and boxfcn_fit["fits"]["mdice_ms"]),
+                                       ("boxfcn_mdice", boxfcn_fit and boxfcn_fit["fits"].get("mdice")),
                                        ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
@@ -377,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(analyze_job.format_gate(gate_record))
     print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
+    print("\n" + analyze_job.format_papers(analysis["icc"], analysis["summary"], analysis_split))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")
     print(f"metrics Parquet: {join(out, 'metrics')}\nICC: {join(out, 'icc.parquet')}\n"

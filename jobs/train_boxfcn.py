@@ -55,9 +55,10 @@ from jobs.telemetry import tune_callback
 from jobs.train_classifier import _maybe_die, load_readable
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
-CKPT_FILE = "boxfcn.pt"  # the scored model (L_MDice + L_MS)
+CKPT_FILE = "boxfcn.pt"  # the scored model: a copy of the variant chosen on validation
 WARM_FILE = "boxfcn_boxdice.pt"  # the box-Dice warm start
-MDICE_FILE = "boxfcn_mdice.pt"  # the ablation's L_MDice-only model
+MDICE_FILE = "boxfcn_mdice.pt"  # L_MDice only, from the warm start
+MDICE_MS_FILE = "boxfcn_mdice_ms.pt"  # L_MDice + L_MS, from the warm start (the paper's network)
 
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
@@ -70,7 +71,40 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
 TUNE_SPACE: dict[str, list[float]] = {"beta": [1.0, 10.0, 30.0], "lam": [0.1, 1.0, 3.0],
                                       "omega1": [1.0, 3.0], "omega2": [1.0, 3.0],
                                       "alpha": [0.05, 0.1, 0.2]}
-VARIANTS = ("L_Dice (box)", "L_MDice", "L_MDice+L_MS", "L_MDice+L_MS+M")
+#: Trained networks (checkpoint roles) and their names in the paper's ablation (Fig. 1).
+ROLE_NAMES: dict[str, str] = {"box_dice": "L_Dice (box)", "mdice": "L_MDice", "mdice_ms": "L_MDice+L_MS"}
+#: Every scored variant: each network with and without the morphological post-processing M.
+VARIANTS = tuple(v for name in ROLE_NAMES.values() for v in (name, name + "+M"))
+#: Tie-break when validation medians are equal: the paper's full method first.
+PREFERENCE = ("L_MDice+L_MS+M", "L_MDice+L_MS", "L_MDice+M", "L_MDice", "L_Dice (box)+M", "L_Dice (box)")
+
+
+def select_variant(val_rows: "pd.DataFrame") -> dict[str, Any]:  # noqa: F821
+    """The variant (network and post-processing) with the highest median validation Dice.
+
+    Args:
+        val_rows: per-study rows with ``variant`` (a ``VARIANTS`` name) and ``dice`` (NaN for a
+            negative study, left out of the median).
+    Returns:
+        dict(variant, role (a ``ROLE_NAMES`` key), postprocess (bool), val_dice (its median),
+        medians (variant -> median validation Dice, NaN where no study had a finite Dice)).
+        Equal medians go to the earlier variant of ``PREFERENCE``.
+    Raises:
+        ValueError when no variant has a finite median (no tumour in the validation studies).
+    """
+    medians: dict[str, float] = {}
+    for v in VARIANTS:
+        d = np.asarray(val_rows.loc[val_rows["variant"] == v, "dice"], dtype=float)
+        d = d[np.isfinite(d)]
+        if len(val_rows[val_rows["variant"] == v]):
+            medians[v] = float(np.median(d)) if d.size else float("nan")
+    ranked = [v for v in PREFERENCE if v in medians and math.isfinite(medians[v])]
+    if not ranked:
+        raise ValueError(f"no BoxFCN variant has a finite validation Dice (medians {medians})")
+    best = max(ranked, key=lambda v: (medians[v], -PREFERENCE.index(v)))
+    role = next(r for r, name in ROLE_NAMES.items() if best in (name, name + "+M"))
+    return {"variant": best, "role": role, "postprocess": best.endswith("+M"),
+            "val_dice": medians[best], "medians": medians}
 
 
 def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
@@ -221,10 +255,10 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
 
 def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
                    num_cpus: float = 1.0) -> list[dict[str, Any]]:
-    """Dice and UDE of every ablation variant on one study (a Ray task; returns rows).
+    """Dice and UDE of every variant on one study (a Ray task; returns rows).
 
-    `models` maps checkpoint roles ("box_dice", "mdice", "mdice_ms") to paths; the fourth variant
-    is "mdice_ms" post-processed with `post`. A study that cannot be read gives no rows.
+    `models` maps checkpoint roles (keys of `ROLE_NAMES`) to paths; each role's mask is scored as
+    it is and post-processed with `post` ("+M"). A study that cannot be read gives no rows.
     """
     from jobs.common import torch_threads_for
     from wsseg_core.boxfcn import load_boxfcn, postprocess, predict_volume
@@ -239,14 +273,13 @@ def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
     masks = {}
     for role, path in models.items():
         model, _ = load_boxfcn(path)
-        masks[role] = (predict_volume(model, st.suv) > 0.5).astype(np.uint8)
-    masks["mdice_ms+M"] = postprocess(masks["mdice_ms"], st.spacing_mm, **post)
-    names = dict(zip(("box_dice", "mdice", "mdice_ms", "mdice_ms+M"), VARIANTS))
+        masks[ROLE_NAMES[role]] = m = (predict_volume(model, st.suv) > 0.5).astype(np.uint8)
+        masks[ROLE_NAMES[role] + "+M"] = postprocess(m, st.spacing_mm, **post)
     return [{"patient_id": r.patient_id, "study_id": r.study_id, "split": r.split,
-             "variant": names[role], "dice": dice(m, st.seg), "ude_mm": ude_mm(m, st.seg, st.spacing_mm),
+             "variant": name, "dice": dice(m, st.seg), "ude_mm": ude_mm(m, st.seg, st.spacing_mm),
              "mtv_pred_ml": float(m.sum()) * st.voxel_volume_ml,
              "mtv_true_ml": float((st.seg > 0).sum()) * st.voxel_volume_ml}
-            for role, m in masks.items()]
+            for name, m in masks.items()]
 
 
 def evaluate_variants(refs: Sequence, models: dict[str, str], post: dict[str, float],
@@ -273,7 +306,7 @@ def ablation_table(per_study: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     from wsseg_core.stats import _median_iqr
 
     rows = []
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if v in set(per_study["variant"])]:
         row: dict[str, Any] = {"variant": v}
         for split in ("val", "test"):
             g = per_study[(per_study["variant"] == v) & (per_study["split"] == split)]
@@ -419,14 +452,19 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
 def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: str = "small",
                  tune_samples: int = 0, margin_mm: float = 0.0, storage_path: str | None = None,
                  num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
-                 seed: int = 0, mdice_only: bool = False, warm_epochs: int | None = None,
+                 seed: int = 0, with_mdice: bool = True, warm_epochs: int | None = None,
                  epochs: int | None = None) -> dict[str, Any]:
-    """Warm start (box Dice) -> fine-tune with L_MDice + L_MS (paper weights, or the best of a Ray
-    Tune search with `tune_samples` > 0) -> `<out>/models/boxfcn.pt`; post-processing on or off by
-    validation Dice; the choice goes to thresholds.json's "BoxFCN" entry.
+    """Warm start (box Dice) -> fine-tune with L_MDice (`with_mdice`) and with L_MDice + L_MS (paper
+    weights, or the best of a Ray Tune search with `tune_samples` > 0) -> score every network with
+    and without the post-processing M on the validation studies -> the best variant
+    (`select_variant`) is copied to `<out>/models/boxfcn.pt`, the one the pipeline scores; the
+    choice and every variant's validation median go to thresholds.json's "BoxFCN" entry.
 
-    `mdice_only` also trains the ablation's L_MDice model (`boxfcn_mdice.pt`). Returns the fits,
-    the chosen entry and the validation per-study rows of every trained variant.
+    Why choose instead of always scoring L_MDice + L_MS + M: on the CPU preset the fine-tuning can
+    end worse than its own warm start (README, BoxFCN ablation on the demo cohort: test median Dice
+    0.23 box Dice, 0.34 L_MDice, 0.04 L_MDice + L_MS + M), and only validation can tell which.
+    Returns the fits, the chosen entry, the validation per-study rows of every variant and the
+    model paths by role.
     """
     from jobs.tune_thresholds import update_thresholds
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
@@ -440,7 +478,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                                   epochs=warm_epochs, **kw)
     kw["epochs"] = epochs
     warm = fits["box_dice"]["checkpoint"]
-    if mdice_only:
+    if with_mdice:
         fits["mdice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice", init_from=warm,
                                    filename=MDICE_FILE, **kw)
     loss, searched = dict(PAPER_LOSS), None
@@ -450,7 +488,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                              num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                              epochs=epochs)
         loss = {**loss, **searched["loss"]}
-        dest = layout.model(CKPT_FILE)
+        dest = layout.model(MDICE_MS_FILE)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(searched["checkpoint"], tmp)
         tmp.replace(dest)
@@ -458,23 +496,26 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                             "history": [], "searched": searched["results"]}
     else:
         fits["mdice_ms"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice_ms", loss=loss,
-                                      init_from=warm, filename=CKPT_FILE, **kw)
+                                      init_from=warm, filename=MDICE_MS_FILE, **kw)
     models = {role: f["checkpoint"] for role, f in fits.items()}
-    if "mdice" not in models:  # evaluate_study expects the three roles; reuse for the missing one
-        models["mdice"] = models["mdice_ms"]
     val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
-    if "mdice" not in fits:  # not trained: its rows are the L_MDice + L_MS model's, drop them
-        val_rows = val_rows[val_rows["variant"] != VARIANTS[1]].reset_index(drop=True)
-    med = val_rows.groupby("variant")["dice"].median()
-    with_post = bool(med.get(VARIANTS[3], float("nan")) >= med.get(VARIANTS[2], float("nan")))
-    entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if with_post else False,
-             "loss": loss, "margin_mm": margin_mm,
-             "val_dice": float(med.get(VARIANTS[3] if with_post else VARIANTS[2], float("nan"))),
-             "tuned_loss": searched is not None}
+    choice = select_variant(val_rows)
+    dest = layout.model(CKPT_FILE)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(models[choice["role"]], tmp)
+    tmp.replace(dest)
+    entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if choice["postprocess"] else False,
+             "variant": choice["variant"], "network": choice["role"],
+             "checkpoint": Path(models[choice["role"]]).name,
+             "loss": loss if choice["role"] == "mdice_ms" else ({"beta": loss["beta"], "alpha": loss["alpha"]}
+                                                                if choice["role"] == "mdice" else {}),
+             "margin_mm": margin_mm, "val_dice": choice["val_dice"],
+             "val_dice_by_variant": {k: (None if v != v else v) for k, v in choice["medians"].items()},
+             "selected_on": "median validation Dice", "tuned_loss": searched is not None}
     update_thresholds(layout.thresholds, {"BoxFCN": entry})
-    LOG.info("BoxFCN: post-processing %s (validation median Dice %s)", "on" if with_post else "off",
-             ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
-    return {"fits": fits, "entry": entry, "val_rows": val_rows, "models": models}
+    LOG.info("BoxFCN: scoring %s (validation median Dice %s)", choice["variant"],
+             ", ".join(f"{k} {v:.3f}" for k, v in choice["medians"].items()))
+    return {"fits": fits, "entry": entry, "val_rows": val_rows, "models": models, "checkpoint": str(dest)}
 
 
 def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
@@ -491,7 +532,7 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
         LOG.warning("no labelled validation study: early stopping and the table's val columns use the "
                     "training studies")
         val = train
-    res = train_boxfcn(train, val, layout.out, mdice_only=True, **kw)
+    res = train_boxfcn(train, val, layout.out, with_mdice=True, **kw)
     test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS)
     import pandas as pd
 

@@ -20,11 +20,41 @@ def test_ablation_table_and_markdown():
                              "dice": d, "ude_mm": 2.0 * (k + 1), "mtv_pred_ml": 1.0, "mtv_true_ml": 1.0})
     t = ablation_table(pd.DataFrame(rows)).set_index("variant")
     assert list(t.index) == list(VARIANTS)
-    assert t.loc["L_MDice", "val_dice_median"] == pytest.approx(0.2)  # (0.1 + 0.3) / 2
+    assert t.loc["L_MDice", "val_dice_median"] == pytest.approx(0.3)  # 3rd variant: (0.2 + 0.4) / 2
     assert t.loc["L_MDice", "test_n"] == 2 and t.loc["L_MDice", "test_dice_median"] == pytest.approx(0.4)
     assert t.loc["L_MDice", "test_ude_median_mm"] == pytest.approx(4.0)
     md = format_ablation(t.reset_index())
     assert md.count("\n") == 1 + len(VARIANTS) and "| L_MDice+L_MS+M |" in md
+
+
+def _val_rows(dices: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"patient_id": f"P{k}", "split": "val", "variant": v, "dice": d}
+                         for v, ds in dices.items() for k, d in enumerate(ds)])
+
+
+def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
+    from jobs.train_boxfcn import VARIANTS, select_variant
+
+    assert len(VARIANTS) == 6  # three networks, each with and without M
+    # The demo's failure (README ablation): L_MDice + L_MS over-segments, L_MDice is best.
+    rows = _val_rows({"L_Dice (box)": [0.2, 0.25, np.nan], "L_Dice (box)+M": [0.21, 0.2, np.nan],
+                      "L_MDice": [0.3, 0.22, np.nan], "L_MDice+M": [0.31, 0.24, np.nan],
+                      "L_MDice+L_MS": [0.1, 0.15, np.nan], "L_MDice+L_MS+M": [0.12, 0.2, np.nan]})
+    c = select_variant(rows)
+    assert (c["variant"], c["role"], c["postprocess"]) == ("L_MDice+M", "mdice", True)
+    assert c["val_dice"] == pytest.approx(0.275)  # median of 0.31, 0.24 (the NaN left out)
+    assert c["medians"]["L_MDice+L_MS"] == pytest.approx(0.125)
+    # The warm start wins when fine-tuning made both fine-tuned networks worse.
+    rows = _val_rows({"L_Dice (box)": [0.5], "L_Dice (box)+M": [0.4], "L_MDice": [0.3],
+                      "L_MDice+M": [0.3], "L_MDice+L_MS": [0.1], "L_MDice+L_MS+M": [0.1]})
+    assert select_variant(rows)["role"] == "box_dice" and not select_variant(rows)["postprocess"]
+    # Ties go to the paper's full method; a variant that was not trained is simply absent.
+    rows = _val_rows({"L_Dice (box)": [0.4], "L_Dice (box)+M": [0.4],
+                      "L_MDice+L_MS": [0.4], "L_MDice+L_MS+M": [0.4]})
+    c = select_variant(rows)
+    assert c["variant"] == "L_MDice+L_MS+M" and "L_MDice" not in c["medians"]
+    with pytest.raises(ValueError, match="no BoxFCN variant"):
+        select_variant(_val_rows({"L_MDice": [np.nan]}))
 
 
 @pytest.mark.slow
@@ -46,3 +76,26 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
     # the kept checkpoint is the one with the lowest validation loss
     assert meta["val_loss"] == pytest.approx(min(h["val_loss"] for h in res["history"]))
+
+
+def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
+    from jobs.train_boxfcn import VARIANTS, evaluate_study, select_variant
+    from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
+    from wsseg_core.phantom import write_phantom_cohort
+
+    ref = write_phantom_cohort(tmp_path / "c", n=1, shape=(48, 48, 16), seed=3, negative_fraction=0.0)[0]
+    import torch
+
+    models = {}
+    for k, role in enumerate(("box_dice", "mdice", "mdice_ms")):
+        torch.manual_seed(k)
+        models[role] = str(tmp_path / f"{role}.pt")
+        save_boxfcn(models[role], build_boxfcn("small"))
+    rows = pd.DataFrame(evaluate_study(ref.to_dict(), models, {"opening_vox": 1, "min_volume_ml": 0.1}))
+    assert list(rows["variant"]) == list(VARIANTS)
+    assert rows["dice"].between(0, 1).all()
+    # "+M" never adds voxels: opening and small-component removal only remove
+    for name in ("L_Dice (box)", "L_MDice", "L_MDice+L_MS"):
+        with_m = rows.loc[rows["variant"] == name + "+M", "mtv_pred_ml"].item()
+        assert with_m <= rows.loc[rows["variant"] == name, "mtv_pred_ml"].item()
+    assert select_variant(rows)["variant"] in VARIANTS

@@ -188,13 +188,23 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     t0 = time.perf_counter()
     res = fit_unet(refs[:2], refs[2:], tmp_path / "out", model_preset="small", input_size=32,
                    base=4, epochs=2, batch_size=16, lr=1e-3, num_workers=1, cpus_per_worker=1.0,
-                   max_failures=0)
+                   max_failures=0, schedule="cosine", crop=16)
     print(f"fit_unet through Ray Train (2 epochs): {time.perf_counter() - t0:.1f} s")
     assert Path(res["checkpoint"]) == unet_path(tmp_path / "out") and Path(res["checkpoint"]).is_file()
     assert [int(h["epoch"]) for h in res["history"]] == [0, 1]
     model, pre, meta = load_unet(res["checkpoint"])
     assert isinstance(model, UNet2D) and (model.base, pre.input_size) == (4, 32)
     assert meta["epoch"] in (0, 1) and "val_dice" in meta
+    # The threshold search writes the entry the scorer reads.
+    import json
+
+    from jobs.train_unet import tune_threshold
+
+    entry = tune_threshold(refs[2:], tmp_path / "out", refs[:2])
+    saved = json.loads((tmp_path / "out" / "thresholds.json").read_text())["methods"]["UNet"]
+    assert saved["threshold"] == entry["threshold"] and 0 < entry["threshold"] < 1
+    assert entry["n"] == 1 and set(entry["by_threshold"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6",
+                                                             "0.7", "0.8", "0.9"}
 
 
 def test_module_never_imports_ray():

@@ -456,3 +456,91 @@ def html_figure(rel_path: str, caption: str) -> str:
     src = quote(Path(rel_path).as_posix())
     return (f"<figure><img src=\"{html.escape(src)}\" alt=\"{html.escape(caption)}\">"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+# --- all methods beside the papers' numbers (`make demo-all`) ---------------------------------------
+
+#: What the papers report for each method (None: not reported). Früh et al. 2021 (453 patients,
+#: 90 test): median Dice (IQR), median |ΔMTV| ml (IQR) and ICC(2,1) of MTV (Table 1, Sec. 3.1).
+#: Amyar et al.: MIP class response, mean ± sd Dice over 5 folds (oesophagus 0.73 ± 0.09, lung
+#: 0.77 ± 0.07, Tables 1-2); the lung value is quoted, neither is a median. Afshari et al.: mean
+#: Dice of L_MDice + L_MS + M, 0.68 (Sec. 4.4: 7 % below fully supervised, 30 % above box Dice).
+PAPER_RESULTS: dict[str, dict] = {
+    "CAM": dict(dice=0.46, dice_iqr=0.35, abs_dmtv_ml=26.0, icc_mtv=0.64, source="Früh 2021 (median)"),
+    "GradCAM": dict(dice=0.12, dice_iqr=0.21, abs_dmtv_ml=30.0, icc_mtv=0.55, source="Früh 2021 (median)"),
+    "GradCAM++": dict(dice=0.42, dice_iqr=0.30, abs_dmtv_ml=24.0, icc_mtv=0.64, source="Früh 2021 (median)"),
+    "ScoreCAM": dict(dice=0.47, dice_iqr=0.35, abs_dmtv_ml=27.0, icc_mtv=0.64, source="Früh 2021 (median)"),
+    "Threshold": dict(dice=0.29, dice_iqr=0.28, abs_dmtv_ml=44.0, icc_mtv=0.59, source="Früh 2021 (median)"),
+    "UNet": dict(dice=0.72, dice_iqr=0.36, abs_dmtv_ml=17.0, icc_mtv=0.94, source="Früh 2021 (median)"),
+    "MIP-CAM": dict(dice=0.77, dice_iqr=None, abs_dmtv_ml=None, icc_mtv=None,
+                    source="Amyar (mean, lung; 0.73 oesophagus)"),
+    "BoxFCN": dict(dice=0.68, dice_iqr=None, abs_dmtv_ml=None, icc_mtv=None, source="Afshari 2019 (mean)"),
+}
+
+METHODS_TABLE_COLUMNS = ("method", "n_dice", "dice_median", "dice_iqr", "abs_dmtv_median_ml", "icc_mtv",
+                         "icc_mtv_n", "detection_rate", "false_lesions_per_study", "paper_dice",
+                         "paper_dice_iqr", "paper_abs_dmtv_ml", "paper_icc_mtv", "paper_source")
+
+
+def methods_table(summary, icc, papers: dict[str, dict] | None = None, subset: str = "all"
+                  ) -> "pd.DataFrame":  # noqa: F821
+    """One row per method of ``summary`` (its order): our numbers beside the papers'.
+
+    Args:
+        summary: ``wsseg_core.stats.summarize`` rows (``method, n_dice, dice_median, dice_iqr,
+            abs_dmtv_median_ml, detection_rate, false_lesions_per_study``).
+        icc: ``wsseg_core.stats.icc_table`` rows; the ``quantity == "MTV"`` row of each method is
+            used (and, where the frame has a ``subset`` column, the ``subset`` one).
+        papers: method -> dict(dice, dice_iqr, abs_dmtv_ml, icc_mtv, source); default
+            ``PAPER_RESULTS``. A method it lacks gets NaN / "".
+    Returns:
+        Columns ``METHODS_TABLE_COLUMNS``: Dice as a fraction, |ΔMTV| in ml, detection_rate a
+        fraction of reference lesions, false lesions a mean count per study.
+    """
+    import pandas as pd
+
+    papers = PAPER_RESULTS if papers is None else papers
+    mtv = icc[icc["quantity"] == "MTV"]
+    if "subset" in mtv.columns:
+        mtv = mtv[mtv["subset"] == subset]
+    by = {r["method"]: r for _, r in mtv.iterrows()}
+
+    def num(v) -> float:
+        return float("nan") if v is None else float(v)
+
+    rows = []
+    for _, s in summary.iterrows():
+        m = str(s["method"])
+        r = by.get(m)
+        p = papers.get(m, {})
+        rows.append({"method": m, "n_dice": int(s["n_dice"]), "dice_median": float(s["dice_median"]),
+                     "dice_iqr": float(s["dice_iqr"]), "abs_dmtv_median_ml": float(s["abs_dmtv_median_ml"]),
+                     "icc_mtv": num(None if r is None else r["icc"]),
+                     "icc_mtv_n": 0 if r is None else int(r["n"]),
+                     "detection_rate": num(s.get("detection_rate")),
+                     "false_lesions_per_study": num(s.get("false_lesions_per_study")),
+                     "paper_dice": num(p.get("dice")), "paper_dice_iqr": num(p.get("dice_iqr")),
+                     "paper_abs_dmtv_ml": num(p.get("abs_dmtv_ml")), "paper_icc_mtv": num(p.get("icc_mtv")),
+                     "paper_source": str(p.get("source", ""))})
+    return pd.DataFrame(rows, columns=list(METHODS_TABLE_COLUMNS))
+
+
+def format_methods_table(table) -> str:
+    """``methods_table`` as GitHub markdown: ours, then the paper's value in brackets, "n/a" for NaN."""
+    def f(v: float, fmt: str) -> str:
+        return "n/a" if not np.isfinite(v) else format(v, fmt)
+
+    def med(v: float, iqr: float, fmt: str) -> str:
+        return f(v, fmt) + ("" if not np.isfinite(iqr) else f" ({format(iqr, fmt)})") if np.isfinite(v) else "n/a"
+
+    lines = ["| method | n | Dice median (IQR) | paper Dice | abs. ΔMTV ml | paper | ICC MTV (n) | paper | "
+             "lesions found | false lesions/study | paper source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.method} | {r.n_dice} | {med(r.dice_median, r.dice_iqr, '.2f')} | "
+            f"{med(r.paper_dice, r.paper_dice_iqr, '.2f')} | {f(r.abs_dmtv_median_ml, '.1f')} | "
+            f"{f(r.paper_abs_dmtv_ml, '.0f')} | {f(r.icc_mtv, '.2f')} ({r.icc_mtv_n}) | "
+            f"{f(r.paper_icc_mtv, '.2f')} | {f(r.detection_rate * 100, '.0f') + ' %' if np.isfinite(r.detection_rate) else 'n/a'} | "
+            f"{f(r.false_lesions_per_study, '.1f')} | {r.paper_source} |")
+    return "\n".join(lines)

@@ -109,16 +109,23 @@ def load_flag_threshold(path: str | Path | None) -> float:
 
 
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
-                     flag_threshold: float = 0.5) -> str | None:
-    """Classify one validation study, compute its CAMs on flagged slices, save them (npz) under
-    `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read it).
+                     flag_threshold: float = 0.5, t_min: float | None = None,
+                     q_min: float | None = None) -> str | None:
+    """Classify one validation study, compute its CAMs on flagged slices, save what the Dice grids
+    need (a wsseg_core.gridcache.GridCache, npz) under `<out>/tune/cache/` (uploaded when `out` is a
+    URI, so a trial on any node can read it).
+
+    `t_min` / `q_min`: the smallest t and q any grid will score (default: the paper grids' minima);
+    the cache keeps only the voxels a grid at or above them can select, and is exact there.
 
     Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
     unreadable; logged, never fatal for the search).
     """
     from wsseg_core.cams import CAM_METHODS, CamEngine
     from wsseg_core.data import StudyRef
+    from wsseg_core.gridcache import build_grid_cache
     from wsseg_core.inference import flagged_slices, volume_cams
+    from wsseg_core.segment import Q_GRID, T_GRID
 
     got = _classify_labelled_study(ref, out, cam_batch_size, num_cpus, "tuning")
     if got is None:
@@ -133,8 +140,13 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
-             patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in CAM_METHODS})
+    # Not the volumes (0.47 GB a study at autoPET size): the flagged slices' voxels a grid cell can
+    # select, sparse, plus |ref| and the CAMs at map resolution (wsseg_core.gridcache says why exact).
+    cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in CAM_METHODS},
+                             t_min=float(np.min(T_GRID)) if t_min is None else float(t_min),
+                             q_min=float(np.min(Q_GRID)) if q_min is None else float(q_min),
+                             reference=THRESHOLD_REFERENCE)
+    np.savez(tmp, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     os.replace(tmp, path)
     if remote is not None:
         publish(layout, remote, path)
@@ -149,7 +161,7 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
     best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
     """
-    from wsseg_core.segment import dice_grid, threshold_dice_grid
+    from wsseg_core.gridcache import GridCache, cache_dice_grid, cache_threshold_dice_grid
 
     cell = config["cell"]
     method = cell["method"]
@@ -157,14 +169,13 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     per_patient: dict[str, list[np.ndarray]] = {}
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
-            if method == "Threshold":
-                d = np.asarray(threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
-                                                   reference=THRESHOLD_REFERENCE, ct=c["ct"]),
-                               dtype=float)[None, :].repeat(len(ts), axis=0)
-            else:
-                d = np.asarray(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], ts,
-                                         q_grid), dtype=float)
-            per_patient.setdefault(str(c["patient_id"]), []).append(d)
+            cache, patient = GridCache.from_arrays(c), str(c["patient_id"])
+        if method == "Threshold":
+            d = np.asarray(cache_threshold_dice_grid(cache, q_grid),
+                           dtype=float)[None, :].repeat(len(ts), axis=0)
+        else:
+            d = np.asarray(cache_dice_grid(cache, method, ts, q_grid), dtype=float)
+        per_patient.setdefault(patient, []).append(d)
     # Dice is NaN for studies without tumour: average what exists, per patient then over patients
     # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -231,7 +242,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
              flag_threshold)
     t0 = time.perf_counter()
     files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study,
-                                                   flag_threshold)
+                                                   flag_threshold, float(t_grid.min()),
+                                                   float(q_grid_arr.min()))
                                  for r in val_refs]) if f]
     t_cache = time.perf_counter() - t0
     if not files:

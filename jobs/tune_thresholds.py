@@ -109,14 +109,15 @@ def load_flag_threshold(path: str | Path | None) -> float:
 
 
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
-                     flag_threshold: float = 0.5, t_min: float | None = None,
-                     q_min: float | None = None) -> str | None:
+                     flag_threshold: float = 0.5, t_grid: list[float] | None = None,
+                     q_grid: list[float] | None = None) -> str | None:
     """Classify one validation study, compute its CAMs on flagged slices, save what the Dice grids
-    need (a wsseg_core.gridcache.GridCache, npz) under `<out>/tune/cache/` (uploaded when `out` is a
-    URI, so a trial on any node can read it).
+    need (a wsseg_core.gridcache.GridCache, npz: the voxel counts of every grid point, |ref|, the
+    CAMs) under `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read
+    it).
 
-    `t_min` / `q_min`: the smallest t and q any grid will score (default: the paper grids' minima);
-    the cache keeps only the voxels a grid at or above them can select, and is exact there.
+    `t_grid` / `q_grid`: the grid the trials will score (default the paper's T_GRID, Q_GRID); a
+    trial asking for a value outside it fails.
 
     Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
     unreadable; logged, never fatal for the search).
@@ -140,12 +141,11 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    # Not the volumes (0.47 GB a study at autoPET size): the flagged slices' voxels a grid cell can
-    # select, sparse, plus |ref| and the CAMs at map resolution (wsseg_core.gridcache says why exact).
+    # Not the volumes (0.47 GB a study at autoPET size, read again by every trial): the grid's
+    # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in CAM_METHODS},
-                             t_min=float(np.min(T_GRID)) if t_min is None else float(t_min),
-                             q_min=float(np.min(Q_GRID)) if q_min is None else float(q_min),
-                             reference=THRESHOLD_REFERENCE)
+                             T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
+                             reference=THRESHOLD_REFERENCE, ct=study.ct)
     np.savez(tmp, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     os.replace(tmp, path)
     if remote is not None:
@@ -242,8 +242,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
              flag_threshold)
     t0 = time.perf_counter()
     files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study,
-                                                   flag_threshold, float(t_grid.min()),
-                                                   float(q_grid_arr.min()))
+                                                   flag_threshold, [float(t) for t in t_grid],
+                                                   [float(q) for q in q_grid_arr])
                                  for r in val_refs]) if f]
     t_cache = time.perf_counter() - t0
     if not files:

@@ -40,7 +40,10 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         return real_call(self, x, methods)
 
     monkeypatch.setattr(CamEngine, "__call__", counting_call)
-    files = [cache_study_cams(r.to_dict(), str(out), cam_batch_size=64) for r in refs]
+    q_grid = [20.0, 45.0, 70.0]
+    ts = [0.2, 0.3, 0.6]
+    files = [cache_study_cams(r.to_dict(), str(out), cam_batch_size=64, t_grid=ts, q_grid=q_grid)
+             for r in refs]
     caches = [dict(np.load(f)) for f in files]
     # The cache holds no volume (issue 20): the reference masks below come from the studies' files.
     assert not {"suv", "ct", "seg"} & set().union(*caches)
@@ -52,7 +55,6 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
 
     (out / "models" / "classifier.pt").unlink()  # trials must not need the model
-    q_grid = [20.0, 45.0, 70.0]
     cells = [{"method": m, "t": 0.3} for m in CAM_METHODS] + [{"method": "Threshold", "t": float("nan")}]
     for cell in cells:
         res = evaluate_cell({"cell": cell}, files, q_grid)
@@ -73,7 +75,6 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         assert res["q"] == q_grid[int(np.nanargmax(expect))]
         assert res["n_patients"] == len(by_patient)
     # The search runs one trial per method over its whole t grid: each row equals its own cell.
-    ts = [0.2, 0.3, 0.6]
     for m in CAM_METHODS:
         whole = evaluate_cell({"cell": {"method": m, "ts": ts}}, files, q_grid)
         rows = [evaluate_cell({"cell": {"method": m, "t": t}}, files, q_grid)["dice_by_q"] for t in ts]

@@ -47,6 +47,9 @@ def test_bench_tuning_counts_one_pass_per_study(classifier, tmp_path, capsys) ->
     assert "0 further engine passes" in out
     m = re.search(r"CAM caching: (\d+) studies, (\d+) engine passes", out)
     assert m and m.group(1) == m.group(2) == "2", out
+    # issue 20 item 3: the cache against the volumes, and the old trials' grids bit for bit
+    assert re.search(r"cache bytes vs volume bytes: [\d.]+ MiB vs [\d.]+ MiB = [\d.]+ %", out), out
+    assert "identical bits: 10/10 -> OK" in out, out
 
 
 def test_bench_metrics_agrees_with_old(capsys) -> None:

@@ -2,9 +2,10 @@
 
 Grid (Früh et al. 2.2.1): t in linspace(0.1, 0.9, 10), q in linspace(20, 50, 20); score = 3-D Dice
 per study, averaged per patient, then over the validation patients. Each validation study's CAMs
-are computed ONCE (Ray tasks, one per study) and cached; the Tune trials then only threshold.
-One trial is one method and evaluates its whole t x q grid from one read of the cache (the
-percentiles of a region for every q cost one sort), so the search runs as 5 trials: a trial per
+are computed ONCE (Ray tasks, one per study), and in the same task the voxel counts of every grid
+point; the cache keeps those and the CAMs, not the volumes (wsseg_core.gridcache; issue 20), and the
+Tune trials turn the counts into Dice. One trial is one method and reads its whole t x q grid from
+one read of the cache, so the search runs as 5 trials: a trial per
 (method, t) cell (41) spent most of its time in Tune's per-trial overhead and in reading the cache
 again for every t.
 

@@ -2,9 +2,10 @@
 
 Grid (Früh et al. 2.2.1): t in linspace(0.1, 0.9, 10), q in linspace(20, 50, 20); score = 3-D Dice
 per study, averaged per patient, then over the validation patients. Each validation study's CAMs
-are computed ONCE (Ray tasks, one per study) and cached; the Tune trials then only threshold.
-One trial is one method and evaluates its whole t x q grid from one read of the cache (the
-percentiles of a region for every q cost one sort), so the search runs as 5 trials: a trial per
+are computed ONCE (Ray tasks, one per study), and in the same task the voxel counts of every grid
+point; the cache keeps those and the CAMs, not the volumes (wsseg_core.gridcache; issue 20), and the
+Tune trials turn the counts into Dice. One trial is one method and reads its whole t x q grid from
+one read of the cache, so the search runs as 5 trials: a trial per
 (method, t) cell (41) spent most of its time in Tune's per-trial overhead and in reading the cache
 again for every t.
 
@@ -110,16 +111,24 @@ def load_flag_threshold(path: str | Path | None) -> float:
 
 
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
-                     flag_threshold: float = 0.5) -> str | None:
-    """Classify one validation study, compute its CAMs on flagged slices, save them (npz) under
-    `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read it).
+                     flag_threshold: float = 0.5, t_grid: list[float] | None = None,
+                     q_grid: list[float] | None = None) -> str | None:
+    """Classify one validation study, compute its CAMs on flagged slices, save what the Dice grids
+    need (a wsseg_core.gridcache.GridCache, npz: the voxel counts of every grid point, |ref|, the
+    CAMs) under `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read
+    it).
+
+    `t_grid` / `q_grid`: the grid the trials will score (default the paper's T_GRID, Q_GRID); a
+    trial asking for a value outside it fails.
 
     Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
     unreadable; logged, never fatal for the search).
     """
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef
+    from wsseg_core.gridcache import build_grid_cache
     from wsseg_core.inference import flagged_slices, volume_cams
+    from wsseg_core.segment import Q_GRID, T_GRID
 
     got = _classify_labelled_study(ref, out, cam_batch_size, num_cpus, "tuning")
     if got is None:
@@ -135,8 +144,12 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, suv=study.suv, ct=study.ct, seg=study.seg, flagged_z=z,
-             patient_id=np.array(ref.patient_id), **{f"cam_{m}": maps[m] for m in methods})
+    # Not the volumes (0.47 GB a study at autoPET size, read again by every trial): the grid's
+    # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
+    cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
+                             T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
+                             reference=THRESHOLD_REFERENCE, ct=study.ct)
+    np.savez(tmp, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     os.replace(tmp, path)
     if remote is not None:
         publish(layout, remote, path)
@@ -151,7 +164,7 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
     best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
     """
-    from wsseg_core.segment import dice_grid, threshold_dice_grid
+    from wsseg_core.gridcache import GridCache, cache_dice_grid, cache_threshold_dice_grid
 
     cell = config["cell"]
     method = cell["method"]
@@ -159,14 +172,13 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     per_patient: dict[str, list[np.ndarray]] = {}
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
-            if method == "Threshold":
-                d = np.asarray(threshold_dice_grid(c["suv"], c["seg"], c["flagged_z"], q_grid,
-                                                   reference=THRESHOLD_REFERENCE, ct=c["ct"]),
-                               dtype=float)[None, :].repeat(len(ts), axis=0)
-            else:
-                d = np.asarray(dice_grid(c["suv"], c["seg"], c["flagged_z"], c[f"cam_{method}"], ts,
-                                         q_grid), dtype=float)
-            per_patient.setdefault(str(c["patient_id"]), []).append(d)
+            cache, patient = GridCache.from_arrays(c), str(c["patient_id"])
+        if method == "Threshold":
+            d = np.asarray(cache_threshold_dice_grid(cache, q_grid),
+                           dtype=float)[None, :].repeat(len(ts), axis=0)
+        else:
+            d = np.asarray(cache_dice_grid(cache, method, ts, q_grid), dtype=float)
+        per_patient.setdefault(patient, []).append(d)
     # Dice is NaN for studies without tumour: average what exists, per patient then over patients
     # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -235,7 +247,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
              flag_threshold)
     t0 = time.perf_counter()
     files = [f for f in ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study,
-                                                   flag_threshold)
+                                                   flag_threshold, [float(t) for t in t_grid],
+                                                   [float(q) for q in q_grid_arr])
                                  for r in val_refs]) if f]
     t_cache = time.perf_counter() - t0
     if not files:

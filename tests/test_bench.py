@@ -47,6 +47,20 @@ def test_bench_tuning_counts_one_pass_per_study(classifier, tmp_path, capsys) ->
     assert "0 further engine passes" in out
     m = re.search(r"CAM caching: (\d+) studies, (\d+) engine passes", out)
     assert m and m.group(1) == m.group(2) == "2", out
+    # issue 20 item 3: the cache against the volumes, and the old trials' grids bit for bit
+    assert re.search(r"cache bytes vs volume bytes: [\d.]+ MiB vs [\d.]+ MiB = [\d.]+ %", out), out
+    assert "identical bits: 10/10 -> OK" in out, out
+
+
+def test_bench_tuning_cache_sizes_and_agrees(tmp_path, capsys) -> None:
+    from bench import bench_tuning_cache
+
+    res = bench_tuning_cache.main(["--shape", "40", "40", "12", "--flagged", "3", "--map-sizes", "4",
+                                   "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "grids old vs new bit-identical: OK" in out, out
+    # the file is the counts plus 4 methods x 4 x 4 float32 CAMs per flagged slice, no volume
+    assert 0 < res["cache_bytes"][(4, 20)] < res["volume_bytes"] / 4
 
 
 def test_bench_metrics_agrees_with_old(capsys) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from jobs.tune_thresholds import THRESHOLD_REFERENCE, cache_study_cams, evaluate_cell
 from wsseg_core.cams import CAM_METHODS, CamEngine
+from wsseg_core.data import load_study
 from wsseg_core.metrics import dice
 from wsseg_core.models import build_slice_classifier, save_classifier
 from wsseg_core.phantom import write_phantom_cohort
@@ -39,8 +40,14 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         return real_call(self, x, methods)
 
     monkeypatch.setattr(CamEngine, "__call__", counting_call)
-    files = [cache_study_cams(r.to_dict(), str(out), cam_batch_size=64) for r in refs]
+    q_grid = [20.0, 45.0, 70.0]
+    ts = [0.2, 0.3, 0.6]
+    files = [cache_study_cams(r.to_dict(), str(out), cam_batch_size=64, t_grid=ts, q_grid=q_grid)
+             for r in refs]
     caches = [dict(np.load(f)) for f in files]
+    # The cache holds no volume (issue 20): the reference masks below come from the studies' files.
+    assert not {"suv", "ct", "seg"} & set().union(*caches)
+    studies = [load_study(r) for r in refs]
     n_flagged = [len(c["flagged_z"]) for c in caches]
     assert all(n == 12 for n in n_flagged)
     assert seen == n_flagged  # one pass per study, each flagged slice once, all methods together
@@ -48,20 +55,19 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
 
     (out / "models" / "classifier.pt").unlink()  # trials must not need the model
-    q_grid = [20.0, 45.0, 70.0]
     cells = [{"method": m, "t": 0.3} for m in CAM_METHODS] + [{"method": "Threshold", "t": float("nan")}]
     for cell in cells:
         res = evaluate_cell({"cell": cell}, files, q_grid)
         by_patient: dict[str, list[list[float]]] = {}
-        for c in caches:
+        for c, st in zip(caches, studies):
             z = c["flagged_z"]
             per_q = []
             for q in q_grid:
                 if cell["method"] == "Threshold":
-                    mask = threshold_volume(c["suv"], z, q, reference=THRESHOLD_REFERENCE, ct=c["ct"])
+                    mask = threshold_volume(st.suv, z, q, reference=THRESHOLD_REFERENCE, ct=st.ct)
                 else:
-                    mask = segment_volume(c["suv"], z, c[f"cam_{cell['method']}"], cell["t"], q)
-                per_q.append(dice(mask, c["seg"]))
+                    mask = segment_volume(st.suv, z, c[f"cam_{cell['method']}"], cell["t"], q)
+                per_q.append(dice(mask, st.seg))
             by_patient.setdefault(str(c["patient_id"]), []).append(per_q)
         expect = np.nanmean([np.nanmean(v, axis=0) for v in by_patient.values()], axis=0)
         assert np.isfinite(expect).all() and np.ptp(expect) > 0, (cell, expect)  # q matters
@@ -69,7 +75,6 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
         assert res["q"] == q_grid[int(np.nanargmax(expect))]
         assert res["n_patients"] == len(by_patient)
     # The search runs one trial per method over its whole t grid: each row equals its own cell.
-    ts = [0.2, 0.3, 0.6]
     for m in CAM_METHODS:
         whole = evaluate_cell({"cell": {"method": m, "ts": ts}}, files, q_grid)
         rows = [evaluate_cell({"cell": {"method": m, "t": t}}, files, q_grid)["dice_by_q"] for t in ts]

@@ -38,10 +38,12 @@ __all__ = [
     "segment_slice",
     "segment_volume",
     "dice_grid",
+    "dice_grid_counts",
     "body_mask_slice",
     "threshold_slice",
     "threshold_volume",
     "threshold_dice_grid",
+    "threshold_dice_grid_counts",
 ]
 
 #: Paper values (Früh et al. 2021, 3.1): method -> (t_m on the [0, 1] CAM, q_m in percent).
@@ -235,7 +237,23 @@ def dice_grid(
     t_grid: Sequence[float] | np.ndarray = T_GRID,
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
 ) -> np.ndarray:
-    """3-D Dice of Algorithm 1 for every ``(t, q)`` of one study, reusing its CAMs.
+    """3-D Dice of Algorithm 1 for every ``(t, q)`` of one study: :func:`dice_grid_counts` as Dice.
+
+    Returns:
+        ``float (len(t_grid), len(q_grid))``; all NaN when the reference is empty or None.
+    """
+    return _dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid))
+
+
+def dice_grid_counts(
+    suv: np.ndarray,
+    seg: np.ndarray | None,
+    flagged_z: np.ndarray | Sequence[int],
+    cams: np.ndarray,
+    t_grid: Sequence[float] | np.ndarray = T_GRID,
+    q_grid: Sequence[float] | np.ndarray = Q_GRID,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The voxel counts behind the 3-D Dice of Algorithm 1 for every ``(t, q)`` of one study.
 
     Equals ``dice(segment_volume(suv, flagged_z, cams, t, q), seg)`` for each grid point, without
     building any 3-D mask: per slice and t the region is formed once, all q percentiles come from
@@ -249,7 +267,8 @@ def dice_grid(
         t_grid: CAM thresholds in [0, 1]; q_grid: SUV percentiles in percent.
 
     Returns:
-        ``float (len(t_grid), len(q_grid))``; all NaN when the reference is empty or None.
+        ``(inter, n_pred, n_ref)``: ``int64 (len(t_grid), len(q_grid))`` |pred ∩ ref| and |pred|,
+        and |ref| over the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN).
     """
     suv = np.asarray(suv)
     if suv.ndim != 3:
@@ -260,11 +279,11 @@ def dice_grid(
     ref = _reference_mask(seg, suv.shape)
     shape = (t_arr.size, q_arr.size)
     n_ref = 0 if ref is None else int(ref.sum())
-    if n_ref == 0 or t_arr.size == 0 or q_arr.size == 0:
-        return np.full(shape, np.nan)
-    z = _check_flagged(flagged_z, suv.shape[2])
     n_pred = np.zeros(shape, dtype=np.int64)
     inter = np.zeros(shape, dtype=np.int64)
+    if n_ref == 0 or t_arr.size == 0 or q_arr.size == 0:
+        return inter, n_pred, n_ref
+    z = _check_flagged(flagged_z, suv.shape[2])
     if z.size:
         cams = _check_cams(cams, z.size)
     for zi, cam in zip(z, cams if z.size else ()):
@@ -281,7 +300,7 @@ def dice_grid(
             ref_vals = vals[r[region]]
             if ref_vals.size:
                 inter[ti] += _n_at_or_above(np.sort(ref_vals), t_q)
-    return _dice_from_counts(inter, n_pred, n_ref)
+    return inter, n_pred, n_ref
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +454,24 @@ def threshold_dice_grid(
     reference: str = "max",
     ct: np.ndarray | None = None,
 ) -> np.ndarray:
-    """3-D Dice of :func:`threshold_volume` for every q of one study, from counts only.
+    """3-D Dice of :func:`threshold_volume` for every q of one study, from counts only
+    (:func:`threshold_dice_grid_counts` as Dice).
+
+    Returns:
+        ``float (len(q_grid),)``; all NaN when the reference is empty or None.
+    """
+    return _dice_from_counts(*threshold_dice_grid_counts(suv, seg, flagged_z, q_grid, reference, ct))
+
+
+def threshold_dice_grid_counts(
+    suv: np.ndarray,
+    seg: np.ndarray | None,
+    flagged_z: np.ndarray | Sequence[int],
+    q_grid: Sequence[float] | np.ndarray = Q_GRID,
+    reference: str = "max",
+    ct: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The voxel counts behind :func:`threshold_dice_grid`.
 
     Args:
         suv: ``(X, Y, Z)`` SUV (g/ml); seg: reference mask (> 0 is tumour) or None.
@@ -443,7 +479,8 @@ def threshold_dice_grid(
         q_grid: percents; reference, ct: as for :func:`threshold_volume`.
 
     Returns:
-        ``float (len(q_grid),)``; all NaN when the reference is empty or None.
+        ``(inter, n_pred, n_ref)``: ``int64 (len(q_grid),)`` |pred ∩ ref| and |pred|, and |ref| over
+        the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN).
     """
     _check_reference(reference)
     suv = np.asarray(suv)
@@ -455,11 +492,11 @@ def threshold_dice_grid(
     _check_q(q_arr)
     ref = _reference_mask(seg, suv.shape)
     n_ref = 0 if ref is None else int(ref.sum())
-    if n_ref == 0 or q_arr.size == 0:
-        return np.full(q_arr.size, np.nan)
-    z = _check_flagged(flagged_z, suv.shape[2])
     n_pred = np.zeros(q_arr.size, dtype=np.int64)
     inter = np.zeros(q_arr.size, dtype=np.int64)
+    if n_ref == 0 or q_arr.size == 0:
+        return inter, n_pred, n_ref
+    z = _check_flagged(flagged_z, suv.shape[2])
     for zi in z:
         s = suv[:, :, zi].astype(np.float64, copy=False)
         body = None
@@ -477,4 +514,4 @@ def threshold_dice_grid(
         n_pred += _n_at_or_above(np.sort(cand), thr)
         if cand_ref.size:
             inter += _n_at_or_above(np.sort(cand_ref), thr)
-    return _dice_from_counts(inter, n_pred, n_ref)
+    return inter, n_pred, n_ref

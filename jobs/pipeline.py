@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 _NOT_IN_STAGE_FINGERPRINT = {"address", "concurrency", "num_gpus_per_actor", "num_workers", "use_gpu",
                              "storage_path", "overwrite", "out"}
 _RUN_OUTPUTS = ("models", "tune", "metrics", "masks", "slices", "figures", "thresholds.json",
-                "run.json", "icc.parquet", "summary.parquet", "slice_auc.parquet", "report.html")
+                "run.json", "icc.parquet", "summary.parquet", "comparisons.parquet", "slice_auc.parquet",
+                "report.html")
 
 
 def discard_outputs(layout, storage_path: str | None, out: str) -> None:
@@ -362,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
-                    "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
+                    "summary": join(out, "summary.parquet"),
+                    "comparisons": join(out, "comparisons.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
                     "cohort": join(out, "cohort.parquet"), "staging": str(layout.out) if remote else None},
         "studies": {"total": len(refs), "ok": scored["ok_studies"], "failed": scored["failed_studies"]},
         # Exact inputs: every study's file paths and byte sizes (volumes are not hashed: that would
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     publish(layout, remote, layout.run_json)
     print()
     print(analyze_job.format_gate(gate_record))
-    print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
+    print(analyze_job.format_report(analysis["icc"], analysis["summary"],
+                                    comparisons=analysis["comparisons"]))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")
     print(f"metrics Parquet: {join(out, 'metrics')}\nICC: {join(out, 'icc.parquet')}\n"

@@ -121,6 +121,26 @@ def stage_fingerprint(args, refs: list, model_file) -> dict[str, Any]:
     return {"digest": hashlib.sha256(blob.encode()).hexdigest(), "fields": json.loads(blob)}
 
 
+def stage_change(previous: dict | None, current: dict[str, Any], outputs_exist: bool) -> str | None:
+    """None when a stage recorded as `previous` (a stage_fingerprint, or None) can be reused for
+    `current`; else why not, naming the settings that changed (e.g. `tune_on: "val" -> "train+val"`)."""
+    from jobs.ray_train import describe_change
+
+    if not previous:
+        return "no earlier search recorded"
+    if previous.get("digest") == current["digest"]:
+        return None if outputs_exist else "its outputs are missing"
+    old, new = previous.get("fields", {}), current["fields"]
+    # Name the pipeline arguments that changed, not just "args changed".
+    parts = [describe_change(old.get("args") or {}, new.get("args") or {})] \
+        if (old.get("args") or {}) != (new.get("args") or {}) else []
+    rest = describe_change({k: v for k, v in old.items() if k != "args"},
+                           {k: v for k, v in new.items() if k != "args"})
+    if rest != "nothing recorded differs":
+        parts.append(rest)
+    return "; ".join(parts) or "the record's digest differs"
+
+
 def training_record(fit: dict[str, Any] | None, path: str, local_file) -> dict[str, Any] | None:
     """run.json's entry for one trained network: where it is, which Ray run and epoch it came from
     and why that epoch, and every epoch's metrics (the kept one marked)."""
@@ -180,13 +200,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train = labelled(refs, "train")
     val = labelled(refs, "val")
-    tune_refs = val
+    tune_refs = val  # the flag threshold, the classifier gate and BoxFCN's early stopping
     if not val:
         # Tiny cohorts can leave a split empty (splits are by patient hash, stable under growth).
         # Früh et al. chose their thresholds on training and validation data, so fall back to training.
         LOG.warning("no labeled validation study: validation AUC is undefined and thresholds are "
                     "tuned on the training studies")
         tune_refs = train
+    # The (t, q) search: --tune-on train+val (default, the paper's) or val.
+    search_refs = tune_thresholds.tuning_refs(train, val, args.tune_on)
     tumour_weight = args.tumour_weight
     if args.tune_loss_weight:
         from jobs.tune_loss_weight import search
@@ -255,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # The search is rerun only when what it computes from changed (a retrained classifier, other
     # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
-    tune_stage = stage_fingerprint(args, tune_refs, layout.classifier)
+    tune_stage = stage_fingerprint(args, search_refs, layout.classifier)
     stage_file = layout.out / "tune" / "stage.json"
     try:
         import json as _json
@@ -263,17 +285,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = _json.loads(stage_file.read_text())
     except (OSError, ValueError):
         previous = None
-    if previous and previous.get("digest") == tune_stage["digest"] and layout.thresholds.exists():
+    change = stage_change(previous, tune_stage, layout.thresholds.exists())
+    if change is None:
         LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
                  layout.thresholds)
     else:
         if previous:
-            from jobs.ray_train import describe_change
-
-            LOG.info("tune: rerunning the threshold search (%s)",
-                     describe_change(previous.get("fields", {}), tune_stage["fields"]))
+            LOG.info("tune: rerunning the threshold search (%s)", change)
         stage_file.unlink(missing_ok=True)  # until the new search has finished
-        tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
+        tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
+                             tune_on=args.tune_on,
                              storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
                              t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
                              q_grid=tune_thresholds.grid_from_args(

@@ -306,11 +306,11 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
          fig("tlg", "TLG (g), reference vs estimate; dashed: identity")
          + fig("tlg_ba", "TLG Bland-Altman: bias and 95% limits of agreement")),
     ]
-    autopet = summary[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
-                       "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm", "detection_rate",
-                       "false_lesions_per_study"]]
+    autopet = subset_of(summary)[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
+                                  "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm",
+                                  "detection_rate", "false_lesions_per_study"]]
     if autopet.drop(columns="method").notna().any().any():
-        sections.append(("autoPET metrics and lesion-wise detection", report.html_table(
+        sections.append(("autoPET metrics and lesion-wise detection, studies with tumour", report.html_table(
             autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
                                     "fnv_median_ml": "FNV ml median", "fnv_iqr_ml": "FNV IQR",
                                     "hd95_median_mm": "HD95 mm median", "hd95_iqr_mm": "HD95 IQR",
@@ -319,7 +319,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                                     "false_lesions_per_study": "false lesions / study"}), float_digits=2)
             + "<p class='note'>18-connected components. FPV: predicted components touching no "
               "reference voxel; FNV: reference components the prediction misses (undefined for "
-              "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions.</p>"))
+              "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions. "
+              "With the tumour-free studies (their FPV is all false volume): summary.parquet, subset all.</p>"))
     else:
         sections.append(("autoPET metrics and lesion-wise detection",
                          "<p class='note'>Not in this run's metrics (scored before those columns existed).</p>"))

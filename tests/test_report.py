@@ -142,6 +142,9 @@ def test_analyze_figures_and_report(tmp_path, caplog):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "studies with tumour" in page and "over all studies" in page
     assert "Paired comparisons between methods" in page and "CAM vs Threshold" in page
+    # one row per method in the autoPET table (the shown subset), not one per subset
+    autopet = page.split("autoPET metrics")[1].split("</table>")[0]
+    assert autopet.count("<td>CAM</td>") == 1
 
 
 def test_analyze_tolerates_old_metrics_and_no_figures(tmp_path, capsys):

@@ -327,7 +327,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                       cam_flag_threshold=float(flag_threshold))
     publish(layout, remote, layout.tune_grid, layout.thresholds)
     for m, e in chosen.items():
-        LOG.info("%-9s t=%s q=%.1f validation Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
+        LOG.info("%-9s t=%s q=%.1f tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
     return {"thresholds": chosen, "grid": str(layout.tune_grid)}
 

@@ -1,8 +1,11 @@
 """Agreement of MTV and TLG with the manual reference, and the per-method summary.
 
-Reads `<out>/metrics/`, writes `<out>/icc.parquet` (per method and quantity: ICC(2,1), 95% CI,
-p-value, n; test split by default) and `<out>/summary.parquet` (median/IQR of Dice, |dMTV|, |dTLG|,
-and of the autoPET FPV/FNV, HD95 and lesion detection where the rows have them), pools the
+Reads `<out>/metrics/`, writes `<out>/icc.parquet` (per subset, method and quantity: ICC(2,1), 95%
+CI, p-value, n; test split by default), `<out>/summary.parquet` (per subset and method: median/IQR
+of Dice, |dMTV|, |dTLG|, and of the autoPET FPV/FNV, HD95 and lesion detection where the rows have
+them) and `<out>/comparisons.parquet` (per subset, metric and pair of methods: paired Wilcoxon
+signed-rank over patients, Holm-corrected). Subset `tumour` (studies with reference MTV > 0, as the
+paper) is what the one-screen summary and the report show; `all` is in the tables. It pools the
 per-slice classifier predictions of `<out>/slices/` into a slice-level AUC per split
 (`<out>/slice_auc.parquet`), and prints it all as one table. Unless `--no-figures`, it also draws
 `<out>/figures/*.png` (Früh et al. Figs. 4-7 and Table 1) and `<out>/report.html`, which opens
@@ -49,7 +52,7 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
     """
     import shutil
 
-    from wsseg_core.stats import icc_table, summarize
+    from wsseg_core.stats import SUBSETS, icc_table, paired_comparisons, select_subset, summarize
 
     layout, remote = open_run(out)
     if remote is not None:  # mirror exactly what the URI holds: results of every node
@@ -63,24 +66,33 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
     if missing:
         LOG.info("metrics lack %s (scored before those columns existed): FPV/FNV, HD95 and lesion "
                  "detection are left out", ", ".join(missing))
-    icc = icc_table(df)
-    icc.insert(0, "split", split)
-    summary = summarize(df)
-    summary.insert(0, "split", split)
+    tables: dict[str, list[pd.DataFrame]] = {"icc": [], "summary": [], "comparisons": []}
+    methods = list(summarize(df)["method"])  # every method of the split, also in a subset without rows
+    for subset in SUBSETS:
+        rows = select_subset(df, subset)
+        for name, t in (("icc", icc_table(rows, methods)), ("summary", summarize(rows)),
+                        ("comparisons", paired_comparisons(rows))):
+            t.insert(0, "subset", subset)
+            t.insert(0, "split", split)
+            tables[name].append(t)
+    icc, summary, comparisons = (pd.concat(tables[k], ignore_index=True)
+                                 for k in ("icc", "summary", "comparisons"))
     _write_parquet(icc, layout.icc)
     _write_parquet(summary, layout.summary)
+    _write_parquet(comparisons, layout.out / "comparisons.parquet")
     slice_auc = pooled_slice_auc(layout.out, everything)
     if slice_auc is not None:
         _write_parquet(slice_auc, layout.out / "slice_auc.parquet")
     res: dict[str, Any] = {
-        "icc": icc, "summary": summary, "slice_auc": slice_auc,
+        "icc": icc, "summary": summary, "comparisons": comparisons, "slice_auc": slice_auc,
         "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
         "figures": [], "report": None, "classifier_gate": read_gate(layout.thresholds),
     }
     if figures:
         res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split,
-                                                      gate=res["classifier_gate"])
-    publish(layout, remote, layout.icc, layout.summary, layout.out / "slice_auc.parquet",
+                                                      gate=res["classifier_gate"], comparisons=comparisons)
+    publish(layout, remote, layout.icc, layout.summary, layout.out / "comparisons.parquet",
+            layout.out / "slice_auc.parquet",
             *(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
 
@@ -211,35 +223,56 @@ def format_gate(gate: dict | None) -> str:
     return line
 
 
+#: The subset the one-screen summary and report.html show (wsseg_core.stats.SUBSETS): the paper's
+#: agreement is over patients with tumour.
+DEFAULT_SUBSET = "tumour"
+
+
+def subset_of(table: pd.DataFrame | None, subset: str = DEFAULT_SUBSET) -> pd.DataFrame | None:
+    """The rows of one subset of an icc / summary / comparisons table (a table from before the
+    `subset` column existed is returned whole)."""
+    if table is None or "subset" not in table.columns:
+        return table
+    return table[table["subset"] == subset].reset_index(drop=True)
+
+
 def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary: pd.DataFrame,
                   slice_auc: pd.DataFrame | None, split: str,
-                  gate: dict | None = None) -> tuple[list[Path], Path]:
+                  gate: dict | None = None,
+                  comparisons: pd.DataFrame | None = None) -> tuple[list[Path], Path]:
     """`<out>/figures/*.png` and `<out>/report.html` for the rows ``df`` of one split.
 
     Figures: dice_boxplot.png (Fig. 5), mtv_scatter.png / tlg_scatter.png (Figs. 6-7),
     mtv_bland_altman.png / tlg_bland_altman.png, table1.png (ICC table) and cam_*.png (Fig. 4).
+    The agreement figures and Table 1 show the tumour-bearing studies (``DEFAULT_SUBSET``); the
+    page adds Table 1 over all studies and the paired comparisons between methods.
     A figure with nothing to draw is left out (logged). Returns (PNG paths, report path).
     """
     import html
 
     from wsseg_core import report
+    from wsseg_core.stats import select_subset
 
     out = Path(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    shown = select_subset(df, DEFAULT_SUBSET)
+    icc_shown = subset_of(icc)
     made: dict[str, Path | None] = {
         "dice": report.dice_boxplot(df, fig_dir / "dice_boxplot.png", title=f"Per-patient Dice ({split})"),
-        "mtv": report.agreement_scatter(df, "MTV", fig_dir / "mtv_scatter.png", icc=icc),
-        "tlg": report.agreement_scatter(df, "TLG", fig_dir / "tlg_scatter.png", icc=icc),
-        "mtv_ba": report.bland_altman(df, "MTV", fig_dir / "mtv_bland_altman.png"),
-        "tlg_ba": report.bland_altman(df, "TLG", fig_dir / "tlg_bland_altman.png"),
+        "mtv": report.agreement_scatter(shown, "MTV", fig_dir / "mtv_scatter.png", icc=icc_shown),
+        "tlg": report.agreement_scatter(shown, "TLG", fig_dir / "tlg_scatter.png", icc=icc_shown),
+        "mtv_ba": report.bland_altman(shown, "MTV", fig_dir / "mtv_bland_altman.png"),
+        "tlg_ba": report.bland_altman(shown, "TLG", fig_dir / "tlg_bland_altman.png"),
     }
     for k, v in made.items():
         if v is None:
             LOG.info("figure %s skipped: nothing to plot in split %s", k, split)
-    table1 = report.table1_frame(summary, icc)
-    made["table1"] = report.table_figure(table1, fig_dir / "table1.png",
-                                         title=f"Table 1: median (IQR) and ICC(2,1), split {split}")
+    table1 = report.table1_frame(subset_of(summary), icc_shown)
+    table1_all = report.table1_frame(subset_of(summary, "all"), subset_of(icc, "all"))
+    made["table1"] = report.table_figure(
+        table1, fig_dir / "table1.png",
+        title=f"Table 1: median (IQR) and ICC(2,1), split {split}, studies with tumour")
     cams = cam_overlays(out, df)
 
     def fig(key: str, caption: str) -> str:
@@ -252,11 +285,19 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                        f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
     sections = [
         ("Classifier quality gate (validation)", report.gate_html(gate)),
-        ("Table 1: segmentation and agreement",
+        ("Table 1: segmentation and agreement, studies with tumour",
          report.html_table(table1)
-         + "<p class='note'>Median (IQR) over studies; Dice per study (NaN for studies without "
-           "tumour left out); ICC(2,1): two-way random, absolute agreement, single rater.</p>"
+         + "<p class='note'>Studies whose reference MTV &gt; 0, as the paper's agreement. Median (IQR) "
+           "over studies; Dice per study; ICC(2,1): two-way random, absolute agreement, single "
+           "rater.</p>"
          + fig("table1", "Table 1 as an image")),
+        ("Table 1 over all studies (tumour-free included)",
+         report.html_table(table1_all)
+         + "<p class='note'>Tumour-free studies (reference MTV 0) add |ΔMTV| and |ΔTLG| values and "
+           "ICC pairs; Dice is undefined for them and left out.</p>"),
+        ("Paired comparisons between methods, studies with tumour",
+         report.comparisons_html(subset_of(comparisons)) if comparisons is not None
+         else "<p class='note'>Not computed.</p>"),
         ("Dice per patient (Fig. 5)", fig("dice", "Per-patient Dice per method (mean over a patient's studies)")),
         ("MTV: reference vs estimate (Fig. 6)",
          fig("mtv", "MTV (ml), reference vs estimate; dashed: identity")
@@ -265,11 +306,11 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
          fig("tlg", "TLG (g), reference vs estimate; dashed: identity")
          + fig("tlg_ba", "TLG Bland-Altman: bias and 95% limits of agreement")),
     ]
-    autopet = summary[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
-                       "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm", "detection_rate",
-                       "false_lesions_per_study"]]
+    autopet = subset_of(summary)[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
+                                  "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm",
+                                  "detection_rate", "false_lesions_per_study"]]
     if autopet.drop(columns="method").notna().any().any():
-        sections.append(("autoPET metrics and lesion-wise detection", report.html_table(
+        sections.append(("autoPET metrics and lesion-wise detection, studies with tumour", report.html_table(
             autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
                                     "fnv_median_ml": "FNV ml median", "fnv_iqr_ml": "FNV IQR",
                                     "hd95_median_mm": "HD95 mm median", "hd95_iqr_mm": "HD95 IQR",
@@ -278,7 +319,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                                     "false_lesions_per_study": "false lesions / study"}), float_digits=2)
             + "<p class='note'>18-connected components. FPV: predicted components touching no "
               "reference voxel; FNV: reference components the prediction misses (undefined for "
-              "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions.</p>"))
+              "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions. "
+              "With the tumour-free studies (their FPV is all false volume): summary.parquet, subset all.</p>"))
     else:
         sections.append(("autoPET metrics and lesion-wise detection",
                          "<p class='note'>Not in this run's metrics (scored before those columns existed).</p>"))
@@ -300,11 +342,45 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     return pngs, page
 
 
-def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFrame | None = None) -> str:
-    """The paper-style table: median (IQR) per method, ICC [95% CI] p for MTV and TLG; then, where the
-    summary has them, the autoPET FPV/FNV (ml), HD95 (mm) and lesion detection per method, and the
-    pooled slice-level classifier AUC per split."""
-    lines = [f"{'method':<10} {'n':>3}  {'Dice median (IQR)':<19} {'|dMTV| ml (IQR)':<19} "
+def format_comparisons(comparisons: pd.DataFrame | None) -> list[str]:
+    """The paired comparisons of one subset as lines: per pair of methods, the median per-patient
+    difference of Dice and of |dMTV| (A - B) with the Wilcoxon p and the Holm-adjusted p."""
+    if comparisons is None or comparisons.empty:
+        return []
+
+    def p(v: float) -> str:
+        return "n/a" if pd.isna(v) else ("<0.001" if v < 0.001 else f"{v:.3f}")
+
+    by = {(r.metric, r.method_a, r.method_b): r for r in comparisons.itertuples()}
+    pairs = list(dict.fromkeys((r.method_a, r.method_b) for r in comparisons.itertuples()))
+    lines = ["", "methods compared per patient (A - B), Wilcoxon signed-rank, Holm over each metric's "
+                 "pairs; * p_holm < 0.05:",
+             f"{'A vs B':<24} {'n':>3} {'median dDice':>13} {'p':>7} {'p_holm':>8} "
+             f"{'median d|dMTV| ml':>18} {'p':>7} {'p_holm':>8}"]
+    for a, b in pairs:
+        n, cells = 0, []
+        for metric, digits, width in (("dice", 3, 13), ("abs_dmtv_ml", 1, 18)):
+            r = by.get((metric, a, b))
+            if r is None:
+                cells.append(f"{'n/a':>{width}} {'':>7} {'':>8}")
+                continue
+            n = max(n, int(r.n))
+            md = "n/a" if pd.isna(r.median_diff) else f"{r.median_diff:+.{digits}f}"
+            cells.append(f"{md:>{width}} {p(r.pval):>7} {p(r.pval_holm):>7}{'*' if r.significant else ' '}")
+        lines.append(f"{f'{a} vs {b}':<24} {n:>3} {cells[0]} {cells[1]}")
+    return lines
+
+
+def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFrame | None = None,
+                  comparisons: pd.DataFrame | None = None, subset: str = DEFAULT_SUBSET) -> str:
+    """The paper-style table: median (IQR) per method, ICC [95% CI] p for MTV and TLG, over the
+    studies of ``subset`` (default: with tumour, as the paper); then, where the summary has them,
+    the autoPET FPV/FNV (ml), HD95 (mm) and lesion detection per method, the paired comparisons
+    between methods, and the pooled slice-level classifier AUC per split."""
+    icc, summary, comparisons = subset_of(icc, subset), subset_of(summary, subset), subset_of(comparisons, subset)
+    what = {"tumour": "studies with tumour (reference MTV > 0)", "all": "all studies"}.get(subset, subset)
+    lines = [f"{what}; the other subset is in icc.parquet / summary.parquet (column subset)",
+             f"{'method':<10} {'n':>3}  {'Dice median (IQR)':<19} {'|dMTV| ml (IQR)':<19} "
              f"{'|dTLG| g (IQR)':<19} {'ICC MTV [95% CI]':<22} {'ICC TLG [95% CI]':<22}"]
     by = {(r.method, r.quantity): r for r in icc.itertuples()}
 
@@ -338,6 +414,7 @@ def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFr
                          f"{med(r.hd95_median_mm, r.hd95_iqr_mm, 1):<17} "
                          f"{med(getattr(r, 'ude_median_mm', float('nan')), getattr(r, 'ude_iqr_mm', float('nan')), 1):<17} "
                          f"{det:<12} {fls:<11}")
+    lines += format_comparisons(comparisons)
     if slice_auc is not None:
         cells = [f"{r.split} {r.auc:.3f} ({r.n_slices} slices)" for r in slice_auc.itertuples()
                  if r.split != "all" and r.n_slices and not pd.isna(r.auc)]
@@ -350,8 +427,9 @@ def format_papers(icc: pd.DataFrame, summary: pd.DataFrame, split: str) -> str:
     """Every method of the run beside the papers' numbers, as markdown (`make demo-all` prints it)."""
     from wsseg_core.report import format_methods_table, methods_table
 
-    return (f"ours ({split} split) beside the papers' (paper values in the 'paper' columns):\n"
-            + format_methods_table(methods_table(summary, icc)))
+    # The papers' agreement is over patients with tumour: the `tumour` subset (issue 18).
+    return (f"ours ({split} split, tumour-bearing studies) beside the papers' (paper values in the "
+            f"'paper' columns):\n" + format_methods_table(methods_table(summary, icc, subset="tumour")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = analyze(args.out, args.split, figures=not args.no_figures)
     print(f"split={args.split}: {res['n_studies']} studies")
     print(format_gate(res["classifier_gate"]))
-    print(format_report(res["icc"], res["summary"], res["slice_auc"]))
+    print(format_report(res["icc"], res["summary"], res["slice_auc"], res["comparisons"]))
     if args.papers:
         print("\n" + format_papers(res["icc"], res["summary"], args.split))
     if res["report"] is not None:

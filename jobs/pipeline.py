@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 _NOT_IN_STAGE_FINGERPRINT = {"address", "concurrency", "num_gpus_per_actor", "num_workers", "use_gpu",
                              "storage_path", "overwrite", "out"}
 _RUN_OUTPUTS = ("models", "tune", "metrics", "masks", "slices", "figures", "thresholds.json",
-                "run.json", "icc.parquet", "summary.parquet", "slice_auc.parquet", "report.html")
+                "run.json", "icc.parquet", "summary.parquet", "comparisons.parquet", "slice_auc.parquet",
+                "report.html")
 
 
 def discard_outputs(layout, storage_path: str | None, out: str) -> None:
@@ -119,6 +120,26 @@ def stage_fingerprint(args, refs: list, model_file) -> dict[str, Any]:
               "args": {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IN_STAGE_FINGERPRINT}}
     blob = json.dumps(fields, sort_keys=True, default=str)
     return {"digest": hashlib.sha256(blob.encode()).hexdigest(), "fields": json.loads(blob)}
+
+
+def stage_change(previous: dict | None, current: dict[str, Any], outputs_exist: bool) -> str | None:
+    """None when a stage recorded as `previous` (a stage_fingerprint, or None) can be reused for
+    `current`; else why not, naming the settings that changed (e.g. `tune_on: "val" -> "train+val"`)."""
+    from jobs.ray_train import describe_change
+
+    if not previous:
+        return "no earlier search recorded"
+    if previous.get("digest") == current["digest"]:
+        return None if outputs_exist else "its outputs are missing"
+    old, new = previous.get("fields", {}), current["fields"]
+    # Name the pipeline arguments that changed, not just "args changed".
+    parts = [describe_change(old.get("args") or {}, new.get("args") or {})] \
+        if (old.get("args") or {}) != (new.get("args") or {}) else []
+    rest = describe_change({k: v for k, v in old.items() if k != "args"},
+                           {k: v for k, v in new.items() if k != "args"})
+    if rest != "nothing recorded differs":
+        parts.append(rest)
+    return "; ".join(parts) or "the record's digest differs"
 
 
 def training_record(fit: dict[str, Any] | None, path: str, local_file) -> dict[str, Any] | None:
@@ -180,13 +201,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train = labelled(refs, "train")
     val = labelled(refs, "val")
-    tune_refs = val
+    tune_refs = val  # the flag threshold, the classifier gate and BoxFCN's early stopping
     if not val:
         # Tiny cohorts can leave a split empty (splits are by patient hash, stable under growth).
         # Früh et al. chose their thresholds on training and validation data, so fall back to training.
         LOG.warning("no labeled validation study: validation AUC is undefined and thresholds are "
                     "tuned on the training studies")
         tune_refs = train
+    # The (t, q) search: --tune-on train+val (default, the paper's) or val.
+    search_refs = tune_thresholds.tuning_refs(train, val, args.tune_on)
     tumour_weight = args.tumour_weight
     if args.tune_loss_weight:
         from jobs.tune_loss_weight import search
@@ -257,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # The search is rerun only when what it computes from changed (a retrained classifier, other
     # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
-    tune_stage = stage_fingerprint(args, tune_refs, layout.classifier)
+    tune_stage = stage_fingerprint(args, search_refs, layout.classifier)
     stage_file = layout.out / "tune" / "stage.json"
     try:
         import json as _json
@@ -265,17 +288,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = _json.loads(stage_file.read_text())
     except (OSError, ValueError):
         previous = None
-    if previous and previous.get("digest") == tune_stage["digest"] and layout.thresholds.exists():
+    change = stage_change(previous, tune_stage, layout.thresholds.exists())
+    if change is None:
         LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
                  layout.thresholds)
     else:
         if previous:
-            from jobs.ray_train import describe_change
-
-            LOG.info("tune: rerunning the threshold search (%s)",
-                     describe_change(previous.get("fields", {}), tune_stage["fields"]))
+            LOG.info("tune: rerunning the threshold search (%s)", change)
         stage_file.unlink(missing_ok=True)  # until the new search has finished
-        tune_thresholds.tune(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
+        tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
+                             tune_on=args.tune_on,
                              storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
                              t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
                              q_grid=tune_thresholds.grid_from_args(
@@ -370,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
-                    "summary": join(out, "summary.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
+                    "summary": join(out, "summary.parquet"),
+                    "comparisons": join(out, "comparisons.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
                     "cohort": join(out, "cohort.parquet"), "staging": str(layout.out) if remote else None},
         "studies": {"total": len(refs), "ok": scored["ok_studies"], "failed": scored["failed_studies"]},
         # Exact inputs: every study's file paths and byte sizes (volumes are not hashed: that would
@@ -383,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     publish(layout, remote, layout.run_json)
     print()
     print(analyze_job.format_gate(gate_record))
-    print(analyze_job.format_report(analysis["icc"], analysis["summary"]))
+    print(analyze_job.format_report(analysis["icc"], analysis["summary"],
+                                    comparisons=analysis["comparisons"]))
     print("\n" + analyze_job.format_papers(analysis["icc"], analysis["summary"], analysis_split))
     print(f"\nstudies scored: {scored['ok_studies']} ok, {scored['failed_studies']} failed; "
           f"total {timings['total_s']:.0f} s")

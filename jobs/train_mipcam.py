@@ -12,8 +12,12 @@ the same --out/--name, `FailureConfig(max_failures)`), then the CAMs of every va
 computed ONCE and the whole (t, q) grid is scored from them (3-D Dice per study, averaged per
 patient, then over patients, like `jobs.tune_thresholds`); (3) the trial with the best validation
 Dice wins: its checkpoint is copied to `<out>/models/mipcam.pt` and `{"MIP-CAM": {t, q,
-distance_weight, val_dice, ...}}` is merged into `<out>/thresholds.json`. The whole grid goes to
-`<out>/tune/mipcam_grid.parquet`, one row per (weight, t, q).
+distance_weight, val_dice, gate_threshold, ...}}` is merged into `<out>/thresholds.json`. The whole
+grid goes to `<out>/tune/mipcam_grid.parquet`, one row per (weight, t, q); the search's result per
+weight to `<out>/tune/mipcam_search.parquet`, where w = 0 is always a row of its own, `variant`
+"CAMs alone" (Amyar et al.'s ablation: the CNN trained on BCE only), beside "CAMs + distance loss".
+The validation Dice applies the study gate the scorer applies (`wsseg_core.mipcam.study_flagged`:
+a study the CNN calls tumour-free gets an empty mask, Dice 0 where it has tumour).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ CKPT_FILE = "mipcam.pt"
 # (~0.7); measured on a 64x64x32 phantom, 0.05/mm kept the BCE at 0.69 (no classification learnt)
 # while pulling the CAM to the lesions.
 DISTANCE_WEIGHT_GRID = (0.0, 0.003, 0.01, 0.03)
+CAMS_ALONE = "CAMs alone"  # the search table's name for w = 0 (Amyar et al.'s Tables 1-2)
+WITH_DISTANCE = "CAMs + distance loss"
 
 MIPCAM_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # CPU: width 8, CAM at 1/8; ~30 train images of ~130x150 px, batch 8 (the paper's), Adam 1e-3.
@@ -202,34 +208,44 @@ def cache_val_cams(checkpoint: str, refs: list, cache_dir: str | Path) -> list[s
         if st.seg is None:
             continue
         mips, _ = compute_mips(st.suv, st.affine, st.spacing_mm)
-        cams, _ = predict_view_cams(model, mips)
+        cams, probs = predict_view_cams(model, mips)
         path = cache_dir / f"{study_key(r.patient_id, r.study_id)}.npz"
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
         np.savez(tmp, suv=st.suv, seg=st.seg, affine=st.affine, spacing_mm=st.spacing_mm,
-                 patient_id=np.array(r.patient_id), **{f"cam_{v}": c for v, c in cams.items()})
+                 patient_id=np.array(r.patient_id), probs=probs,
+                 **{f"cam_{v}": c for v, c in cams.items()})
         os.replace(tmp, path)
         files.append(str(path))
     return files
 
 
-def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Sequence[float]
-              ) -> tuple[np.ndarray, int]:
-    """Mean validation Dice (T, Q): per study, averaged per patient, then over patients; and the
-    number of patients with a defined Dice."""
-    from wsseg_core.mipcam import VIEWS, dice_grid, mip_views
+def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Sequence[float],
+              gate_threshold: float | None = None) -> tuple[np.ndarray, int, int]:
+    """Mean validation Dice (T, Q): per study, averaged per patient, then over patients; the
+    number of patients with a defined Dice; and the number of studies with tumour the gate
+    empties. A study the CNN calls tumour-free (``study_flagged``; ``gate_threshold`` default
+    ``DEFAULT_GATE``) gets the scorer's empty mask: Dice 0 at every (t, q) where it has tumour."""
+    from wsseg_core.mipcam import DEFAULT_GATE, VIEWS, dice_grid, mip_views, study_flagged
 
+    gate = DEFAULT_GATE if gate_threshold is None else float(gate_threshold)
     per_patient: dict[str, list[np.ndarray]] = {}
+    n_gated = 0
     for f in cache_files:
         with np.load(f) as c:
-            views = mip_views(c["suv"].shape, c["affine"], c["spacing_mm"])
-            g = dice_grid(c["suv"], c["seg"], {v: c[f"cam_{v}"] for v in VIEWS}, views, t_grid, q_grid)
+            if "probs" in c and not study_flagged(c["probs"], gate):
+                g = np.full((len(t_grid), len(q_grid)), 0.0 if np.asarray(c["seg"]).any() else np.nan)
+                n_gated += int(np.asarray(c["seg"]).any())
+            else:
+                views = mip_views(c["suv"].shape, c["affine"], c["spacing_mm"])
+                g = dice_grid(c["suv"], c["seg"], {v: c[f"cam_{v}"] for v in VIEWS}, views, t_grid,
+                              q_grid)
             per_patient.setdefault(str(c["patient_id"]), []).append(g)
     if not per_patient:
-        return np.full((len(t_grid), len(q_grid)), np.nan), 0
+        return np.full((len(t_grid), len(q_grid)), np.nan), 0, 0
     with np.errstate(all="ignore"):
         pm = np.stack([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
         mean = np.nanmean(pm, axis=0)
-    return mean, int(np.sum(np.isfinite(pm[:, 0, 0])))
+    return mean, int(np.sum(np.isfinite(pm[:, 0, 0]))), n_gated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,13 +266,13 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
     res = fit_mipcam(train_files, val_files, trial_dir / CKPT_FILE, distance_weight=w,
                      name=f"mipcam_w{w:g}", **fit_kwargs)
     files = cache_val_cams(res["checkpoint"], val_refs, trial_dir / "cams")
-    mean, n = grid_dice(files, T_GRID, Q_GRID)
+    mean, n, n_gated = grid_dice(files, T_GRID, Q_GRID)
     if np.isfinite(mean).any():
         i, j = np.unravel_index(int(np.nanargmax(mean)), mean.shape)
         best = {"val_dice": float(mean[i, j]), "t": float(T_GRID[i]), "q": float(Q_GRID[j])}
     else:
         best = {"val_dice": 0.0, "t": float("nan"), "q": float("nan")}
-    return {**best, "n_patients": n, "checkpoint": res["checkpoint"],
+    return {**best, "n_patients": n, "n_gated": n_gated, "checkpoint": res["checkpoint"],
             "val_peak_mm": float(res["best"].get("val_peak_mm", float("nan"))),
             "dice_grid": [[float(v) for v in row] for row in mean]}
 
@@ -268,7 +284,10 @@ def search(train_refs: list, val_refs: list, out: str | Path,
            seed: int = 0) -> dict[str, Any]:
     """The whole MIP-CAM job: samples, one Tune trial per weight, the winner's checkpoint and
     thresholds. `classes`: "tumour" (tumour vs none) or "diagnosis" (cancer type from the manifest).
-    Returns dict(checkpoint, distance_weight, t, q, val_dice, table (DataFrame), grid (path))."""
+    w = 0 ("CAMs alone", the paper's baseline) is always searched, added when `weights` lacks it,
+    so the search table always says what the distance loss adds.
+    Returns dict(checkpoint, distance_weight, t, q, val_dice, table (DataFrame), grid (path),
+    search (path))."""
     import pandas as pd
     import ray
     from ray import tune
@@ -278,6 +297,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
 
     layout = RunLayout(Path(out).absolute())
     storage = ray_storage_path(storage_path, layout.out)
+    weights = searched_weights(weights)
     if classes == "tumour":
         class_names = TUMOUR_CLASSES
     elif classes == "diagnosis":
@@ -321,9 +341,10 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     rows, grid_rows = [], []
     for r in results:
         m, w = r.metrics, float(r.config["distance_weight"])
-        rows.append({"distance_weight": w, "val_dice": m["val_dice"], "t": m["t"], "q": m["q"],
-                     "n_patients": m["n_patients"], "val_peak_mm": m["val_peak_mm"],
-                     "checkpoint": m["checkpoint"]})
+        rows.append({"variant": CAMS_ALONE if w == 0 else WITH_DISTANCE, "distance_weight": w,
+                     "val_dice": m["val_dice"], "t": m["t"], "q": m["q"],
+                     "n_patients": m["n_patients"], "n_gated": m["n_gated"],
+                     "val_peak_mm": m["val_peak_mm"], "checkpoint": m["checkpoint"]})
         for i, t in enumerate(T_GRID):
             for j, q in enumerate(Q_GRID):
                 grid_rows.append({"method": "MIP-CAM", "distance_weight": w, "t": float(t),
@@ -336,19 +357,43 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     tmp = grid_path.with_name(f".{grid_path.name}.tmp-{os.getpid()}")
     pd.DataFrame(grid_rows).to_parquet(tmp, index=False)
     os.replace(tmp, grid_path)
+    search_path = layout.out / "tune" / "mipcam_search.parquet"
+    tmp = search_path.with_name(f".{search_path.name}.tmp-{os.getpid()}")
+    table.drop(columns=["checkpoint"]).to_parquet(tmp, index=False)
+    os.replace(tmp, search_path)
     win = table.iloc[0]
     dest = mipcam_path(layout.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.copyfile(win["checkpoint"], tmp)
     os.replace(tmp, dest)
+    from wsseg_core.mipcam import DEFAULT_GATE
+
+    alone = table[table["distance_weight"] == 0].iloc[0]
     entry = {"t": float(win["t"]), "q": float(win["q"]), "val_dice": float(win["val_dice"]),
              "distance_weight": float(win["distance_weight"]), "reference": "component_max",
+             "gate_threshold": DEFAULT_GATE, "cams_alone_val_dice": float(alone["val_dice"]),
              "classes": list(class_names), "n_val_patients": int(win["n_patients"])}
     update_thresholds(layout.thresholds, {"MIP-CAM": entry})
     write_json(layout.out / "mipcam" / "chosen.json", {**entry, "checkpoint": str(dest)})
-    LOG.info("MIP-CAM search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
-    return {"checkpoint": str(dest), **entry, "table": table, "grid": str(grid_path)}
+    LOG.info("MIP-CAM search (%s: w = 0):\n%s", CAMS_ALONE,
+             table.drop(columns=["checkpoint"]).to_string(index=False))
+    LOG.info("MIP-CAM: %s validation Dice %.3f; chosen w = %g/mm: %.3f", CAMS_ALONE,
+             entry["cams_alone_val_dice"], entry["distance_weight"], entry["val_dice"])
+    return {"checkpoint": str(dest), **entry, "table": table, "grid": str(grid_path),
+            "search": str(search_path)}
+
+
+def searched_weights(weights: Sequence[float]) -> list[float]:
+    """The distance weights to search: ``weights`` (sorted, duplicates dropped) with 0 added when
+    missing, so "CAMs alone" is always a row of the search (logged when added)."""
+    ws = sorted({float(w) for w in weights})
+    if any(w < 0 for w in ws):
+        raise ValueError(f"distance weights must be >= 0, got {list(weights)}")
+    if 0.0 not in ws:
+        LOG.info("MIP-CAM: adding w = 0 (%s) to the searched weights %s", CAMS_ALONE, ws)
+        ws.insert(0, 0.0)
+    return ws
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
     p.add_argument("--weights", type=float, nargs="+", default=list(DISTANCE_WEIGHT_GRID),
-                   help="distance-loss weights to search, 1/mm (0 = CAMs alone)")
+                   help="distance-loss weights to search, 1/mm (0 = CAMs alone, always searched)")
     p.add_argument("--classes", choices=("tumour", "diagnosis"), default="tumour",
                    help="what the CNN classifies: tumour vs none, or the manifest's cancer type")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 40, paper 200)")

@@ -269,6 +269,40 @@ def test_segmenter_reconstructs_a_hand_built_study(tmp_path):
     np.testing.assert_array_equal(mc.load_segmenter(p, {"t": 0.2, "q": 30.0})(S), want_b)
 
 
+def test_segmenter_gates_studies_its_cnn_calls_tumour_free(tmp_path):
+    """Issue 18 item 7: as the slice methods segment only flagged slices, MIP-CAM segments only
+    studies its CNN calls tumorous. The identity CNN with a large negative bias: p = sigmoid(GAP - 50)
+    ~ 0, so the mask is empty, though the CAM (bias-free, = MIP / max) is the same as before."""
+    shape = (8, 6, 5)
+    suv = np.ones(shape, np.float32)
+    suv[2:4, 1:3, 1:3] = 10.0
+
+    class S:
+        affine, spacing_mm = las((2.0, 2.0, 2.0), shape), np.array([2.0, 2.0, 2.0])
+
+    S.suv = suv
+    m = _mip_identity_cnn()
+    mips, _ = mc.compute_mips(suv, S.affine, S.spacing_mm)
+    _, probs = mc.predict_view_cams(m, mips)
+    assert probs[0] > 0.5 and mc.study_flagged(probs)  # GAP of a positive map, zero bias
+    with torch.no_grad():
+        m.fc.bias.fill_(-50.0)
+    _, probs = mc.predict_view_cams(m, mips)
+    assert probs[0] < 1e-6 and not mc.study_flagged(probs)
+    assert mc.study_flagged(probs, gate_threshold=0.0)
+    p = tmp_path / "mipcam.pt"
+    mc.save_mipcam(p, m)
+    gated = mc.load_segmenter(p, {"t": 0.5, "q": 30.0})(S)
+    assert gated.dtype == np.uint8 and gated.shape == shape and not gated.any()
+    # gate_threshold 0 turns it off: the lesion's box, as the ungated segmenter gives
+    ungated = mc.load_segmenter(p, {"t": 0.5, "q": 30.0, "gate_threshold": 0.0})(S)
+    want = np.zeros(shape, np.uint8)
+    want[2:4, 1:3, 1:3] = 1
+    np.testing.assert_array_equal(ungated, want)
+    # with cancer types the highest class decides
+    assert mc.study_flagged([0.2, 0.7]) and not mc.study_flagged([0.2, 0.4]) and not mc.study_flagged([])
+
+
 # ------------------------------------------------------------------------------------------------
 # The distance term, measured
 

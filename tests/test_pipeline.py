@@ -29,7 +29,8 @@ def finished_run(tmp_path_factory, ray_cluster):
 
     The corrupt study has no SEG: an unlabelled patient, with its own split quota, so the 10
     labelled patients split 6/2/2 with a tumour patient in validation (asserted below) and the
-    normal path runs: checkpoint kept on validation AUC, thresholds tuned on validation."""
+    normal path runs: checkpoint kept on validation AUC, thresholds tuned on training + validation
+    (--tune-on's default, the paper's)."""
     from jobs import pipeline
     from wsseg_core.phantom import write_phantom_cohort
 
@@ -54,8 +55,8 @@ def finished_run(tmp_path_factory, ray_cluster):
 
 def test_validation_split_is_used(finished_run):
     """The normal path, not the no-validation fallback: a labelled tumour study in validation, the
-    classifier's checkpoint chosen on a finite validation AUC, thresholds tuned on the validation
-    studies."""
+    classifier's checkpoint chosen on a finite validation AUC, thresholds tuned on the training and
+    validation studies (--tune-on train+val, the default)."""
     out, _ = finished_run
     cohort = pd.read_parquet(out / "cohort.parquet")
     patients = cohort.groupby("patient_id")["split"].nunique()
@@ -74,9 +75,16 @@ def test_validation_split_is_used(finished_run):
     # kept checkpoint must still be at least as good as every epoch recorded)
     assert len(aucs) >= 1 and all(np.isfinite(aucs)) and best["val_auc"] >= max(aucs) - 1e-12
     thresholds = json.loads((out / "thresholds.json").read_text())
-    assert thresholds["n_val_studies"] == len(val)  # tuned on validation, not on the training studies
+    train = labelled[labelled["split"] == "train"]
+    assert thresholds["tune_on"] == "train+val"
+    assert (thresholds["n_train_studies"], thresholds["n_val_studies"]) == (len(train), len(val))
+    tuned = pd.concat([train, val])
+    tumour_patients = {pid for pid, seg in zip(tuned["patient_id"], tuned["seg_path"])
+                       if (np.asarray(nib.load(seg).dataobj) > 0).any()}
     grid = pd.read_parquet(out / "tune" / "grid.parquet")
-    assert (grid["n_patients"] == len(val_tumour)).all()  # the tumour-bearing validation patients
+    assert (grid["n_patients"] == len(tumour_patients)).all()  # tumour-bearing train + val patients
+    # the flag threshold and the gate stay on validation
+    assert thresholds["classifier_gate"]["n_studies"] == len(val)
 
 
 def test_scoring_spread_over_two_actors(finished_run):
@@ -133,13 +141,20 @@ def test_icc_recomputes_from_rows(finished_run):
     icc = pd.read_parquet(out / "icc.parquet")
     df = pd.read_parquet(out / "metrics")
     test = df[(df["status"] == "ok") & (df["split"] == "test")]
-    # every method x quantity has a row, and every row is compared (no skipping: with n < 3 or a
-    # NaN ICC the comparison below would have nothing to check)
-    assert sorted(zip(icc["method"], icc["quantity"])) == sorted((m, q) for m in METHODS for q in ("MTV", "TLG"))
+    # every subset x method x quantity has a row; every "all" row is compared (no skipping: with
+    # n < 3 or a NaN ICC the comparison below would have nothing to check), and a "tumour" row
+    # (reference MTV > 0) is compared too when it has 3 pairs, else its ICC must be NaN
+    assert sorted(zip(icc["subset"], icc["method"], icc["quantity"])) == sorted(
+        (sub, m, q) for sub in ("tumour", "all") for m in METHODS for q in ("MTV", "TLG"))
     compared = 0
     for row in icc.itertuples():
         col_true, col_pred = {"MTV": ("mtv_true_ml", "mtv_pred_ml"), "TLG": ("tlg_true_g", "tlg_pred_g")}[row.quantity]
         sub = test[test["method"] == row.method].dropna(subset=[col_true, col_pred])
+        if row.subset == "tumour":
+            sub = sub[sub["mtv_true_ml"] > 0]
+            if len(sub) < 3:
+                assert row.n == len(sub) and np.isnan(row.icc)
+                continue
         assert row.n == len(sub) >= 3
         long = pd.concat([
             pd.DataFrame({"target": range(len(sub)), "rater": "true", "y": sub[col_true].to_numpy()}),
@@ -149,7 +164,37 @@ def test_icc_recomputes_from_rows(finished_run):
         key = "ICC(A,1)" if "ICC(A,1)" in ref.index else "ICC2"
         assert row.icc == pytest.approx(ref.loc[key, "ICC"], abs=1e-9, nan_ok=True)
         compared += 1
-    assert compared == len(icc) == 2 * len(METHODS)
+    assert compared >= 2 * len(METHODS) and len(icc) == 4 * len(METHODS)
+
+
+def test_comparisons_recompute_from_rows(finished_run):
+    """comparisons.parquet: every pair of methods per metric and subset; Dice p-values recomputed
+    here from the rows with scipy (per patient means), Holm by the step-down rule written out."""
+    from itertools import combinations
+
+    from scipy import stats as sps
+
+    out, _ = finished_run
+    comp = pd.read_parquet(out / "comparisons.parquet")
+    df = pd.read_parquet(out / "metrics")
+    test = df[(df["status"] == "ok") & (df["split"] == "test")]
+    order = ["CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold"]
+    for subset in ("tumour", "all"):
+        c = comp[(comp["subset"] == subset) & (comp["metric"] == "dice")]
+        assert list(zip(c["method_a"], c["method_b"])) == list(combinations(order, 2))
+        per_patient = test.groupby(["method", "patient_id"])["dice"].mean().unstack("method")
+        for r in c.itertuples():
+            pair = per_patient[[r.method_a, r.method_b]].dropna()
+            assert r.n == len(pair)
+            d = pair[r.method_a] - pair[r.method_b]
+            if (d != 0).any():
+                assert r.pval == pytest.approx(sps.wilcoxon(pair[r.method_a], pair[r.method_b]).pvalue)
+            else:
+                assert r.pval == 1.0
+        p = c["pval"].to_numpy(float)
+        k = np.argsort(p)
+        adj = np.maximum.accumulate(np.minimum(1, (len(p) - np.arange(len(p))) * p[k]))
+        np.testing.assert_allclose(c["pval_holm"].to_numpy(float)[k], adj)
 
 
 def test_run_json_records_the_run(finished_run):

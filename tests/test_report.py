@@ -108,16 +108,43 @@ def test_analyze_figures_and_report(tmp_path, caplog):
     assert auc.loc["test", "n_slices"] == 6 and auc.loc["test", "n_tumour_slices"] == 3
     assert math.isnan(auc.loc["train", "auc"])
     assert pd.read_parquet(out / "slice_auc.parquet").shape[0] == 4
-    s = res["summary"].set_index("method")
+    s = res["summary"][res["summary"]["subset"] == "all"].set_index("method")
     # test rows P0..P3: FPV 0,1,2,3 -> median 1.5; FNV NaN,2,2,2 -> 2; lesions hit 3 of 6
     assert s.loc["CAM", "fpv_median_ml"] == pytest.approx(1.5)
     assert s.loc["CAM", "fnv_median_ml"] == pytest.approx(2.0)
     assert s.loc["CAM", "detection_rate"] == pytest.approx(0.5)
     assert s.loc["CAM", "false_lesions_per_study"] == pytest.approx(1.0)
     assert s.loc["CAM", "ude_median_mm"] == pytest.approx(2.0)  # test rows P1..P3: UDE 1, 2, 3
-    text = analyze.format_report(res["icc"], res["summary"], res["slice_auc"])
-    assert "UDE mm" in text
+    # Subset "tumour" (issue 18 item 2): P0's reference MTV is 0, so P1..P3 only: FPV 1,2,3 -> 2
+    t = res["summary"][res["summary"]["subset"] == "tumour"].set_index("method")
+    assert t.loc["CAM", "n"] == 3 and s.loc["CAM", "n"] == 4
+    assert t.loc["CAM", "fpv_median_ml"] == pytest.approx(2.0)
+    icc = pd.read_parquet(out / "icc.parquet")
+    assert list(icc.columns[:3]) == ["split", "subset", "method"]
+    assert sorted(set(zip(icc["subset"], icc["method"], icc["quantity"]))) == sorted(
+        (sub, m, q) for sub in ("tumour", "all") for m in METHODS for q in ("MTV", "TLG"))
+    n = icc.set_index(["subset", "method", "quantity"])["n"]
+    assert n[("tumour", "CAM", "MTV")] == 3 and n[("all", "CAM", "MTV")] == 4
+    assert set(pd.read_parquet(out / "summary.parquet")["subset"]) == {"tumour", "all"}
+    # Paired comparisons (item 6): CAM vs Threshold per patient, both subsets
+    comp = pd.read_parquet(out / "comparisons.parquet")
+    assert set(comp["subset"]) == {"tumour", "all"} and set(comp["metric"]) == {"dice", "abs_dmtv_ml"}
+    row = comp[(comp["subset"] == "tumour") & (comp["metric"] == "dice")].iloc[0]
+    assert (row["method_a"], row["method_b"], row["n"]) == ("CAM", "Threshold", 3)
+    assert row["median_diff"] == 0.0  # the frame gives both methods the same Dice
+    text = analyze.format_report(res["icc"], res["summary"], res["slice_auc"], res["comparisons"])
+    assert "UDE mm" in text and "studies with tumour" in text
+    assert "CAM vs Threshold" in text and "Holm" in text
     assert "FPV ml" in text and "slice-level classifier AUC: " in text and "test 0.889" in text
+    # the one-screen table is the tumour subset's: CAM's n is 3, not 4
+    cam_line = next(line for line in text.splitlines() if line.startswith("CAM "))
+    assert cam_line.split()[1] == "3"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "studies with tumour" in page and "over all studies" in page
+    assert "Paired comparisons between methods" in page and "CAM vs Threshold" in page
+    # one row per method in the autoPET table (the shown subset), not one per subset
+    autopet = page.split("autoPET metrics")[1].split("</table>")[0]
+    assert autopet.count("<td>CAM</td>") == 1
 
 
 def test_analyze_tolerates_old_metrics_and_no_figures(tmp_path, capsys):

@@ -133,3 +133,102 @@ def test_icc_table():
     assert row["n"] == 4 and row["icc"] == pytest.approx(expected["icc"])
     only = icc_table(df, methods=["UNet"])
     assert len(only) == 2 and (only["n"] == 0).all() and only["icc"].isna().all()
+
+
+# --- subsets (issue 18 item 2) and paired comparisons between methods (item 6) -------------------
+
+def test_select_subset_keeps_reference_mtv_above_zero():
+    from wsseg_core.stats import select_subset
+
+    df = _frame()
+    tumour = select_subset(df, "tumour")
+    # tumour-free (MTV 0), unlabeled (NaN) and failed (NaN) rows go; the 7 rows with tumour stay
+    assert len(tumour) == 7 and (tumour["mtv_true_ml"] > 0).all()
+    assert select_subset(df, "all") is df
+    with pytest.raises(ValueError, match="subset"):
+        select_subset(df, "none")
+    # the summary over the tumour subset drops CAM's tumour-free |dMTV| of 3: 2, 5, 10 -> median 5
+    s = summarize(tumour).set_index("method")
+    assert s.loc["CAM", "n"] == 3 and s.loc["CAM", "abs_dmtv_median_ml"] == pytest.approx(5.0)
+    assert s.loc["CAM", "dice_median"] == pytest.approx(0.4)  # Dice is the same in both subsets
+
+
+def test_holm_by_hand_and_against_pingouin():
+    from wsseg_core.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): x4 0.02, x3 0.03, x2 0.06, x1 0.04 -> running max
+    # 0.02, 0.03, 0.06, 0.06; back in the input order:
+    p = [0.01, 0.04, 0.03, 0.005]
+    np.testing.assert_allclose(holm(p), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm(p), pg.multicomp(p, method="holm")[1])
+    # NaN is outside the family (m = 2) and stays NaN; the cap at 1
+    got = holm([0.01, np.nan, 0.03])
+    np.testing.assert_allclose(got, [0.02, np.nan, 0.03])
+    np.testing.assert_allclose(holm([0.6, 0.9]), [1.0, 1.0])
+    rng = np.random.default_rng(3)
+    q = rng.uniform(0, 0.2, 12)
+    np.testing.assert_allclose(holm(q), pg.multicomp(q, method="holm")[1], rtol=0, atol=1e-15)
+    assert holm([]).size == 0
+
+
+def test_wilcoxon_paired_by_hand_and_against_scipy():
+    from wsseg_core.stats import wilcoxon_paired
+
+    a = np.array([0.5, 0.3, 0.6, 0.9, 0.8, np.nan])
+    b = np.array([0.2, 0.4, 0.4, 0.5, 0.3, 0.1])
+    r = wilcoxon_paired(a, b)
+    # differences 0.3, -0.1, 0.2, 0.4, 0.5 (the NaN pair dropped): |d| ranks 3, 1, 2, 4, 5;
+    # W- = 1 = the statistic; exact null: 2 of the 32 sign patterns give W- <= 1 -> p = 2 x 2/32
+    assert r["n"] == 5 and r["n_nonzero"] == 5
+    assert r["statistic"] == 1.0 and r["pval"] == pytest.approx(0.125, abs=1e-12)
+    assert r["median_diff"] == pytest.approx(0.3) and r["median_a"] == pytest.approx(0.6)
+    assert r["median_b"] == pytest.approx(0.4)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0.5, 0.2, 30), rng.normal(0.4, 0.2, 30)
+    ref = sps.wilcoxon(x, y)
+    got = wilcoxon_paired(x, y)
+    assert got["pval"] == pytest.approx(ref.pvalue, rel=1e-12) and got["statistic"] == ref.statistic
+    same = wilcoxon_paired([0.2, 0.3, 0.4], [0.2, 0.3, 0.4])  # identical methods: no evidence
+    assert same["pval"] == 1.0 and same["n_nonzero"] == 0 and same["median_diff"] == 0.0
+    empty = wilcoxon_paired([np.nan], [0.1])
+    assert empty["n"] == 0 and math.isnan(empty["pval"])
+
+
+def test_paired_comparisons_per_patient_with_holm():
+    from wsseg_core.stats import holm, paired_comparisons
+
+    rows = []
+    # 6 patients; ScoreCAM beats GradCAM on every patient; CAM equals ScoreCAM except on P5.
+    dice = {"GradCAM": [0.1, 0.2, 0.15, 0.3, 0.05, 0.2], "ScoreCAM": [0.4, 0.5, 0.35, 0.6, 0.45, 0.5],
+            "CAM": [0.4, 0.5, 0.35, 0.6, 0.25, 0.5]}
+    for m, values in dice.items():
+        for i, d in enumerate(values):
+            rows.append({"patient_id": f"P{i}", "method": m, "status": "ok", "dice": d,
+                         "mtv_true_ml": 10.0, "mtv_pred_ml": 10.0 + 10 * (1 - d)})
+    # a second study of P0 for ScoreCAM: the patient's Dice is the mean (0.4 + 0.2) / 2 = 0.3
+    rows.append({"patient_id": "P0", "method": "ScoreCAM", "status": "ok", "dice": 0.2,
+                 "mtv_true_ml": 10.0, "mtv_pred_ml": 18.0})
+    rows.append({"patient_id": "P1", "method": "GradCAM", "status": "failed", "dice": np.nan,
+                 "mtv_true_ml": np.nan, "mtv_pred_ml": np.nan})
+    c = paired_comparisons(pd.DataFrame(rows))
+    assert list(zip(c["metric"], c["method_a"], c["method_b"]))[:3] == [
+        ("dice", "CAM", "GradCAM"), ("dice", "CAM", "ScoreCAM"), ("dice", "GradCAM", "ScoreCAM")]
+    d = c[c["metric"] == "dice"].set_index(["method_a", "method_b"])
+    g_s = d.loc[("GradCAM", "ScoreCAM")]
+    # per patient GradCAM - ScoreCAM: -0.2 (P0: 0.1 - 0.3), -0.3, -0.2, -0.3, -0.4, -0.3
+    assert g_s["n"] == 6 and g_s["median_diff"] == pytest.approx(-0.3) and g_s["better"] == "ScoreCAM"
+    ref = sps.wilcoxon([0.1, 0.2, 0.15, 0.3, 0.05, 0.2], [0.3, 0.5, 0.35, 0.6, 0.45, 0.5])
+    assert g_s["pval"] == pytest.approx(ref.pvalue)
+    # CAM vs ScoreCAM: P0 0.4 - 0.3 = +0.1, P4 0.25 - 0.45 = -0.2, 4 zero differences (dropped)
+    c_s = d.loc[("CAM", "ScoreCAM")]
+    assert c_s["n"] == 6 and c_s["n_nonzero"] == 2 and c_s["median_diff"] == 0.0
+    assert pd.isna(c_s["better"])  # a median difference of 0 favours neither
+    np.testing.assert_allclose(d["pval_holm"], holm(d["pval"].to_numpy()))
+    assert (d["significant"] == (d["pval_holm"] < 0.05)).all()
+    # |dMTV| = 10 (1 - Dice): lower is better, so ScoreCAM again; its own Holm family
+    m = c[c["metric"] == "abs_dmtv_ml"].set_index(["method_a", "method_b"])
+    assert m.loc[("GradCAM", "ScoreCAM"), "better"] == "ScoreCAM"
+    assert m.loc[("GradCAM", "ScoreCAM"), "median_diff"] == pytest.approx(3.0)
+    np.testing.assert_allclose(m["pval_holm"], holm(m["pval"].to_numpy()))
+    one = paired_comparisons(pd.DataFrame(rows[:6]))  # one method: no pair
+    assert one.empty and "pval_holm" in one.columns

@@ -120,3 +120,52 @@ def test_grid_spec_and_edges() -> None:
     assert grid_edges(float(T_GRID[0]), float(Q_GRID[3]), T_GRID, Q_GRID) == ["t min"]
     assert grid_edges(0.9, 20.0, T_GRID, Q_GRID) == ["t max", "q min"]
     assert grid_edges(None, 35.0, T_GRID, Q_GRID) == []
+
+
+def _refs(split: str, n: int) -> list:
+    from wsseg_core.data import StudyRef
+
+    return [StudyRef(patient_id=f"{split}{i}", study_id="s", suv_path=f"/x/{split}{i}/SUV.nii.gz",
+                     ct_path=None, seg_path=f"/x/{split}{i}/SEG.nii.gz", split=split) for i in range(n)]
+
+
+def test_tune_on_chooses_the_studies_searched() -> None:
+    """Issue 18 item 5: the (t, q) search scores training + validation (the paper's) or validation."""
+    import pytest
+
+    from jobs.tune_thresholds import DEFAULT_TUNE_ON, build_parser, tuning_refs
+
+    train, val = _refs("train", 3), _refs("val", 2)
+    assert DEFAULT_TUNE_ON == "train+val"
+    assert tuning_refs(train, val) == [*train, *val]
+    assert tuning_refs(train, val, "val") == val
+    assert tuning_refs(train, [], "val") == train  # no validation study: the training studies
+    with pytest.raises(ValueError, match="tune_on"):
+        tuning_refs(train, val, "test")
+    args = build_parser().parse_args(["--cohort", "c", "--out", "o"])
+    assert args.tune_on == "train+val"
+    assert build_parser().parse_args(["--cohort", "c", "--out", "o", "--tune-on", "val"]).tune_on == "val"
+
+
+def test_changed_tune_on_reruns_the_search(tmp_path) -> None:
+    """--tune-on is part of the tuning stage's fingerprint: a rerun with another value re-tunes and
+    the log names the change; the same value reuses thresholds.json."""
+    from jobs.pipeline import build_parser, stage_change, stage_fingerprint
+    from jobs.tune_thresholds import tuning_refs
+
+    model = tmp_path / "classifier.pt"
+    model.write_bytes(b"weights")
+    train, val = _refs("train", 3), _refs("val", 2)
+
+    def stage(*extra: str) -> dict:
+        args = build_parser().parse_args(["--out", str(tmp_path), *extra])
+        return stage_fingerprint(args, tuning_refs(train, val, args.tune_on), model)
+
+    default, again, held_out = stage(), stage(), stage("--tune-on", "val")
+    assert default["fields"]["args"]["tune_on"] == "train+val"
+    assert stage_change(default, again, outputs_exist=True) is None
+    assert stage_change(default, again, outputs_exist=False) == "its outputs are missing"
+    why = stage_change(default, held_out, outputs_exist=True)
+    assert why is not None and 'tune_on: "train+val" -> "val"' in why and "studies" in why
+    # only where the work runs: not a reason to re-tune
+    assert stage_change(default, stage("--concurrency", "4"), outputs_exist=True) is None

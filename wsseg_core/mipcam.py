@@ -44,7 +44,16 @@ Pipeline (paper Sec. 2-3, our choices where the paper is silent marked *):
    weights, and is averaged over the views that have centre points (negative studies only get the
    BCE). Total loss = BCE + ``distance_weight`` x L_dist
    (``distance_weight`` in 1/mm), back-propagated together, batch 8 (paper).
-5. **3-D reconstruction.** Threshold each view's CAM at ``t`` (``M >= t``), back-project the coronal
+5. **Gate** (*as Früh et al.'s Algorithm 1 gates its slices; the paper segments the studies it
+   classifies, all with cancer). A study whose predicted probability (sigmoid of the mean of the
+   two views' logits; with cancer types, the highest class) is below ``gate_threshold`` (default
+   ``DEFAULT_GATE`` = 0.5) gets an empty mask. Without the gate a tumour-free study was segmented
+   too: a CAM divided by its own maximum reaches 1 somewhere whenever its class response is
+   positive anywhere, so it has a region at every t. 0.5 is the decision boundary of
+   the unweighted BCE this CNN is trained with (the slice classifier's weighted loss shifts its
+   boundary, hence its tuned flag threshold; here nothing shifts it). ``gate_threshold=0`` turns
+   the gate off.
+6. **3-D reconstruction.** Threshold each view's CAM at ``t`` (``M >= t``), back-project the coronal
    mask along anterior-posterior and the sagittal mask along left-right (nearest, onto the native
    grid), intersect -> candidate region. Inside it, keep voxels with
    ``SUV >= q / 100 * SUVmax`` of their connected component of the region (26-connectivity).
@@ -92,6 +101,8 @@ DEFAULT_LR = 1e-3  # Adam; the paper gives no optimiser settings
 # Untuned fallbacks for load_segmenter (the pipeline always tunes): CAM >= 0.5, 40 % of SUVmax.
 DEFAULT_T = 0.5
 DEFAULT_Q = 40.0
+# Study-level gate (step 5 of the module docstring): segment only studies the CNN calls tumorous.
+DEFAULT_GATE = 0.5
 # Search grids: t as the slice methods (Früh: linspace(0.1, 0.9, 10)); q in % of the component's
 # SUVmax, the same 20 values as q_m (20..50 %, bracketing the usual 41 %).
 T_GRID: np.ndarray = np.linspace(0.1, 0.9, 10)
@@ -731,12 +742,22 @@ def load_mipcam(path: str | os.PathLike) -> tuple[MipCamCNN, dict]:
     return model, dict(ckpt.get("meta") or {})
 
 
+def study_flagged(probs: Sequence[float] | np.ndarray, gate_threshold: float = DEFAULT_GATE) -> bool:
+    """Whether the CNN calls the study tumorous: its highest class probability >= ``gate_threshold``
+    (``predict_view_cams``'s probs: one per class, sigmoid of the two views' mean logit)."""
+    p = np.asarray(probs, dtype=float).ravel()
+    return bool(p.size) and float(p.max()) >= float(gate_threshold)
+
+
 def segment_study(model: nn.Module, suv: np.ndarray, affine: np.ndarray,
-                  spacing_mm: Sequence[float], t: float, q: float, device: str = "cpu"
-                  ) -> np.ndarray:
-    """MIPs -> CAMs of the predicted class -> 3-D reconstruction. uint8 mask of ``suv.shape``."""
+                  spacing_mm: Sequence[float], t: float, q: float, device: str = "cpu",
+                  gate_threshold: float = DEFAULT_GATE) -> np.ndarray:
+    """MIPs -> CAMs of the predicted class -> 3-D reconstruction. uint8 mask of ``suv.shape``;
+    all zero when the CNN calls the study tumour-free (:func:`study_flagged`)."""
     mips, views = compute_mips(suv, affine, spacing_mm)
-    cams, _ = predict_view_cams(model, mips, device)
+    cams, probs = predict_view_cams(model, mips, device)
+    if not study_flagged(probs, gate_threshold):
+        return np.zeros(np.shape(suv), dtype=np.uint8)
     return reconstruct(suv, cams, views, t, q)
 
 
@@ -745,14 +766,16 @@ def load_segmenter(path: str | os.PathLike, params: Mapping[str, Any] | None = N
     """A scorer's view of a saved MIP-CAM CNN: ``study -> uint8 mask`` on the SUV grid.
 
     ``params`` (thresholds.json entry): ``t`` CAM threshold in [0, 1], ``q`` % of the component's
-    SUVmax (defaults ``DEFAULT_T``, ``DEFAULT_Q``). ``batch_size`` is unused (two images a study).
+    SUVmax (defaults ``DEFAULT_T``, ``DEFAULT_Q``), ``gate_threshold`` (default ``DEFAULT_GATE``;
+    0 segments every study). ``batch_size`` is unused (two images a study).
     """
     model, _ = load_mipcam(path)
     model.to(device).eval()
     p = dict(params or {})
     t, q = float(p.get("t", DEFAULT_T)), float(p.get("q", DEFAULT_Q))
+    gate = float(p.get("gate_threshold", DEFAULT_GATE))
 
     def segment(study: Any) -> np.ndarray:
-        return segment_study(model, study.suv, study.affine, study.spacing_mm, t, q, device)
+        return segment_study(model, study.suv, study.affine, study.spacing_mm, t, q, device, gate)
 
     return segment

@@ -337,6 +337,42 @@ def table1_frame(summary, icc) -> "pd.DataFrame":  # noqa: F821
     return pd.DataFrame(rows)
 
 
+def comparisons_html(comparisons) -> str:
+    """``stats.paired_comparisons`` rows of one subset as an HTML table with a note on the test:
+    per pair of methods and metric, the median per-patient difference (A - B), the Wilcoxon p, the
+    Holm-adjusted p and which method the median favours."""
+    import pandas as pd
+
+    if comparisons is None or len(comparisons) == 0:
+        return "<p class='note'>Fewer than two methods with rows: nothing to compare.</p>"
+
+    def p(v) -> str:
+        return "n/a" if pd.isna(v) else ("<0.001" if v < 0.001 else f"{v:.3f}")
+
+    names = {"dice": "Dice", "abs_dmtv_ml": "|ΔMTV| ml"}
+    rows = []
+    for r in comparisons.itertuples():
+        digits = 3 if r.metric == "dice" else 1
+        rows.append({"metric": names.get(r.metric, r.metric), "A vs B": f"{r.method_a} vs {r.method_b}",
+                     "patients": int(r.n), "median A": _fmt_num(r.median_a, digits),
+                     "median B": _fmt_num(r.median_b, digits),
+                     "median A − B": _fmt_num(r.median_diff, digits, sign=True),
+                     "p": p(r.pval), "p (Holm)": p(r.pval_holm),
+                     "better": ("—" if pd.isna(r.better) else r.better) + (" *" if r.significant else "")})
+    return (html_table(pd.DataFrame(rows))
+            + "<p class='note'>Per patient (mean over a patient's studies), paired over the patients "
+              "both methods have; two-sided Wilcoxon signed-rank (zero differences dropped); Holm "
+              "correction over the pairs of each metric. <i>better</i>: the method the median "
+              "difference favours (higher Dice, lower |ΔMTV|); * adjusted p &lt; 0.05, the paper's "
+              "significance level.</p>")
+
+
+def _fmt_num(v: float, digits: int, sign: bool = False) -> str:
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
 def table_figure(table, path: str | os.PathLike, title: str | None = None) -> Path:
     """A frame of display strings drawn as a PNG table (e.g. :func:`table1_frame`)."""
     from matplotlib.figure import Figure
@@ -490,7 +526,8 @@ def methods_table(summary, icc, papers: dict[str, dict] | None = None, subset: s
         summary: ``wsseg_core.stats.summarize`` rows (``method, n_dice, dice_median, dice_iqr,
             abs_dmtv_median_ml, detection_rate, false_lesions_per_study``).
         icc: ``wsseg_core.stats.icc_table`` rows; the ``quantity == "MTV"`` row of each method is
-            used (and, where the frame has a ``subset`` column, the ``subset`` one).
+            used (and, where the frames have a ``subset`` column, ``summary``'s and ``icc``'s
+            ``subset`` rows).
         papers: method -> dict(dice, dice_iqr, abs_dmtv_ml, icc_mtv, source); default
             ``PAPER_RESULTS``. A method it lacks gets NaN / "".
     Returns:
@@ -500,6 +537,8 @@ def methods_table(summary, icc, papers: dict[str, dict] | None = None, subset: s
     import pandas as pd
 
     papers = PAPER_RESULTS if papers is None else papers
+    if "subset" in summary.columns:  # one row per method: the subset asked for
+        summary = summary[summary["subset"] == subset]
     mtv = icc[icc["quantity"] == "MTV"]
     if "subset" in mtv.columns:
         mtv = mtv[mtv["subset"] == subset]

@@ -1,8 +1,17 @@
-"""Cohort statistics of the metrics table: ICC(2,1) agreement and per-method median / IQR summaries.
+"""Cohort statistics of the metrics table: ICC(2,1) agreement, per-method median / IQR summaries and
+paired comparisons between methods.
 
 Früh et al. 2.3.4: results as median and IQR; "intra-class correlations (two-way, agreement)" between
 reference and prediction, i.e. Shrout-Fleiss ICC(2,1) = McGraw-Wong ICC(A,1): two-way random
-effects, absolute agreement, single rater.
+effects, absolute agreement, single rater; "a global significance level of 0.05". Their results
+compare methods ("GradCAM ... showed significantly worse results"): :func:`paired_comparisons`
+makes those claims numbers (Wilcoxon signed-rank per patient, Holm-corrected).
+
+Subsets (:data:`SUBSETS`): ``tumour`` keeps the studies whose reference MTV > 0, the patients the
+paper's agreement is over (its cohort is patients with cancer); ``all`` keeps every study, so
+tumour-free studies (reference MTV 0) add pairs near the origin, which move an ICC or a median
+|ΔMTV| without saying anything about how well tumour is measured. Dice is undefined (NaN) for
+tumour-free studies, so it is the same in both subsets.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["METHOD_ORDER", "icc_agreement", "summarize", "icc_table"]
+__all__ = ["METHOD_ORDER", "SUBSETS", "ALPHA", "icc_agreement", "summarize", "icc_table",
+           "select_subset", "holm", "wilcoxon_paired", "per_patient_values", "paired_comparisons"]
 
 #: Display order of the methods; others follow alphabetically.
 METHOD_ORDER = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold", "UNet", "MIP-CAM", "BoxFCN")
@@ -21,6 +31,11 @@ METHOD_ORDER = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM", "Threshold", "UNet", 
 # pingouin renamed its rows in 0.7 ("ICC2" -> "ICC(A,1)") and its CI column once ("CI95%" -> "CI95").
 _ICC2_TYPES = ("ICC(A,1)", "ICC2")
 _CI_COLUMNS = ("CI95", "CI95%")
+
+#: Study subsets of every table: tumour-bearing studies (reference MTV > 0; the default shown) and all.
+SUBSETS = ("tumour", "all")
+#: Früh et al.'s global significance level (2.3.4), applied to the Holm-adjusted p-values.
+ALPHA = 0.05
 
 _QUANTITIES = {"MTV": ("mtv_true_ml", "mtv_pred_ml"), "TLG": ("tlg_true_g", "tlg_pred_g")}
 
@@ -198,3 +213,133 @@ def icc_table(df: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.Data
                               pd.to_numeric(g[pred_col]).to_numpy(float))
             rows.append({"method": method, "quantity": quantity, **r})
     return pd.DataFrame(rows, columns=["method", "quantity", "icc", "ci_low", "ci_high", "pval", "n"])
+
+
+def select_subset(df: pd.DataFrame, subset: str) -> pd.DataFrame:
+    """The rows of one :data:`SUBSETS` entry: ``"tumour"`` keeps rows whose reference MTV
+    (``mtv_true_ml``) is > 0 (unlabelled studies, NaN, and tumour-free ones, 0, go); ``"all"``
+    keeps every row."""
+    if subset == "all":
+        return df
+    if subset == "tumour":
+        return df[pd.to_numeric(df["mtv_true_ml"], errors="coerce") > 0]
+    raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+
+
+def holm(pvals: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values; NaNs are left out of the family and stay NaN.
+
+    Sorted ascending p_(1) <= ... <= p_(m) of the m finite values:
+    adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)), returned in the input order. Rejecting
+    adj < alpha controls the family-wise error rate at alpha under any dependence between the tests.
+    """
+    p = np.asarray(pvals, dtype=float).ravel()
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    m = idx.size
+    if m == 0:
+        return out
+    order = idx[np.argsort(p[idx], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+def wilcoxon_paired(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+                    ) -> dict[str, float | int]:
+    """Two-sided Wilcoxon signed-rank test of the paired differences a - b (``scipy.stats.wilcoxon``,
+    its defaults: zero differences dropped (Wilcoxon's own rule), exact distribution for small n
+    without ties, normal approximation otherwise).
+
+    Pairs with a NaN in either are dropped. Returns ``dict(n, n_nonzero, median_a, median_b,
+    median_diff, statistic, pval)``: ``median_diff`` is the median of the per-pair differences a - b
+    (not the difference of the medians). No pair: NaNs. No pair differs (every difference 0):
+    p = 1 and statistic 0, as scipy gives, without calling it (nothing contradicts "no difference").
+    """
+    from scipy import stats as sps
+
+    x = np.asarray(a, dtype=float).ravel()
+    y = np.asarray(b, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"a and b differ in length: {x.size} vs {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    d = x - y
+    nan = float("nan")
+    res: dict[str, float | int] = {"n": int(d.size), "n_nonzero": int(np.count_nonzero(d)),
+                                   "median_a": nan, "median_b": nan, "median_diff": nan,
+                                   "statistic": nan, "pval": nan}
+    if d.size == 0:
+        return res
+    res.update(median_a=float(np.median(x)), median_b=float(np.median(y)), median_diff=float(np.median(d)))
+    if not np.any(d):
+        res.update(statistic=0.0, pval=1.0)
+        return res
+    r = sps.wilcoxon(x, y)
+    res.update(statistic=float(r.statistic), pval=float(r.pvalue))
+    return res
+
+
+#: Metrics compared between methods: name -> (how a study's value is computed, higher is better).
+_COMPARED = ("dice", "abs_dmtv_ml")
+
+
+def per_patient_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One value per (method, patient): the mean over the patient's ok studies with a finite value.
+
+    ``metric``: ``"dice"`` or ``"abs_dmtv_ml"`` (|MTV pred - true|, ml). Per patient because a
+    patient's studies are not independent, and the signed-rank test needs independent pairs (Früh et
+    al. also report Dice per subject). Returns a frame indexed by patient_id, one column per method.
+    """
+    ok = _ok_rows(df)
+    if metric == "dice":
+        v = pd.to_numeric(ok["dice"], errors="coerce")
+    elif metric == "abs_dmtv_ml":
+        v = (pd.to_numeric(ok["mtv_pred_ml"], errors="coerce")
+             - pd.to_numeric(ok["mtv_true_ml"], errors="coerce")).abs()
+    else:
+        raise ValueError(f"metric must be one of {_COMPARED}, got {metric!r}")
+    long = pd.DataFrame({"method": ok["method"].astype(str).to_numpy(),
+                         "patient_id": ok["patient_id"].astype(str).to_numpy(),
+                         "value": v.astype(float).to_numpy()}).dropna(subset=["value"])
+    wide = long.groupby(["patient_id", "method"])["value"].mean().unstack("method")
+    return wide.reindex(columns=_ordered_methods(ok["method"].astype(str)))
+
+
+def paired_comparisons(df: pd.DataFrame, metrics: Sequence[str] = _COMPARED,
+                       alpha: float = ALPHA) -> pd.DataFrame:
+    """Every pair of methods compared patient by patient, per metric, Holm-corrected.
+
+    For each metric (Dice; |ΔMTV| in ml) and each pair (A, B) of methods (A before B in
+    ``METHOD_ORDER``), the patients with a value for both (:func:`per_patient_values`) are compared
+    with :func:`wilcoxon_paired`. The Holm family is one metric's pairs: each metric asks its own
+    question (which method segments better; which measures volume better), and within it every pair
+    is a claim the report could make.
+
+    Returns rows ``metric, method_a, method_b, n`` (patients paired), ``n_nonzero, median_a,
+    median_b, median_diff`` (median over patients of A - B), ``statistic`` (W), ``pval,
+    pval_holm``, ``better`` (the method the median difference favours: higher Dice, lower |ΔMTV|;
+    None on a tie or without pairs) and ``significant`` (``pval_holm < alpha``).
+    """
+    columns = ["metric", "method_a", "method_b", "n", "n_nonzero", "median_a", "median_b",
+               "median_diff", "statistic", "pval", "pval_holm", "better", "significant"]
+    blocks = []
+    for metric in metrics:
+        wide = per_patient_values(df, metric)
+        methods = list(wide.columns)
+        rows = []
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                r = wilcoxon_paired(wide[a].to_numpy(float), wide[b].to_numpy(float))
+                md = r["median_diff"]
+                sign = md if metric == "dice" else -md  # > 0: A is better
+                better = None if not np.isfinite(sign) or sign == 0 else (a if sign > 0 else b)
+                rows.append({"metric": metric, "method_a": a, "method_b": b, **r, "better": better})
+        block = pd.DataFrame(rows, columns=[c for c in columns if c not in ("pval_holm", "significant")])
+        block["pval_holm"] = holm(block["pval"].to_numpy(float)) if len(block) else []
+        block["significant"] = block["pval_holm"] < alpha
+        blocks.append(block)
+    if not blocks:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat(blocks, ignore_index=True)[columns]
+    return out.astype({"n": int, "n_nonzero": int, "significant": bool})

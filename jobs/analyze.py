@@ -308,7 +308,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     ]
     autopet = subset_of(summary)[["method", "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml",
                                   "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm",
-                                  "detection_rate", "false_lesions_per_study"]]
+                                  "detection_rate", "false_lesions_per_study"]
+                               + (["n_empty_pred"] if "n_empty_pred" in summary.columns else [])]
     if autopet.drop(columns="method").notna().any().any():
         sections.append(("autoPET metrics and lesion-wise detection, studies with tumour", report.html_table(
             autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
@@ -316,10 +317,13 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                                     "hd95_median_mm": "HD95 mm median", "hd95_iqr_mm": "HD95 IQR",
                                     "ude_median_mm": "UDE mm median", "ude_iqr_mm": "UDE IQR",
                                     "detection_rate": "lesions detected",
-                                    "false_lesions_per_study": "false lesions / study"}), float_digits=2)
+                                    "false_lesions_per_study": "false lesions / study",
+                                    "n_empty_pred": "empty predictions"}), float_digits=2)
             + "<p class='note'>18-connected components. FPV: predicted components touching no "
               "reference voxel; FNV: reference components the prediction misses (undefined for "
               "negative studies). UDE: mean symmetric surface distance (Afshari et al.). Detection rate pooled over lesions. "
+              "Empty predictions have no surface: their HD95 and UDE are undefined and left out of "
+              "those medians, so the count of such rows is shown beside them. "
               "With the tumour-free studies (their FPV is all false volume): summary.parquet, subset all.</p>"))
     else:
         sections.append(("autoPET metrics and lesion-wise detection",
@@ -405,15 +409,18 @@ def format_report(icc: pd.DataFrame, summary: pd.DataFrame, slice_auc: pd.DataFr
 
         lines += ["", f"{'method':<10} {'FPV ml (IQR)':<17} {'FNV ml (IQR)':<17} {'HD95 mm (IQR)':<17} "
                       f"{'UDE mm (IQR)':<17} "
-                      f"{'lesions hit':<12} {'false/study':<11}"]
+                      f"{'lesions hit':<12} {'false/study':<11} {'empty pred':<10}"]
         for r in summary.itertuples():
             det = "n/a" if pd.isna(r.detection_rate) else f"{r.detection_rate:.0%}"
             fls = "n/a" if pd.isna(r.false_lesions_per_study) else f"{r.false_lesions_per_study:.1f}"
+            # rows whose empty mask has no surface: left out of the HD95 / UDE medians (issue 18)
+            empty = getattr(r, "n_empty_pred", float("nan"))
+            empty = "n/a" if pd.isna(empty) else f"{int(empty)}"
             lines.append(f"{r.method:<10} {med(r.fpv_median_ml, r.fpv_iqr_ml, 1):<17} "
                          f"{med(r.fnv_median_ml, r.fnv_iqr_ml, 1):<17} "
                          f"{med(r.hd95_median_mm, r.hd95_iqr_mm, 1):<17} "
                          f"{med(getattr(r, 'ude_median_mm', float('nan')), getattr(r, 'ude_iqr_mm', float('nan')), 1):<17} "
-                         f"{det:<12} {fls:<11}")
+                         f"{det:<12} {fls:<11} {empty:<10}")
     lines += format_comparisons(comparisons)
     if slice_auc is not None:
         cells = [f"{r.split} {r.auc:.3f} ({r.n_slices} slices)" for r in slice_auc.itertuples()

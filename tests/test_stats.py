@@ -121,6 +121,20 @@ def test_summarize_by_hand():
     assert thr["abs_dmtv_median_ml"] == pytest.approx(25.0)
 
 
+def test_summarize_counts_empty_predictions_that_the_distance_medians_leave_out():
+    """Issue 18 item 10: an empty prediction has NaN UDE/HD95, so the medians skip it; the summary
+    counts such rows instead of letting a method that predicts nothing look precise."""
+    df = pd.DataFrame({
+        "method": ["A"] * 4, "status": ["ok", "ok", "ok", "failed"],
+        "dice": [0.5, 0.0, 0.6, np.nan], "mtv_true_ml": [10.0, 8.0, 5.0, np.nan],
+        "mtv_pred_ml": [12.0, 0.0, 4.0, np.nan], "tlg_true_g": [1.0, 1.0, 1.0, np.nan],
+        "tlg_pred_g": [1.0, 0.0, 1.0, np.nan], "ude_mm": [4.0, np.nan, 2.0, np.nan]})
+    a = summarize(df).set_index("method").loc["A"]
+    assert a["n_empty_pred"] == 1  # the failed row is not counted
+    assert a["ude_median_mm"] == pytest.approx(3.0)  # over 4 and 2 only
+    assert summarize(_frame()).set_index("method").loc["CAM", "n_empty_pred"] == 0
+
+
 def test_icc_table():
     df = _frame()
     t = icc_table(df)

@@ -159,13 +159,16 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         ``fpv_median_ml, fpv_iqr_ml, fnv_median_ml, fnv_iqr_ml`` (ml), ``hd95_median_mm,
         hd95_iqr_mm``, ``ude_median_mm, ude_iqr_mm`` (mm), ``detection_rate`` (reference lesions hit / reference lesions, pooled
         over studies) and ``false_lesions_per_study`` (mean predicted components hitting nothing).
+        Last ``n_empty_pred``: ok rows whose predicted mask is empty (``mtv_pred_ml == 0``). Their
+        HD95 and UDE are NaN (no surface) and so left out of those medians, which would otherwise
+        flatter a method that predicts nothing; the count says how many rows the medians miss.
     """
     ok = _ok_rows(df)
     columns = [
         "method", "n", "n_dice", "dice_median", "dice_iqr",
         "abs_dmtv_median_ml", "abs_dmtv_iqr_ml", "abs_dtlg_median_g", "abs_dtlg_iqr_g",
         "fpv_median_ml", "fpv_iqr_ml", "fnv_median_ml", "fnv_iqr_ml", "hd95_median_mm", "hd95_iqr_mm",
-        "ude_median_mm", "ude_iqr_mm", "detection_rate", "false_lesions_per_study",
+        "ude_median_mm", "ude_iqr_mm", "detection_rate", "false_lesions_per_study", "n_empty_pred",
     ]
     rows = []
     for method in _ordered_methods(ok["method"].astype(str)):
@@ -186,6 +189,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         n_false = _numeric(g, "n_pred_false")
         n_false = n_false[np.isfinite(n_false)]
         extra.append(float(n_false.mean()) if n_false.size else float("nan"))
+        extra.append(int((pd.to_numeric(g["mtv_pred_ml"], errors="coerce") == 0).sum()))
         rows.append([method, int(len(g)), int(np.isfinite(d.to_numpy(float)).sum()),
                      dm, di, mm, mi, tm, ti, *extra])
     return pd.DataFrame(rows, columns=columns)

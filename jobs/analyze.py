@@ -310,7 +310,7 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                                   "hd95_median_mm", "hd95_iqr_mm", "ude_median_mm", "ude_iqr_mm",
                                   "detection_rate", "false_lesions_per_study"]
                                + (["n_empty_pred"] if "n_empty_pred" in summary.columns else [])]
-    if autopet.drop(columns="method").notna().any().any():
+    if autopet.drop(columns=["method", "n_empty_pred"], errors="ignore").notna().any().any():
         sections.append(("autoPET metrics and lesion-wise detection, studies with tumour", report.html_table(
             autopet.rename(columns={"fpv_median_ml": "FPV ml median", "fpv_iqr_ml": "FPV IQR",
                                     "fnv_median_ml": "FNV ml median", "fnv_iqr_ml": "FNV IQR",

@@ -258,6 +258,8 @@ def undefined_methods(classifier_path: str | Path, methods: Sequence[str]) -> di
     from wsseg_core.cams import cam_undefined_reason
     from wsseg_core.models import load_classifier
 
+    if not any(m in CAM_METHOD_NAMES for m in methods):
+        return {}
     model, _, _ = load_classifier(classifier_path)
     return {m: why for m in methods if m in CAM_METHOD_NAMES
             and (why := cam_undefined_reason(model, m)) is not None}
@@ -602,7 +604,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     fetch(layout, remote, layout.classifier,
           *[layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
     # A CAM method the classifier's head does not define (CAM under head "fc") gets "skipped" rows.
-    skipped = undefined_methods(layout.classifier, methods)
+    # (Without a classifier file the checks below, and then each study, say what is missing.)
+    skipped = undefined_methods(layout.classifier, methods) if layout.classifier.exists() else {}
     for m, why in skipped.items():
         LOG.warning("%s: not computed, rows marked skipped: %s", m, why)
     live = [m for m in methods if m not in skipped]

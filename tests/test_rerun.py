@@ -62,6 +62,11 @@ def _run(args: list[str], *, kill_on: str | None = None, kill_when=None, sig: in
     for line in proc.stdout:
         lines.append(line)
         if not sent and ((kill_on and re.search(kill_on, line)) or (kill_when and kill_when())):
+            # The log is read behind the pipeline (a pipe buffer's worth on a busy machine): say so
+            # rather than fail later on a run the signal never reached.
+            assert proc.poll() is None, (f"the pipeline had already exited (rc {proc.returncode}) "
+                                         f"when its log showed the point to signal it; the test "
+                                         f"read its log too late:\n{''.join(lines)[-2000:]}")
             os.killpg(proc.pid, sig)
             sent = True
             if sig != signal.SIGKILL:  # Ctrl-C: give it a while to stop, as a user would
@@ -117,8 +122,11 @@ def test_interrupted_and_changed_reruns(tmp_path):
     assert trained == list(range(int(resumed.group(1)) + 2, 5))  # only the epochs not yet done
 
     # 3. Training is reused (no epoch), the interrupted search runs again; Ctrl-C once the first
-    # study's rows are written (actors' log lines reach the driver late, so watch the files).
-    rc, log = _run(base, kill_when=lambda: any((out / "metrics").glob("*.parquet")),
+    # study's rows are written (actors' log lines reach the driver late, so watch the files). One
+    # scoring actor: on an idle machine two scored the 9 studies in 5 s, over before the test had
+    # read the log line that follows the first file.
+    rc, log = _run([*base, "--concurrency", "1"],
+                   kill_when=lambda: any((out / "metrics").glob("*.parquet")),
                    sig=signal.SIGINT, log_file=tmp_path / "run3.log")
     assert rc != 0
     assert "resuming it" in log and not TRAINED.search(log) and "computing CAMs of" in log

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import os
 import time
 from typing import Any
 
@@ -331,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         publish(layout, remote, layout.model("boxfcn.pt"), layout.thresholds)
 
     t0 = time.perf_counter()
+    pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)
+    if pause > 0:  # test hook only (tests/test_rerun.py): a fixed moment to send Ctrl-C at
+        LOG.info("test hook: pausing %.0f s before scoring", pause)
+        time.sleep(pause)
     thresholds = tune_thresholds.load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],

@@ -50,11 +50,12 @@ def _cohort(root: Path) -> Path:
 
 
 def _run(args: list[str], *, kill_on: str | None = None, kill_when=None, sig: int = signal.SIGKILL,
-         timeout: float = 900, log_file: Path | None = None) -> tuple[int, str]:
+         timeout: float = 900, log_file: Path | None = None,
+         extra_env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the pipeline; send `sig` to its whole process group when a log line matches `kill_on`
     (a regular expression) or, checked at every log line, `kill_when()` is true. Returns
     (exit code, log); the log is also kept in `log_file`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -121,12 +122,13 @@ def test_interrupted_and_changed_reruns(tmp_path):
     assert 1 <= int(resumed.group(1)) + 1 <= 3  # it had trained at least one epoch, not all
     assert trained == list(range(int(resumed.group(1)) + 2, 5))  # only the epochs not yet done
 
-    # 3. Training is reused (no epoch), the interrupted search runs again; Ctrl-C as scoring starts
-    # (Ray Tune installs its own SIGINT handler; the stages after the search must still stop on
-    # Ctrl-C). Not later: on an idle machine the 9 tiny studies score in 1-5 s, and a test that
-    # read the log a few seconds behind signalled a run that was already shutting down.
-    rc, log = _run(base, kill_on=r"Starting execution of Dataset", sig=signal.SIGINT,
-                   log_file=tmp_path / "run3.log")
+    # 3. Training is reused (no epoch), the interrupted search runs again; Ctrl-C after the search,
+    # before scoring (Ray Tune installs its own SIGINT handler; the stages after the search must
+    # still stop on Ctrl-C). The pipeline pauses there (a test hook): the 9 tiny studies score in
+    # 1-5 s, and this process, which also hosts the session's Ray cluster, read the log several
+    # seconds behind, so a signal sent on a later line reached a run that was shutting down.
+    rc, log = _run(base, kill_on=r"test hook: pausing", sig=signal.SIGINT,
+                   log_file=tmp_path / "run3.log", extra_env={"WSSEG_TEST_PAUSE_BEFORE_SCORING_S": "60"})
     assert rc != 0
     assert "resuming it" in log and not TRAINED.search(log) and "computing CAMs of" in log
 

@@ -68,3 +68,39 @@ def scoring_layout(tmp_path, scoring_study):
     shutil.copyfile(classifier, layout.classifier)
     return layout, ref
 
+
+def _stop_ray_head(temp_dir, wait_s: float = 20.0) -> None:
+    """`ray stop` for one head only (`ray stop` itself would also stop the test session's cluster):
+    every process a head starts (GCS, raylet, dashboard, workers) carries its temp dir on the
+    command line. SIGTERM, then SIGKILL what is left, waiting up to `wait_s` after each."""
+    import signal
+    import time
+    from pathlib import Path
+
+    def pids() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        for _ in range(int(wait_s / 0.5)):
+            if not pids():
+                return
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def stop_ray_head():
+    """The function that stops one `ray start --head --temp-dir T` head by its temp dir T."""
+    return _stop_ray_head

@@ -23,7 +23,7 @@ def _ray_cli() -> str:
     return str(cli) if cli.exists() else shutil.which("ray")
 
 
-def test_submitted_pipeline_succeeds_and_writes_parquet():
+def test_submitted_pipeline_succeeds_and_writes_parquet(stop_ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     import tempfile
@@ -84,35 +84,6 @@ def test_submitted_pipeline_succeeds_and_writes_parquet():
         assert math.isfinite(rec["classifier"]["best_epoch_metrics"]["val_auc"])
         assert json.loads((out / "thresholds.json").read_text())["n_val_studies"] == 1
     finally:
-        _stop_cluster(tmp_path / "ray")
+        stop_ray_head(tmp_path / "ray", wait_s=20)
         shutil.rmtree(tmp_path, ignore_errors=True)
 
-
-def _stop_cluster(temp_dir: Path) -> None:
-    """`ray stop` for this head only: `ray stop` itself would also kill the test session's cluster.
-
-    Every head process (GCS, raylet, dashboard, ...) carries the head's temp dir on its command line.
-    """
-    import signal
-
-    def pids() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        for _ in range(40):
-            if not pids():
-                return
-            time.sleep(0.5)

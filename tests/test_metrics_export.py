@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,34 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_cluster(temp_dir: Path) -> None:
-    """Stop this head only (`ray stop` would stop every cluster on the machine): every process it
-    started carries its temp dir on the command line. SIGTERM, then SIGKILL what is left."""
-    def pids() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        for _ in range(10):
-            if not pids():
-                return
-            time.sleep(0.5)
-
 
 @pytest.fixture(scope="module")
-def metrics_head():
+def metrics_head(stop_ray_head):
     """A Ray head (2 CPUs, no dashboard UI) exporting Prometheus metrics on a free port; its own
     ports and temp dir so it never meets the test session's cluster. Yields (gcs address, metrics
     URL, env for drivers); always stopped at the end."""
@@ -80,7 +54,7 @@ def metrics_head():
         subprocess.run(start, check=True, env=env, cwd=REPO, timeout=180, capture_output=True)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{mport}/metrics", env
     finally:
-        _kill_cluster(tmp / "ray")
+        stop_ray_head(tmp / "ray", wait_s=5)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -40,6 +40,17 @@ ALPHA = 0.05
 _QUANTITIES = {"MTV": ("mtv_true_ml", "mtv_pred_ml"), "TLG": ("tlg_true_g", "tlg_pred_g")}
 
 
+def _finite_pairs(a, b, names: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two paired 1-D float arrays with every pair holding a NaN/inf dropped; ValueError naming
+    them (`names`) when their lengths differ."""
+    x = np.asarray(a, dtype=float).ravel()
+    y = np.asarray(b, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{names} differ in length: {x.size} vs {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
 def _nan_icc(n: int) -> dict[str, float | int]:
     nan = float("nan")
     return {"icc": nan, "ci_low": nan, "ci_high": nan, "pval": nan, "n": int(n)}
@@ -62,12 +73,7 @@ def icc_agreement(
         number of pairs used. With fewer than 3 pairs or no variance at all (every value equal)
         the ICC is undefined: NaNs, with n still reported.
     """
-    a = np.asarray(y_true, dtype=float).ravel()
-    b = np.asarray(y_pred, dtype=float).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"y_true and y_pred differ in length: {a.size} vs {b.size}")
-    keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
+    a, b = _finite_pairs(y_true, y_pred, "y_true and y_pred")
     n = int(a.size)
     if n < 3:
         return _nan_icc(n)
@@ -262,12 +268,7 @@ def wilcoxon_paired(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nda
     """
     from scipy import stats as sps
 
-    x = np.asarray(a, dtype=float).ravel()
-    y = np.asarray(b, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"a and b differ in length: {x.size} vs {y.size}")
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
+    x, y = _finite_pairs(a, b, "a and b")
     d = x - y
     nan = float("nan")
     res: dict[str, float | int] = {"n": int(d.size), "n_nonzero": int(np.count_nonzero(d)),

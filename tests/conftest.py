@@ -69,10 +69,12 @@ def scoring_layout(tmp_path, scoring_study):
     return layout, ref
 
 
-def _stop_ray_head(temp_dir, wait_s: float = 20.0) -> None:
+def _stop_ray_head(temp_dir, wait_s: float = 20.0, gcs_port: int | None = None) -> None:
     """`ray stop` for one head only (`ray stop` itself would also stop the test session's cluster):
     every process a head starts (GCS, raylet, dashboard, workers) carries its temp dir on the
-    command line. SIGTERM, then SIGKILL what is left, waiting up to `wait_s` after each."""
+    command line, except the Ray Client server, which carries only the GCS address
+    (`--address=<ip>:<gcs_port>`): pass `gcs_port` to stop it too. SIGTERM, then SIGKILL what is
+    left, waiting up to `wait_s` after each."""
     import signal
     import time
     from pathlib import Path
@@ -82,7 +84,10 @@ def _stop_ray_head(temp_dir, wait_s: float = 20.0) -> None:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():
                 try:
-                    if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
+                    args = (entry / "cmdline").read_bytes().split(b"\0")
+                    if (any(str(temp_dir).encode() in a for a in args)
+                            or (gcs_port is not None
+                                and any(a.endswith(f":{gcs_port}".encode()) for a in args))):
                         found.append(int(entry.name))
                 except OSError:
                     pass

@@ -84,6 +84,6 @@ def test_submitted_pipeline_succeeds_and_writes_parquet(stop_ray_head):
         assert math.isfinite(rec["classifier"]["best_epoch_metrics"]["val_auc"])
         assert json.loads((out / "thresholds.json").read_text())["n_val_studies"] == 1
     finally:
-        stop_ray_head(tmp_path / "ray", wait_s=20)
+        stop_ray_head(tmp_path / "ray", wait_s=20, gcs_port=6391)
         shutil.rmtree(tmp_path, ignore_errors=True)
 

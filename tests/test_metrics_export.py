@@ -54,7 +54,7 @@ def metrics_head(stop_ray_head):
         subprocess.run(start, check=True, env=env, cwd=REPO, timeout=180, capture_output=True)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{mport}/metrics", env
     finally:
-        stop_ray_head(tmp / "ray", wait_s=5)
+        stop_ray_head(tmp / "ray", wait_s=5, gcs_port=gcs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -33,8 +33,9 @@ reused), in the checkpoint's `meta["loss"]["ms_form"]` and in thresholds.json's 
 Either way `<out>/thresholds.json` gets a "BoxFCN" entry: probability threshold 0.5, whether to
 post-process (chosen on validation Dice), the loss weights used, the validation Dice.
 
-Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, whole volumes,
-batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20). "small" (CPU, minutes; see
+Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, 160x160x128
+training crops - body-centred, holding the lesion boxes, `wsseg_core.boxfcn.body_crop` - and
+whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20). "small" (CPU, minutes; see
 `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass over the training volumes
 per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
@@ -176,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     patch = config.get("patch", preset["patch"])
+    crop = config.get("crop")  # the paper preset's 160x160x128 body crop (fit_config), else None
     batch_size = int(config.get("batch_size") or preset["batch_size"])
     steps = int(config.get("steps_per_epoch") or max(1, len(train)))
     if not patch and world > 1:
@@ -193,7 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pick_rng = np.random.default_rng([config["seed"], epoch])
         train_loss = mean_over_ranks(train_epoch(
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
-            rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world))
+            rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
+            crop=crop))
         _maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         improved = ev["loss"] < best
@@ -210,7 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "" if bad < config["patience"] else "  (early stop)")
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
-                                                                "loss": config["loss"], **margin}),
+                                                                "loss": config["loss"], **margin,
+                                                                "crop": crop}),
                      extra_state={"best_val_loss": best, "bad_epochs": bad})
         if bad >= config["patience"]:
             break
@@ -235,8 +239,14 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
     loss_cfg = {**PAPER_LOSS, **(loss or {})}
     if kind == "mdice_ms":
         loss_cfg["ms_form"] = ms_form
+    from wsseg_core.boxfcn import BOXFCN_PRESETS
+
     jp = BOXFCN_JOB_PRESETS[preset]
     warm = kind == "box_dice" and init_from is None
+    # The training input crop (paper: 160x160x128, wsseg_core.boxfcn.body_crop); only when the
+    # model preset has one, so the small preset's fingerprints (whole volumes) stay as they were.
+    crop = BOXFCN_PRESETS[jp["model_preset"]].get("crop")
+    extra = {"crop": [int(c) for c in crop]} if crop else {}
     return dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                 model_preset=jp["model_preset"], kind=kind, loss=loss_cfg,
                 init_from=str(init_from) if init_from else None,
@@ -245,7 +255,7 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
                 optimizer=optimizer or (jp["warm_optimizer"] if warm else jp["optimizer"]),
                 lr=float(lr or (jp["warm_lr"] if warm else jp["lr"])),
                 steps_per_epoch=steps_per_epoch or jp["steps_per_epoch"], margin_mm=float(margin_mm),
-                margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker)
+                margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker, **extra)
 
 
 def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str = "mdice_ms",

@@ -121,6 +121,10 @@ def test_ms_form_enters_the_fine_tuning_fingerprint_only(tmp_path):
     assert digest(kind="mdice_ms", ms_form="eq5") != digest(kind="mdice_ms", ms_form="chan-vese")
     assert digest(kind="box_dice", ms_form="eq5") == digest(kind="box_dice", ms_form="chan-vese")
     assert "ms_form" not in fit_config(refs, refs, kind="mdice")["loss"]
+    # issue 18 item 8: the paper preset trains on 160x160x128 crops (in its fingerprint and the
+    # worker's config); the small preset on whole volumes, its config unchanged
+    assert fit_config(refs, refs, preset="paper", kind="box_dice")["crop"] == [160, 160, 128]
+    assert "crop" not in fit_config(refs, refs, preset="small")
     with pytest.raises(ValueError, match="ms_form"):
         fit_config(refs, refs, ms_form="cv")
     # CLI: eq5 is the default; "both" trains one network per form, under distinct roles and files

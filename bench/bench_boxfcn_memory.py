@@ -18,7 +18,7 @@ whose estimate exceeds ``--max-gib`` (default 8) is not run on the CPU, only its
 printed, to judge the estimates of those that did not.
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_boxfcn_memory.py
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_boxfcn_memory.py --device cuda --max-gib 100
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_boxfcn_memory.py --device cuda
 """
 
 from __future__ import annotations

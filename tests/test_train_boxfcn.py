@@ -68,11 +68,12 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     save_boxfcn(warm, build_boxfcn("small"))
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="mdice_ms", init_from=warm,
                      epochs=2, patience=5, steps_per_epoch=1, cpus_per_worker=1, max_failures=0,
-                     name="boxfcn_test")
+                     name="boxfcn_test", test_hooks={"crop": [32, 32, 16]})
     model, meta = load_boxfcn(res["checkpoint"])
     assert res["checkpoint"].endswith("models/boxfcn.pt")
     assert meta["kind"] == "mdice_ms" and meta["loss"]["beta"] == 10.0 and meta["loss"]["omega2"] == 3.0
     assert meta["loss"]["ms_form"] == "eq5"  # the literal Eq. 5 by default, recorded in the checkpoint
+    assert meta["crop"] == [32, 32, 16]  # the worker trained on body crops (the paper preset's input)
     assert [h["epoch"] for h in res["history"]] == [0, 1]
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
     # the kept checkpoint is the one with the lowest validation loss

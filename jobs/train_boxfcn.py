@@ -36,8 +36,8 @@ post-process (chosen on validation Dice), the loss weights used, the validation 
 Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, 160x160x128
 training crops - body-centred, holding the lesion boxes, `wsseg_core.boxfcn.body_crop` - and
 whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20).
-"small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass over the training volumes
-per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+"small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
+over the training volumes per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
 64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
 train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.

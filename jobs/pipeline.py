@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxfcn-tune-samples", type=int, default=0,
                    help="with BoxFCN: Ray Tune trials over beta, lambda, omega1, omega2, alpha "
                         "(0: the paper's values, no search)")
+    p.add_argument("--boxfcn-ms-form", choices=("eq5", "chan-vese", "both"), default="eq5",
+                   help="with BoxFCN: L_MS as the paper's Eq. 5 (default), in Chan-Vese form, or both "
+                        "networks trained and chosen between on validation (jobs.train_boxfcn --ms-form)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--lr", type=float, default=None,
                    help="classifier learning rate (peak lr of a one-cycle schedule); default: the preset's")
@@ -320,14 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     boxfcn_fit = None
     if "BoxFCN" in args.methods:
-        from jobs.train_boxfcn import train_boxfcn
+        from jobs.train_boxfcn import ms_forms_arg, train_boxfcn
 
         t0 = time.perf_counter()
         # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
         # without validation patients fall back to the training studies, as the thresholds do.
         boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
                                   tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
-                                  num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed)
+                                  num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                                  ms_forms=ms_forms_arg(args.boxfcn_ms_form))
         timings["train_boxfcn_s"] = time.perf_counter() - t0
         publish(layout, remote, layout.model("boxfcn.pt"), layout.thresholds)
 
@@ -392,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training_runs": {k: ({"run_name": f.get("run_name"), "fingerprint": f.get("fingerprint")}
                               if f else None)
                           for k, f in (("classifier", fit), ("unet", unet_fit),
-                                       ("boxfcn", boxfcn_fit and boxfcn_fit["fits"]["mdice_ms"]),
+                                       ("boxfcn", boxfcn_fit and boxfcn_fit["fits"].get("mdice_ms")),
+                                       ("boxfcn_chan_vese", boxfcn_fit and boxfcn_fit["fits"].get("mdice_ms_cv")),
                                        ("boxfcn_mdice", boxfcn_fit and boxfcn_fit["fits"].get("mdice")),
                                        ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
         "tune_stage": tune_stage["digest"],

@@ -23,13 +23,21 @@ L_MDice + L_MS, and L_MDice + L_MS + morphological post-processing (M) - and wri
 Dice/UDE (`<out>/boxfcn/ablation_studies.parquet`) and the table of medians per variant and split
 (`<out>/boxfcn/ablation.{parquet,md,png}`), printed at the end.
 
+`--ms-form chan-vese` fine-tunes L_MDice + L_MS with the Chan-Vese form of L_MS
+(`losses.mumford_shah_loss`, issue 18 item 9) instead of the paper's Eq. 5 as printed (`eq5`, the
+default); `--ms-form both` trains both networks (`boxfcn_mdice_ms.pt`, `boxfcn_mdice_ms_cv.pt`), so
+`--ablation --ms-form both` tables them side by side ("L_MDice+L_MS" and "L_MDice+L_MS(CV)"). The
+form is in the run's config (its fingerprint: a changed form trains a new run, the warm start is
+reused), in the checkpoint's `meta["loss"]["ms_form"]` and in thresholds.json's "BoxFCN" entry.
+
 Either way `<out>/thresholds.json` gets a "BoxFCN" entry: probability threshold 0.5, whether to
 post-process (chosen on validation Dice), the loss weights used, the validation Dice.
 
-Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, whole volumes,
-batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20). "small" (CPU, minutes; see
-`wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass over the training volumes
-per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, 160x160x128
+training crops - body-centred, holding the lesion boxes, `wsseg_core.boxfcn.body_crop` - and
+whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20).
+"small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
+over the training volumes per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
 64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
 train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
@@ -59,6 +67,7 @@ CKPT_FILE = "boxfcn.pt"  # the scored model: a copy of the variant chosen on val
 WARM_FILE = "boxfcn_boxdice.pt"  # the box-Dice warm start
 MDICE_FILE = "boxfcn_mdice.pt"  # L_MDice only, from the warm start
 MDICE_MS_FILE = "boxfcn_mdice_ms.pt"  # L_MDice + L_MS, from the warm start (the paper's network)
+MDICE_MS_CV_FILE = "boxfcn_mdice_ms_cv.pt"  # the same with L_MS in Chan-Vese form (issue 18 item 9)
 
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
@@ -72,11 +81,17 @@ TUNE_SPACE: dict[str, list[float]] = {"beta": [1.0, 10.0, 30.0], "lam": [0.1, 1.
                                       "omega1": [1.0, 3.0], "omega2": [1.0, 3.0],
                                       "alpha": [0.05, 0.1, 0.2]}
 #: Trained networks (checkpoint roles) and their names in the paper's ablation (Fig. 1).
-ROLE_NAMES: dict[str, str] = {"box_dice": "L_Dice (box)", "mdice": "L_MDice", "mdice_ms": "L_MDice+L_MS"}
+ROLE_NAMES: dict[str, str] = {"box_dice": "L_Dice (box)", "mdice": "L_MDice", "mdice_ms": "L_MDice+L_MS",
+                              "mdice_ms_cv": "L_MDice+L_MS(CV)"}
+#: L_MS form (``losses.MS_FORMS``) -> (checkpoint role, file) of its L_MDice + L_MS network:
+#: "eq5" the paper's Eq. 5 as printed (the default), "chan-vese" the Chan-Vese fitting term.
+MS_FORM_ROLES: dict[str, tuple[str, str]] = {"eq5": ("mdice_ms", MDICE_MS_FILE),
+                                             "chan-vese": ("mdice_ms_cv", MDICE_MS_CV_FILE)}
 #: Every scored variant: each network with and without the morphological post-processing M.
 VARIANTS = tuple(v for name in ROLE_NAMES.values() for v in (name, name + "+M"))
 #: Tie-break when validation medians are equal: the paper's full method first.
-PREFERENCE = ("L_MDice+L_MS+M", "L_MDice+L_MS", "L_MDice+M", "L_MDice", "L_Dice (box)+M", "L_Dice (box)")
+PREFERENCE = ("L_MDice+L_MS+M", "L_MDice+L_MS", "L_MDice+L_MS(CV)+M", "L_MDice+L_MS(CV)", "L_MDice+M",
+              "L_MDice", "L_Dice (box)+M", "L_Dice (box)")
 
 
 def select_variant(val_rows: "pd.DataFrame") -> dict[str, Any]:  # noqa: F821
@@ -162,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     patch = config.get("patch", preset["patch"])
+    crop = config.get("crop")  # the paper preset's 160x160x128 body crop (fit_config), else None
     batch_size = int(config.get("batch_size") or preset["batch_size"])
     steps = int(config.get("steps_per_epoch") or max(1, len(train)))
     if not patch and world > 1:
@@ -179,7 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pick_rng = np.random.default_rng([config["seed"], epoch])
         train_loss = mean_over_ranks(train_epoch(
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
-            rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world))
+            rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
+            crop=crop))
         _maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         improved = ev["loss"] < best
@@ -196,10 +213,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "" if bad < config["patience"] else "  (early stop)")
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
-                                                                "loss": config["loss"], **margin}),
+                                                                "loss": config["loss"], **margin,
+                                                                "crop": crop}),
                      extra_state={"best_val_loss": best, "bad_epochs": bad})
         if bad >= config["patience"]:
             break
+
+
+def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
+               loss: dict[str, float] | None = None, init_from: str | Path | None = None,
+               preset: str = "small", epochs: int | None = None, patience: int | None = None,
+               optimizer: str | None = None, lr: float | None = None,
+               steps_per_epoch: int | None = None, margin_mm: float = 0.0, margin_vox: int = 0,
+               ms_form: str = "eq5", seed: int = 0, cpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """The Ray Train config of one BoxFCN run (what its fingerprint covers); see :func:`fit_boxfcn`.
+
+    `ms_form` ("eq5" or "chan-vese", `losses.MS_FORMS`) is L_MS's form for kind "mdice_ms"; it goes
+    into the run's `loss` config only for that kind, so it enters that run's fingerprint (a changed
+    form trains a new run) and the checkpoint's `meta["loss"]`, and leaves the warm start's alone.
+    """
+    from wsseg_core.losses import MS_FORMS, PAPER_LOSS
+
+    if ms_form not in MS_FORMS:
+        raise ValueError(f"ms_form must be one of {MS_FORMS}, got {ms_form!r}")
+    loss_cfg = {**PAPER_LOSS, **(loss or {})}
+    if kind == "mdice_ms":
+        loss_cfg["ms_form"] = ms_form
+    from wsseg_core.boxfcn import BOXFCN_PRESETS
+
+    jp = BOXFCN_JOB_PRESETS[preset]
+    warm = kind == "box_dice" and init_from is None
+    # The training input crop (paper: 160x160x128, wsseg_core.boxfcn.body_crop); only when the
+    # model preset has one, so the small preset's fingerprints (whole volumes) stay as they were.
+    crop = BOXFCN_PRESETS[jp["model_preset"]].get("crop")
+    extra = {"crop": [int(c) for c in crop]} if crop else {}
+    return dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
+                model_preset=jp["model_preset"], kind=kind, loss=loss_cfg,
+                init_from=str(init_from) if init_from else None,
+                epochs=int(epochs or (jp["warm_epochs"] if warm else jp["epochs"])),
+                patience=int(patience or jp["patience"]),
+                optimizer=optimizer or (jp["warm_optimizer"] if warm else jp["optimizer"]),
+                lr=float(lr or (jp["warm_lr"] if warm else jp["lr"])),
+                steps_per_epoch=steps_per_epoch or jp["steps_per_epoch"], margin_mm=float(margin_mm),
+                margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker, **extra)
 
 
 def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str = "mdice_ms",
@@ -207,7 +263,8 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
                filename: str = CKPT_FILE, preset: str = "small", epochs: int | None = None,
                patience: int | None = None, optimizer: str | None = None, lr: float | None = None,
                steps_per_epoch: int | None = None, margin_mm: float = 0.0, margin_vox: int = 0,
-               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
+               ms_form: str = "eq5", num_workers: int = 1, use_gpu: bool = False,
+               cpus_per_worker: float | None = None,
                storage_path: str | None = None, name: str | None = None, max_failures: int = 3,
                seed: int = 0, callbacks: list | None = None,
                test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -216,11 +273,10 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
 
     `epochs`, `patience`, `optimizer`, `lr`, `steps_per_epoch` default to the job preset's values for
     the phase (warm start for "box_dice" without `init_from`, fine-tuning otherwise). `loss` holds the
-    `losses.boxfcn_loss` weights (default the paper's). Returns dict(checkpoint, ray_checkpoint,
-    history, best (metrics of the kept epoch)).
+    `losses.boxfcn_loss` weights (default the paper's); `ms_form` L_MS's form (:func:`fit_config`).
+    Returns dict(checkpoint, ray_checkpoint, history, best (metrics of the kept epoch)).
     """
     from jobs.common import auto_parallelism
-    from wsseg_core.losses import PAPER_LOSS
 
     from wsseg_core.boxfcn import BOXFCN_PRESETS
     from wsseg_core.train import check_global_batch
@@ -228,19 +284,13 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
     jp = BOXFCN_JOB_PRESETS[preset]
     if BOXFCN_PRESETS[jp["model_preset"]]["patch"]:  # patches: the preset's batch is the global one
         check_global_batch(BOXFCN_PRESETS[jp["model_preset"]]["batch_size"], num_workers)
-    warm = kind == "box_dice" and init_from is None
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if use_gpu else float(auto_parallelism() // num_workers or 1)
-    config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
-                  model_preset=jp["model_preset"], kind=kind, loss={**PAPER_LOSS, **(loss or {})},
-                  init_from=str(init_from) if init_from else None,
-                  epochs=int(epochs or (jp["warm_epochs"] if warm else jp["epochs"])),
-                  patience=int(patience or jp["patience"]),
-                  optimizer=optimizer or (jp["warm_optimizer"] if warm else jp["optimizer"]),
-                  lr=float(lr or (jp["warm_lr"] if warm else jp["lr"])),
-                  steps_per_epoch=steps_per_epoch or jp["steps_per_epoch"], margin_mm=float(margin_mm),
-                  margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker,
-                  **(test_hooks or {}))
+    config = fit_config(train_refs, val_refs, kind=kind, loss=loss, init_from=init_from, preset=preset,
+                        epochs=epochs, patience=patience, optimizer=optimizer, lr=lr,
+                        steps_per_epoch=steps_per_epoch, margin_mm=margin_mm, margin_vox=margin_vox,
+                        ms_form=ms_form, seed=seed, cpus_per_worker=cpus_per_worker)
+    config.update(test_hooks or {})
     res = fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                             model_file=filename, metric="val_loss", mode="min",
                             name=name or f"boxfcn_{Path(filename).stem}", num_workers=num_workers,
@@ -453,12 +503,16 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                  tune_samples: int = 0, margin_mm: float = 0.0, storage_path: str | None = None,
                  num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
                  seed: int = 0, with_mdice: bool = True, warm_epochs: int | None = None,
-                 epochs: int | None = None) -> dict[str, Any]:
+                 epochs: int | None = None, ms_forms: Sequence[str] = ("eq5",)) -> dict[str, Any]:
     """Warm start (box Dice) -> fine-tune with L_MDice (`with_mdice`) and with L_MDice + L_MS (paper
     weights, or the best of a Ray Tune search with `tune_samples` > 0) -> score every network with
     and without the post-processing M on the validation studies -> the best variant
     (`select_variant`) is copied to `<out>/models/boxfcn.pt`, the one the pipeline scores; the
     choice and every variant's validation median go to thresholds.json's "BoxFCN" entry.
+
+    `ms_forms`: the L_MS forms to fine-tune, one L_MDice + L_MS network each (`MS_FORM_ROLES`:
+    "eq5" -> role "mdice_ms", the default; "chan-vese" -> role "mdice_ms_cv"); all take part in the
+    choice. The Tune search (`tune_samples` > 0) runs for one form only.
 
     Why choose instead of always scoring L_MDice + L_MS + M: on the CPU preset the fine-tuning can
     end worse than its own warm start (README, BoxFCN ablation on the demo cohort: test median Dice
@@ -470,6 +524,13 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
     from wsseg_core.losses import PAPER_LOSS
 
+    ms_forms = list(dict.fromkeys(ms_forms))  # unique, in the given order
+    unknown = [f for f in ms_forms if f not in MS_FORM_ROLES]
+    if unknown or not ms_forms:
+        raise ValueError(f"ms_forms must be a non-empty subset of {tuple(MS_FORM_ROLES)}, got {ms_forms!r}")
+    if tune_samples > 0 and len(ms_forms) > 1:
+        raise ValueError("the BoxFCN loss search (tune_samples > 0) runs for one L_MS form; "
+                         f"got {ms_forms}")
     layout = RunLayout(Path(out).absolute())
     kw = dict(preset=preset, margin_mm=margin_mm, storage_path=storage_path, num_workers=num_workers,
               use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, seed=seed)
@@ -482,21 +543,25 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
         fits["mdice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice", init_from=warm,
                                    filename=MDICE_FILE, **kw)
     loss, searched = dict(PAPER_LOSS), None
-    if tune_samples > 0:
-        searched = tune_loss(train_refs, val_refs, layout.out, warm, samples=tune_samples,
-                             storage_path=storage_path, seed=seed, preset=preset, margin_mm=margin_mm,
-                             num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                             epochs=epochs)
-        loss = {**loss, **searched["loss"]}
-        dest = layout.model(MDICE_MS_FILE)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(searched["checkpoint"], tmp)
-        tmp.replace(dest)
-        fits["mdice_ms"] = {"checkpoint": str(dest), "best": {"val_dice": searched["val_dice"]},
-                            "history": [], "searched": searched["results"]}
-    else:
-        fits["mdice_ms"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice_ms", loss=loss,
-                                      init_from=warm, filename=MDICE_MS_FILE, **kw)
+    losses_by_role: dict[str, dict[str, Any]] = {}
+    for form in ms_forms:
+        role, filename = MS_FORM_ROLES[form]
+        if tune_samples > 0:
+            searched = tune_loss(train_refs, val_refs, layout.out, warm, samples=tune_samples,
+                                 storage_path=storage_path, seed=seed, preset=preset, margin_mm=margin_mm,
+                                 num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                                 epochs=epochs, ms_form=form)
+            loss = {**loss, **searched["loss"]}
+            dest = layout.model(filename)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(searched["checkpoint"], tmp)
+            tmp.replace(dest)
+            fits[role] = {"checkpoint": str(dest), "best": {"val_dice": searched["val_dice"]},
+                          "history": [], "searched": searched["results"]}
+        else:
+            fits[role] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice_ms", loss=loss,
+                                    init_from=warm, filename=filename, ms_form=form, **kw)
+        losses_by_role[role] = {**loss, "ms_form": form}
     models = {role: f["checkpoint"] for role, f in fits.items()}
     val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
     choice = select_variant(val_rows)
@@ -507,8 +572,9 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if choice["postprocess"] else False,
              "variant": choice["variant"], "network": choice["role"],
              "checkpoint": Path(models[choice["role"]]).name,
-             "loss": loss if choice["role"] == "mdice_ms" else ({"beta": loss["beta"], "alpha": loss["alpha"]}
-                                                                if choice["role"] == "mdice" else {}),
+             "loss": losses_by_role.get(choice["role"]) or ({"beta": loss["beta"], "alpha": loss["alpha"]}
+                                                             if choice["role"] == "mdice" else {}),
+             "ms_forms": ms_forms,
              "margin_mm": margin_mm, "val_dice": choice["val_dice"],
              "val_dice_by_variant": {k: (None if v != v else v) for k, v in choice["medians"].items()},
              "selected_on": "median validation Dice", "tuned_loss": searched is not None}
@@ -550,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train box Dice, L_MDice and L_MDice+L_MS, score them (+M) on val/test, write the table")
     p.add_argument("--tune", action="store_true", help="Ray Tune search over beta, lambda, omega1, omega2, alpha")
     p.add_argument("--samples", type=int, default=4, help="Tune trials (the paper's weights are the first)")
+    p.add_argument("--ms-form", choices=("eq5", "chan-vese", "both"), default="eq5",
+                   help="L_MS form of the L_MDice+L_MS network: eq5 (the paper's Eq. 5 as printed, "
+                        "default), chan-vese (|I-C1|^2 H + |I-C2|^2 (1-H)), or both (two networks, "
+                        "e.g. for --ablation)")
     p.add_argument("--margin-mm", type=float, default=0.0,
                    help="loosen every lesion box by this many mm per side (default 0: tight boxes)")
     p.add_argument("--warm-epochs", type=int, default=None,
@@ -565,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ms_forms_arg(value: str) -> tuple[str, ...]:
+    """`--ms-form` (eq5, chan-vese or both) -> the `ms_forms` of :func:`train_boxfcn`."""
+    return tuple(MS_FORM_ROLES) if value == "both" else (value,)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -576,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kw = dict(preset=args.preset, tune_samples=args.samples if args.tune else 0, margin_mm=args.margin_mm,
               storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
               cpus_per_worker=args.cpus_per_worker, seed=args.seed, warm_epochs=args.warm_epochs,
-              epochs=args.epochs)
+              epochs=args.epochs, ms_forms=ms_forms_arg(args.ms_form))
     if args.ablation:
         res = ablation(refs, args.out, **kw)
         print(format_ablation(res["table"]))
@@ -588,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         LOG.warning("no labelled validation study: early stopping and selection use the training studies")
         val = train
     res = train_boxfcn(train, val, args.out, **kw)
-    print(f"BoxFCN checkpoint: {res['fits']['mdice_ms']['checkpoint']}  thresholds entry: {res['entry']}")
+    print(f"BoxFCN checkpoint: {res['checkpoint']}  thresholds entry: {res['entry']}")
     return res
 
 

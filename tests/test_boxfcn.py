@@ -187,3 +187,81 @@ def test_boxfcn_overfits_one_volume():
         assert before < 0.1 and after > 0.6, (before, after)
     finally:
         torch.set_num_threads(threads)
+
+
+def _body_study():
+    """60x50x70 grid: body SUV 1 / CT 40 HU at x 10..29, y 20..39 (centroid 19.5, 29.5, 34.5), a
+    table under it (CT 0 HU, SUV 0: not body), two lesions (SUV 8) at z 12..14 and z 40..43."""
+    suv = np.zeros((60, 50, 70), np.float32)
+    ct = np.full(suv.shape, -1000.0, np.float32)
+    suv[10:30, 20:40] = 1.0
+    ct[10:30, 20:40] = 40.0
+    ct[5:55, 42:46] = 0.0  # the scanner table: dense, but no uptake
+    seg = np.zeros(suv.shape, np.uint8)
+    seg[12:15, 22:25, 12:15] = 1
+    seg[26:29, 35:38, 40:44] = 1
+    suv[seg > 0] = 8.0
+    return type("S", (), {"suv": suv, "ct": ct, "seg": seg, "spacing_mm": np.ones(3)})()
+
+
+def test_body_crop_geometry():
+    """Issue 18 item 8: the paper preset's 160x160x128 crop, here scaled down to 32x32x40."""
+    from wsseg_core.boxfcn import PAPER_CROP, BOXFCN_PRESETS, body_centroid, body_crop, crop_start
+
+    assert BOXFCN_PRESETS["paper"]["crop"] == PAPER_CROP == (160, 160, 128)
+    assert BOXFCN_PRESETS["small"]["crop"] is None
+    st = _body_study()
+    assert body_centroid(st.suv, st.ct) == pytest.approx([19.5, 29.5, 34.5])
+    assert body_centroid(st.suv, None)[1] == pytest.approx(29.5)  # PET alone: the table has no SUV
+    vol = box_volumes([st])[0]
+    assert vol.boxes.tolist() == [[[12, 22, 12], [14, 24, 14]], [[26, 35, 40], [28, 37, 43]]]
+    size = (32, 32, 40)
+    starts = set()
+    for seed in range(8):
+        x, b, seg, lo = body_crop(vol, size, np.random.default_rng(seed))
+        assert x.shape == b.shape == seg.shape == size
+        sl = tuple(slice(a, a + n) for a, n in zip(lo, size))
+        # image, box label and reference cut with one window
+        assert np.array_equal(x, vol.x[sl]) and np.array_equal(b, vol.box[sl])
+        assert np.array_equal(seg, vol.seg[sl])
+        assert b.sum() == vol.box.sum() and seg.sum() == vol.seg.sum()  # both lesions' boxes whole
+        # in-plane: centred on the body (19.5 - 16 -> 4, 29.5 - 16 -> 14 after rounding), which
+        # already holds both boxes; so is the whole body (x 10..29, y 20..39)
+        assert lo[:2].tolist() == [4, 14]
+        # z: drawn among the windows that hold both boxes (z 12..43: starts 4..12)
+        assert 4 <= lo[2] <= 12
+        starts.add(int(lo[2]))
+    assert len(starts) > 1  # a different axial context across draws
+    # without rng: deterministic, body-centred in z (34.5 - 20 -> 14), clipped to hold the boxes
+    assert crop_start(vol.x.shape, size, vol.body_centre, vol.boxes).tolist() == [4, 14, 12]
+    # lesions farther apart than the window: one lesion's box whole (the largest without rng)
+    small = (32, 32, 16)
+    lo = crop_start(vol.x.shape, small, vol.body_centre, vol.boxes)
+    assert lo[2] <= 40 and lo[2] + 16 > 43
+    for seed in range(6):
+        x, b, _, lo = body_crop(vol, small, np.random.default_rng(seed))
+        held = [bool(np.all(bx[0] >= lo) and np.all(bx[1] < lo + np.array(small))) for bx in vol.boxes]
+        assert any(held) and b.shape == small
+    # a lesion at the edge of the body moves the window off the body centre just enough
+    far = np.array([[[40, 30, 30], [44, 33, 33]]])
+    lo = crop_start(vol.x.shape, size, vol.body_centre, far)
+    assert lo[0] == 44 - 32 + 1 and lo[1] == 14
+    # a volume smaller than the crop: padded at the far end (x with its minimum, labels with 0)
+    x, b, seg, lo = body_crop(vol, (64, 64, 72))
+    assert x.shape == (64, 64, 72) and lo.tolist() == [0, 0, 0]
+    assert np.array_equal(b[:60, :50, :70], vol.box) and not b[60:].any()
+    assert (x[60:] == vol.x.min()).all()
+
+
+def test_train_epoch_feeds_the_crop_to_the_network():
+    from wsseg_core.boxfcn import make_optimizer, train_epoch
+
+    vol = box_volumes([_body_study()])[0]
+    torch.manual_seed(0)
+    model = BoxFCN3D(base=2, levels=2)
+    shapes = []
+    model.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    loss = train_epoch(model, [vol], make_optimizer(model, "adam", 1e-3), {"kind": "box_dice"},
+                       patch=None, batch_size=1, steps=2, rng=np.random.default_rng(0),
+                       generator=torch.Generator().manual_seed(0), crop=(16, 16, 8))
+    assert shapes == [(1, 1, 16, 16, 8)] * 2 and np.isfinite(loss)

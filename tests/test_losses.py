@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wsseg_core.losses import (PAPER_LOSS, box_dice_loss, boxfcn_loss, modified_dice_loss,
+from wsseg_core.losses import (MS_FORMS, PAPER_LOSS, box_dice_loss, boxfcn_loss, modified_dice_loss,
                                mumford_shah_loss, regularised_heaviside, shifted_heaviside)
 
 # 2x2x2 volume, flattened in C order: the first four voxels (x = 0) are the box.
@@ -131,3 +131,37 @@ def test_mumford_shah_gradient_pushes_voxels_brighter_than_c2_to_foreground():
     assert grad_of_test_voxel(3.0) == pytest.approx(-0.0685077, rel=1e-4)
     # I = 0.5 < C2 = 6.5/7: no push either way.
     assert grad_of_test_voxel(0.5) == 0.0
+
+
+def test_mumford_shah_chan_vese_form_by_hand():
+    """Issue 18 item 9: the Chan-Vese form |I - C1|^2 H + |I - C2|^2 (1 - H) on P_MS / I_MS."""
+    # Sharp regions: C1 = 3, C2 = 1; h = .75, .75, .25, .25; I = 4, 2, 1, 1.
+    # inside (I - C1)^2 h = 1*.75 + 1*.75 + 4*.25 + 4*.25 = 3.5
+    # outside (I - C2)^2 (1 - h) = 9*.25 + 1*.25 + 0 + 0 = 2.5
+    # L = (omega1 * 3.5 + omega2 * 2.5) / sum b = (3.5 + 7.5) / 4
+    got = mumford_shah_loss(P_MS, I_MS, B, omega1=1.0, omega2=3.0, form="chan-vese")
+    assert float(got) == pytest.approx(11 / 4)
+    # Smooth regions: C1 = 2.5, C2 = 1.5: inside 2.25*.75 + .25*.75 + 2.25*.25 * 2 = 3.0,
+    # outside 6.25*.25 + .25*.25 + .25*.75 * 2 = 2.0 -> (3 + 6) / 4
+    got = mumford_shah_loss(P_MS, I_MS, B, region="smooth", form="chan-vese")
+    assert float(got) == pytest.approx(9 / 4)
+    # boxfcn_loss forwards the form (MDice is 0 here, see test_full_loss_and_batch)
+    assert float(boxfcn_loss(P_MS, I_MS, B, ms_form="chan-vese")) == pytest.approx(11 / 4)
+    assert float(boxfcn_loss(P_MS, I_MS, B, ms_form="eq5")) == pytest.approx(-21 / 4)
+    assert MS_FORMS == ("eq5", "chan-vese")
+    with pytest.raises(ValueError, match="form"):
+        mumford_shah_loss(P_MS, I_MS, B, form="chanvese")
+
+
+def test_chan_vese_gradient_sends_a_voxel_closer_to_c2_to_the_background():
+    """The scene of the test above (C1 = 10, C2 = 9/7, box of 10): where Eq. 5 pushes I = 3 to the
+    foreground, Chan-Vese's dL/dp = (omega1 (I - C1)^2 - omega2 (I - C2)^2) / sum(b) * H' is > 0."""
+    eps = 0.03
+    dh_dp = (1 / math.pi) * eps / (eps**2 + 0.25)
+    image = torch.tensor([[10.0] * 3 + [1.0] * 6 + [3.0]])
+    p = torch.tensor([[1.0] * 3 + [0.0] * 7], requires_grad=True)
+    mumford_shah_loss(p, image, torch.ones_like(image), form="chan-vese").backward()
+    c2 = 9 / 7
+    expected = (1.0 * (3 - 10) ** 2 - 3.0 * (3 - c2) ** 2) / 10 * dh_dp
+    assert float(p.grad[0, -1]) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0  # gradient descent lowers p: background

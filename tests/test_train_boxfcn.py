@@ -35,7 +35,7 @@ def _val_rows(dices: dict[str, list[float]]) -> pd.DataFrame:
 def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
     from jobs.train_boxfcn import VARIANTS, select_variant
 
-    assert len(VARIANTS) == 6  # three networks, each with and without M
+    assert len(VARIANTS) == 8  # four networks (L_MS in two forms), each with and without M
     # The demo's failure (README ablation): L_MDice + L_MS over-segments, L_MDice is best.
     rows = _val_rows({"L_Dice (box)": [0.2, 0.25, np.nan], "L_Dice (box)+M": [0.21, 0.2, np.nan],
                       "L_MDice": [0.3, 0.22, np.nan], "L_MDice+M": [0.31, 0.24, np.nan],
@@ -68,10 +68,12 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     save_boxfcn(warm, build_boxfcn("small"))
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="mdice_ms", init_from=warm,
                      epochs=2, patience=5, steps_per_epoch=1, cpus_per_worker=1, max_failures=0,
-                     name="boxfcn_test")
+                     name="boxfcn_test", test_hooks={"crop": [32, 32, 16]})
     model, meta = load_boxfcn(res["checkpoint"])
     assert res["checkpoint"].endswith("models/boxfcn.pt")
     assert meta["kind"] == "mdice_ms" and meta["loss"]["beta"] == 10.0 and meta["loss"]["omega2"] == 3.0
+    assert meta["loss"]["ms_form"] == "eq5"  # the literal Eq. 5 by default, recorded in the checkpoint
+    assert meta["crop"] == [32, 32, 16]  # the worker trained on body crops (the paper preset's input)
     assert [h["epoch"] for h in res["history"]] == [0, 1]
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
     # the kept checkpoint is the one with the lowest validation loss
@@ -87,7 +89,7 @@ def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
     import torch
 
     models = {}
-    for k, role in enumerate(("box_dice", "mdice", "mdice_ms")):
+    for k, role in enumerate(("box_dice", "mdice", "mdice_ms", "mdice_ms_cv")):
         torch.manual_seed(k)
         models[role] = str(tmp_path / f"{role}.pt")
         save_boxfcn(models[role], build_boxfcn("small"))
@@ -95,7 +97,53 @@ def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
     assert list(rows["variant"]) == list(VARIANTS)
     assert rows["dice"].between(0, 1).all()
     # "+M" never adds voxels: opening and small-component removal only remove
-    for name in ("L_Dice (box)", "L_MDice", "L_MDice+L_MS"):
+    for name in ("L_Dice (box)", "L_MDice", "L_MDice+L_MS", "L_MDice+L_MS(CV)"):
         with_m = rows.loc[rows["variant"] == name + "+M", "mtv_pred_ml"].item()
         assert with_m <= rows.loc[rows["variant"] == name, "mtv_pred_ml"].item()
     assert select_variant(rows)["variant"] in VARIANTS
+
+
+def test_ms_form_enters_the_fine_tuning_fingerprint_only(tmp_path):
+    """Issue 18 item 9: a rerun with another L_MS form trains a new fine-tuning run (its Ray run name
+    carries the fingerprint), while the warm start (box Dice) is reused."""
+    from jobs.ray_train import run_fingerprint
+    from jobs.train_boxfcn import MS_FORM_ROLES, build_parser, fit_config, ms_forms_arg
+    from wsseg_core.data import StudyRef
+
+    refs = [StudyRef(patient_id="P0", study_id="s", suv_path=str(tmp_path / "suv.nii.gz"),
+                     ct_path=str(tmp_path / "ct.nii.gz"), seg_path=str(tmp_path / "seg.nii.gz"))]
+
+    def digest(**kw):
+        return run_fingerprint(fit_config(refs, refs, **kw), metric="val_loss", mode="min")["digest"]
+
+    cfg = fit_config(refs, refs, kind="mdice_ms", ms_form="chan-vese")
+    assert cfg["loss"]["ms_form"] == "chan-vese" and cfg["loss"]["omega2"] == 3.0
+    assert digest(kind="mdice_ms") == digest(kind="mdice_ms", ms_form="eq5")
+    assert digest(kind="mdice_ms", ms_form="eq5") != digest(kind="mdice_ms", ms_form="chan-vese")
+    assert digest(kind="box_dice", ms_form="eq5") == digest(kind="box_dice", ms_form="chan-vese")
+    assert "ms_form" not in fit_config(refs, refs, kind="mdice")["loss"]
+    # issue 18 item 8: the paper preset trains on 160x160x128 crops (in its fingerprint and the
+    # worker's config); the small preset on whole volumes, its config unchanged
+    assert fit_config(refs, refs, preset="paper", kind="box_dice")["crop"] == [160, 160, 128]
+    assert "crop" not in fit_config(refs, refs, preset="small")
+    with pytest.raises(ValueError, match="ms_form"):
+        fit_config(refs, refs, ms_form="cv")
+    # CLI: eq5 is the default; "both" trains one network per form, under distinct roles and files
+    assert build_parser().parse_args(["--cohort", "c", "--out", "o"]).ms_form == "eq5"
+    assert ms_forms_arg("both") == ("eq5", "chan-vese") and ms_forms_arg("chan-vese") == ("chan-vese",)
+    roles = [MS_FORM_ROLES[f] for f in ms_forms_arg("both")]
+    assert len({r for r, _ in roles}) == len({f for _, f in roles}) == 2
+
+
+def test_pipeline_forwards_the_ms_form_into_its_stage_fingerprint(tmp_path):
+    from jobs.pipeline import build_parser, stage_fingerprint
+
+    model = tmp_path / "classifier.pt"
+    model.write_bytes(b"weights")
+    out = ["--out", str(tmp_path / "run"), "--methods", "CAM", "BoxFCN"]
+    eq5 = build_parser().parse_args(out)
+    cv = build_parser().parse_args(out + ["--boxfcn-ms-form", "chan-vese"])
+    assert eq5.boxfcn_ms_form == "eq5" and cv.boxfcn_ms_form == "chan-vese"
+    fp_eq5, fp_cv = stage_fingerprint(eq5, [], model), stage_fingerprint(cv, [], model)
+    assert fp_eq5["digest"] != fp_cv["digest"]
+    assert fp_cv["fields"]["args"]["boxfcn_ms_form"] == "chan-vese"

@@ -17,11 +17,26 @@ left-right and superior-inferior flips and additive Gaussian noise (the paper gi
 use 0.1 z-score units), the weights warm-started from the same network trained with the plain box
 Dice. Loss: ``wsseg_core.losses.boxfcn_loss``.
 
+Input size (Sec. 3.4: "the size of the input image, the output segmentation mask, and the ground
+truth mask is set to 160x160x128"; Sec. 4.1: the head-and-neck volumes were cut below the neck "such
+that we could process the entire volumes"). A whole-body autoPET volume (400x400x326 at
+2.04x2.04x3 mm) is far larger, so the ``paper`` preset trains on a 160x160x128 crop per step
+(:func:`body_crop`; ``PAPER_CROP``): in-plane centred on the body (the centroid of the PET/CT body
+mask, CT > -500 HU and SUV > 0.1), shifted as little as needed to hold the lesion boxes; axially a
+random window that holds every lesion box when they fit in 128 slices together, else one random
+lesion's box. Image, box label and reference are cut with the same window; a volume smaller than
+the crop is padded at the far end (image with its minimum, labels with 0). Every crop holds a box,
+so the Dice terms always have a gradient (unlike random patches, below). Inference (and the
+validation loss) is one fully convolutional pass over the whole volume (:func:`predict_volume`):
+the network has no fully connected layer, so any size divisible by ``2**levels`` goes; the cost is
+memory (README, "BoxFCN memory"; ``bench/bench_boxfcn_memory.py``).
+
 CPU preset ("small") deviations, each because the paper's value cannot train on 2 cores in minutes:
 ``base`` 4 at 3 levels (4..16, bottleneck 32; 88 k parameters); Adam lr 1e-3 for the box-Dice warm
 start from random init (SGD at 1e-5 does not move a random-init net in minutes) and SGD (momentum
 0.9, wd 1e-6) at lr 1e-4 instead of 1e-5 for the fine-tuning phases; a few epochs with patience 3.
-Like the paper it trains on whole volumes, batch 1 (~4 s a step for 128x128x96 on one core).
+No crop: it trains on the whole (phantom) volume, padded to a multiple of 8, batch 1 (~4 s a step
+for 128x128x96 on one core; phantoms are smaller than 160x160x128 anyway).
 Patches (``patch=``, random crops, half centred on a lesion box) are supported, but measured on the
 phantoms they train worse: a crop without a box has a constant Dice loss (no gradient), so
 physiological uptake is rarely penalised, and with Adam 3e-3 on 64x64x32 patches the warm start
@@ -54,11 +69,15 @@ from wsseg_core.losses import boxfcn_loss
 
 LOG = logging.getLogger(__name__)
 
+#: Afshari et al. Sec. 3.4: input, output and ground-truth size (voxels, X Y Z).
+PAPER_CROP = (160, 160, 128)
+
 BOXFCN_PRESETS: dict[str, dict[str, Any]] = {
-    # Afshari et al.: U-Net's feature maps / 4 (base 16, 4 levels), whole 160x160x128 volumes, batch 1.
-    "paper": dict(base=16, levels=4, patch=None, batch_size=1),
-    # CPU preset: base 4, 3 levels, whole volumes, batch 1 (see the module docstring).
-    "small": dict(base=4, levels=3, patch=None, batch_size=1),
+    # Afshari et al.: U-Net's feature maps / 4 (base 16, 4 levels), 160x160x128 inputs (a body-centred
+    # crop holding the lesion boxes, see body_crop), batch 1; inference on the whole volume.
+    "paper": dict(base=16, levels=4, patch=None, crop=PAPER_CROP, batch_size=1),
+    # CPU preset: base 4, 3 levels, whole volumes (no crop), batch 1 (see the module docstring).
+    "small": dict(base=4, levels=3, patch=None, crop=None, batch_size=1),
 }
 CHECKPOINT_FORMAT = "wsseg.BoxFCN3D"
 CHECKPOINT_VERSION = 1
@@ -92,6 +111,17 @@ def box_labels(seg: np.ndarray, spacing_mm: Sequence[float] | None = None, margi
     Returns:
         uint8 (X, Y, Z) {0, 1}; boxes are clipped to the grid; all zero for a lesion-free SEG.
     """
+    seg = np.asarray(seg)
+    out = np.zeros(seg.shape, dtype=np.uint8)
+    for lo, hi in lesion_boxes(seg, spacing_mm, margin_mm, margin_vox):
+        out[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1
+    return out
+
+
+def lesion_boxes(seg: np.ndarray, spacing_mm: Sequence[float] | None = None, margin_mm: float = 0.0,
+                 margin_vox: int = 0) -> np.ndarray:
+    """(n, 2, 3) int64 inclusive (lo, hi) voxel bounds of the boxes :func:`box_labels` draws, one
+    per 26-connected lesion, loosened by the margins and clipped to the grid."""
     from wsseg_core.data import find_lesions
 
     seg = np.asarray(seg)
@@ -103,12 +133,11 @@ def box_labels(seg: np.ndarray, spacing_mm: Sequence[float] | None = None, margi
             raise ValueError("margin_mm needs spacing_mm")
         sp = np.asarray(spacing_mm, dtype=float).ravel()
         pad = pad + np.ceil(margin_mm / sp - 1e-9).astype(np.int64)
-    out = np.zeros(seg.shape, dtype=np.uint8)
     hi_lim = np.asarray(seg.shape) - 1
-    for les in find_lesions(seg):
-        lo = np.maximum(les.bbox_min - pad, 0)
-        hi = np.minimum(les.bbox_max + pad, hi_lim)
-        out[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1
+    lesions = find_lesions(seg)
+    out = np.zeros((len(lesions), 2, 3), np.int64)
+    for k, les in enumerate(lesions):
+        out[k] = (np.maximum(les.bbox_min - pad, 0), np.minimum(les.bbox_max + pad, hi_lim))
     return out
 
 
@@ -342,6 +371,26 @@ class BoxVolume:
     centres: np.ndarray  # (n, 3) int64 box centres (voxels), for patch sampling
     spacing_mm: np.ndarray
     patient_id: str = ""
+    boxes: np.ndarray | None = None  # (n, 2, 3) int64 inclusive (lo, hi) voxel bounds of the boxes
+    body_centre: np.ndarray | None = None  # (3,) float64 centroid (voxels) of the body mask
+
+
+def body_centroid(suv: np.ndarray, ct: np.ndarray | None = None) -> np.ndarray:
+    """Centroid (3,) in voxels of the body: ``SUV > BODY_SUV_FLOOR`` and, with CT, ``CT > BODY_CT_HU``.
+
+    Both, because each alone takes in something else: CT the scanner table (SUV ~0 there), PET the
+    reconstruction noise in air (-1000 HU there). The volume's centre when nothing is body.
+    """
+    from wsseg_core.segment import BODY_CT_HU, BODY_SUV_FLOOR
+
+    body = np.asarray(suv) > BODY_SUV_FLOOR
+    if ct is not None:
+        body &= np.asarray(ct) > BODY_CT_HU
+    if not body.any():
+        return (np.asarray(body.shape, dtype=float) - 1) / 2
+    # Per-axis projections: the same mean as over the voxel list, without materialising it.
+    return np.array([np.average(np.arange(n), weights=body.sum(axis=tuple(a for a in range(3) if a != ax)))
+                     for ax, n in enumerate(body.shape)])
 
 
 def box_volumes(studies: Sequence[Any], margin_mm: float = 0.0, margin_vox: int = 0) -> list[BoxVolume]:
@@ -356,10 +405,75 @@ def box_volumes(studies: Sequence[Any], margin_mm: float = 0.0, margin_vox: int 
         lesions = find_lesions(seg)
         centres = (np.array([(l.bbox_min + l.bbox_max) // 2 for l in lesions], dtype=np.int64)
                    if lesions else np.zeros((0, 3), np.int64))
-        out.append(BoxVolume(zscore(st.suv), box_labels(seg, st.spacing_mm, margin_mm, margin_vox),
-                             seg, centres, np.asarray(st.spacing_mm, float),
-                             getattr(getattr(st, "ref", None), "patient_id", "")))
+        box = box_labels(seg, st.spacing_mm, margin_mm, margin_vox)
+        # The crop keeps whole boxes: each lesion's box as box_labels draws it (margins, clipping).
+        boxes = lesion_boxes(seg, st.spacing_mm, margin_mm, margin_vox)
+        out.append(BoxVolume(zscore(st.suv), box, seg, centres, np.asarray(st.spacing_mm, float),
+                             getattr(getattr(st, "ref", None), "patient_id", ""), boxes,
+                             body_centroid(st.suv, getattr(st, "ct", None))))
     return out
+
+
+def crop_start(shape: Sequence[int], size: Sequence[int], centre: Sequence[float],
+               boxes: np.ndarray | None = None, rng: np.random.Generator | None = None,
+               random_axes: Sequence[int] = (2,)) -> np.ndarray:
+    """First voxel (3,) of a ``size`` window: centred on ``centre``, moved as little as needed to hold
+    ``boxes`` ((n, 2, 3) inclusive bounds), inside the grid.
+
+    The boxes held: all of them when their union fits in ``size``, else one (drawn with ``rng``, or
+    the largest without). On the ``random_axes`` (default: z) the start is drawn uniformly from all
+    starts that hold those boxes when ``rng`` is given (a different axial context each epoch).
+    An axis shorter than the window starts at 0 (the caller pads); a box longer than the window
+    gets a window centred on it.
+    """
+    shape, size = np.asarray(shape, np.int64), np.asarray(size, np.int64)
+    lo = np.rint(np.asarray(centre, float) - size / 2).astype(np.int64)
+    keep = None
+    if boxes is not None and len(boxes):
+        boxes = np.asarray(boxes, np.int64)
+        u_lo, u_hi = boxes[:, 0].min(0), boxes[:, 1].max(0)
+        if np.all(u_hi - u_lo + 1 <= size):
+            keep = (u_lo, u_hi)
+        else:
+            k = (int(rng.integers(len(boxes))) if rng is not None
+                 else int(np.argmax(np.prod(boxes[:, 1] - boxes[:, 0] + 1, axis=1))))
+            keep = (boxes[k, 0], boxes[k, 1])
+    out = np.zeros(3, np.int64)
+    for a in range(3):
+        last = int(shape[a] - size[a])  # the largest start inside the grid
+        if last <= 0:
+            continue
+        first_ok, last_ok = 0, last
+        if keep is not None:
+            b_lo, b_hi = int(keep[0][a]), int(keep[1][a])
+            if b_hi - b_lo + 1 <= size[a]:
+                first_ok, last_ok = max(0, b_hi - int(size[a]) + 1), min(last, b_lo)
+            else:  # the box does not fit: centre on it
+                first_ok = last_ok = int(np.clip((b_lo + b_hi) // 2 - size[a] // 2, 0, last))
+        if rng is not None and a in random_axes:
+            out[a] = int(rng.integers(first_ok, last_ok + 1))
+        else:
+            out[a] = int(np.clip(lo[a], first_ok, last_ok))
+    return out
+
+
+def body_crop(vol: BoxVolume, size: Sequence[int], rng: np.random.Generator | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The paper preset's training input: a ``size`` window of (x, box, seg) from :func:`crop_start`
+    (in-plane on the body centroid, holding the lesion boxes; z drawn with ``rng``), the same window
+    for all three, padded at the far end where the volume is smaller (x with its minimum, labels 0).
+
+    Returns (x, box, seg or None, start (3,) voxel index of the window in the volume).
+    """
+    size = np.asarray(size, np.int64)
+    centre = vol.body_centre if vol.body_centre is not None else (np.asarray(vol.x.shape) - 1) / 2
+    start = crop_start(vol.x.shape, size, centre, vol.boxes, rng)
+    sl = tuple(slice(int(a), int(a + z)) for a, z in zip(start, size))
+    pad = [(0, int(z - min(z, n - a))) for a, z, n in zip(start, size, vol.x.shape)]
+    x = np.pad(vol.x[sl], pad, constant_values=float(vol.x.min()))
+    b = np.pad(vol.box[sl], pad)
+    seg = None if vol.seg is None else np.pad(vol.seg[sl], pad)
+    return x, b, seg, start
 
 
 def sample_patch(vol: BoxVolume, size: Sequence[int], rng: np.random.Generator,
@@ -416,9 +530,11 @@ def train_epoch(model: nn.Module, volumes: Sequence[BoxVolume], optimizer: torch
                 loss_kw: Mapping[str, Any], *, patch: Sequence[int] | None, batch_size: int,
                 steps: int, rng: np.random.Generator, generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu", augment_data: bool = True,
-                pick_rng: np.random.Generator | None = None, rank: int = 0, world: int = 1) -> float:
+                pick_rng: np.random.Generator | None = None, rank: int = 0, world: int = 1,
+                crop: Sequence[int] | None = None) -> float:
     """``steps`` optimiser steps on random patches (or whole volumes when ``patch`` is None, then
-    batch 1) -> mean training loss. ``loss_kw`` are :func:`losses.boxfcn_loss` keywords (kind, beta,
+    batch 1; or, with ``crop``, one :func:`body_crop` of that size per volume, batch 1, the paper
+    preset) -> mean training loss. ``loss_kw`` are :func:`losses.boxfcn_loss` keywords (kind, beta,
     lam, alpha, omega1, omega2, ...); the Mumford-Shah image is the (augmented) network input.
 
     Data-parallel (DDP, ``world`` > 1): give every rank the same ``volumes`` and a ``pick_rng``
@@ -442,11 +558,14 @@ def train_epoch(model: nn.Module, volumes: Sequence[BoxVolume], optimizer: torch
         picks = [volumes[j] for j in globl[rank_share(n_global, rank, world)]]
         if patch:
             xs, bs = zip(*(sample_patch(v, patch, rng) for v in picks))
+        elif crop:
+            cx, cb, _, _ = body_crop(picks[0], crop, rng)  # one window for image and box
+            xs, bs = [cx], [cb]
         else:
             xs, bs = [picks[0].x], [picks[0].box]
         x = torch.from_numpy(np.stack(xs))[:, None].float()
         b = torch.from_numpy(np.stack(bs))[:, None].float()
-        if not patch:  # whole volume: pad to the network's multiple (as predict_volume does)
+        if not patch:  # whole volume or crop: pad to the network's multiple (as predict_volume does)
             k = getattr(model, "module", model).multiple
             pads = [(-s) % k for s in x.shape[-3:]]
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), value=float(x.min()))
@@ -492,6 +611,7 @@ def fit_boxfcn_volumes(model: BoxFCN3D, train: Sequence[BoxVolume], val: Sequenc
                        patience: int = PAPER_PATIENCE, steps_per_epoch: int = 10,
                        patch: Sequence[int] | None = None, batch_size: int = 1,
                        optimizer: str = "sgd", lr: float = PAPER_LR, seed: int = 0,
+                       crop: Sequence[int] | None = None,
                        on_epoch: Callable[[int, dict, nn.Module], None] | None = None
                        ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Single-process reference loop (the Ray Train job runs the same steps per worker).
@@ -507,7 +627,7 @@ def fit_boxfcn_volumes(model: BoxFCN3D, train: Sequence[BoxVolume], val: Sequenc
     best, best_state, bad = math.inf, {k: v.clone() for k, v in model.state_dict().items()}, 0
     for epoch in range(int(epochs)):
         tl = train_epoch(model, train, opt, loss_kw, patch=patch, batch_size=batch_size,
-                         steps=steps_per_epoch, rng=rng, generator=gen)
+                         steps=steps_per_epoch, rng=rng, generator=gen, crop=crop)
         ev = evaluate(model, val, loss_kw)
         rec = {"epoch": epoch, "train_loss": tl, "val_loss": ev["loss"], "val_dice": ev["dice"]}
         history.append(rec)

@@ -12,7 +12,9 @@ number of voxel dimensions; every sum runs over the voxels of one sample, the pa
   box is foreground, box voxels predicted background are no longer penalised.
 * :func:`regularised_heaviside` - Eq. 6, ``H_eps(x) = 1/2 (1 + 2/pi arctan(x / eps))``, eps 0.03.
 * :func:`mumford_shah_loss` - Eq. 5 and 7 with phi = p - 0.5 (the prediction shifted linearly to
-  [-0.5, 0.5], so the lesion boundary is phi's zero level set).
+  [-0.5, 0.5], so the lesion boundary is phi's zero level set). ``form="chan-vese"`` replaces Eq. 5's
+  ``|I H - C|`` differences by Chan-Vese's fitting term ``|I - C1|^2 H + |I - C2|^2 (1 - H)`` (an
+  experiment, issue 18 item 9; the default stays the literal Eq. 5).
 * :func:`boxfcn_loss` - Eq. 1, ``beta * L_MDice + lambda * L_MS``.
 
 Choices where the paper's text leaves one (each documented at its function):
@@ -34,7 +36,7 @@ import math
 import torch
 
 __all__ = ["PAPER_LOSS", "EPSILON", "box_dice_loss", "shifted_heaviside", "modified_dice_loss",
-           "regularised_heaviside", "mumford_shah_loss", "boxfcn_loss", "LOSS_KINDS"]
+           "regularised_heaviside", "mumford_shah_loss", "boxfcn_loss", "LOSS_KINDS", "MS_FORMS"]
 
 #: Afshari et al. Sec. 4.3: alpha 0.1, omega1 1, omega2 3, beta 10, lambda 1 (and eps 0.03, Sec. 3.3).
 PAPER_LOSS: dict[str, float] = {"alpha": 0.1, "omega1": 1.0, "omega2": 3.0, "beta": 10.0, "lam": 1.0}
@@ -43,6 +45,10 @@ EPSILON = 0.03
 #: The training objectives of the paper's comparison (Fig. 1): plain box Dice (L_Dice), the modified
 #: Dice alone (L_MDice) and the full loss (L_MDice + L_MS).
 LOSS_KINDS = ("box_dice", "mdice", "mdice_ms")
+
+#: Forms of the Mumford-Shah term: "eq5", the paper's Eq. 5 as printed (the default), and
+#: "chan-vese", the Chan-Vese fitting term the paper cites (see :func:`mumford_shah_loss`).
+MS_FORMS = ("eq5", "chan-vese")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +120,7 @@ def regularised_heaviside(x: torch.Tensor, eps: float = EPSILON) -> torch.Tensor
 
 def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
                       omega1: float = PAPER_LOSS["omega1"], omega2: float = PAPER_LOSS["omega2"],
-                      eps: float = EPSILON, region: str = "sharp",
+                      eps: float = EPSILON, region: str = "sharp", form: str = "eq5",
                       reduce: bool = True) -> torch.Tensor:
     """Eq. 5 with Eq. 6-7: the piecewise-constant Mumford-Shah term inside the boxes.
 
@@ -124,11 +130,21 @@ def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
                           + omega2 * sum((|I (1 - h) - C2| - |I (1 - h) - C1|) b) )
         C1 = sum(I H(phi) b) / sum(H(phi) b),   C2 = sum(I (1 - H(phi)) b) / sum((1 - H(phi)) b)
 
+    ``form="chan-vese"`` (the level-set model of the paper's ref. 13, Chan & Vese 2001) instead::
+
+        L_MS = 1/sum(b) * ( omega1 * sum(|I - C1|^2 h b) + omega2 * sum(|I - C2|^2 (1 - h) b) )
+
+    with the same C1, C2, h. Why offer it: with C1, C2 fixed, Eq. 5's gradient pushes every box
+    voxel brighter than C2 towards the foreground (``tests/test_losses.py``), whereas Chan-Vese
+    moves a voxel to the region whose mean it is closer to (weighted: to the foreground when
+    ``omega1 (I - C1)^2 < omega2 (I - C2)^2``). The loss is >= 0 in this form.
+
     Args:
         p: (B, ...) probabilities. image: (B, ...) input intensity I (the z-scored PET).
         b: (B, ...) box mask. omega1, omega2: the paper's scalar weights (1, 3). eps: Eq. 6 (0.03).
         region: how Eq. 7's H(phi) is read - "sharp" (default): ``phi > 0``, C1/C2 are constants
             for the gradient; "smooth": ``H_eps(phi)``, differentiable.
+        form: "eq5" (default, the paper as printed) or "chan-vese" (``MS_FORMS``).
         reduce: batch mean (default) or (B,) per-sample values.
     Returns:
         The loss (units of I; can be negative). 0 for a sample without box voxels; an empty region
@@ -137,6 +153,8 @@ def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
     _check(p, image, b)
     if region not in ("sharp", "smooth"):
         raise ValueError(f"region must be 'sharp' or 'smooth', got {region!r}")
+    if form not in MS_FORMS:
+        raise ValueError(f"form must be one of {MS_FORMS}, got {form!r}")
     pf, bf = _flat(p), _flat(b).to(p.dtype)
     i = _flat(image).to(p.dtype)
     phi = pf - 0.5
@@ -146,8 +164,12 @@ def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
     n1, n2 = w1.sum(1, keepdim=True), w2.sum(1, keepdim=True)
     c1 = torch.where(n1 > 0, (i * w1).sum(1, keepdim=True) / n1.clamp_min(1e-12), torch.zeros_like(n1))
     c2 = torch.where(n2 > 0, (i * w2).sum(1, keepdim=True) / n2.clamp_min(1e-12), torch.zeros_like(n2))
-    inside = (torch.abs(i * h - c1) - torch.abs(i * h - c2)) * bf
-    outside = (torch.abs(i * (1.0 - h) - c2) - torch.abs(i * (1.0 - h) - c1)) * bf
+    if form == "chan-vese":
+        inside = (i - c1) ** 2 * h * bf
+        outside = (i - c2) ** 2 * (1.0 - h) * bf
+    else:
+        inside = (torch.abs(i * h - c1) - torch.abs(i * h - c2)) * bf
+        outside = (torch.abs(i * (1.0 - h) - c2) - torch.abs(i * (1.0 - h) - c1)) * bf
     sb = bf.sum(1)
     total = omega1 * inside.sum(1) + omega2 * outside.sum(1)
     loss = torch.where(sb > 0, total / sb.clamp_min(1.0), torch.zeros_like(sb))
@@ -158,12 +180,14 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
                 beta: float = PAPER_LOSS["beta"], lam: float = PAPER_LOSS["lam"],
                 alpha: float = PAPER_LOSS["alpha"], omega1: float = PAPER_LOSS["omega1"],
                 omega2: float = PAPER_LOSS["omega2"], eps: float = EPSILON,
-                region: str = "sharp") -> torch.Tensor:
+                region: str = "sharp", ms_form: str = "eq5") -> torch.Tensor:
     """The training objective of one variant (``LOSS_KINDS``), batch mean.
 
     * "box_dice": Eq. 2 against the box, unweighted (the warm-start network, the paper's L_Dice).
     * "mdice": ``beta * L_MDice`` (the paper's L_MDice-only model).
-    * "mdice_ms": Eq. 1, ``beta * L_MDice + lambda * L_MS`` (``lam`` is the paper's lambda).
+    * "mdice_ms": Eq. 1, ``beta * L_MDice + lambda * L_MS`` (``lam`` is the paper's lambda; L_MS in
+      the form ``ms_form``, "eq5" or "chan-vese", see :func:`mumford_shah_loss`; the other kinds
+      ignore it).
     """
     if kind == "box_dice":
         return box_dice_loss(p, b)
@@ -171,5 +195,5 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
         return beta * modified_dice_loss(p, b, alpha)
     if kind == "mdice_ms":
         return (beta * modified_dice_loss(p, b, alpha)
-                + lam * mumford_shah_loss(p, image, b, omega1, omega2, eps, region))
+                + lam * mumford_shah_loss(p, image, b, omega1, omega2, eps, region, form=ms_form))
     raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")

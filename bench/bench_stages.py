@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from jobs.score_cohort import DEFAULT_METHODS
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.cams import CamEngine
     from wsseg_core.phantom import write_phantom_cohort
 

@@ -135,7 +135,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     The classifier and CAMs are recomputed in this process (a few slices: cheap). Returns the PNGs
     written; none (logged) when the run has no classifier or no cohort manifest.
     """
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
     from wsseg_core.inference import classify_volume, volume_cams

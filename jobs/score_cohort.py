@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.tune_thresholds import load_flag_threshold, load_thresholds
+    from wsseg_core.thresholds import load_flag_threshold, load_thresholds
 
     setup_logging()
     args = build_parser().parse_args(argv)

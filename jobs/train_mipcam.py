@@ -292,7 +292,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     import ray
     from ray import tune
 
-    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.mipcam import Q_GRID, T_GRID, TUMOUR_CLASSES, diagnosis_classes
 
     layout = RunLayout(Path(out).absolute())

@@ -29,9 +29,11 @@ import numpy as np
 
 from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, labelled,
                          load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
-                         setup_logging, study_key, torch_threads_for, write_json)
+                         setup_logging, study_key, torch_threads_for)
 from jobs.telemetry import tune_callback
 from wsseg_core.storage import join, read_bytes
+# The thresholds.json format (q % of the slice SUVmax for Threshold, which scoring falls back to).
+from wsseg_core.thresholds import THRESHOLD_REFERENCE, load_flag_threshold, update_thresholds
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
 #: Which labelled studies the (t, q) search scores: `--tune-on`.
@@ -43,8 +45,6 @@ TUNE_ON = ("train+val", "val")
 #: validation alone at 60/20/20, steadier for two parameters per method; `val` keeps the choice on
 #: patients the classifier never saw. The test split is never used by either.
 DEFAULT_TUNE_ON = "train+val"
-# q % of the slice SUVmax (wsseg_core.segment); scoring falls back to the same when an entry has none.
-from wsseg_core.segment import THRESHOLD_REFERENCE  # noqa: E402
 
 
 def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus: float, purpose: str):
@@ -120,17 +120,6 @@ def tuning_refs(train: list, val: list, tune_on: str = DEFAULT_TUNE_ON) -> list:
         LOG.warning("no labelled validation study: thresholds are tuned on the training studies")
         return list(train)
     return list(val) if tune_on == "val" else [*train, *val]
-
-
-def load_flag_threshold(path: str | Path | None) -> float:
-    """The flag threshold of thresholds.json, or the paper's 0.5 where none was chosen."""
-    import json
-
-    from wsseg_core.gate import PAPER_FLAG_THRESHOLD
-
-    if path is not None and Path(path).exists():
-        return float(json.loads(Path(path).read_text()).get("flag_threshold", PAPER_FLAG_THRESHOLD))
-    return PAPER_FLAG_THRESHOLD
 
 
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
@@ -348,36 +337,6 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         LOG.info("%-9s t=%s q=%.1f tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
     return {"thresholds": chosen, "grid": str(layout.tune_grid)}
-
-
-def update_thresholds(path: str | Path, entries: dict[str, dict[str, Any]], **info: Any) -> None:
-    """Merge tuned entries (method -> params) into thresholds.json, atomically.
-
-    Each tuning job owns its methods' entries only (the slice-CAM search, MIP-CAM's, BoxFCN's), so a
-    later search never drops what an earlier one chose. `info` goes to the top level (e.g.
-    n_val_studies).
-    """
-    import json
-
-    path = Path(path)
-    record = json.loads(path.read_text()) if path.exists() else {"source": "tuned", "methods": {}}
-    record.setdefault("methods", {}).update(entries)
-    record.update(info)
-    write_json(path, record)
-
-
-def load_thresholds(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    """Tuned values from thresholds.json, or the paper's values where none were tuned."""
-    import json
-
-    from wsseg_core.segment import PAPER_THRESHOLDS
-
-    chosen = {m: {"t": t, "q": q, "source": "paper"} for m, (t, q) in PAPER_THRESHOLDS.items()}
-    chosen["Threshold"] = {"q": 31.0, "reference": THRESHOLD_REFERENCE, "source": "default"}
-    if path is not None and Path(path).exists():
-        for m, e in json.loads(Path(path).read_text())["methods"].items():
-            chosen[m] = {**e, "source": "tuned"}
-    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:

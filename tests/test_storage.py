@@ -115,7 +115,7 @@ def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster,
     analyze with `--out` a file:// URI of a folder with a space; a rerun resumes from the URI."""
     from jobs import analyze, score_cohort, train_classifier
     from jobs.common import open_run
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     monkeypatch.setenv("WSSEG_STAGING", str(tmp_path / "staging"))
     root, refs = cohort

@@ -12,17 +12,19 @@ accepted too and encoded here, because people paste paths with spaces.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import quote
 
 import pyarrow.fs as pafs
 
 __all__ = ["is_uri", "filesystem_and_path", "read_bytes", "exists", "is_dir", "list_dir", "join",
-           "RemoteDir"]
+           "write_text", "write_json", "RemoteDir"]
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -78,6 +80,25 @@ def join(location: str, *parts: str) -> str:
     if is_uri(location):
         return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(location, *parts)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON with sorted keys (anything else as its str), written atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # The atomic writers live in the library; re-exported under the names the jobs have used.
-from wsseg_core.storage import write_json  # noqa: F401
+from wsseg_core.storage import write_json, write_parquet  # noqa: F401
 from wsseg_core.storage import write_text as atomic_write_text  # noqa: F401
 
 if TYPE_CHECKING:
@@ -339,10 +339,7 @@ def write_manifest(refs: list, path: str | os.PathLike) -> Path:
     import pandas as pd
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pd.DataFrame([r.to_dict() for r in refs]).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_parquet(path, pd.DataFrame([r.to_dict() for r in refs]))
     return path
 
 

@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,7 +127,7 @@ def worker_id() -> str:
     """`hostname:pid` of this scoring process (the rows' `worker` column)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 # Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
-TMP_MARKER = ".tmp-"
+from wsseg_core.storage import TMP_MARKER, write_parquet  # noqa: E402
 
 
 class StaleResultsError(RuntimeError):
@@ -141,16 +140,7 @@ def write_study_table(table: pa.Table, path: Path) -> None:
     The temp name starts with '.', which pyarrow (and so `pd.read_parquet(folder)`) never reads,
     so a writer killed mid-write leaves nothing a reader or a resumed run would take for a result.
     """
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet(path, table)
 
 
 def _none_if_missing(v: Any) -> Any:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +35,7 @@ from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ra
                          torch_threads_for, write_json)
 from jobs.ray_train import share_cpus
 from jobs.telemetry import tune_callback
+from wsseg_core.storage import copy_file, write_npz, write_parquet
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -210,11 +209,9 @@ def cache_val_cams(checkpoint: str, refs: list, cache_dir: str | Path) -> list[s
         mips, _ = compute_mips(st.suv, st.affine, st.spacing_mm)
         cams, probs = predict_view_cams(model, mips)
         path = cache_dir / f"{study_key(r.patient_id, r.study_id)}.npz"
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, suv=st.suv, seg=st.seg, affine=st.affine, spacing_mm=st.spacing_mm,
-                 patient_id=np.array(r.patient_id), probs=probs,
-                 **{f"cam_{v}": c for v, c in cams.items()})
-        os.replace(tmp, path)
+        write_npz(path, suv=st.suv, seg=st.seg, affine=st.affine, spacing_mm=st.spacing_mm,
+                  patient_id=np.array(r.patient_id), probs=probs,
+                  **{f"cam_{v}": c for v, c in cams.items()})
         files.append(str(path))
     return files
 
@@ -353,20 +350,12 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     table = pd.DataFrame(rows).sort_values(["val_dice", "distance_weight"], ascending=[False, True])
     table = table.reset_index(drop=True)
     grid_path = layout.out / "tune" / "mipcam_grid.parquet"
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = grid_path.with_name(f".{grid_path.name}.tmp-{os.getpid()}")
-    pd.DataFrame(grid_rows).to_parquet(tmp, index=False)
-    os.replace(tmp, grid_path)
+    write_parquet(grid_path, pd.DataFrame(grid_rows))
     search_path = layout.out / "tune" / "mipcam_search.parquet"
-    tmp = search_path.with_name(f".{search_path.name}.tmp-{os.getpid()}")
-    table.drop(columns=["checkpoint"]).to_parquet(tmp, index=False)
-    os.replace(tmp, search_path)
+    write_parquet(search_path, table.drop(columns=["checkpoint"]))
     win = table.iloc[0]
     dest = mipcam_path(layout.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(win["checkpoint"], tmp)
-    os.replace(tmp, dest)
+    copy_file(win["checkpoint"], dest)
     from wsseg_core.mipcam import DEFAULT_GATE
 
     alone = table[table["distance_weight"] == 0].iloc[0]

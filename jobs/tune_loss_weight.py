@@ -23,6 +23,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, fi
 from jobs.telemetry import tune_callback
 from jobs.ray_train import share_cpus
 from jobs.train_classifier import WEIGHTS_HELP, weights_arg
+from wsseg_core.storage import write_parquet
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -105,8 +106,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     keep = ["tumour_weight", "val_auc", "best_cam_dice"] + [c for c in df.columns if c.startswith("dice_")] + ["checkpoint"]
     table = df[keep].sort_values(["val_auc", "best_cam_dice"], ascending=False).reset_index(drop=True)
     path = layout.out / "loss_weight" / "results.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(path, index=False)
+    write_parquet(path, table)
     chosen = float(table.loc[0, "tumour_weight"])
     write_json(layout.out / "loss_weight" / "chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
     publish(layout, remote, layout.out / "loss_weight" / "results.parquet",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, l
                          load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
                          setup_logging, study_key, torch_threads_for)
 from jobs.telemetry import tune_callback
-from wsseg_core.storage import join, read_bytes
+from wsseg_core.storage import join, read_bytes, write_npz, write_parquet
 # The thresholds.json format (q % of the slice SUVmax for Threshold, which scoring falls back to).
 from wsseg_core.thresholds import THRESHOLD_REFERENCE, load_flag_threshold, update_thresholds
 
@@ -154,15 +153,12 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
     # and two studies sharing a cache file would let the search score one of them twice.
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     # Not the volumes (0.47 GB a study at autoPET size, read again by every trial): the grid's
     # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
                              T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
                              reference=THRESHOLD_REFERENCE, ct=study.ct)
-    np.savez(tmp, patient_id=np.array(ref.patient_id), **cache.to_arrays())
-    os.replace(tmp, path)
+    write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     if remote is not None:
         publish(layout, remote, path)
         return remote.uri.rstrip("/") + "/" + path.relative_to(layout.out).as_posix()
@@ -299,10 +295,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                 rows.append({"method": cell["method"], "t": t, "q": q, "mean_dice": d,
                              "n_patients": r.metrics["n_patients"]})
     grid = pd.DataFrame(rows)
-    layout.tune_grid.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.tune_grid.with_name(f".{layout.tune_grid.name}.tmp")
-    grid.to_parquet(tmp, index=False)
-    tmp.replace(layout.tune_grid)
+    write_parquet(layout.tune_grid, grid)
 
     chosen: dict[str, dict[str, Any]] = {}
     for method, g in grid.groupby("method", sort=False):

@@ -223,9 +223,10 @@ def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Seque
     empties. A study the CNN calls tumour-free (``study_flagged``; ``gate_threshold`` default
     ``DEFAULT_GATE``) gets the scorer's empty mask: Dice 0 at every (t, q) where it has tumour."""
     from wsseg_core.mipcam import DEFAULT_GATE, VIEWS, dice_grid, mip_views, study_flagged
+    from wsseg_core.selection import patient_mean
 
     gate = DEFAULT_GATE if gate_threshold is None else float(gate_threshold)
-    per_patient: dict[str, list[np.ndarray]] = {}
+    scores = []
     n_gated = 0
     for f in cache_files:
         with np.load(f) as c:
@@ -236,13 +237,9 @@ def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Seque
                 views = mip_views(c["suv"].shape, c["affine"], c["spacing_mm"])
                 g = dice_grid(c["suv"], c["seg"], {v: c[f"cam_{v}"] for v in VIEWS}, views, t_grid,
                               q_grid)
-            per_patient.setdefault(str(c["patient_id"]), []).append(g)
-    if not per_patient:
-        return np.full((len(t_grid), len(q_grid)), np.nan), 0, 0
-    with np.errstate(all="ignore"):
-        pm = np.stack([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
-        mean = np.nanmean(pm, axis=0)
-    return mean, int(np.sum(np.isfinite(pm[:, 0, 0]))), n_gated
+            scores.append((str(c["patient_id"]), g))
+    mean, n = patient_mean(scores, (len(t_grid), len(q_grid)))
+    return mean, n, n_gated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +250,7 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
           out: str, fit_kwargs: dict) -> dict:
     """One Tune trial: Train fit at weight w, validation CAMs once, the whole (t, q) grid."""
     from wsseg_core.mipcam import Q_GRID, T_GRID
+    from wsseg_core.selection import best_cell
 
     torch_threads_for(1)
     w = float(config["distance_weight"])
@@ -264,8 +262,8 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
                      name=f"mipcam_w{w:g}", **fit_kwargs)
     files = cache_val_cams(res["checkpoint"], val_refs, trial_dir / "cams")
     mean, n, n_gated = grid_dice(files, T_GRID, Q_GRID)
-    if np.isfinite(mean).any():
-        i, j = np.unravel_index(int(np.nanargmax(mean)), mean.shape)
+    if (cell := best_cell(mean)) is not None:
+        i, j = cell
         best = {"val_dice": float(mean[i, j]), "t": float(T_GRID[i]), "q": float(Q_GRID[j])}
     else:
         best = {"val_dice": 0.0, "t": float("nan"), "q": float("nan")}

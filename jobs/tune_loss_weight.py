@@ -31,8 +31,9 @@ PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
 
 def best_val_dice(cache_files: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, float]:
     """Best validation Dice per CAM method over the full (t_m, q_m) grid, averaged per patient and
-    then over patients: the selection rule of the threshold search (`tune_thresholds.evaluate_cell`),
-    which it reuses, so a weight is judged by the Dice the pipeline would tune for it. `methods`:
+    then over patients: the selection rule of every search (wsseg_core.selection), through the
+    threshold search's `tune_thresholds.evaluate_cell`, so a weight is judged by the Dice the
+    pipeline would tune for it. `methods`:
     the CAM methods the classifier defines (default all four)."""
     from jobs.tune_thresholds import evaluate_cell
     from wsseg_core.cams import CAM_METHODS

@@ -20,7 +20,6 @@ import argparse
 import io
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +170,15 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     `config["cell"]`: {"method", "ts": [t, ...]} (or "t": one t); the Threshold baseline has no t
     (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
     best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
+    The rule is wsseg_core.selection's, shared with the other searches.
     """
     from wsseg_core.gridcache import GridCache, cache_dice_grid, cache_threshold_dice_grid
+    from wsseg_core.selection import best_cell, patient_mean
 
     cell = config["cell"]
     method = cell["method"]
     ts = [float(t) for t in cell.get("ts", [cell.get("t", float("nan"))])]
-    per_patient: dict[str, list[np.ndarray]] = {}
+    scores = []
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
             cache, patient = GridCache.from_arrays(c), str(c["patient_id"])
@@ -186,17 +187,9 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
                            dtype=float)[None, :].repeat(len(ts), axis=0)
         else:
             d = np.asarray(cache_dice_grid(cache, method, ts, q_grid), dtype=float)
-        per_patient.setdefault(patient, []).append(d)
-    # Dice is NaN for studies without tumour: average what exists, per patient then over patients
-    # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        patient_means = np.array([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
-        mean = (np.nanmean(patient_means, axis=0) if len(patient_means)
-                else np.full((len(ts), len(q_grid)), np.nan))
-    n = int(np.sum(~np.isnan(patient_means[:, 0, 0]))) if len(patient_means) else 0
-    flat = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
-    bt, bq = np.unravel_index(flat, mean.shape)
+        scores.append((patient, d))
+    mean, n = patient_mean(scores, (len(ts), len(q_grid)))
+    bt, bq = best_cell(mean) or (0, 0)  # nothing defined: the first cell, reported as Dice 0
     return {"mean_dice": float(mean[bt, bq]) if np.isfinite(mean[bt, bq]) else 0.0,
             "t": ts[bt], "q": float(q_grid[bq]), "dice_by_tq": [[float(v) for v in row] for row in mean],
             "dice_by_q": [float(v) for v in mean[bt]], "n_patients": n}

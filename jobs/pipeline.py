@@ -20,6 +20,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_reco
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
 from jobs.train_classifier import HEAD_CHOICES, HEAD_HELP, WEIGHTS_HELP, resolve_weights, weights_arg
+from wsseg_core.thresholds import load_thresholds, update_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["classifier_check_s"] = time.perf_counter() - t0
     gate_record = {**gate.to_dict(), "allowed_weak": bool(args.allow_weak_classifier and not gate.passed),
                    "on": "validation" if val else "training (no validation study)"}
-    tune_thresholds.update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
+    update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
     publish(layout, remote, layout.thresholds)
     if not gate.passed:
         if not args.allow_weak_classifier:
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if pause > 0:  # test hook only (tests/test_rerun.py): a fixed moment to send Ctrl-C at
         LOG.info("test hook: pausing %.0f s before scoring", pause)
         time.sleep(pause)
-    thresholds = tune_thresholds.load_thresholds(layout.thresholds)
+    thresholds = load_thresholds(layout.thresholds)
     score_kw = dict(methods=args.methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
                     flag_threshold=gate.flag_threshold)

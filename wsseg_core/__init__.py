@@ -4,6 +4,7 @@ A library of small, pure functions and small classes over numpy / torch / nibabe
 It never imports ray: the Ray entry points live in ``jobs/``.
 
 Modules, one concept each (docs/ARCHITECTURE.md lists their API):
+    methods     the eight methods by name; the network methods' checkpoints and loaders
     storage     local paths and URIs; the atomic writers (temp name, then os.replace)
     data        cohort discovery, manifests, study loading and validation, weak labels, splits
     phantom     synthetic whole-body PET/CT cohort in the autoPET layout

@@ -131,7 +131,7 @@ def main(argv=None) -> None:
 
     import ray
 
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.phantom import write_phantom_cohort
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsseg-bench-"))

@@ -94,7 +94,8 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
                          sampler: RssSampler) -> tuple[dict, dict, dict, int]:
     """One study through every stage; returns (wall s, CPU s, peak RSS MiB) per stage and the
     number of flagged slices."""
-    from jobs.score_cohort import CAM_METHOD_NAMES, slice_table_path, write_slice_table
+    from jobs.score_cohort import slice_table_path, write_slice_table
+    from wsseg_core.methods import CAM_METHODS
     from wsseg_core.data import load_study, slice_labels, write_mask
     from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
     from wsseg_core.metrics import MaskSummary, study_metrics
@@ -127,7 +128,7 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
     def cams():
         st = state["st"]
         state["maps"] = volume_cams(engine, pre, st.suv, st.ct, state["z"],
-                                    [m for m in methods if m in CAM_METHOD_NAMES], batch_size)
+                                    [m for m in methods if m in CAM_METHODS], batch_size)
 
     def segment():
         st, z, masks = state["st"], state["z"], {}
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from jobs.score_cohort import DEFAULT_METHODS
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.cams import CamEngine
     from wsseg_core.phantom import write_phantom_cohort
 

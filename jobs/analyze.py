@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.common import RunLayout, fetch, open_run, publish, safe_name, setup_logging
+from wsseg_core.storage import write_parquet
 
 LOG = logging.getLogger("wsseg.analyze")
 #: Columns the scorer added after the SPEC's (autoPET / lesion-wise); older runs lack them.
@@ -37,9 +37,7 @@ N_CAM_STUDIES = 3
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_parquet(path, df)
 
 
 def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[str, Any]:
@@ -135,7 +133,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     The classifier and CAMs are recomputed in this process (a few slices: cheap). Returns the PNGs
     written; none (logged) when the run has no classifier or no cohort manifest.
     """
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
     from wsseg_core.inference import classify_volume, volume_cams

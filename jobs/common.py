@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -12,6 +11,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# The atomic writers live in the library; re-exported under the names the jobs have used.
+from wsseg_core.storage import write_json, write_parquet  # noqa: F401
+from wsseg_core.storage import write_text as atomic_write_text  # noqa: F401
 
 if TYPE_CHECKING:
     from wsseg_core.storage import RemoteDir
@@ -157,24 +160,6 @@ def input_record(refs: list) -> list[dict[str, Any]]:
              "suv_path": r.suv_path, "suv_bytes": size(r.suv_path),
              "ct_path": r.ct_path, "ct_bytes": size(r.ct_path),
              "seg_path": r.seg_path, "seg_bytes": size(r.seg_path)} for r in refs]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -354,10 +339,7 @@ def write_manifest(refs: list, path: str | os.PathLike) -> Path:
     import pandas as pd
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pd.DataFrame([r.to_dict() for r in refs]).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_parquet(path, pd.DataFrame([r.to_dict() for r in refs]))
     return path
 
 

@@ -19,7 +19,9 @@ from typing import Any
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, labelled,
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
+from jobs.telemetry import StageClock
 from jobs.train_classifier import HEAD_CHOICES, HEAD_HELP, WEIGHTS_HELP, resolve_weights, weights_arg
+from wsseg_core.thresholds import load_thresholds, update_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -181,27 +183,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         discard_outputs(layout, args.storage_path, out)
     if remote is not None:
         LOG.info("--out is a URI: staging in %s, outputs go to %s", layout.out, args.out)
-    timings: dict[str, float] = {}
+    # Wall seconds per pipeline stage, for run.json (a stage that raised is not timed).
+    clock = StageClock()
+    timings = clock.seconds
     t_all = time.perf_counter()
 
-    t0 = time.perf_counter()
-    cohort = args.cohort
-    if cohort is None:
-        from wsseg_core.phantom import write_phantom_cohort
+    with clock.stage("cohort_s"):
+        cohort = args.cohort
+        if cohort is None:
+            from wsseg_core.phantom import write_phantom_cohort
 
-        cohort = layout.out / "phantom"
-        n, shape = args.phantom_n or preset["phantom_n"], tuple(args.phantom_shape or preset["phantom_shape"])
-        LOG.info("no --cohort: writing a synthetic phantom cohort of %d studies %s to %s", n, shape, cohort)
-        write_phantom_cohort(cohort, n=n, shape=shape, seed=args.seed)
-    refs = resolve_cohort(cohort, seed=args.seed)
-    write_manifest(refs, layout.cohort)
-    publish(layout, remote, layout.cohort)
-    print(format_cohort_summary(cohort_summary(refs)), flush=True)
-    timings["cohort_s"] = time.perf_counter() - t0
+            cohort = layout.out / "phantom"
+            n, shape = args.phantom_n or preset["phantom_n"], tuple(args.phantom_shape or preset["phantom_shape"])
+            LOG.info("no --cohort: writing a synthetic phantom cohort of %d studies %s to %s", n, shape, cohort)
+            write_phantom_cohort(cohort, n=n, shape=shape, seed=args.seed)
+        refs = resolve_cohort(cohort, seed=args.seed)
+        write_manifest(refs, layout.cohort)
+        publish(layout, remote, layout.cohort)
+        print(format_cohort_summary(cohort_summary(refs)), flush=True)
 
-    t0 = time.perf_counter()
-    init_ray(args.address)
-    timings["ray_start_s"] = time.perf_counter() - t0
+    with clock.stage("ray_start_s"):
+        init_ray(args.address)
 
     train = labelled(refs, "train")
     val = labelled(refs, "val")
@@ -218,38 +220,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tune_loss_weight:
         from jobs.tune_loss_weight import search
 
-        t0 = time.perf_counter()
-        searched = search(train, val, out, storage_path=args.storage_path,
-                          cam_batch_size=preset["cam_batch_size"],
-                          model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-                          lr=preset["lr"],
-                          batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
-                          weights=weights_arg(args.weights),
-                          num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                          **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head))
-        tumour_weight = searched["tumour_weight"]
-        timings["loss_weight_search_s"] = time.perf_counter() - t0
+        with clock.stage("loss_weight_search_s"):
+            searched = search(train, val, out, storage_path=args.storage_path,
+                              cam_batch_size=preset["cam_batch_size"],
+                              model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+                              lr=preset["lr"],
+                              batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
+                              weights=weights_arg(args.weights),
+                              num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                              **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head))
+            tumour_weight = searched["tumour_weight"]
 
-    t0 = time.perf_counter()
-    fit = train_classifier.fit(
-        train, val, out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
-        batch_size=preset["batch_size"], lr=preset["lr"] if args.lr is None else args.lr,
-        negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
-        weights=weights_arg(args.weights), num_workers=args.num_workers,
-        use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
-        **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
-           **({"input_size": args.input_size} if args.input_size else {})})
-    timings["train_s"] = time.perf_counter() - t0
+    with clock.stage("train_s"):
+        fit = train_classifier.fit(
+            train, val, out, model_preset=preset["model_preset"], epochs=args.epochs or preset["epochs"],
+            batch_size=preset["batch_size"], lr=preset["lr"] if args.lr is None else args.lr,
+            negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
+            weights=weights_arg(args.weights), num_workers=args.num_workers,
+            use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
+            **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
+               **({"input_size": args.input_size} if args.input_size else {})})
 
     # Quality gate (wsseg_core.gate) on the slices of the tuning studies: choose the flag
     # threshold, then stop here, before tuning and scoring, if the classifier did not learn.
-    t0 = time.perf_counter()
-    gate = tune_thresholds.check_classifier(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
-                                            flag_threshold=args.flag_threshold)
-    timings["classifier_check_s"] = time.perf_counter() - t0
+    with clock.stage("classifier_check_s"):
+        gate = tune_thresholds.check_classifier(tune_refs, out, cam_batch_size=preset["cam_batch_size"],
+                                                flag_threshold=args.flag_threshold)
     gate_record = {**gate.to_dict(), "allowed_weak": bool(args.allow_weak_classifier and not gate.passed),
                    "on": "validation" if val else "training (no validation study)"}
-    tune_thresholds.update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
+    update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
     publish(layout, remote, layout.thresholds)
     if not gate.passed:
         if not args.allow_weak_classifier:
@@ -269,96 +268,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "UNet" in args.methods:
         from jobs.train_unet import fit_unet, preset_kwargs
 
-        t0 = time.perf_counter()
-        unet_fit = fit_unet(train, val, out, **preset_kwargs(args.preset), num_workers=args.num_workers,
-                            use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
-        from jobs.train_unet import tune_threshold as unet_threshold
+        with clock.stage("train_unet_s"):
+            unet_fit = fit_unet(train, val, out, **preset_kwargs(args.preset), num_workers=args.num_workers,
+                                use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
+            from jobs.train_unet import tune_threshold as unet_threshold
 
-        # The unet.pt of this run is local (Ray Train copied it into the staging folder).
-        unet_fit["threshold"] = unet_threshold(tune_refs, layout.out, train)
-        publish(layout, remote, layout.thresholds)
-        timings["train_unet_s"] = time.perf_counter() - t0
+            # The unet.pt of this run is local (Ray Train copied it into the staging folder).
+            unet_fit["threshold"] = unet_threshold(tune_refs, layout.out, train)
+            publish(layout, remote, layout.thresholds)
 
-    t0 = time.perf_counter()
-    from wsseg_core.segment import Q_GRID, T_GRID
+    with clock.stage("tune_s"):
+        from wsseg_core.segment import Q_GRID, T_GRID
 
-    # The search is rerun only when what it computes from changed (a retrained classifier, other
-    # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
-    tune_stage = stage_fingerprint(args, search_refs, layout.classifier)
-    stage_file = layout.out / "tune" / "stage.json"
-    try:
-        import json as _json
+        # The search is rerun only when what it computes from changed (a retrained classifier, other
+        # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
+        tune_stage = stage_fingerprint(args, search_refs, layout.classifier)
+        stage_file = layout.out / "tune" / "stage.json"
+        try:
+            import json as _json
 
-        previous = _json.loads(stage_file.read_text())
-    except (OSError, ValueError):
-        previous = None
-    change = stage_change(previous, tune_stage, layout.thresholds.exists())
-    if change is None:
-        LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
-                 layout.thresholds)
-    else:
-        if previous:
-            LOG.info("tune: rerunning the threshold search (%s)", change)
-        stage_file.unlink(missing_ok=True)  # until the new search has finished
-        tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
-                             tune_on=args.tune_on,
-                             storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
-                             t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
-                             q_grid=tune_thresholds.grid_from_args(
-                                 args.q_grid, tune_thresholds.grid_from_args(preset.get("q_grid"), Q_GRID)))
-        write_json(stage_file, tune_stage)
-    timings["tune_s"] = time.perf_counter() - t0
+            previous = _json.loads(stage_file.read_text())
+        except (OSError, ValueError):
+            previous = None
+        change = stage_change(previous, tune_stage, layout.thresholds.exists())
+        if change is None:
+            LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
+                     layout.thresholds)
+        else:
+            if previous:
+                LOG.info("tune: rerunning the threshold search (%s)", change)
+            stage_file.unlink(missing_ok=True)  # until the new search has finished
+            tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
+                                 tune_on=args.tune_on,
+                                 storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
+                                 t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
+                                 q_grid=tune_thresholds.grid_from_args(
+                                     args.q_grid, tune_thresholds.grid_from_args(preset.get("q_grid"), Q_GRID)))
+            write_json(stage_file, tune_stage)
 
     mipcam_fit = None
     if "MIP-CAM" in args.methods:
         # After the slice-CAM search: both merge their own entries into thresholds.json.
         from jobs.train_mipcam import search as mipcam_search
 
-        t0 = time.perf_counter()
-        mipcam_fit = mipcam_search(train, val, layout.out, preset=args.preset,
-                                   num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                   storage_path=args.storage_path, seed=args.seed)
-        timings["train_mipcam_s"] = time.perf_counter() - t0
+        with clock.stage("train_mipcam_s"):
+            mipcam_fit = mipcam_search(train, val, layout.out, preset=args.preset,
+                                       num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                       storage_path=args.storage_path, seed=args.seed)
         publish(layout, remote, layout.model("mipcam.pt"), layout.thresholds)
 
     boxfcn_fit = None
     if "BoxFCN" in args.methods:
         from jobs.train_boxfcn import ms_forms_arg, train_boxfcn
 
-        t0 = time.perf_counter()
-        # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
-        # without validation patients fall back to the training studies, as the thresholds do.
-        boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
-                                  tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
-                                  num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                                  ms_forms=ms_forms_arg(args.boxfcn_ms_form))
-        timings["train_boxfcn_s"] = time.perf_counter() - t0
+        with clock.stage("train_boxfcn_s"):
+            # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
+            # without validation patients fall back to the training studies, as the thresholds do.
+            boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
+                                      tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
+                                      num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
+                                      ms_forms=ms_forms_arg(args.boxfcn_ms_form))
         publish(layout, remote, layout.model("boxfcn.pt"), layout.thresholds)
 
-    t0 = time.perf_counter()
-    pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)
-    if pause > 0:  # test hook only (tests/test_rerun.py): a fixed moment to send Ctrl-C at
-        LOG.info("test hook: pausing %.0f s before scoring", pause)
-        time.sleep(pause)
-    thresholds = tune_thresholds.load_thresholds(layout.thresholds)
-    score_kw = dict(methods=args.methods, concurrency=args.concurrency,
-                    num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
-                    flag_threshold=gate.flag_threshold)
-    try:  # resumes an interrupted scoring of this same classifier and thresholds
-        scored = score_cohort.score(refs, out, thresholds, **score_kw)
-    except score_cohort.StaleResultsError as e:
-        # The pipeline has just (re)trained and (re)tuned: results of an older classifier or
-        # other thresholds cannot be reused, and this run's own results replace them.
-        LOG.warning("%s: replacing them with this run's results", e)
-        scored = score_cohort.score(refs, out, thresholds, overwrite=True, **score_kw)
-    timings["score_s"] = time.perf_counter() - t0
+    with clock.stage("score_s"):
+        pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)
+        if pause > 0:  # test hook only (tests/test_rerun.py): a fixed moment to send Ctrl-C at
+            LOG.info("test hook: pausing %.0f s before scoring", pause)
+            time.sleep(pause)
+        thresholds = load_thresholds(layout.thresholds)
+        score_kw = dict(methods=args.methods, concurrency=args.concurrency,
+                        num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
+                        flag_threshold=gate.flag_threshold)
+        try:  # resumes an interrupted scoring of this same classifier and thresholds
+            scored = score_cohort.score(refs, out, thresholds, **score_kw)
+        except score_cohort.StaleResultsError as e:
+            # The pipeline has just (re)trained and (re)tuned: results of an older classifier or
+            # other thresholds cannot be reused, and this run's own results replace them.
+            LOG.warning("%s: replacing them with this run's results", e)
+            scored = score_cohort.score(refs, out, thresholds, overwrite=True, **score_kw)
 
-    t0 = time.perf_counter()
-    analysis_split = "test" if any(r.split == "test" for r in refs) else "all"
-    if analysis_split == "all":
-        LOG.warning("no test patients: the analysis covers every study")
-    analysis = analyze_job.analyze(out, split=analysis_split)
-    timings["analyze_s"] = time.perf_counter() - t0
+    with clock.stage("analyze_s"):
+        analysis_split = "test" if any(r.split == "test" for r in refs) else "all"
+        if analysis_split == "all":
+            LOG.warning("no test patients: the analysis covers every study")
+        analysis = analyze_job.analyze(out, split=analysis_split)
     timings["total_s"] = time.perf_counter() - t_all
 
     run = {

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from jobs.common import (auto_parallelism, fit_keeping_ctrl_c, input_record, open_run, publish,
                          ray_storage_path)
 from jobs.telemetry import record_epoch
+from wsseg_core.storage import copy_file
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
@@ -401,7 +402,7 @@ def _last_run_record(storage_path: str, name: str) -> str:
 
 def _note_run(storage_path: str, name: str, run_name: str, fingerprint: dict[str, Any]) -> None:
     """Log whether `run_name` resumes the last run under `name` or replaces it, and why; record it."""
-    from wsseg_core.storage import exists, filesystem_and_path, join, read_bytes
+    from wsseg_core.storage import exists, join, read_bytes, write_bytes
 
     record = _last_run_record(storage_path, name)
     try:
@@ -422,13 +423,8 @@ def _note_run(storage_path: str, name: str, run_name: str, fingerprint: dict[str
         else:
             LOG.warning("%s: settings or data changed since run %s (%s): training a new run %s",
                         name, last.get("run_name"), change, run_name)
-    fs, path = filesystem_and_path(record)
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp, compression=None) as f:
-        f.write(json.dumps({"run_name": run_name, "digest": fingerprint["digest"],
-                            "fields": fingerprint["fields"]}, default=str).encode())
-    fs.move(tmp, path)
+    write_bytes(record, json.dumps({"run_name": run_name, "digest": fingerprint["digest"],
+                                    "fields": fingerprint["fields"]}, default=str).encode())
 
 
 def discard_run(storage_path: str, run_name: str) -> bool:
@@ -493,16 +489,9 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"{run_name}: training finished without a checkpoint")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with latest.as_directory() as d:
-            state = json.loads((Path(d) / KEPT_FILE).read_text())
-            shutil.copyfile(Path(d) / best_file(ckpt_file), tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with latest.as_directory() as d:
+        state = json.loads((Path(d) / KEPT_FILE).read_text())
+        copy_file(Path(d) / best_file(ckpt_file), dest)
     history = sorted(state["history"], key=lambda h: int(h.get("epoch", 0)))
     kept_epoch = state["kept_epoch"]
     if state["fallback"]:

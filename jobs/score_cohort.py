@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,44 +43,10 @@ from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, fetch, in
                          publish, resolve_cohort, setup_logging, sha256_file, torch_threads_for,
                          write_json)
 from jobs.telemetry import ProgressLog, StageClock, record_flagged, record_study
+# The methods by name and the network methods' loaders: one registry in the library.
+from wsseg_core.methods import ALL_METHODS, CAM_METHODS, DEFAULT_METHODS, MODEL_METHODS  # noqa: F401
 
 LOG = logging.getLogger("wsseg.score_cohort")
-CAM_METHOD_NAMES = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
-DEFAULT_METHODS = CAM_METHOD_NAMES + ("Threshold",)
-
-
-@dataclass(frozen=True)
-class ModelMethod:
-    """A method that segments a study with its own trained network rather than the slice CAMs.
-
-    `loader` names a library function `"module:function"` called once per actor as
-    `function(checkpoint_path, params, device=..., batch_size=...)`; it returns a callable
-    `Study -> uint8 mask` on the SUV grid. `params` is the method's entry of thresholds.json
-    (`{}` when it has none). Scored whenever `<out>/models/<checkpoint>` exists.
-    """
-
-    checkpoint: str
-    loader: str
-    needs_thresholds: bool = False
-
-    def load(self, path: Path, params: dict, *, device: str, batch_size: int):
-        import importlib
-
-        module, func = self.loader.split(":")
-        return getattr(importlib.import_module(module), func)(path, params, device=device,
-                                                              batch_size=batch_size)
-
-
-# One entry per network-based method: adding a method means one line here and one loader.
-MODEL_METHODS: dict[str, ModelMethod] = {
-    # The supervised upper baseline (Früh et al. Sec. 2.3.2): no thresholds to tune.
-    "UNet": ModelMethod("unet.pt", "wsseg_core.unet:load_segmenter"),
-    # Amyar et al.'s MIP class response: t (CAM) and q (% of SUVmax) tuned by jobs.train_mipcam.
-    "MIP-CAM": ModelMethod("mipcam.pt", "wsseg_core.mipcam:load_segmenter", needs_thresholds=True),
-    # Afshari et al.'s box-supervised 3-D FCN; thresholds.json may set threshold / postprocess.
-    "BoxFCN": ModelMethod("boxfcn.pt", "wsseg_core.boxfcn:load_segmenter"),
-}
-ALL_METHODS = DEFAULT_METHODS + tuple(MODEL_METHODS)
 
 # Explicit schema: every Parquet file of a run has the same column types, whatever its rows
 # (a file holding only failed rows would otherwise get null-typed float columns).
@@ -128,7 +93,7 @@ def worker_id() -> str:
     """`hostname:pid` of this scoring process (the rows' `worker` column)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 # Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
-TMP_MARKER = ".tmp-"
+from wsseg_core.storage import TMP_MARKER, write_parquet  # noqa: E402
 
 
 class StaleResultsError(RuntimeError):
@@ -141,16 +106,7 @@ def write_study_table(table: pa.Table, path: Path) -> None:
     The temp name starts with '.', which pyarrow (and so `pd.read_parquet(folder)`) never reads,
     so a writer killed mid-write leaves nothing a reader or a resumed run would take for a result.
     """
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet(path, table)
 
 
 def _none_if_missing(v: Any) -> Any:
@@ -258,10 +214,10 @@ def undefined_methods(classifier_path: str | Path, methods: Sequence[str]) -> di
     from wsseg_core.cams import cam_undefined_reason
     from wsseg_core.models import load_classifier
 
-    if not any(m in CAM_METHOD_NAMES for m in methods):
+    if not any(m in CAM_METHODS for m in methods):
         return {}
     model, _, _ = load_classifier(classifier_path)
-    return {m: why for m in methods if m in CAM_METHOD_NAMES
+    return {m: why for m in methods if m in CAM_METHODS
             and (why := cam_undefined_reason(model, m)) is not None}
 
 
@@ -329,7 +285,7 @@ class StudyMasker:
         with clock.stage("classify"):
             probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
             z = flagged_slices(probs, self.flag_threshold)
-        cam_methods = [m for m in self.methods if m in CAM_METHOD_NAMES]
+        cam_methods = [m for m in self.methods if m in CAM_METHODS]
         with clock.stage("cams"):
             maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
                                self.cam_batch_size)
@@ -771,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jobs.tune_thresholds import load_flag_threshold, load_thresholds
+    from wsseg_core.thresholds import load_flag_threshold, load_thresholds
 
     setup_logging()
     args = build_parser().parse_args(argv)

@@ -246,7 +246,8 @@ def record_flagged(n_flagged: int, n_slices: int, split: str | None) -> None:
 
 @dataclass
 class StageClock:
-    """Seconds per stage of one study, summed over every entry to a stage, recorded once per study.
+    """Seconds per stage of one study (or of the pipeline: jobs.pipeline's run.json timings),
+    summed over every entry to a stage, recorded once per study.
 
     `with clock.stage("read"): ...` adds the block's wall time to "read" when it ends normally (a
     stage that raised is not timed: the study failed there). `flush()` observes each stage's total

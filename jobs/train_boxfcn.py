@@ -520,7 +520,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     Returns the fits, the chosen entry, the validation per-study rows of every variant and the
     model paths by role.
     """
-    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
     from wsseg_core.losses import PAPER_LOSS
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +35,7 @@ from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ra
                          torch_threads_for, write_json)
 from jobs.ray_train import share_cpus
 from jobs.telemetry import tune_callback
+from wsseg_core.storage import copy_file, write_npz, write_parquet
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -210,11 +209,9 @@ def cache_val_cams(checkpoint: str, refs: list, cache_dir: str | Path) -> list[s
         mips, _ = compute_mips(st.suv, st.affine, st.spacing_mm)
         cams, probs = predict_view_cams(model, mips)
         path = cache_dir / f"{study_key(r.patient_id, r.study_id)}.npz"
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, suv=st.suv, seg=st.seg, affine=st.affine, spacing_mm=st.spacing_mm,
-                 patient_id=np.array(r.patient_id), probs=probs,
-                 **{f"cam_{v}": c for v, c in cams.items()})
-        os.replace(tmp, path)
+        write_npz(path, suv=st.suv, seg=st.seg, affine=st.affine, spacing_mm=st.spacing_mm,
+                  patient_id=np.array(r.patient_id), probs=probs,
+                  **{f"cam_{v}": c for v, c in cams.items()})
         files.append(str(path))
     return files
 
@@ -226,9 +223,10 @@ def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Seque
     empties. A study the CNN calls tumour-free (``study_flagged``; ``gate_threshold`` default
     ``DEFAULT_GATE``) gets the scorer's empty mask: Dice 0 at every (t, q) where it has tumour."""
     from wsseg_core.mipcam import DEFAULT_GATE, VIEWS, dice_grid, mip_views, study_flagged
+    from wsseg_core.selection import patient_mean
 
     gate = DEFAULT_GATE if gate_threshold is None else float(gate_threshold)
-    per_patient: dict[str, list[np.ndarray]] = {}
+    scores = []
     n_gated = 0
     for f in cache_files:
         with np.load(f) as c:
@@ -239,13 +237,9 @@ def grid_dice(cache_files: Sequence[str], t_grid: Sequence[float], q_grid: Seque
                 views = mip_views(c["suv"].shape, c["affine"], c["spacing_mm"])
                 g = dice_grid(c["suv"], c["seg"], {v: c[f"cam_{v}"] for v in VIEWS}, views, t_grid,
                               q_grid)
-            per_patient.setdefault(str(c["patient_id"]), []).append(g)
-    if not per_patient:
-        return np.full((len(t_grid), len(q_grid)), np.nan), 0, 0
-    with np.errstate(all="ignore"):
-        pm = np.stack([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
-        mean = np.nanmean(pm, axis=0)
-    return mean, int(np.sum(np.isfinite(pm[:, 0, 0]))), n_gated
+            scores.append((str(c["patient_id"]), g))
+    mean, n = patient_mean(scores, (len(t_grid), len(q_grid)))
+    return mean, n, n_gated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +250,7 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
           out: str, fit_kwargs: dict) -> dict:
     """One Tune trial: Train fit at weight w, validation CAMs once, the whole (t, q) grid."""
     from wsseg_core.mipcam import Q_GRID, T_GRID
+    from wsseg_core.selection import best_cell
 
     torch_threads_for(1)
     w = float(config["distance_weight"])
@@ -267,8 +262,8 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
                      name=f"mipcam_w{w:g}", **fit_kwargs)
     files = cache_val_cams(res["checkpoint"], val_refs, trial_dir / "cams")
     mean, n, n_gated = grid_dice(files, T_GRID, Q_GRID)
-    if np.isfinite(mean).any():
-        i, j = np.unravel_index(int(np.nanargmax(mean)), mean.shape)
+    if (cell := best_cell(mean)) is not None:
+        i, j = cell
         best = {"val_dice": float(mean[i, j]), "t": float(T_GRID[i]), "q": float(Q_GRID[j])}
     else:
         best = {"val_dice": 0.0, "t": float("nan"), "q": float("nan")}
@@ -292,7 +287,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     import ray
     from ray import tune
 
-    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.mipcam import Q_GRID, T_GRID, TUMOUR_CLASSES, diagnosis_classes
 
     layout = RunLayout(Path(out).absolute())
@@ -353,20 +348,12 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     table = pd.DataFrame(rows).sort_values(["val_dice", "distance_weight"], ascending=[False, True])
     table = table.reset_index(drop=True)
     grid_path = layout.out / "tune" / "mipcam_grid.parquet"
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = grid_path.with_name(f".{grid_path.name}.tmp-{os.getpid()}")
-    pd.DataFrame(grid_rows).to_parquet(tmp, index=False)
-    os.replace(tmp, grid_path)
+    write_parquet(grid_path, pd.DataFrame(grid_rows))
     search_path = layout.out / "tune" / "mipcam_search.parquet"
-    tmp = search_path.with_name(f".{search_path.name}.tmp-{os.getpid()}")
-    table.drop(columns=["checkpoint"]).to_parquet(tmp, index=False)
-    os.replace(tmp, search_path)
+    write_parquet(search_path, table.drop(columns=["checkpoint"]))
     win = table.iloc[0]
     dest = mipcam_path(layout.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(win["checkpoint"], tmp)
-    os.replace(tmp, dest)
+    copy_file(win["checkpoint"], dest)
     from wsseg_core.mipcam import DEFAULT_GATE
 
     alone = table[table["distance_weight"] == 0].iloc[0]

@@ -175,7 +175,7 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
     scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
     training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
     from jobs.common import RunLayout
-    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.unet import choose_threshold, load_unet
 
     layout = RunLayout(Path(out))

@@ -23,6 +23,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, fi
 from jobs.telemetry import tune_callback
 from jobs.ray_train import share_cpus
 from jobs.train_classifier import WEIGHTS_HELP, weights_arg
+from wsseg_core.storage import write_parquet
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -30,8 +31,9 @@ PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
 
 def best_val_dice(cache_files: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, float]:
     """Best validation Dice per CAM method over the full (t_m, q_m) grid, averaged per patient and
-    then over patients: the selection rule of the threshold search (`tune_thresholds.evaluate_cell`),
-    which it reuses, so a weight is judged by the Dice the pipeline would tune for it. `methods`:
+    then over patients: the selection rule of every search (wsseg_core.selection), through the
+    threshold search's `tune_thresholds.evaluate_cell`, so a weight is judged by the Dice the
+    pipeline would tune for it. `methods`:
     the CAM methods the classifier defines (default all four)."""
     from jobs.tune_thresholds import evaluate_cell
     from wsseg_core.cams import CAM_METHODS
@@ -105,8 +107,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     keep = ["tumour_weight", "val_auc", "best_cam_dice"] + [c for c in df.columns if c.startswith("dice_")] + ["checkpoint"]
     table = df[keep].sort_values(["val_auc", "best_cam_dice"], ascending=False).reset_index(drop=True)
     path = layout.out / "loss_weight" / "results.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(path, index=False)
+    write_parquet(path, table)
     chosen = float(table.loc[0, "tumour_weight"])
     write_json(layout.out / "loss_weight" / "chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
     publish(layout, remote, layout.out / "loss_weight" / "results.parquet",

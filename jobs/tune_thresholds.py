@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,11 @@ import numpy as np
 
 from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, labelled,
                          load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
-                         setup_logging, study_key, torch_threads_for, write_json)
+                         setup_logging, study_key, torch_threads_for)
 from jobs.telemetry import tune_callback
-from wsseg_core.storage import join, read_bytes
+from wsseg_core.storage import join, read_bytes, write_npz, write_parquet
+# The thresholds.json format (q % of the slice SUVmax for Threshold, which scoring falls back to).
+from wsseg_core.thresholds import THRESHOLD_REFERENCE, load_flag_threshold, update_thresholds
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
 #: Which labelled studies the (t, q) search scores: `--tune-on`.
@@ -43,8 +43,6 @@ TUNE_ON = ("train+val", "val")
 #: validation alone at 60/20/20, steadier for two parameters per method; `val` keeps the choice on
 #: patients the classifier never saw. The test split is never used by either.
 DEFAULT_TUNE_ON = "train+val"
-# q % of the slice SUVmax (wsseg_core.segment); scoring falls back to the same when an entry has none.
-from wsseg_core.segment import THRESHOLD_REFERENCE  # noqa: E402
 
 
 def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus: float, purpose: str):
@@ -122,17 +120,6 @@ def tuning_refs(train: list, val: list, tune_on: str = DEFAULT_TUNE_ON) -> list:
     return list(val) if tune_on == "val" else [*train, *val]
 
 
-def load_flag_threshold(path: str | Path | None) -> float:
-    """The flag threshold of thresholds.json, or the paper's 0.5 where none was chosen."""
-    import json
-
-    from wsseg_core.gate import PAPER_FLAG_THRESHOLD
-
-    if path is not None and Path(path).exists():
-        return float(json.loads(Path(path).read_text()).get("flag_threshold", PAPER_FLAG_THRESHOLD))
-    return PAPER_FLAG_THRESHOLD
-
-
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
                      flag_threshold: float = 0.5, t_grid: list[float] | None = None,
                      q_grid: list[float] | None = None) -> str | None:
@@ -165,15 +152,12 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
     # and two studies sharing a cache file would let the search score one of them twice.
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     # Not the volumes (0.47 GB a study at autoPET size, read again by every trial): the grid's
     # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
                              T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
                              reference=THRESHOLD_REFERENCE, ct=study.ct)
-    np.savez(tmp, patient_id=np.array(ref.patient_id), **cache.to_arrays())
-    os.replace(tmp, path)
+    write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     if remote is not None:
         publish(layout, remote, path)
         return remote.uri.rstrip("/") + "/" + path.relative_to(layout.out).as_posix()
@@ -186,13 +170,15 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
     `config["cell"]`: {"method", "ts": [t, ...]} (or "t": one t); the Threshold baseline has no t
     (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
     best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
+    The rule is wsseg_core.selection's, shared with the other searches.
     """
     from wsseg_core.gridcache import GridCache, cache_dice_grid, cache_threshold_dice_grid
+    from wsseg_core.selection import best_cell, patient_mean
 
     cell = config["cell"]
     method = cell["method"]
     ts = [float(t) for t in cell.get("ts", [cell.get("t", float("nan"))])]
-    per_patient: dict[str, list[np.ndarray]] = {}
+    scores = []
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
             cache, patient = GridCache.from_arrays(c), str(c["patient_id"])
@@ -201,17 +187,9 @@ def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[f
                            dtype=float)[None, :].repeat(len(ts), axis=0)
         else:
             d = np.asarray(cache_dice_grid(cache, method, ts, q_grid), dtype=float)
-        per_patient.setdefault(patient, []).append(d)
-    # Dice is NaN for studies without tumour: average what exists, per patient then over patients
-    # (an all-NaN column is expected, not worth nanmean's "Mean of empty slice" warning).
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        patient_means = np.array([np.nanmean(np.stack(v), axis=0) for v in per_patient.values()])
-        mean = (np.nanmean(patient_means, axis=0) if len(patient_means)
-                else np.full((len(ts), len(q_grid)), np.nan))
-    n = int(np.sum(~np.isnan(patient_means[:, 0, 0]))) if len(patient_means) else 0
-    flat = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
-    bt, bq = np.unravel_index(flat, mean.shape)
+        scores.append((patient, d))
+    mean, n = patient_mean(scores, (len(ts), len(q_grid)))
+    bt, bq = best_cell(mean) or (0, 0)  # nothing defined: the first cell, reported as Dice 0
     return {"mean_dice": float(mean[bt, bq]) if np.isfinite(mean[bt, bq]) else 0.0,
             "t": ts[bt], "q": float(q_grid[bq]), "dice_by_tq": [[float(v) for v in row] for row in mean],
             "dice_by_q": [float(v) for v in mean[bt]], "n_patients": n}
@@ -310,10 +288,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                 rows.append({"method": cell["method"], "t": t, "q": q, "mean_dice": d,
                              "n_patients": r.metrics["n_patients"]})
     grid = pd.DataFrame(rows)
-    layout.tune_grid.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.tune_grid.with_name(f".{layout.tune_grid.name}.tmp")
-    grid.to_parquet(tmp, index=False)
-    tmp.replace(layout.tune_grid)
+    write_parquet(layout.tune_grid, grid)
 
     chosen: dict[str, dict[str, Any]] = {}
     for method, g in grid.groupby("method", sort=False):
@@ -348,36 +323,6 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         LOG.info("%-9s t=%s q=%.1f tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
     return {"thresholds": chosen, "grid": str(layout.tune_grid)}
-
-
-def update_thresholds(path: str | Path, entries: dict[str, dict[str, Any]], **info: Any) -> None:
-    """Merge tuned entries (method -> params) into thresholds.json, atomically.
-
-    Each tuning job owns its methods' entries only (the slice-CAM search, MIP-CAM's, BoxFCN's), so a
-    later search never drops what an earlier one chose. `info` goes to the top level (e.g.
-    n_val_studies).
-    """
-    import json
-
-    path = Path(path)
-    record = json.loads(path.read_text()) if path.exists() else {"source": "tuned", "methods": {}}
-    record.setdefault("methods", {}).update(entries)
-    record.update(info)
-    write_json(path, record)
-
-
-def load_thresholds(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    """Tuned values from thresholds.json, or the paper's values where none were tuned."""
-    import json
-
-    from wsseg_core.segment import PAPER_THRESHOLDS
-
-    chosen = {m: {"t": t, "q": q, "source": "paper"} for m, (t, q) in PAPER_THRESHOLDS.items()}
-    chosen["Threshold"] = {"q": 31.0, "reference": THRESHOLD_REFERENCE, "source": "default"}
-    if path is not None and Path(path).exists():
-        for m, e in json.loads(Path(path).read_text())["methods"].items():
-            chosen[m] = {**e, "source": "tuned"}
-    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,7 +146,7 @@ def test_scoring_under_the_fc_head_writes_skipped_cam_rows(ray_cluster, tmp_path
     from jobs.analyze import analyze
     from jobs.score_cohort import score
     from jobs.common import write_manifest
-    from jobs.tune_thresholds import update_thresholds
+    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.stats import summarize
 
     ref, _ = scoring_study

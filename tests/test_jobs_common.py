@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jobs.common import RunLayout, atomic_write_text, safe_name
-from jobs.tune_thresholds import load_thresholds
+from wsseg_core.thresholds import load_thresholds
 
 
 @pytest.mark.parametrize("ident,expected", [

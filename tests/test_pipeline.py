@@ -205,6 +205,12 @@ def test_run_json_records_the_run(finished_run):
     assert len(rec["classifier"]["sha256"]) == 64 and Path(rec["classifier"]["path"]).exists()
     assert {"torch", "ray", "numpy"} <= set(rec["versions"])
     assert rec["studies"] == {"total": 13, "ok": 12, "failed": 1}
+    # one timed block per stage the run went through; the stages do not overlap
+    stages = {k: v for k, v in rec["timings"].items() if k != "total_s"}
+    assert set(stages) == {"cohort_s", "ray_start_s", "train_s", "classifier_check_s", "tune_s",
+                           "score_s", "analyze_s"}
+    assert all(v > 0 for v in stages.values())
+    assert sum(stages.values()) <= rec["timings"]["total_s"]
     grid = pd.read_parquet(out / "tune" / "grid.parquet")
     # The paper's 10 t values x the small preset's q grid (20..99, 80 values; the paper's is 20..50).
     th = json.loads((out / "thresholds.json").read_text())

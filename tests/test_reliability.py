@@ -111,7 +111,7 @@ def scored(tmp_path_factory, ray_cluster):
 
     from jobs.common import resolve_cohort
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     root = tmp_path_factory.mktemp("rel")
     refs = resolve_cohort(_bad_cohort(root / "cohort"))
@@ -171,7 +171,7 @@ def test_metrics_folder_reads_in_pandas_and_ignores_run_record_and_temp_files(sc
 
 def test_interrupted_run_resumes_only_the_missing_studies(scored, tmp_path, caplog):
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     _, out, refs, _, _ = scored
     before = _table(out)
@@ -201,7 +201,7 @@ def test_interrupted_run_resumes_only_the_missing_studies(scored, tmp_path, capl
 
 def test_stale_results_are_refused_unless_overwrite(scored, tmp_path):
     from jobs.score_cohort import StaleResultsError, score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     _, out, refs, _, _ = scored
     run2 = tmp_path / "out"
@@ -222,7 +222,7 @@ def test_killed_scoring_actor_is_restarted_and_its_study_retried(scored, tmp_pat
     import time
 
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     _, out, refs, _, _ = scored
     good = [r for r in refs if r.patient_id.startswith("PETCT")]
@@ -251,7 +251,7 @@ def test_killed_scoring_actor_is_restarted_and_its_study_retried(scored, tmp_pat
 
 def test_colliding_ids_are_refused(tmp_path, scored):
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     _, _, refs, _, _ = scored
     a = next(r for r in refs if r.patient_id.startswith("PETCT"))
@@ -325,7 +325,7 @@ def test_split_cpu_stage_gives_the_same_rows_and_survives_a_killed_finisher(scor
     errors included), a CPU-stage actor killed mid-study is restarted and the study retried, and
     a rerun resumes with nothing to do."""
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     _, out, refs, _, _ = scored
     run2 = tmp_path / "out"

@@ -172,7 +172,7 @@ def scored_run(tmp_path_factory):
 
     from jobs.common import RunLayout, write_manifest
     from jobs.score_cohort import StudyScorer
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.models import build_slice_classifier, save_classifier
     from wsseg_core.phantom import write_phantom_cohort
 

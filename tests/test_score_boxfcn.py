@@ -12,7 +12,7 @@ import torch
 
 def test_scorer_scores_boxfcn_next_to_cam_methods(scoring_layout):
     from jobs.score_cohort import METRICS_SCHEMA, MODEL_METHODS, StudyScorer, default_methods
-    from jobs.tune_thresholds import load_thresholds, update_thresholds
+    from wsseg_core.thresholds import load_thresholds, update_thresholds
     from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
 
     layout, ref = scoring_layout

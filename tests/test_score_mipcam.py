@@ -10,7 +10,7 @@ import torch
 
 def test_scorer_scores_mipcam_next_to_cam_methods(scoring_layout):
     from jobs.score_cohort import MODEL_METHODS, StudyScorer, default_methods
-    from jobs.tune_thresholds import load_thresholds, update_thresholds
+    from wsseg_core.thresholds import load_thresholds, update_thresholds
     from wsseg_core.mipcam import build_mipcam, save_mipcam
 
     layout, ref = scoring_layout
@@ -40,7 +40,7 @@ def test_scorer_scores_mipcam_next_to_cam_methods(scoring_layout):
 
 def test_score_refuses_untuned_mipcam(tmp_path):
     from jobs.score_cohort import score
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     with pytest.raises(ValueError, match="MIP-CAM"):
         score([], tmp_path, load_thresholds(None), methods=["CAM", "MIP-CAM"])

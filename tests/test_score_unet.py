@@ -10,7 +10,7 @@ import torch
 
 def test_scorer_scores_unet_next_to_cam_methods(scoring_layout):
     from jobs.score_cohort import StudyScorer, default_methods
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
     from wsseg_core.unet import build_unet, save_unet
 
     layout, ref = scoring_layout

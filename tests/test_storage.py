@@ -115,7 +115,7 @@ def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster,
     analyze with `--out` a file:// URI of a folder with a space; a rerun resumes from the URI."""
     from jobs import analyze, score_cohort, train_classifier
     from jobs.common import open_run
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     monkeypatch.setenv("WSSEG_STAGING", str(tmp_path / "staging"))
     root, refs = cohort
@@ -150,3 +150,87 @@ def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster,
     assert result["n_studies"] == 2
     assert (dest / "icc.parquet").is_file() and (dest / "summary.parquet").is_file()
     assert open_run(out)[0].out.is_relative_to(tmp_path / "staging2")
+
+
+# --------------------------------------------------------------------------------------------------
+# The atomic writers (wsseg_core.storage): a failure mid-write leaves the target as it was and no
+# temp file; a success leaves the target and nothing else.
+
+
+class _Boom(Exception):
+    pass
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("interrupt", [_Boom, KeyboardInterrupt])
+def test_failure_mid_write_leaves_neither_a_partial_target_nor_a_temp_file(tmp_path, interrupt):
+    target = tmp_path / "out" / "result.parquet"
+    # No earlier file: the half-written bytes reach the temp file, never the target.
+    with pytest.raises(interrupt):
+        with storage.atomic_path(target) as tmp:
+            tmp.write_bytes(b"PAR1 half a file")
+            assert tmp.parent == target.parent and tmp.name.startswith(".")
+            assert storage.TMP_MARKER in tmp.name
+            raise interrupt()
+    assert _listing(target.parent) == []
+    # An earlier file survives a failed rewrite unchanged.
+    storage.write_parquet(target, pd.DataFrame({"a": [1, 2]}))
+    before = target.read_bytes()
+    with pytest.raises(interrupt):
+        with storage.atomic_path(target) as tmp:
+            tmp.write_bytes(b"PAR1 half a file")
+            raise interrupt()
+    assert target.read_bytes() == before
+    assert _listing(target.parent) == ["result.parquet"]
+
+
+def test_a_writer_that_fails_inside_leaves_the_old_file(tmp_path):
+    """The writers' own errors: np.savez fails while pickling its second array, after it has
+    written ~8 KB of the file (a plain np.savez leaves those bytes as the target); pyarrow cannot
+    store a column of arbitrary objects."""
+    npz_path, pq_path = tmp_path / "c.npz", tmp_path / "t.parquet"
+    storage.write_npz(npz_path, ok=np.arange(3))
+    unpicklable = np.empty(1, object)
+    unpicklable[0] = lambda: 1
+    with pytest.raises(Exception, match="pickle"):
+        storage.write_npz(npz_path, ok=np.arange(1000), bad=unpicklable)
+    with np.load(npz_path) as z:
+        assert z["ok"].tolist() == [0, 1, 2] and list(z.keys()) == ["ok"]
+    storage.write_parquet(pq_path, pd.DataFrame({"a": [1]}))
+    with pytest.raises(Exception):
+        storage.write_parquet(pq_path, pd.DataFrame({"a": [object()]}))
+    pd.testing.assert_frame_equal(pd.read_parquet(pq_path), pd.DataFrame({"a": [1]}))
+    assert _listing(tmp_path) == ["c.npz", "t.parquet"]
+
+
+def test_each_writer_round_trips_and_leaves_only_its_target(tmp_path):
+    d = tmp_path / "a" / "b"  # folders are created
+    storage.write_bytes(d / "x.bin", b"\x00\x01")
+    storage.write_text(d / "x.txt", "Früh\n")
+    storage.write_json(d / "x.json", {"b": 1, "a": Path("p")})
+    table = pd.DataFrame({"m": ["CAM", "GradCAM"], "dice": [0.5, np.nan]})
+    storage.write_parquet(d / "x.parquet", table)
+    storage.write_npz(d / "x.npz", a=np.arange(3), pid=np.array("p 1"))
+    img = nib.Nifti1Image(np.arange(8, dtype=np.uint8).reshape(2, 2, 2), np.diag([2.0, 2.0, 3.0, 1.0]))
+    storage.write_nifti(d / "x.nii.gz", img)
+    storage.copy_file(d / "x.bin", d / "y.bin")
+    assert (d / "x.bin").read_bytes() == b"\x00\x01" == (d / "y.bin").read_bytes()
+    assert (d / "x.txt").read_text(encoding="utf-8") == "Früh\n"
+    assert (d / "x.json").read_text() == '{\n  "a": "p",\n  "b": 1\n}\n'
+    pd.testing.assert_frame_equal(pd.read_parquet(d / "x.parquet"), table)
+    with np.load(d / "x.npz") as z:
+        assert z["a"].tolist() == [0, 1, 2] and str(z["pid"]) == "p 1"
+    assert (d / "x.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzipped, as the name says
+    back = nib.load(d / "x.nii.gz")
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(img.dataobj))
+    np.testing.assert_array_equal(back.affine, img.affine)
+    assert _listing(d) == sorted(["x.bin", "x.txt", "x.json", "x.parquet", "x.npz", "x.nii.gz", "y.bin"])
+
+
+def test_write_bytes_to_a_uri_leaves_no_temp_file(tmp_path):
+    storage.write_bytes(uri(tmp_path / "r r" / "run.json"), b"{}")
+    assert (tmp_path / "r r" / "run.json").read_bytes() == b"{}"
+    assert _listing(tmp_path / "r r") == ["run.json"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.tune_thresholds import THRESHOLD_REFERENCE, cache_study_cams, evaluate_cell
+from jobs.tune_thresholds import cache_study_cams, evaluate_cell
+from wsseg_core.thresholds import THRESHOLD_REFERENCE
 from wsseg_core.cams import CAM_METHODS, CamEngine
 from wsseg_core.data import load_study
 from wsseg_core.metrics import dice

@@ -3,16 +3,29 @@
 A library of small, pure functions and small classes over numpy / torch / nibabel.
 It never imports ray: the Ray entry points live in ``jobs/``.
 
-Modules, one concept each:
-    data     cohort discovery, manifests, study loading and validation, weak labels, splits
-    phantom  synthetic whole-body PET/CT cohort in the autoPET layout
-    models   VGG16 slice classifier (Früh et al.) and its input preprocessing
-    train    slice sampling, augmentation, training / evaluation loops (plain PyTorch)
-    cams     CAM, GradCAM, GradCAM++, ScoreCAM for a batch of slices
-    segment  Algorithm 1 (CAM region + SUV percentile) and the global-threshold baseline
-    metrics  Dice, MTV (ml), TLG (g)
-    stats    ICC(2,1) and per-method summaries
-    report   figures (PNG)
+Modules, one concept each (docs/ARCHITECTURE.md lists their API):
+    methods     the eight methods by name; the network methods' checkpoints and loaders
+    storage     local paths and URIs; the atomic writers (temp name, then os.replace)
+    data        cohort discovery, manifests, study loading and validation, weak labels, splits
+    phantom     synthetic whole-body PET/CT cohort in the autoPET layout
+    checkpoint  the one checkpoint file format of every network
+    models      VGG16 slice classifier (Früh et al.) and its input preprocessing
+    train       slice sampling, augmentation, training / evaluation loops (plain PyTorch)
+    gate        flag threshold and quality gate of the slice classifier
+    cams        CAM, GradCAM, GradCAM++, ScoreCAM for a batch of slices
+    inference   classifier and CAMs over a whole volume, batch by batch
+    segment     Algorithm 1 (CAM region + SUV percentile) and the global-threshold baseline
+    thresholds  the thresholds.json format: the paper's values, reading and merging tuned ones
+    gridcache   the tuning cache: the voxel counts behind every (t, q) Dice of a study
+    selection   the searches' rule: Dice per patient, then over patients; the best cell
+    unet        supervised 2-D U-Net baseline (upper bound)
+    mipcam      MIP-CAM (Amyar et al.): MIP CNN, distance-corrected CAMs, 3-D reconstruction
+    losses      Afshari et al.'s box losses (Eq. 1-7)
+    boxfcn      BoxFCN (Afshari et al.): box labels, 3-D FCN, training, inference
+    packing     compact masks and SUV crops between processes
+    metrics     Dice, MTV (ml), TLG (g), autoPET and lesion-wise metrics, ROC AUC
+    stats       ICC(2,1), per-method summaries, paired comparisons
+    report      figures (PNG) and the HTML report
 """
 
 __version__ = "0.1.0"

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsseg_core.methods import CAM_METHODS  # the names, defined once (torch-free)
 from wsseg_core.models import fold_batch_norm
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
     "upsample_cam",
 ]
 
-CAM_METHODS: tuple[str, ...] = ("CAM", "GradCAM", "GradCAM++", "ScoreCAM")
 SCORES: tuple[str, ...] = ("logit", "prob")
 _GRADIENT_METHODS = ("GradCAM", "GradCAM++")
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from wsseg_core.storage import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -41,17 +42,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, fmt: str, vers
     payload = {"format": fmt, "version": int(version),
                "state_dict": {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
                "config": dict(config), "meta": meta_clean, **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, what: str,

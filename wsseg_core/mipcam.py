@@ -73,7 +73,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -83,6 +82,7 @@ from scipy import ndimage
 from torch import nn
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
+from wsseg_core.storage import write_npz
 
 ISO_MM = 2.0  # MIP pixel size (paper: resampled to 2 x 2 x 2 mm)
 SUV_CLIP = 30.0  # SUV clipped to [0, 30] then scaled to [0, 1] (paper 3.2)
@@ -298,17 +298,13 @@ def study_samples(suv: np.ndarray, seg: np.ndarray | None, affine: np.ndarray,
 
 
 def samples_to_npz(path: str | os.PathLike, samples: Sequence[MipSample]) -> None:
-    """Save one study's samples (written to a temp name, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save one study's samples (atomically: wsseg_core.storage.write_npz)."""
     arrays: dict[str, np.ndarray] = {"n": np.array(len(samples))}
     for i, s in enumerate(samples):
         arrays.update({f"image{i}": s.image, f"target{i}": s.target, f"dist{i}": s.dist_mm,
                        f"has{i}": np.array(bool(s.has_points)), f"points{i}": s.points_mm,
                        f"view{i}": np.array(s.view), f"study{i}": np.array(s.study)})
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_npz(path, **arrays)
 
 
 def samples_from_npz(path: str | os.PathLike) -> list[MipSample]:

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from wsseg_core.data import StudyRef
+from wsseg_core.storage import write_nifti
 
 LOG = logging.getLogger(__name__)
 
@@ -695,14 +696,7 @@ def _atomic_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> No
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    # same folder + same .nii.gz suffix, so the temp file is gzipped and os.replace is atomic
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_nifti(path, img)
 
 
 def _cohort_plan(n: int, seed: int, negative_fraction: float) -> list[tuple[int, int, bool, int, str]]:

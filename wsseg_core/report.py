@@ -29,14 +29,11 @@ def _largest_lesion_slice(seg: np.ndarray) -> int:
 def _save_atomic(fig, path: Path, dpi: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from wsseg_core.storage import atomic_path
+
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def phantom_figure(
@@ -472,15 +469,10 @@ def write_html_report(path: str | os.PathLike, title: str, sections: Sequence[tu
     for heading, body in sections:
         parts.append(f"<section><h2>{html.escape(heading)}</h2>{body}</section>")
     parts.append("</body></html>\n")
+    from wsseg_core.storage import write_text
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(out, "\n".join(parts))
     return out
 
 

@@ -26,6 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+# The paper's (t_m, q_m) and the pipeline's Threshold reference belong to the thresholds.json format;
+# re-exported here, where the segmenters that take them live.
+from wsseg_core.thresholds import PAPER_THRESHOLDS, THRESHOLD_REFERENCE
+
 __all__ = [
     "PAPER_THRESHOLDS",
     "T_GRID",
@@ -46,21 +50,12 @@ __all__ = [
     "threshold_dice_grid_counts",
 ]
 
-#: Paper values (Früh et al. 2021, 3.1): method -> (t_m on the [0, 1] CAM, q_m in percent).
-PAPER_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "CAM": (0.3, 31.0),
-    "GradCAM": (0.2, 35.0),
-    "GradCAM++": (0.3, 32.0),
-    "ScoreCAM": (0.4, 31.0),
-}
 #: Search grids of the paper (2.2): 10 CAM thresholds, 20 SUV percentiles (percent).
 T_GRID: np.ndarray = np.linspace(0.1, 0.9, 10)
 Q_GRID: np.ndarray = np.linspace(20, 50, 20)
 
 #: Reference distributions the global-threshold baseline can take its percentile from.
 THRESHOLD_REFERENCES = ("slice", "body", "max")
-#: The one the pipeline uses (tuning and scoring): q % of the slice's SUVmax (see the notes below).
-THRESHOLD_REFERENCE = "max"
 #: CT body threshold (HU): soft tissue, fat (~-100 HU) and bone are above, air (-1000 HU) below.
 BODY_CT_HU = -500.0
 #: SUV body floor without CT: reconstructed air is ~0 with noise of a few hundredths, while the

@@ -7,6 +7,7 @@ Modules, one concept each:
     data     cohort discovery, manifests, study loading and validation, weak labels, splits
     phantom  synthetic whole-body PET/CT cohort in the autoPET layout
     models   VGG16 slice classifier (Früh et al.) and its input preprocessing
+    geometry slice <-> network input map: resize, or resample to mm pixels on a body-centred canvas
     train    slice sampling, augmentation, training / evaluation loops (plain PyTorch)
     cams     CAM, GradCAM, GradCAM++, ScoreCAM for a batch of slices
     segment  Algorithm 1 (CAM region + SUV percentile) and the global-threshold baseline

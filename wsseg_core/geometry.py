@@ -167,17 +167,19 @@ def resample_geometry(native_shape: Sequence[int], spacing_mm: Sequence[float], 
 def body_centre(suv: np.ndarray, ct: np.ndarray | None) -> tuple[float, float]:
     """Centroid ``(cx, cy)`` of the study's body voxels in native voxel units (centre of voxel ``i``
     is ``i + 0.5``): ``CT > BODY_CT_HU`` over the whole volume, else ``SUV > BODY_SUV_FLOOR``,
-    else the FOV centre. Per axis from the projection, so no index arrays of the volume's size."""
+    else the FOV centre. ``suv``, ``ct``: ``(X, Y, Z)`` (or one ``(X, Y)`` slice). From the
+    projections, so no index arrays of the volume's size."""
     suv = np.asarray(suv)
     shape = suv.shape[:2]
     for body in ((None if ct is None else np.asarray(ct) > BODY_CT_HU), suv > BODY_SUV_FLOOR):
         if body is None:
             continue
-        wx = body.sum(axis=(1, 2), dtype=np.int64)
+        # One pass over the volume (the z sum), then the two small projections.
+        plane = body.sum(axis=2, dtype=np.int64) if body.ndim == 3 else body.astype(np.int64)
+        wx, wy = plane.sum(axis=1), plane.sum(axis=0)
         total = int(wx.sum())
         if total == 0:
             continue
-        wy = body.sum(axis=(0, 2), dtype=np.int64)
         cx = float(np.dot(np.arange(shape[0]) + 0.5, wx)) / total
         cy = float(np.dot(np.arange(shape[1]) + 0.5, wy)) / total
         return cx, cy

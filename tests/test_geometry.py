@@ -103,6 +103,13 @@ def test_crop_case_fov_over_512_mm_is_cropped_around_the_body():
     assert [tuple(map(int, p)) for p in zip(*np.nonzero(region))] == [(300, 209), (300, 210)]
     everything = cam_region(np.ones((32, 32)), 0.0, (400, 400), geo.cam_index(32, 32))
     assert not everything[:29].any() and not everything[371:].any() and everything[29:371, 29:371].all()
+    # the CAM on the native grid (analyze's figures and single-slice masks): the same cells, NaN
+    # where the canvas does not reach
+    cam32 = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    native = geo.cam_to_native(cam32)
+    assert native.shape == (400, 400) and np.isnan(native[:29]).all() and np.isnan(native[371:]).all()
+    np.testing.assert_array_equal(native >= 0.4, cam_region(cam32, 0.4, (400, 400), geo.cam_index(32, 32)))
+    assert native[29, 29] == cam32[0, 0] and native[370, 370] == cam32[31, 31]
     # Algorithm 1 on the volume with that map: a hot voxel outside the canvas never enters a mask
     vol = np.ones((400, 400, 1), np.float32)
     vol[10, 200, 0] = 50.0

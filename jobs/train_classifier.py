@@ -240,6 +240,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     from wsseg_core.train import check_global_batch
 
     check_global_batch(batch_size, num_workers)
+    if pixel_mm is not None and not pixel_mm >= 0:  # here, not in every worker
+        raise ValueError(f"--pixel-mm must be >= 0 (0: resize), got {pixel_mm!r}")
 
     weights = resolve_weights(weights, model_preset, width)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],

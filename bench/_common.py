@@ -58,11 +58,12 @@ def flagged_batch(model, pre, n: int = 32, seed: int = 100) -> torch.Tensor:
     s = seed
     while len(chosen) < n and s < seed + 200:
         st = make_phantom_study(s, shape=SHAPE)
-        probs = classify_volume(model, pre, st.suv, st.ct)
+        geo = pre.geometry(st.suv, st.ct, st.spacing_mm)  # the classifier's preprocessing
+        probs = classify_volume(model, pre, st.suv, st.ct, geometry=geo)
         z = flagged_slices(probs)
-        chosen.append(volume_to_batch(st.suv, st.ct, z, pre))
+        chosen.append(volume_to_batch(st.suv, st.ct, z, pre, geometry=geo))
         rest = np.setdiff1d(np.arange(len(probs)), z)
-        spare.append((probs[rest], volume_to_batch(st.suv, st.ct, rest, pre)))
+        spare.append((probs[rest], volume_to_batch(st.suv, st.ct, rest, pre, geometry=geo)))
         s += 1
         if sum(len(c) for c in chosen) >= n or (s - seed >= 12 and spare):
             break

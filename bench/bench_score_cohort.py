@@ -70,16 +70,18 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
     cams = [m for m in methods if m != "Threshold"]
     for ref in refs:
         st = load_study(ref)
-        probs = classify_volume(model, pre, st.suv, st.ct, 64)
+        geo = pre.geometry(st.suv, st.ct, st.spacing_mm)  # the checkpoint's preprocessing
+        probs = classify_volume(model, pre, st.suv, st.ct, 64, geometry=geo)
         z = flagged_slices(probs)
-        maps = volume_cams(engine, pre, st.suv, st.ct, z, cams, 64)
+        maps = volume_cams(engine, pre, st.suv, st.ct, z, cams, 64, geometry=geo)
         reference = None if st.seg is None else MaskSummary(st.seg)  # as the scorer: once per study
         for m in methods:
             th = thresholds[m]
             if m == "Threshold":
                 mask = threshold_volume(st.suv, z, th["q"], reference=th.get("reference", "body"), ct=st.ct)
             else:
-                mask = segment_volume(st.suv, z, maps[m], th["t"], th["q"])
+                mask = segment_volume(st.suv, z, maps[m], th["t"], th["q"],
+                                      cam_index=geo.cam_index(*maps[m].shape[1:]))
             write_mask(out / layout.mask(m, ref.patient_id, ref.study_id), mask, st.affine)
             study_metrics(mask, reference, st.suv, st.voxel_volume_ml, spacing_mm=st.spacing_mm)
 

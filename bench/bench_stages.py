@@ -118,7 +118,9 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
 
     def classify():
         st = state["st"]
-        probs = classify_volume(model, pre, st.suv, st.ct, batch_size)
+        # the checkpoint's preprocessing: resize, or resample to its pixel_mm (paper preset)
+        state["geo"] = pre.geometry(st.suv, st.ct, st.spacing_mm)
+        probs = classify_volume(model, pre, st.suv, st.ct, batch_size, geometry=state["geo"])
         z = flagged_slices(probs)
         if flagged_fraction is not None:  # a fixed CAM workload: the most probable slices
             k = int(round(flagged_fraction * len(probs)))
@@ -128,7 +130,8 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
     def cams():
         st = state["st"]
         state["maps"] = volume_cams(engine, pre, st.suv, st.ct, state["z"],
-                                    [m for m in methods if m in CAM_METHODS], batch_size)
+                                    [m for m in methods if m in CAM_METHODS], batch_size,
+                                    geometry=state["geo"])
 
     def segment():
         st, z, masks = state["st"], state["z"], {}
@@ -138,7 +141,9 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
                 masks[m] = threshold_volume(st.suv, z, th["q"], reference=th.get("reference", "body"),
                                             ct=st.ct)
             else:
-                masks[m] = segment_volume(st.suv, z, state["maps"][m], th["t"], th["q"])
+                cams = state["maps"][m]
+                masks[m] = segment_volume(st.suv, z, cams, th["t"], th["q"],
+                                          cam_index=state["geo"].cam_index(*cams.shape[1:]))
         state["masks"] = masks
 
     def metrics():
@@ -215,9 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     from wsseg_core.phantom import make_phantom_study
 
     warm = make_phantom_study(999, shape=(48, 48, 24), spacing_mm=args.spacing)
-    classify_volume(model, pre, warm.suv, warm.ct, args.batch_size)
+    classify_volume(model, pre, warm.suv, warm.ct, args.batch_size, spacing_mm=warm.spacing_mm)
     volume_cams(engine, pre, warm.suv, warm.ct, np.arange(min(args.batch_size, 24)),
-                [m for m in methods if m != "Threshold"], args.batch_size)
+                [m for m in methods if m != "Threshold"], args.batch_size, spacing_mm=warm.spacing_mm)
     _sync(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

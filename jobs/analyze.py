@@ -170,7 +170,8 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
         rec = {k: (None if pd.isna(v) else v) for k, v in match.iloc[0].to_dict().items()}
         ref = StudyRef(**{k: rec.get(k) for k in StudyRef.__dataclass_fields__})
         study = load_study(ref)
-        probs = classify_volume(model, pre, study.suv, study.ct)
+        geo = pre.geometry(study.suv, study.ct, study.spacing_mm)
+        probs = classify_volume(model, pre, study.suv, study.ct, geometry=geo)
         tumour = study.seg.reshape(-1, study.seg.shape[2]).sum(axis=0).astype(np.int64)  # signed: -1 below
         flagged = probs >= 0.5
         # The paper shows slices the method actually segments: the flagged slice with most tumour;
@@ -178,8 +179,12 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
         # for any slice) and the title says so.
         cand = np.where(flagged & (tumour > 0), tumour, -1)
         z = int(np.argmax(cand)) if cand.max() > 0 else int(np.argmax(tumour))
-        maps = volume_cams(engine, pre, study.suv, study.ct, [z], methods, batch_size=1)
+        maps = volume_cams(engine, pre, study.suv, study.ct, [z], methods, batch_size=1, geometry=geo)
         cams = {m: maps[m][0] for m in methods}
+        if pre.mode != "resize":
+            # The canvas is not the slice: show (and segment) each CAM on the slice's own grid,
+            # NaN (not drawn, in no region) where the network did not see the slice.
+            cams = {m: geo.cam_to_native(c) for m, c in cams.items()}
         masks = {m: segment_slice(study.suv[:, :, z], cams[m], thresholds[m]["t"], thresholds[m]["q"])
                  for m in methods}
         name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"

@@ -20,7 +20,8 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_reco
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
 from jobs.telemetry import StageClock
-from jobs.train_classifier import HEAD_CHOICES, HEAD_HELP, WEIGHTS_HELP, resolve_weights, weights_arg
+from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, PIXEL_MM_HELP, WEIGHTS_HELP, resolve_weights,
+                                   weights_arg)
 from wsseg_core.thresholds import load_thresholds, update_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None,
                    help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
                         "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
+    p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                               weights=weights_arg(args.weights),
                               num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                              **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head))
+                              **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
+                              **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {}))
             tumour_weight = searched["tumour_weight"]
 
     with clock.stage("train_s"):
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weights=weights_arg(args.weights), num_workers=args.num_workers,
             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
             **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
-               **({"input_size": args.input_size} if args.input_size else {})})
+               **({"input_size": args.input_size} if args.input_size else {}),
+               **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {})})
 
     # Quality gate (wsseg_core.gate) on the slices of the tuning studies: choose the flag
     # threshold, then stop here, before tuning and scoring, if the classifier did not learn.

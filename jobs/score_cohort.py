@@ -283,12 +283,15 @@ class StudyMasker:
         with clock.stage("read"):
             study = load_study(ref)
         with clock.stage("classify"):
-            probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size)
+            # The checkpoint's preprocessing (resize, or resample to its pixel_mm), as trained.
+            geo = self.pre.geometry(study.suv, study.ct, study.spacing_mm)
+            probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size,
+                                    geometry=geo)
             z = flagged_slices(probs, self.flag_threshold)
         cam_methods = [m for m in self.methods if m in CAM_METHODS]
         with clock.stage("cams"):
             maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
-                               self.cam_batch_size)
+                               self.cam_batch_size, geometry=geo)
         masks = {}
         with clock.stage("segment"):
             for m in self.methods:
@@ -300,7 +303,8 @@ class StudyMasker:
                                                 reference=th.get("reference", THRESHOLD_REFERENCE),
                                                 ct=study.ct)
                 else:
-                    masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"])
+                    masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"],
+                                              cam_index=geo.cam_index(*maps[m].shape[1:]))
         clock.flush()
         record_flagged(len(z), int(study.suv.shape[2]), ref.split)
         return StudyMasks(suv=study.suv, seg=study.seg, affine=study.affine,

@@ -95,7 +95,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
     model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
                                         input_size=config.get("input_size"),
-                                        weights=config.get("weights"), head=config.get("head", "gap"))
+                                        weights=config.get("weights"), head=config.get("head", "gap"),
+                                        pixel_mm=config.get("pixel_mm"))
+    if rank == 0:
+        LOG.info("slice preprocessing: %s", pre.describe())
     # Every rank holds the whole training set and takes its share of each global batch from one
     # shared seeded order, so all ranks run the same number of steps (issue 17).
     x_tr, y_tr = slices_from_studies(load_readable(train_refs), pre,
@@ -216,7 +219,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None,
         optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
-        weight_decay: float = 0.0, head: str = "gap",
+        weight_decay: float = 0.0, head: str = "gap", pixel_mm: float | None = None,
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
@@ -227,6 +230,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     a one-cycle schedule); `patience`: early stop after that many epochs without a better
     validation AUC (None: run every epoch). `head`: "gap" (GAP + linear, CAM's architecture) or
     "fc" (VGG16's fully connected head, as in Früh et al.'s code; no CAM), see wsseg_core.models.
+    `pixel_mm`: slices resampled in-plane to that many mm a pixel and padded / cropped to the input
+    size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
@@ -235,6 +240,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     from wsseg_core.train import check_global_batch
 
     check_global_batch(batch_size, num_workers)
+    if pixel_mm is not None and not pixel_mm >= 0:  # here, not in every worker
+        raise ValueError(f"--pixel-mm must be >= 0 (0: resize), got {pixel_mm!r}")
 
     weights = resolve_weights(weights, model_preset, width)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
@@ -242,7 +249,10 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   momentum=momentum, tumour_weight=tumour_weight, negative_keep=negative_keep,
                   augment=augment, weights=weights, width=width, input_size=input_size, seed=seed,
                   optimizer=optimizer, schedule=schedule, patience=patience,
-                  weight_decay=weight_decay, head=head, **(test_hooks or {}))
+                  weight_decay=weight_decay, head=head,
+                  # only when set: a run stored before the option keeps its fingerprint
+                  **({"pixel_mm": float(pixel_mm)} if pixel_mm is not None else {}),
+                  **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
@@ -261,6 +271,13 @@ def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
                 input_size=preset.get("input_size"), head=head)
 
 
+PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bilinear, with the study's "
+                 "voxel spacing) and padded / cropped to the input size around the body, as Früh et "
+                 "al. (2 mm, 256x256); 0 resizes each slice to the input instead. Default: the "
+                 "preset's (paper 2, small 0: resize, for CPU minutes). The checkpoint records it "
+                 "and tuning and scoring apply the same.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the preset's")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--head", choices=HEAD_CHOICES, default="gap", help=HEAD_HELP)
+    p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
     p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -295,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               **classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
               weights=weights_arg(args.weights), num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
-              seed=args.seed)
+              seed=args.seed, pixel_mm=args.pixel_mm)
     print(f"classifier checkpoint: {res['checkpoint']}  (val AUC {res['best'].get('val_auc', float('nan')):.3f})")
     return res
 

@@ -60,7 +60,8 @@ def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus:
     layout, remote = open_run(out)
     fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
     model, pre, _ = load_classifier(layout.classifier)
-    return study, model, pre, classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size)
+    return study, model, pre, classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size,
+                                              spacing_mm=study.spacing_mm)
 
 
 def study_slice_probs(ref: dict, out: str, cam_batch_size: int,
@@ -148,7 +149,10 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     layout, remote = open_run(out)
     z = flagged_slices(probs, flag_threshold)
     methods = available_methods(model)  # no CAM under the fc head
-    maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, methods, cam_batch_size)
+    # The checkpoint's preprocessing, as scoring applies it (resize, or resample to pixel_mm).
+    geo = pre.geometry(study.suv, study.ct, study.spacing_mm)
+    maps = volume_cams(CamEngine(model), pre, study.suv, study.ct, z, methods, cam_batch_size,
+                       geometry=geo)
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
     # and two studies sharing a cache file would let the search score one of them twice.
     path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
@@ -156,7 +160,8 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
                              T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
-                             reference=THRESHOLD_REFERENCE, ct=study.ct)
+                             reference=THRESHOLD_REFERENCE, ct=study.ct,
+                             cam_index=geo.cam_index(*maps[methods[0]].shape[1:]) if methods else None)
     write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     if remote is not None:
         publish(layout, remote, path)

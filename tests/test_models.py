@@ -110,8 +110,11 @@ def test_preprocessor_scaling_resize_and_roundtrip():
     # tensors in, same answer
     assert torch.allclose(pre(torch.from_numpy(suv), torch.from_numpy(ct)), x)
     d = pre.to_dict()
-    assert d == {"input_size": 64, "suv_max": 20.0, "ct_min": -1000.0, "ct_max": 1000.0}
+    assert d == {"input_size": 64, "suv_max": 20.0, "ct_min": -1000.0, "ct_max": 1000.0,
+                 "mode": "resize", "pixel_mm": None}
     assert SlicePreprocessor.from_dict(d) == pre
+    # the record written before "mode" existed (the numbers only) is the same resize preprocessor
+    assert SlicePreprocessor.from_dict({k: d[k] for k in ("input_size", "suv_max", "ct_min", "ct_max")}) == pre
 
 
 def test_volume_to_batch_takes_axial_slices():

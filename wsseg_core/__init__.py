@@ -10,6 +10,7 @@ Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     phantom     synthetic whole-body PET/CT cohort in the autoPET layout
     checkpoint  the one checkpoint file format of every network
     models      VGG16 slice classifier (Früh et al.) and its input preprocessing
+    geometry    slice <-> network input map: resize, or resample to mm pixels on a body-centred canvas
     train       slice sampling, augmentation, training / evaluation loops (plain PyTorch)
     gate        flag threshold and quality gate of the slice classifier
     cams        CAM, GradCAM, GradCAM++, ScoreCAM for a batch of slices

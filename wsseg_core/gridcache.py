@@ -107,6 +107,7 @@ def build_grid_cache(
     q_grid: Sequence[float] | np.ndarray,
     reference: str = "max",
     ct: np.ndarray | None = None,
+    cam_index: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GridCache:
     """The cache of one study for the grid ``t_grid x q_grid``.
 
@@ -116,6 +117,8 @@ def build_grid_cache(
         flagged_z: ``(n,)`` flagged slice indices; cams: method -> ``(n, h, w)`` CAMs in [0, 1].
         t_grid: CAM thresholds; q_grid: percents (Algorithm 1's percentile and Threshold's q).
         reference, ct: the Threshold baseline's, as for :func:`wsseg_core.segment.threshold_volume`.
+        cam_index: the CAM -> voxel map of the study's slices (``SliceGeometry.cam_index``; None:
+            the slices were resized to the input), as for :func:`wsseg_core.segment.cam_region`.
 
     Returns:
         :class:`GridCache`.
@@ -131,7 +134,7 @@ def build_grid_cache(
     cams = {m: np.asarray(_check_cams(c, z.size)) for m, c in cams.items()}
     inter, n_pred, n_ref = {}, {}, 0
     for m, c in cams.items():
-        inter[m], n_pred[m], n_ref = dice_grid_counts(suv, seg, z, c, t_arr, q_arr)
+        inter[m], n_pred[m], n_ref = dice_grid_counts(suv, seg, z, c, t_arr, q_arr, cam_index)
     thr_inter, thr_n_pred, n_ref = threshold_dice_grid_counts(suv, seg, z, q_arr, reference, ct)
     return GridCache(flagged_z=z, n_ref=int(n_ref), t_grid=t_arr, q_grid=q_arr, inter=inter,
                      n_pred=n_pred, thr_inter=thr_inter, thr_n_pred=thr_n_pred,

@@ -35,6 +35,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
+from wsseg_core.geometry import (PREPROCESSING_MODES, SliceGeometry, body_centre, resample_geometry,
+                                 resize_geometry)
 
 LOG = logging.getLogger(__name__)
 
@@ -55,13 +57,18 @@ FC_POOL = 7
 FC_HIDDEN = 4096
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(width=1.0, input_size=256, batch_norm=False),
+    # pixel_mm: slices resampled in-plane to 2 mm pixels and padded / cropped to 256x256 around the
+    # body (Früh et al. 2.1: 2x2x3 mm, 256x256), not resized whatever their FOV (wsseg_core.geometry).
+    "paper": dict(width=1.0, input_size=256, batch_norm=False, pixel_mm=2.0),
     # CPU preset: 1/8 of the channels and 64x64 slices, last conv map 8x8 with 64 channels. It has
     # no pretrained weights, and a 13-conv plain VGG trained from random init barely learns in the
     # few epochs a CPU demo affords; batch norm after each conv makes it train in minutes.
     # map_stride stays 8: stride 4 (16x16 CAMs at 64x64, ~1.3x the FLOPs) was measured on
     # tests/test_fruh_method.py's cohort and its CAMs segmented no better than a uniform CAM
     # (test Dice 0.009-0.012 against 0.036-0.088 at 8x8); README, "CAM resolution".
+    # No pixel_mm: slices are resized to 64x64 (the whole FOV in view; at 2 mm a 64-pixel canvas
+    # would see 128 mm, and a canvas covering the FOV at 2 mm costs the CPU minutes the small
+    # preset exists to save); build_slice_classifier(pixel_mm=...) opts in.
     "small": dict(width=0.125, input_size=64, batch_norm=True, map_stride=8),
 }
 
@@ -79,27 +86,89 @@ class SlicePreprocessor:
 
     Both channels are scaled to [0, 1] with the *background* at 0: SUV 0 -> 0 and air
     (``ct_min`` = -1000 HU) -> 0. Augmentation pads rotated/translated slices with 0, which then
-    means "no uptake, air" in both channels, the true content outside a patient.
+    means "no uptake, air" in both channels, the true content outside a patient, and so does the
+    canvas padding of mode "resample_mm".
 
     Attributes:
-        input_size: S, side of the square network input in pixels.
+        input_size: S, side of the square network input (the canvas) in pixels.
         suv_max: SUV clipped to [0, suv_max] (g/ml), then divided by suv_max.
         ct_min, ct_max: CT window in HU; clipped, then mapped linearly to [0, 1].
+        mode: "resize" (each slice resized to S x S) or "resample_mm" (resampled in-plane to
+            ``pixel_mm`` pixels with the study's spacing, bilinear, then padded / cropped to S x S
+            around the body); see ``wsseg_core.geometry``. A checkpoint from before the field
+            reads as "resize", which is what it did.
+        pixel_mm: canvas pixel size in mm under "resample_mm"; None under "resize".
     """
 
     input_size: int
     suv_max: float = 20.0
     ct_min: float = -1000.0
     ct_max: float = 1000.0
+    mode: str = "resize"
+    pixel_mm: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.input_size) != self.input_size or self.input_size < 8 or self.input_size % 8:
             raise ValueError(f"input_size must be a positive multiple of 8, got {self.input_size!r}")
+        if self.mode not in PREPROCESSING_MODES:
+            raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {self.mode!r}")
+        if self.mode == "resample_mm":
+            if self.pixel_mm is None or not float(self.pixel_mm) > 0 or not np.isfinite(self.pixel_mm):
+                raise ValueError(f"mode 'resample_mm' needs pixel_mm > 0, got {self.pixel_mm!r}")
+            self.pixel_mm = float(self.pixel_mm)
+        elif self.pixel_mm is not None:
+            raise ValueError(f"pixel_mm ({self.pixel_mm!r}) is for mode 'resample_mm', not {self.mode!r}")
         if not self.suv_max > 0:
             raise ValueError(f"suv_max must be > 0, got {self.suv_max!r}")
         if not self.ct_max > self.ct_min:
             raise ValueError(f"ct_max ({self.ct_max}) must exceed ct_min ({self.ct_min})")
         self.input_size = int(self.input_size)
+
+    def describe(self) -> str:
+        """One line for logs and the README: what a slice goes through."""
+        s = self.input_size
+        if self.mode == "resize":
+            return f"resize: every slice resized to {s}x{s}"
+        return (f"resample_mm: {self.pixel_mm:g} mm pixels (bilinear), padded / cropped to {s}x{s} "
+                f"({s * self.pixel_mm:g} mm) around the body")
+
+    def geometry(self, suv: np.ndarray, ct: np.ndarray | None = None,
+                 spacing_mm: Sequence[float] | np.ndarray | None = None) -> SliceGeometry:
+        """Where the study's ``(X, Y, Z)`` slices lie on the input (one map for all its slices).
+
+        ``spacing_mm`` (x, y[, z]) in mm is required under "resample_mm"; the canvas is centred on
+        the body of the whole volume (``wsseg_core.geometry.body_centre``).
+        """
+        shape = np.shape(suv)
+        if len(shape) != 3:
+            raise ValueError(f"expected an (X, Y, Z) volume, got shape {shape}")
+        if self.mode == "resize":
+            return resize_geometry(shape[:2], self.input_size)
+        if spacing_mm is None:
+            raise ValueError(f"preprocessing {self.describe()!r} needs the study's voxel spacing "
+                             "(spacing_mm)")
+        return resample_geometry(shape[:2], spacing_mm, self.pixel_mm, self.input_size,
+                                 centre=body_centre(suv, ct))
+
+    def _resample(self, x: torch.Tensor, geo: SliceGeometry) -> torch.Tensor:
+        """(B, 2, X, Y) -> (B, 2, S, S) by ``geo``: bilinear to ``pixel_mm`` pixels (antialiased on
+        an axis that shrinks, as ``_resize``), then the canvas window, zeros where no FOV."""
+        if tuple(x.shape[-2:]) != geo.native_shape:
+            raise ValueError(f"slices of shape {tuple(x.shape[-2:])} do not match the geometry's "
+                             f"{geo.native_shape}")
+        if geo.scale != (1.0, 1.0):
+            x = F.interpolate(x, scale_factor=geo.scale, mode="bilinear", align_corners=False,
+                              antialias=min(geo.scale) < 1.0, recompute_scale_factor=False)
+        if tuple(x.shape[-2:]) != geo.resampled_shape:  # geometry.py predicts torch's floor
+            raise RuntimeError(f"resampled to {tuple(x.shape[-2:])}, expected {geo.resampled_shape}")
+        s = geo.size
+        out = x.new_zeros(x.shape[:2] + (s, s))
+        (kx, ky), (nx, ny) = geo.offset, geo.resampled_shape
+        ux0, ux1 = max(0, -kx), min(s, nx - kx)
+        uy0, uy1 = max(0, -ky), min(s, ny - ky)
+        if ux1 > ux0 and uy1 > uy0:
+            out[:, :, ux0:ux1, uy0:uy1] = x[:, :, ux0 + kx:ux1 + kx, uy0 + ky:uy1 + ky]
+        return out
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2, X, Y) -> (B, 2, S, S); antialiased when shrinking so small hot lesions are averaged
@@ -112,12 +181,15 @@ class SlicePreprocessor:
                              antialias=shrinking)
 
     def __call__(self, suv_slices: np.ndarray | torch.Tensor,
-                 ct_slices: np.ndarray | torch.Tensor) -> torch.Tensor:
+                 ct_slices: np.ndarray | torch.Tensor,
+                 geometry: SliceGeometry | None = None) -> torch.Tensor:
         """Preprocess a batch of axial slices.
 
         Args:
             suv_slices: (B, X, Y) SUV (g/ml), or (X, Y) for a single slice.
             ct_slices: (B, X, Y) CT in HU on the same grid.
+            geometry: the study's :meth:`geometry`; required under "resample_mm" (the spacing and
+                body centre are the study's, not the slices'), ignored under "resize".
         Returns:
             float32 tensor (B, 2, S, S) in [0, 1]; channel 0 PET, channel 1 CT; on the input's
             device when tensors are given, else on CPU.
@@ -137,13 +209,23 @@ class SlicePreprocessor:
             / (self.ct_max - self.ct_min)
         # Clip before resizing so an extreme voxel cannot bleed into its neighbours; the bilinear
         # (triangle) filter has non-negative weights, so the output stays in [0, 1].
-        x = self._resize(torch.stack([p, c], dim=1))
+        x = torch.stack([p, c], dim=1)
+        if self.mode == "resize":
+            x = self._resize(x)
+        else:
+            if geometry is None or geometry.mode != "resample_mm":
+                raise ValueError(f"preprocessing {self.describe()!r} needs the study's geometry "
+                                 "(SlicePreprocessor.geometry(suv, ct, spacing_mm))")
+            x = self._resample(x, geometry)
         return x.contiguous()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able and weights_only-safe dict (saved inside the model checkpoint)."""
-        return {k: (int(v) if k == "input_size" else float(v))
-                for k, v in dataclasses.asdict(self).items()}
+        """JSON-able and weights_only-safe dict (saved inside the model checkpoint): the numbers,
+        and ``mode`` / ``pixel_mm`` (None under "resize") so scoring resamples as training did."""
+        d = dataclasses.asdict(self)
+        return {"input_size": int(d["input_size"]), "suv_max": float(d["suv_max"]),
+                "ct_min": float(d["ct_min"]), "ct_max": float(d["ct_max"]), "mode": str(d["mode"]),
+                "pixel_mm": None if d["pixel_mm"] is None else float(d["pixel_mm"])}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SlicePreprocessor":
@@ -151,12 +233,18 @@ class SlicePreprocessor:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown SlicePreprocessor fields: {sorted(unknown)}")
+        # A record without "mode" predates it: those checkpoints resized (the dataclass default).
         return cls(**dict(d))
 
 
 def volume_to_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | np.ndarray,
-                    pre: SlicePreprocessor) -> torch.Tensor:
+                    pre: SlicePreprocessor, spacing_mm: Sequence[float] | np.ndarray | None = None,
+                    geometry: SliceGeometry | None = None) -> torch.Tensor:
     """Axial slices ``vol[:, :, z]`` of an (X, Y, Z) SUV / CT pair as a classifier batch.
+
+    ``geometry``: the study's ``pre.geometry(suv, ct, spacing_mm)`` (pass it when calling batch by
+    batch: it scans the volume for the body); None: computed here from ``spacing_mm``, which
+    "resample_mm" then needs.
 
     Returns:
         float32 tensor (len(z_indices), 2, S, S) on CPU.
@@ -169,9 +257,11 @@ def volume_to_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | 
     if z.size == 0:
         return torch.zeros((0, 2, s, s), dtype=torch.float32)
     # (X, Y, n) -> (n, X, Y); fancy indexing copies only the requested slices.
+    if geometry is None and pre.mode != "resize":
+        geometry = pre.geometry(suv, ct, spacing_mm)
     suv_s = np.moveaxis(np.asarray(suv)[:, :, z], -1, 0)
     ct_s = np.moveaxis(np.asarray(ct)[:, :, z], -1, 0)
-    return pre(np.ascontiguousarray(suv_s), np.ascontiguousarray(ct_s))
+    return pre(np.ascontiguousarray(suv_s), np.ascontiguousarray(ct_s), geometry)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,22 +520,26 @@ def require_imagenet_weights() -> None:
 
 def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
-                           weights: str | os.PathLike | None = None, head: str = "gap"
+                           weights: str | os.PathLike | None = None, head: str = "gap",
+                           pixel_mm: float | None = None,
                            ) -> tuple[SliceClassifier, SlicePreprocessor]:
     """Build the classifier and its matching preprocessor.
 
     Args:
         preset: a key of ``PRESETS`` ("paper": width 1, 256x256; "small": width 1/8, 64x64).
         width, input_size: override the preset's values.
+        pixel_mm: in-plane pixel size in mm: the preprocessor resamples to it and pads / crops to
+            input_size (mode "resample_mm"); None: the preset's (paper 2.0, small: resize);
+            0: resize whatever the preset.
         head: "gap" (GAP + linear, CAM's architecture; default) or "fc" (VGG16's classifier, as in
             the authors' code; CAM undefined).
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
             download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
             weights need width 1.0.
     Returns:
-        (model in train mode on CPU, SlicePreprocessor(input_size)).
+        (model in train mode on CPU, its SlicePreprocessor).
     Raises:
-        ValueError: unknown preset, pretrained weights at width != 1, or a weights file that is
+        ValueError: unknown preset, pixel_mm < 0, pretrained weights at width != 1, or a weights file that is
             missing or not a VGG16 state dict.
         PretrainedWeightsUnavailable: "imagenet" asked for and not available (offline); its
             message says how to supply a local file or choose random initialisation.
@@ -460,7 +554,11 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
                             batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8),
                             head=head)
-    pre = SlicePreprocessor(input_size=cfg["input_size"])
+    mm = cfg.get("pixel_mm") if pixel_mm is None else float(pixel_mm)
+    if mm is not None and mm < 0:
+        raise ValueError(f"pixel_mm must be >= 0 (0: resize), got {pixel_mm!r}")
+    pre = (SlicePreprocessor(input_size=cfg["input_size"]) if not mm else
+           SlicePreprocessor(input_size=cfg["input_size"], mode="resample_mm", pixel_mm=mm))
     if weights is None:
         return model, pre
     if model.width != 1.0:

@@ -65,6 +65,10 @@ BODY_SUV_FLOOR = 0.1
 
 _PERCENTILE_METHOD = "linear"
 
+#: ``(ri (X,), ci (Y,))``: the CAM cell of each native row and column, -1 outside the network's
+#: input (``wsseg_core.geometry.SliceGeometry.cam_index``).
+CamIndex = tuple[np.ndarray, np.ndarray]
+
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -88,16 +92,35 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(src, n_in - 1)
 
 
-def _upsample_nearest(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The CAM itself resized to ``shape`` (nearest); thresholding commutes with this resize."""
+def _upsample_nearest(cam: np.ndarray, shape: tuple[int, int],
+                      cam_index: CamIndex | None = None) -> np.ndarray:
+    """The CAM itself resized to ``shape`` (nearest); thresholding commutes with this resize.
+
+    ``cam_index``: ``(ri (X,), ci (Y,))`` CAM cell of each native row / column, -1 where the voxel
+    lies outside the network's input (``wsseg_core.geometry.SliceGeometry.cam_index``); those
+    voxels get -inf, below every threshold. None: ``floor(i h / X)`` (the whole slice resized).
+    """
     cam = np.asarray(cam)
     if cam.ndim != 2:
         raise ValueError(f"cam must be 2-D (h, w), got shape {cam.shape}")
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"shape must be (X, Y) with positive sizes, got {shape}")
-    ri = _nearest_index(cam.shape[0], int(shape[0]))
-    ci = _nearest_index(cam.shape[1], int(shape[1]))
-    return cam[np.ix_(ri, ci)]
+    if cam_index is None:
+        ri = _nearest_index(cam.shape[0], int(shape[0]))
+        ci = _nearest_index(cam.shape[1], int(shape[1]))
+        return cam[np.ix_(ri, ci)]
+    ri, ci = (np.asarray(a, dtype=np.int64) for a in cam_index)
+    if ri.shape != (int(shape[0]),) or ci.shape != (int(shape[1]),):
+        raise ValueError(f"cam_index must be ((X,), (Y,)) for shape {tuple(shape)}, got "
+                         f"{ri.shape} and {ci.shape}")
+    if ri.max(initial=-1) >= cam.shape[0] or ci.max(initial=-1) >= cam.shape[1]:
+        raise ValueError(f"cam_index points past the {cam.shape} CAM")
+    up = cam[np.ix_(np.maximum(ri, 0), np.maximum(ci, 0))]
+    if (ri < 0).any() or (ci < 0).any():
+        up = up.astype(np.result_type(up.dtype, np.float32))  # -inf needs a float
+        up[ri < 0, :] = -np.inf
+        up[:, ci < 0] = -np.inf
+    return up
 
 
 def _check_q(q: float | np.ndarray) -> None:
@@ -151,7 +174,8 @@ def _dice_from_counts(inter: np.ndarray, n_pred: np.ndarray, n_ref: int) -> np.n
 # Algorithm 1
 
 
-def cam_region(cam: np.ndarray, t: float, shape: tuple[int, int]) -> np.ndarray:
+def cam_region(cam: np.ndarray, t: float, shape: tuple[int, int],
+               cam_index: CamIndex | None = None) -> np.ndarray:
     """Candidate region of one slice: ``cam >= t`` upsampled nearest-neighbour to ``shape``.
 
     Args:
@@ -159,14 +183,18 @@ def cam_region(cam: np.ndarray, t: float, shape: tuple[int, int]) -> np.ndarray:
         t: CAM threshold t_m in [0, 1].
         shape: ``(X, Y)`` of the original slice in voxels (non-integer factors such as 32 -> 400
             are fine; the mapping is ``src = floor(dst * h / X)``, as torch's "nearest").
+        cam_index: the CAM cell of each native row / column when the slice was not simply resized
+            (preprocessing "resample_mm"; -1: outside the input, never in the region); None: the
+            mapping above.
 
     Returns:
         ``bool (X, Y)``.
     """
-    return _upsample_nearest(cam, shape) >= t
+    return _upsample_nearest(cam, shape, cam_index) >= t
 
 
-def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float) -> np.ndarray:
+def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float,
+                  cam_index: CamIndex | None = None) -> np.ndarray:
     """Algorithm 1, steps 2-6, for one slice the classifier called tumorous.
 
     Args:
@@ -175,6 +203,7 @@ def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float) ->
         t: CAM threshold t_m in [0, 1].
         q: SUV percentile q_m in percent, taken over the SUVs *inside* the CAM region (the text's
             reading, not the pseudo-code's ``X ⊙ H'``; see the module docstring).
+        cam_index: CAM -> voxel map (:func:`cam_region`); None: the slice was resized.
 
     Returns:
         ``bool (X, Y)``: ``region & (suv >= t_q)``; all False if the region is empty.
@@ -183,7 +212,7 @@ def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float) ->
     suv_slice = np.asarray(suv_slice)
     if suv_slice.ndim != 2:
         raise ValueError(f"suv_slice must be 2-D (X, Y), got shape {suv_slice.shape}")
-    region = cam_region(cam, t, suv_slice.shape)
+    region = cam_region(cam, t, suv_slice.shape, cam_index)
     if not region.any():
         return region
     # float64 throughout so that dice_grid's vectorised percentiles compare identically.
@@ -198,6 +227,7 @@ def segment_volume(
     cams: np.ndarray,
     t: float,
     q: float,
+    cam_index: CamIndex | None = None,
 ) -> np.ndarray:
     """Algorithm 1 over a volume: each flagged slice segmented with its CAM, the rest left empty.
 
@@ -207,6 +237,7 @@ def segment_volume(
         cams: ``(n, h, w)`` CAMs in [0, 1], ``cams[i]`` belongs to slice ``flagged_z[i]``.
         t: CAM threshold t_m in [0, 1].
         q: SUV percentile q_m in percent.
+        cam_index: CAM -> voxel map of the study's slices (:func:`cam_region`); None: resized.
 
     Returns:
         ``uint8 (X, Y, Z)`` mask in {0, 1}.
@@ -220,7 +251,7 @@ def segment_volume(
         return out
     cams = _check_cams(cams, z.size)
     for zi, cam in zip(z, cams):
-        out[:, :, zi] = segment_slice(suv[:, :, zi], cam, t, q)
+        out[:, :, zi] = segment_slice(suv[:, :, zi], cam, t, q, cam_index)
     return out
 
 
@@ -231,13 +262,14 @@ def dice_grid(
     cams: np.ndarray,
     t_grid: Sequence[float] | np.ndarray = T_GRID,
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
+    cam_index: CamIndex | None = None,
 ) -> np.ndarray:
     """3-D Dice of Algorithm 1 for every ``(t, q)`` of one study: :func:`dice_grid_counts` as Dice.
 
     Returns:
         ``float (len(t_grid), len(q_grid))``; all NaN when the reference is empty or None.
     """
-    return _dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid))
+    return _dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid, cam_index))
 
 
 def dice_grid_counts(
@@ -247,6 +279,7 @@ def dice_grid_counts(
     cams: np.ndarray,
     t_grid: Sequence[float] | np.ndarray = T_GRID,
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
+    cam_index: CamIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The voxel counts behind the 3-D Dice of Algorithm 1 for every ``(t, q)`` of one study.
 
@@ -260,6 +293,7 @@ def dice_grid_counts(
         seg: ``(X, Y, Z)`` reference mask (anything > 0 is tumour), or None (no reference).
         flagged_z: ``(n,)`` flagged slice indices; cams: ``(n, h, w)`` CAMs in [0, 1].
         t_grid: CAM thresholds in [0, 1]; q_grid: SUV percentiles in percent.
+        cam_index: CAM -> voxel map of the study's slices (:func:`cam_region`); None: resized.
 
     Returns:
         ``(inter, n_pred, n_ref)``: ``int64 (len(t_grid), len(q_grid))`` |pred ∩ ref| and |pred|,
@@ -284,7 +318,7 @@ def dice_grid_counts(
     for zi, cam in zip(z, cams if z.size else ()):
         s = suv[:, :, zi].astype(np.float64, copy=False)
         r = ref[:, :, zi]
-        up = _upsample_nearest(cam, s.shape)
+        up = _upsample_nearest(cam, s.shape, cam_index)
         for ti, t in enumerate(t_arr):
             region = up >= t
             if not region.any():

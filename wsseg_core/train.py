@@ -34,9 +34,10 @@ def slices_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative
     """All axial slices of labelled studies as a classifier training set.
 
     Args:
-        studies: loaded ``wsseg_core.data.Study`` objects (``.suv``, ``.ct``, ``.seg`` (X, Y, Z));
-            studies with ``seg is None`` are skipped (no slice labels).
-        pre: preprocessor (sets S).
+        studies: loaded ``wsseg_core.data.Study`` objects (``.suv``, ``.ct``, ``.seg`` (X, Y, Z),
+            ``.spacing_mm`` for a "resample_mm" preprocessor); studies with ``seg is None`` are
+            skipped (no slice labels).
+        pre: preprocessor (sets S and how slices get there).
         negative_keep: fraction in (0, 1] of tumour-free slices kept (random, per slice); tumour
             slices are always kept. Cuts memory and epoch time where negatives dominate
             (~86% of slices in the paper's cohort).
@@ -55,12 +56,14 @@ def slices_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative
         seg = np.asarray(st.seg)
         labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
         z_all = np.arange(seg.shape[2])
+        # One geometry per study (its spacing and body centre; "resize" needs neither).
+        geo = pre.geometry(st.suv, st.ct, getattr(st, "spacing_mm", None))
         if negative_keep < 1.0:
             draw = torch.rand(len(z_all), generator=generator).numpy()
             z_all = z_all[labels | (draw < negative_keep)]
         for start in range(0, len(z_all), _CHUNK):
             z = z_all[start:start + _CHUNK]
-            xs.append(volume_to_batch(st.suv, st.ct, z, pre))
+            xs.append(volume_to_batch(st.suv, st.ct, z, pre, geometry=geo))
             ys.append(torch.from_numpy(labels[z].astype(np.int64)))
     if not xs:
         return torch.zeros((0, 2, s, s), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)

@@ -100,6 +100,6 @@ def test_pipeline_runs_with_pixel_mm(tmp_path, ray_cluster):
     import nibabel as nib
 
     assert all(nib.load(str(m)).shape == (48, 48, 24) for m in masks)  # the native grid
-    from jobs.tune_thresholds import load_thresholds
+    from wsseg_core.thresholds import load_thresholds
 
     assert 0.0 <= load_thresholds(out / "thresholds.json")["CAM"]["t"] <= 1.0  # tuned on the canvas CAMs

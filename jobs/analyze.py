@@ -133,7 +133,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     The classifier and CAMs are recomputed in this process (a few slices: cheap). Returns the PNGs
     written; none (logged) when the run has no classifier or no cohort manifest.
     """
-    from wsseg_core.thresholds import load_thresholds
+    from wsseg_core.thresholds import load_flag_threshold, load_thresholds
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
     from wsseg_core.inference import classify_volume, volume_cams
@@ -160,6 +160,9 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     model.eval()
     engine = CamEngine(model)
     thresholds = load_thresholds(layout.thresholds)
+    # The run's flag threshold (chosen on validation), not the paper's 0.5: the figure shows a
+    # slice the scored method segmented, so it must flag as scoring did.
+    flag_threshold = load_flag_threshold(layout.thresholds)
     methods = [m for m in available_methods(model) if m in thresholds]  # no CAM under head "fc"
     written = []
     for row in picks.itertuples():
@@ -173,7 +176,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
         geo = pre.geometry(study.suv, study.ct, study.spacing_mm)
         probs = classify_volume(model, pre, study.suv, study.ct, geometry=geo)
         tumour = study.seg.reshape(-1, study.seg.shape[2]).sum(axis=0).astype(np.int64)  # signed: -1 below
-        flagged = probs >= 0.5
+        flagged = probs >= flag_threshold
         # The paper shows slices the method actually segments: the flagged slice with most tumour;
         # if the classifier flags none of the tumour slices, the tumour's largest slice (CAMs exist
         # for any slice) and the title says so.
@@ -189,6 +192,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
                  for m in methods}
         name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"
         title = (f"{row.patient_id} / {row.study_id}, slice z={z}, p(tumour)={probs[z]:.2f}"
+                 f" (flag threshold {flag_threshold:.2f})"
                  + ("" if flagged[z] else " (not flagged by the classifier)"))
         written.append(cam_figure(study.suv[:, :, z], study.ct[:, :, z], study.seg[:, :, z], cams, masks,
                                   layout.out / "figures" / name, title=title))

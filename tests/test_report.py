@@ -231,3 +231,33 @@ def test_cam_overlays_with_a_real_classifier(scored_run):
     written = analyze.cam_overlays(out, df)
     assert len(written) == 1  # one study has tumour (the other is a negative control)
     assert written[0].read_bytes()[:8] == PNG_MAGIC and written[0].parent == out / "figures"
+
+
+def test_cam_overlays_flag_slices_at_the_runs_flag_threshold(scored_run, monkeypatch, tmp_path):
+    """The figure shows a slice as flagged when scoring flagged it: at the flag threshold chosen for
+    the run (thresholds.json), not at the paper's 0.5. The biased classifier gives p ~ 0.98."""
+    import shutil
+
+    from jobs import analyze
+    from jobs.common import RunLayout
+    from wsseg_core import report
+    from wsseg_core.thresholds import update_thresholds
+
+    src, refs, rows = scored_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    titles = []
+    real = report.cam_figure
+
+    def recording_cam_figure(*args, title="", **kw):
+        titles.append(title)
+        return real(*args, title=title, **kw)
+
+    monkeypatch.setattr(report, "cam_figure", recording_cam_figure)
+    df = pd.DataFrame(rows)
+    analyze.cam_overlays(out, df)  # no thresholds.json: the paper's 0.5 flags every slice
+    update_thresholds(RunLayout(out).thresholds, {}, flag_threshold=0.999)
+    analyze.cam_overlays(out, df)
+    assert len(titles) == 2
+    assert "not flagged" not in titles[0] and "flag threshold 0.50" in titles[0]
+    assert "not flagged by the classifier" in titles[1] and "flag threshold 1.00" in titles[1]

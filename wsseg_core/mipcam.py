@@ -82,6 +82,7 @@ from scipy import ndimage
 from torch import nn
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
+from wsseg_core.metrics import dice_from_counts
 from wsseg_core.storage import write_npz
 
 ISO_MM = 2.0  # MIP pixel size (paper: resampled to 2 x 2 x 2 mm)
@@ -693,22 +694,24 @@ def dice_grid(suv: np.ndarray, seg: np.ndarray, cams: Mapping[str, np.ndarray],
     """3-D Dice for every (t, q) (T, Q); NaN rows when ``seg`` is empty. One labelling per t."""
     seg = np.asarray(seg) > 0
     n_ref = int(seg.sum())
-    out = np.full((len(t_grid), len(q_grid)), np.nan)
+    # |pred & ref| and |pred| per grid point; an empty candidate region leaves its row at 0 (Dice 0).
+    inter = np.zeros((len(t_grid), len(q_grid)), dtype=np.int64)
+    n_pred = np.zeros_like(inter)
     if n_ref == 0:
-        return out
+        return dice_from_counts(inter, n_pred, n_ref)  # all NaN: skip the labelling
     suv = np.asarray(suv, dtype=np.float32)
     for i, t in enumerate(t_grid):
         region = candidate_region(cams, views, float(t), suv.shape)
         idx = np.flatnonzero(region)
         if idx.size == 0:
-            out[i] = 0.0
             continue
         rel = suv.ravel()[idx] / np.maximum(component_suvmax(suv, region).ravel()[idx], 1e-12)
         ref = seg.ravel()[idx]
         for j, q in enumerate(q_grid):
             keep = rel >= q / 100.0
-            out[i, j] = 2.0 * int((keep & ref).sum()) / (int(keep.sum()) + n_ref)
-    return out
+            inter[i, j] = int((keep & ref).sum())
+            n_pred[i, j] = int(keep.sum())
+    return dice_from_counts(inter, n_pred, n_ref)
 
 
 # --------------------------------------------------------------------------------------------------

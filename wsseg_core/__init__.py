@@ -6,7 +6,8 @@ It never imports ray: the Ray entry points live in ``jobs/``.
 Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     methods     the eight methods by name; the network methods' checkpoints and loaders
     storage     local paths and URIs; the atomic writers (temp name, then os.replace)
-    data        cohort discovery, manifests, study loading and validation, weak labels, splits
+    data        study references, loading and validation of the volumes, weak labels, mask writing
+    cohort      cohort discovery (folder layout), manifests, subject-level splits, cohort summary
     phantom     synthetic whole-body PET/CT cohort in the autoPET layout
     checkpoint  the one checkpoint file format of every network
     models      VGG16 slice classifier (Früh et al.) and its input preprocessing

@@ -21,7 +21,9 @@ Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     gridcache   the tuning cache: the voxel counts behind every (t, q) Dice of a study
     selection   the searches' rule: Dice per patient, then over patients; the best cell
     unet        supervised 2-D U-Net baseline (upper bound)
-    mipcam      MIP-CAM (Amyar et al.): MIP CNN, distance-corrected CAMs, 3-D reconstruction
+    mipcam      MIP-CAM (Amyar et al.): the method, its grids, checkpoint and segmenter; re-exports
+                mipcam_geometry (axes, MIPs, projections), mipcam_net (samples, CNN, CAMs,
+                training) and mipcam_reconstruct (back-projection, 3-D region, Dice grid)
     losses      Afshari et al.'s box losses (Eq. 1-7)
     boxfcn      BoxFCN (Afshari et al.): box labels, 3-D FCN, training, inference
     packing     compact masks and SUV crops between processes

@@ -329,7 +329,7 @@ def labelled(refs: list, split: str) -> list:
 
 def resolve_cohort(source: str | os.PathLike, seed: int = 0) -> list:
     """Studies of a cohort folder or manifest, each with its subject-level split."""
-    from wsseg_core.data import assign_splits, load_cohort
+    from wsseg_core.cohort import assign_splits, load_cohort
 
     return assign_splits(load_cohort(source), seed=seed)
 

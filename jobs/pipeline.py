@@ -164,7 +164,7 @@ def training_record(fit: dict[str, Any] | None, path: str, local_file) -> dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jobs import analyze as analyze_job
     from jobs import score_cohort, train_classifier, tune_thresholds
-    from wsseg_core.data import cohort_summary, format_cohort_summary
+    from wsseg_core.cohort import cohort_summary, format_cohort_summary
 
     setup_logging()
     args = build_parser().parse_args(argv)

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -206,6 +207,46 @@ def beat_watchdog() -> None:
     """Tell this worker's watchdog (if started) that an epoch was just reported."""
     if _WATCHDOG is not None:
         _WATCHDOG.beat()
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker-side helpers of every network job's train loop (classifier, U-Net, BoxFCN).
+
+
+def load_readable(refs: list) -> list:
+    """Load the studies that can be read; a bad file is logged and left out of training."""
+    from wsseg_core.data import StudyError, load_study
+
+    studies = []
+    for r in refs:
+        try:
+            studies.append(load_study(r))
+        except StudyError as e:
+            LOG.warning("training skips %s/%s: %s", r.patient_id, r.study_id, e)
+    return studies
+
+
+def maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Test hook only: config `fail_after_epoch` (int), `fail_marker` (path), `fail_delay_s`.
+
+    Rank 0 SIGKILLs its own process once (the marker file makes it fire once per run), midway
+    through epoch `fail_after_epoch + 1` - after training, before reporting - as a lost node would.
+    It first waits `fail_delay_s`: Ray Train registers a reported checkpoint only when the
+    controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a worker
+    lost within that window after `report` loses that epoch's checkpoint and the restart redoes
+    one epoch. Real epochs last minutes; tiny test epochs do not, hence the delay.
+    """
+    after = config.get("fail_after_epoch")
+    if after is None or rank != 0 or epoch != after + 1:
+        return
+    try:
+        fd = os.open(config["fail_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    time.sleep(float(config.get("fail_delay_s", 0.0)))
+    LOG.warning("test hook: killing train worker pid %d during epoch %d", os.getpid(), epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepar
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
                             start_watchdog, world_info)
 from jobs.telemetry import tune_callback
-from jobs.train_classifier import _maybe_die, load_readable
+from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
 CKPT_FILE = "boxfcn.pt"  # the scored model: a copy of the variant chosen on validation
@@ -197,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
             rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
             crop=crop))
-        _maybe_die(config, epoch, rank)
+        maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         improved = ev["loss"] < best
         best, bad = (ev["loss"], 0) if improved else (best, bad + 1)

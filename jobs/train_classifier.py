@@ -17,56 +17,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, resolve_cohort,
                          setup_logging)
-from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
-                            report_epoch, resume_from_checkpoint, resumed_extra_state,
-                            start_watchdog, world_info)
+from jobs.ray_train import (fit_and_keep_best, load_readable, maybe_die, mean_over_ranks, on_rank0,
+                            prepare_ddp_model, report_epoch, resume_from_checkpoint,
+                            resumed_extra_state, start_watchdog, world_info)
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
-
-
-def load_readable(refs: list) -> list:
-    """Load the studies that can be read; a bad file is logged and left out of training."""
-    from wsseg_core.data import StudyError, load_study
-
-    studies = []
-    for r in refs:
-        try:
-            studies.append(load_study(r))
-        except StudyError as e:
-            LOG.warning("training skips %s/%s: %s", r.patient_id, r.study_id, e)
-    return studies
-
-
-def _maybe_die(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Test hook only: config `fail_after_epoch` (int), `fail_marker` (path), `fail_delay_s`.
-
-    Rank 0 SIGKILLs its own process once (the marker file makes it fire once per run), midway
-    through epoch `fail_after_epoch + 1` - after training, before reporting - as a lost node would.
-    It first waits `fail_delay_s`: Ray Train registers a reported checkpoint only when the
-    controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a worker
-    lost within that window after `report` loses that epoch's checkpoint and the restart redoes
-    one epoch. Real epochs last minutes; tiny test epochs do not, hence the delay.
-    """
-    after = config.get("fail_after_epoch")
-    if after is None or rank != 0 or epoch != after + 1:
-        return
-    try:
-        fd = os.open(config["fail_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    time.sleep(float(config.get("fail_delay_s", 0.0)))
-    LOG.warning("test hook: killing train worker pid %d during epoch %d", os.getpid(), epoch)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -148,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      device=device, augment=config["augment"],
                                                      generator=aug_gen, scheduler=scheduler))
         train_s = time.perf_counter() - t0
-        _maybe_die(config, epoch, rank)
+        maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate(bare, x_va, y_va, loss_fn, device=device))
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
@@ -234,7 +196,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
-    tests only (`fail_after_epoch`, `fail_marker`: see `_maybe_die`; `shuffle` False keeps the
+    tests only (`fail_after_epoch`, `fail_marker`: see `jobs.ray_train.maybe_die`; `shuffle` False keeps the
     slice order; `watchdog_s`: see `jobs.ray_train.start_watchdog`).
     """
     from wsseg_core.train import check_global_batch

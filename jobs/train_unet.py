@@ -33,7 +33,7 @@ from typing import Any
 from jobs.common import add_common_args, init_ray, labelled, resolve_cohort, setup_logging
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, start_watchdog, world_info)
-from jobs.train_classifier import _maybe_die, load_readable
+from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
 
 LOG = logging.getLogger("wsseg.train_unet")
 CKPT_FILE = "unet.pt"
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loss = mean_over_ranks(train_unet_epoch(model, loader, optimizer, train_loss_fn,
                                                       device=device, augment=config["augment"],
                                                       generator=aug_gen, crop=config.get("crop")))
-        _maybe_die(config, epoch, rank)
+        maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
                                              batch_size=config["batch_size"], device=device))
         dice = float(val["dice"])

@@ -1,4 +1,5 @@
-"""wsseg_core.data: discovery, manifests, splits, loading/validation, weak labels, mask writing."""
+"""wsseg_core.cohort and wsseg_core.data: discovery, manifests, splits, loading/validation, weak labels,
+mask writing."""
 
 from __future__ import annotations
 
@@ -12,19 +13,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wsseg_core.cohort import (
+    assign_splits,
+    cohort_summary,
+    discover_cohort,
+    format_cohort_summary,
+    load_cohort,
+    read_manifest,
+)
 from wsseg_core.data import (
     Lesion,
     Study,
     StudyError,
     StudyRef,
-    assign_splits,
-    cohort_summary,
-    discover_cohort,
     find_lesions,
-    format_cohort_summary,
-    load_cohort,
     load_study,
-    read_manifest,
     slice_labels,
     write_mask,
 )
@@ -336,7 +339,7 @@ def test_splits_read_tumour_from_seg(tmp_path: Path) -> None:
         make_study(tmp_path, f"PETCT_{i}", STUDY_A, seg=False)
         _save(tmp_path / f"PETCT_{i}" / STUDY_A / "SEG.nii.gz", seg)
     refs = discover_cohort(tmp_path)
-    from wsseg_core.data import patient_strata
+    from wsseg_core.cohort import patient_strata
 
     strata = patient_strata(refs)
     assert strata == {f"PETCT_{i}": "tumour" if i < 3 else "tumour-free" for i in range(6)}
@@ -564,3 +567,24 @@ def test_cohort_summary(cohort: Path) -> None:
     quick = cohort_summary(refs, load=False)
     assert quick["n_lesions"] is None and quick["n_studies"] == 5
     assert "studies" in format_cohort_summary(quick)
+
+
+def test_cohort_names_stay_importable_from_data() -> None:
+    import subprocess
+    import sys
+
+    import wsseg_core.cohort as cohort
+    import wsseg_core.data as data
+
+    public = {n for n, v in vars(cohort).items() if not n.startswith("_")
+              and (n.isupper() or getattr(v, "__module__", "") == "wsseg_core.cohort")}
+    assert public == set(data._COHORT_NAMES)  # every public name of cohort is re-exported
+    for name in data._COHORT_NAMES:
+        assert getattr(data, name) is getattr(cohort, name), name
+        assert name in dir(data)
+    with pytest.raises(AttributeError):
+        data.no_such_name  # noqa: B018
+    # Either module first in a fresh interpreter: the lazy re-export is not a circular import.
+    for code in ("import wsseg_core.cohort; from wsseg_core.data import assign_splits",
+                 "from wsseg_core.data import discover_cohort, SPLITS; import wsseg_core.cohort"):
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

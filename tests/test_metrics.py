@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from wsseg_core.metrics import dice, mtv_ml, study_metrics, tlg_g, voxel_volume_ml
+from wsseg_core.metrics import dice, dice_from_counts, mtv_ml, study_metrics, tlg_g, voxel_volume_ml
 
 
 def _masks():
@@ -33,6 +33,41 @@ def test_dice_nan_for_empty_reference():
     assert math.isnan(dice(np.zeros_like(ref), np.zeros_like(ref)))
     with pytest.raises(ValueError):
         dice(pred, ref[:, :, :1])
+
+
+def test_dice_from_counts_by_hand():
+    # |P & R| = 3, |P| = 4, |R| = 5 (the masks above): 2*3 / (4+5)
+    assert dice_from_counts(3, 4, 5) == pytest.approx(6 / 9)
+    assert type(dice_from_counts(3, 4, 5)) is float
+    assert dice_from_counts(5, 5, 5) == 1.0
+    assert dice_from_counts(0, 0, 5) == 0.0  # empty prediction, tumour present: 0 / 5
+    assert dice_from_counts(0, 7, 5) == 0.0  # disjoint
+    # Empty reference: NaN by default, whether the prediction is empty (0/0) or not (0 by formula).
+    assert math.isnan(dice_from_counts(0, 0, 0))
+    assert math.isnan(dice_from_counts(0, 4, 0))
+    # Another convention for an empty reference, asked for explicitly.
+    assert dice_from_counts(0, 0, 0, empty=1.0) == 1.0
+    assert dice_from_counts(0, 4, 0, empty=0.0) == 0.0
+    assert dice_from_counts(1, 1, 3, empty=1.0) == pytest.approx(0.5)  # 2 / 4: empty not used
+
+
+def test_dice_from_counts_arrays_broadcast():
+    inter = np.array([[0, 1], [2, 3]])
+    n_pred = np.array([[0, 1], [4, 3]])
+    out = dice_from_counts(inter, n_pred, 3)  # one |R| for the grid, as the (t, q) grids use it
+    assert out.dtype == np.float64 and out.shape == (2, 2)
+    np.testing.assert_array_equal(out, [[0.0, 2 / 4], [4 / 7, 1.0]])
+    with np.errstate(all="raise"):  # 0/0 cells are never divided
+        empty_ref = dice_from_counts(np.zeros((2, 3), np.int64), np.array([0, 2, 5]), 0)
+    assert empty_ref.shape == (2, 3) and np.isnan(empty_ref).all()
+    # per-element |R| with a zero in it
+    np.testing.assert_array_equal(dice_from_counts([1, 0], [1, 0], [1, 0], empty=-1.0), [1.0, -1.0])
+
+
+def test_dice_from_counts_rejects_impossible_counts():
+    for bad in [(-1, 2, 2), (3, 2, 5), (3, 5, 2)]:
+        with pytest.raises(ValueError):
+            dice_from_counts(*bad)
 
 
 def test_voxel_volume_ml():

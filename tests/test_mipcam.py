@@ -333,3 +333,28 @@ def test_distance_term_moves_the_cam_peak_toward_the_centre_point():
     assert a["peak_mm"] < b["peak_mm"] - 5.0
     assert a["dist_mm"] < b["dist_mm"]
     assert a["peak_mm"] < a0["peak_mm"] and a["dist_mm"] < a0["dist_mm"]
+
+
+def test_parts_are_reexported_and_never_import_ray():
+    import ast
+    import inspect
+
+    from wsseg_core import mipcam_geometry, mipcam_net, mipcam_reconstruct
+
+    parts = (mipcam_geometry, mipcam_net, mipcam_reconstruct)
+    for part in parts:
+        own = {n for n, v in vars(part).items() if not n.startswith("_") and not inspect.ismodule(v)
+               and (n.isupper() or getattr(v, "__module__", "") == part.__name__)}
+        assert own <= set(mc.__all__), (part.__name__, own - set(mc.__all__))
+        for name in own:
+            assert getattr(mc, name) is getattr(part, name), name
+    for name in mc.__all__:
+        assert hasattr(mc, name), name
+    for mod in (mc, *parts):
+        tree = ast.parse(inspect.getsource(mod))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not any(n.split(".")[0] == "ray" for n in names), mod.__name__
+        # one direction only: the parts never import the module that re-exports them
+        if mod is not mc:
+            assert "wsseg_core.mipcam" not in names, mod.__name__

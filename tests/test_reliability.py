@@ -75,7 +75,7 @@ def _bad_cohort(root: Path) -> Path:
     # Valid: SEG stored as float {0, 255} is binarised.
     _save(study("ok_seg_float255") / "SEG.nii.gz", (seg > 0).astype(np.float32) * 255.0, aff)
 
-    from wsseg_core.data import discover_cohort
+    from wsseg_core.cohort import discover_cohort
 
     rows = [r.to_dict() for r in good + discover_cohort(root / "bad")]
     rows.append({**good[1].to_dict(), "patient_id": "bad_manifest_path", "study_id": "s1",

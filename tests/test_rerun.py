@@ -31,7 +31,7 @@ TRAINED = re.compile(r"epoch \d+/\d+ train_loss")  # the classifier's line per t
 
 def _cohort(root: Path) -> Path:
     """9 tiny phantom studies with a fixed split: 5 train, 2 validation (with tumour), 2 test."""
-    from wsseg_core.data import load_cohort
+    from wsseg_core.cohort import load_cohort
     from wsseg_core.phantom import write_phantom_cohort
 
     write_phantom_cohort(root / "phantom", n=9, shape=(48, 48, 32), seed=11, negative_fraction=0.2)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from wsseg_core import storage
-from wsseg_core.data import StudyError, discover_cohort, load_study, read_manifest
+from wsseg_core.cohort import discover_cohort, read_manifest
+from wsseg_core.data import StudyError, load_study
 from wsseg_core.phantom import write_phantom_cohort
 
 SHAPE = (40, 40, 20)

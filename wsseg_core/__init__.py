@@ -6,7 +6,8 @@ It never imports ray: the Ray entry points live in ``jobs/``.
 Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     methods     the eight methods by name; the network methods' checkpoints and loaders
     storage     local paths and URIs; the atomic writers (temp name, then os.replace)
-    data        cohort discovery, manifests, study loading and validation, weak labels, splits
+    data        study references, loading and validation of the volumes, weak labels, mask writing
+    cohort      cohort discovery (folder layout), manifests, subject-level splits, cohort summary
     phantom     synthetic whole-body PET/CT cohort in the autoPET layout
     checkpoint  the one checkpoint file format of every network
     models      VGG16 slice classifier (Früh et al.) and its input preprocessing
@@ -20,7 +21,9 @@ Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     gridcache   the tuning cache: the voxel counts behind every (t, q) Dice of a study
     selection   the searches' rule: Dice per patient, then over patients; the best cell
     unet        supervised 2-D U-Net baseline (upper bound)
-    mipcam      MIP-CAM (Amyar et al.): MIP CNN, distance-corrected CAMs, 3-D reconstruction
+    mipcam      MIP-CAM (Amyar et al.): the method, its grids, checkpoint and segmenter; re-exports
+                mipcam_geometry (axes, MIPs, projections), mipcam_net (samples, CNN, CAMs,
+                training) and mipcam_reconstruct (back-projection, 3-D region, Dice grid)
     losses      Afshari et al.'s box losses (Eq. 1-7)
     boxfcn      BoxFCN (Afshari et al.): box labels, 3-D FCN, training, inference
     packing     compact masks and SUV crops between processes

@@ -8,8 +8,8 @@ all a trial needs of a study is, per method, the two integer tables ``|pred ∩ 
 over the grid, and ``|ref|``: the cache stores exactly these, computed once by
 :func:`wsseg_core.segment.dice_grid_counts` / :func:`threshold_dice_grid_counts` while the study's
 volumes are in memory, plus the CAMs at map resolution and the flagged slice indices. A trial's
-Dice comes from the same integers through the same ``_dice_from_counts``, so it is bit-identical to
-the full-volume computation.
+Dice comes from the same integers through the same ``metrics.dice_from_counts``, so it is
+bit-identical to the full-volume computation.
 
 Why counts and not the voxels: Algorithm 1's region ``up(cam) >= t`` (nearest upsampling, no
 component selection) is monotone in t, so the voxels of the region at ``min(t_grid)`` - and, for
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsseg_core.metrics import dice_from_counts
 from wsseg_core.segment import (THRESHOLD_REFERENCES, _check_cams, _check_flagged, _check_q,
-                                _dice_from_counts, dice_grid_counts, threshold_dice_grid_counts)
+                                dice_grid_counts, threshold_dice_grid_counts)
 
 __all__ = ["GridCache", "build_grid_cache", "cache_dice_grid", "cache_threshold_dice_grid"]
 
@@ -182,7 +183,7 @@ def cache_dice_grid(
     rows = ti >= 0
     inter[rows] = cache.inter[method][np.ix_(ti[rows], qi)]
     n_pred[rows] = cache.n_pred[method][np.ix_(ti[rows], qi)]
-    return _dice_from_counts(inter, n_pred, cache.n_ref)
+    return dice_from_counts(inter, n_pred, cache.n_ref)
 
 
 def cache_threshold_dice_grid(cache: GridCache, q_grid: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -192,4 +193,4 @@ def cache_threshold_dice_grid(cache: GridCache, q_grid: Sequence[float] | np.nda
         ``float (len(q_grid),)``, bit-identical to ``threshold_dice_grid`` on the full volumes.
     """
     qi = _positions(cache.q_grid, np.asarray(q_grid, dtype=float).ravel(), "q")
-    return _dice_from_counts(cache.thr_inter[qi], cache.thr_n_pred[qi], cache.n_ref)
+    return dice_from_counts(cache.thr_inter[qi], cache.thr_n_pred[qi], cache.n_ref)

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dice", "voxel_volume_ml", "mtv_ml", "tlg_g", "study_metrics", "false_positive_volume_ml",
-           "false_negative_volume_ml", "hd95_mm", "ude_mm", "lesion_detection", "extra_metrics",
-           "MaskSummary", "summarize_mask", "roc_auc"]
+__all__ = ["dice", "dice_from_counts", "voxel_volume_ml", "mtv_ml", "tlg_g", "study_metrics",
+           "false_positive_volume_ml", "false_negative_volume_ml", "hd95_mm", "ude_mm",
+           "lesion_detection", "extra_metrics", "MaskSummary", "summarize_mask", "roc_auc"]
 
 
 def _as_mask(a: np.ndarray) -> np.ndarray:
@@ -36,9 +36,47 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
         raise ValueError(f"pred shape {p.shape} differs from ref shape {r.shape}")
     n_ref = int(np.count_nonzero(r))
     if n_ref == 0:
-        return float("nan")
-    inter = int(np.count_nonzero(p & r))
-    return 2.0 * inter / (int(np.count_nonzero(p)) + n_ref)
+        return float("nan")  # skip the counting; dice_from_counts would say NaN too
+    return dice_from_counts(int(np.count_nonzero(p & r)), int(np.count_nonzero(p)), n_ref)
+
+
+def dice_from_counts(intersection: Any, pred_sum: Any, ref_sum: Any, empty: float = float("nan")
+                     ) -> Any:
+    """Dice ``2 |P & R| / (|P| + |R|)`` from voxel (or pixel) counts: the one formula behind
+    :func:`dice`, :func:`study_metrics`, ``segment.dice_grid``/``threshold_dice_grid``,
+    ``gridcache`` and ``mipcam.dice_grid``.
+
+    Empty reference: wherever ``ref_sum == 0`` the result is ``empty``, whatever the prediction
+    (so both "empty prediction, empty reference", 0/0, and "false positives only", 0 by the
+    formula, give ``empty``). Every caller in the tree keeps the metrics contract's NaN (the
+    default): a study without tumour has no overlap to measure, and a 0 or 1 there would bias
+    per-method medians. A caller that wants the set-theoretic reading (1 for empty-empty) passes
+    ``empty=1.0`` only where it also handles the false-positives-only case itself.
+
+    Args:
+        intersection: ``|P & R|``, int or int array (counts, >= 0).
+        pred_sum: ``|P|``, broadcastable against ``intersection``; >= ``intersection``.
+        ref_sum: ``|R|``, broadcastable likewise; >= ``intersection``.
+        empty: the value where ``ref_sum == 0``.
+
+    Returns:
+        A Python float when all three are scalars, else a float64 array of the broadcast shape.
+        Counts are exact in float64 up to 2**53, so the value equals ``2.0 * inter / (p + r)``
+        computed with Python ints.
+
+    Raises:
+        ValueError: a negative count, or an intersection larger than either sum.
+    """
+    inter = np.asarray(intersection, dtype=np.float64)
+    p = np.asarray(pred_sum, dtype=np.float64)
+    r = np.asarray(ref_sum, dtype=np.float64)
+    if np.any(inter < 0) or np.any(inter > p) or np.any(inter > r):
+        raise ValueError("counts must satisfy 0 <= intersection <= pred_sum, ref_sum")
+    inter, p, r = np.broadcast_arrays(inter, p, r)
+    out = np.full(inter.shape, float(empty), dtype=np.float64)
+    # where= keeps 0/0 (empty-empty) out of the division, so no RuntimeWarning and no NaN leak.
+    np.divide(2.0 * inter, p + r, out=out, where=r > 0)
+    return float(out) if out.ndim == 0 else out
 
 
 def voxel_volume_ml(spacing_mm: np.ndarray | tuple[float, ...]) -> float:
@@ -121,9 +159,8 @@ def study_metrics(
     if ref is not None:
         p, r = _pair(p, ref)
         inter = _intersection(p, r)
-        if r.n_voxels:
-            n_inter = 0 if inter is None else int(np.count_nonzero(inter[0]))
-            out["dice"] = 2.0 * n_inter / (p.n_voxels + r.n_voxels)
+        n_inter = 0 if inter is None else int(np.count_nonzero(inter[0]))
+        out["dice"] = dice_from_counts(n_inter, p.n_voxels, r.n_voxels)
         out["mtv_true_ml"] = r.n_voxels * float(voxel_ml)
         out["tlg_true_g"] = _tlg_box(r, suv, voxel_ml)
     if spacing_mm is not None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from wsseg_core.metrics import dice_from_counts
 # The paper's (t_m, q_m) and the pipeline's Threshold reference belong to the thresholds.json format;
 # re-exported here, where the segmenters that take them live.
 from wsseg_core.thresholds import PAPER_THRESHOLDS, THRESHOLD_REFERENCE
@@ -163,13 +164,6 @@ def _reference_mask(seg: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarra
     return ref
 
 
-def _dice_from_counts(inter: np.ndarray, n_pred: np.ndarray, n_ref: int) -> np.ndarray:
-    # Same convention as metrics.dice: NaN when the reference is empty, whatever the prediction.
-    if n_ref == 0:
-        return np.full(inter.shape, np.nan)
-    return 2.0 * inter / (n_pred + n_ref)
-
-
 # --------------------------------------------------------------------------------------------------
 # Algorithm 1
 
@@ -269,7 +263,7 @@ def dice_grid(
     Returns:
         ``float (len(t_grid), len(q_grid))``; all NaN when the reference is empty or None.
     """
-    return _dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid, cam_index))
+    return dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid, cam_index))
 
 
 def dice_grid_counts(
@@ -489,7 +483,7 @@ def threshold_dice_grid(
     Returns:
         ``float (len(q_grid),)``; all NaN when the reference is empty or None.
     """
-    return _dice_from_counts(*threshold_dice_grid_counts(suv, seg, flagged_z, q_grid, reference, ct))
+    return dice_from_counts(*threshold_dice_grid_counts(suv, seg, flagged_z, q_grid, reference, ct))
 
 
 def threshold_dice_grid_counts(

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
-from wsseg_core.train import augment_with_grid, make_loss
+from wsseg_core.train import GlobalMeanCrossEntropy, augment_with_grid, make_loss
 
 LOG = logging.getLogger(__name__)
 
@@ -511,8 +511,6 @@ class CEDiceLoss(nn.Module):
     def __init__(self, weight: torch.Tensor | None = None, dice_weight: float = 1.0, world: int = 1,
                  smooth: float = 1.0) -> None:
         super().__init__()
-        from wsseg_core.train import GlobalMeanCrossEntropy
-
         if not dice_weight >= 0:
             raise ValueError(f"dice_weight must be >= 0, got {dice_weight!r}")
         self.ce = GlobalMeanCrossEntropy(weight, world)

@@ -19,9 +19,9 @@ at the slices' own resolution (`input_size` "native": the largest side rounded u
 (`wsseg_core.unet.CEDiceLoss`, dice_weight 1), Adam lr 2e-3 with a cosine decay, batch 16, a fifth
 of the tumour-free slices, and a budget of 1000 optimizer steps (epochs = ceil(1000 / steps per
 epoch)) rather than a number of epochs. Why, measured (README, "U-Net: why it undertrained"): 40
-epochs were ~1160 steps on the demo but ~520 on a 15-study cohort; the weighted CE alone at 64x64
-left test lesions of 1-2 pixels and a validation Dice near 0 on small cohorts; lr 5e-5 does not
-move in CPU minutes.
+epochs were ~1160 steps on the demo but ~520 on a 15-study cohort; at 64x64 a small lesion is 1-2
+pixels; the weighted CE alone stayed near validation Dice 0 on small cohorts; lr 5e-5 does not move
+in CPU minutes.
 """
 
 from __future__ import annotations

@@ -12,14 +12,16 @@ latest checkpoint; each reported epoch carries `start_epoch`, the epoch that att
 Then the probability threshold is chosen on the validation studies (`tune_threshold`, median 3-D
 Dice) and written to thresholds.json's "UNet" entry, which the scorer uses.
 
-Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x256, Adam lr 5e-5,
-batch 64, 200 epochs). "small" (base 8, 64x64) trains from scratch: Adam lr 2e-3 with a cosine
-decay, batch 16, 40 epochs, a fifth of the tumour-free slices. lr 5e-5 does not move in CPU minutes
-(64x64x32 phantoms, 6 studies, 8 epochs: validation pixel Dice 0.035 -> 0.037; lr 1e-3 reaches
-0.13). The former small preset (lr 1e-2, batch 64, 15 epochs, half the negatives) took ~180
-optimizer steps in all and its validation Dice was still rising at the last epoch (demo cohort:
-0.24 at epoch 15, test median Dice 0.28 at threshold 0.3, 0.02 at 0.5); batch 16 with a fifth of
-the negatives gives ~30 steps an epoch on the demo (README, "U-Net: why it undertrained").
+Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x256, weighted CE,
+Adam lr 5e-5, batch 64, 200 epochs). "small" (base 8) is the CPU preset; since issue 23 it trains
+at the slices' own resolution (`input_size` "native": the largest side rounded up to a multiple of
+16) on 64x64 windows (`crop` 64, half centred near tumour), with weighted CE + soft Dice
+(`wsseg_core.unet.CEDiceLoss`, dice_weight 1), Adam lr 2e-3 with a cosine decay, batch 16, a fifth
+of the tumour-free slices, and a budget of 1000 optimizer steps (epochs = ceil(1000 / steps per
+epoch)) rather than a number of epochs. Why, measured (README, "U-Net: why it undertrained"): 40
+epochs were ~1160 steps on the demo but ~520 on a 15-study cohort; at 64x64 a small lesion is 1-2
+pixels; the weighted CE alone stayed near validation Dice 0 on small cohorts; lr 5e-5 does not move
+in CPU minutes.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ CKPT_FILE = "unet.pt"
 UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # small: see the module docstring and README ("U-Net: why it undertrained"): 15 epochs of
     # batch 64 were ~180 optimizer steps and the validation Dice was still rising at the last one.
-    "small": dict(model_preset="small", epochs=40, batch_size=16, lr=2e-3, schedule="cosine",
-                  negative_keep=0.2),
-    "paper": dict(model_preset="paper", epochs=200, batch_size=64, lr=5e-5, schedule="constant",
-                  negative_keep=1.0),
+    # Issue 23: CE + soft Dice (dice_weight 1) and a budget of optimizer steps rather than epochs
+    # (epochs = ceil(steps / steps per epoch)), so a 15-study cohort trains as long as the demo.
+    # And the slices' own resolution (input_size "native") trained on 64x64 windows (crop 64),
+    # half of them centred near tumour: at 64x64 small lesions were 1-2 pixels.
+    "small": dict(model_preset="small", epochs=None, steps=1000, batch_size=16, lr=2e-3,
+                  schedule="cosine", negative_keep=0.2, dice_weight=1.0, input_size="native",
+                  crop=64),
+    "paper": dict(model_preset="paper", epochs=200, steps=None, batch_size=64, lr=5e-5,
+                  schedule="constant", negative_keep=1.0, dice_weight=0.0, input_size=None,
+                  crop=None),
 }
 
 
@@ -67,9 +75,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from wsseg_core.data import StudyRef
-    from wsseg_core.train import GlobalBatchSampler, GlobalMeanCrossEntropy, make_loss
-    from wsseg_core.unet import (build_unet, epoch_lr, evaluate_unet, load_unet, make_unet_optimizer,
-                                 masks_from_studies, save_unet, set_lr, train_unet_epoch)
+    from wsseg_core.train import GlobalBatchSampler, make_loss
+    from wsseg_core.unet import (NATIVE, CEDiceLoss, build_unet, epoch_lr, evaluate_unet, load_unet,
+                                 make_unet_optimizer, masks_from_studies, native_input_size,
+                                 save_unet, set_lr, train_unet_epoch)
 
     rank, world = world_info()
     start_watchdog(config)
@@ -82,11 +91,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_refs = [StudyRef(**r) for r in config["train_refs"]]
     val_refs = [StudyRef(**r) for r in config["val_refs"]]
-    model, pre = build_unet(config["model_preset"], base=config.get("base"),
-                            input_size=config.get("input_size"))
+    train_studies = load_readable(train_refs)
+    input_size, crop = config.get("input_size"), config.get("crop")
+    if input_size == NATIVE:
+        # The slices' own grid (issue 23); windows of `crop` keep a step's cost that of crop x crop.
+        input_size = native_input_size(st.suv.shape for st in train_studies)
+    model, pre = build_unet(config["model_preset"], base=config.get("base"), input_size=input_size)
+    crop = min(int(crop), pre.input_size) if crop else None  # a window no larger than the slice
     # Every rank holds all training slices and takes its share of each global batch of one shared
     # seeded order: equal steps on every rank (issue 17). Validation runs on rank 0 only.
-    x_tr, y_tr = masks_from_studies(load_readable(train_refs), pre,
+    x_tr, y_tr = masks_from_studies(train_studies, pre,
                                     negative_keep=config["negative_keep"], generator=data_gen)
     x_va, y_va = masks_from_studies(load_readable(val_refs), pre) if rank == 0 else (None, None)
     sampler = GlobalBatchSampler(len(y_tr), config["batch_size"], rank, world, seed=config["seed"])
@@ -110,17 +124,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(config["tumour_weight"]).to(device)
-    # The gradient of the weighted pixel mean over the GLOBAL batch, whatever its split into ranks.
-    train_loss_fn = GlobalMeanCrossEntropy(loss_fn.weight, world).to(device)
+    # The gradient of the weighted pixel mean (and of the pooled soft Dice) over the GLOBAL batch,
+    # whatever its split into ranks.
+    train_loss_fn = CEDiceLoss(loss_fn.weight, dice_weight=config.get("dice_weight", 0.0),
+                               world=world).to(device)
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
+    epochs = unet_epochs(config.get("epochs"), config.get("steps"), len(sampler))
+    if rank == 0:
+        LOG.info("U-Net: input %dx%d, training windows %s, %d epochs of %d steps (%d optimizer "
+                 "steps; dice_weight %g)", pre.input_size, pre.input_size, crop or "none", epochs,
+                 len(sampler), epochs * len(sampler), config.get("dice_weight", 0.0))
 
     bare = model.module if hasattr(model, "module") else model
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
-        set_lr(optimizer, epoch_lr(config["lr"], epoch, config["epochs"], config.get("schedule", "constant")))
+        set_lr(optimizer, epoch_lr(config["lr"], epoch, epochs, config.get("schedule", "constant")))
         train_loss = mean_over_ranks(train_unet_epoch(model, loader, optimizer, train_loss_fn,
                                                       device=device, augment=config["augment"],
-                                                      generator=aug_gen, crop=config.get("crop")))
+                                                      generator=aug_gen, crop=crop))
         maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
                                              batch_size=config["batch_size"], device=device))
@@ -132,15 +153,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "workers": world, "steps": len(sampler)}
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
-                     config["epochs"], train_loss, val["loss"], dice)
+                     epochs, train_loss, val["loss"], dice)
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_unet(path, bare, pre, meta=metrics))
 
 
+def unet_epochs(epochs: int | None, steps: int | None, steps_per_epoch: int) -> int:
+    """Epochs to run: ``epochs`` when given, else enough whole epochs for ``steps`` optimizer steps
+    (``ceil(steps / steps_per_epoch)``, at least 1). Why a step budget: the small preset's 40 epochs
+    were ~1160 steps on the 24-study demo but ~520 on a 15-study cohort, where the validation Dice
+    had not left ~0 (README, "U-Net: why it undertrained")."""
+    if epochs:
+        return int(epochs)
+    if not steps or steps < 1:
+        raise ValueError(f"give epochs or steps >= 1, got epochs={epochs!r}, steps={steps!r}")
+    return max(1, math.ceil(int(steps) / max(1, int(steps_per_epoch))))
+
+
 def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
-             epochs: int = 15, batch_size: int = 64, lr: float = 1e-2, tumour_weight: float = 7.7,
-             negative_keep: float = 0.5, augment: bool = True, base: int | None = None,
-             input_size: int | None = None, crop: int | None = None, schedule: str = "constant",
+             epochs: int | None = None, steps: int | None = 1000, batch_size: int = 16,
+             lr: float = 2e-3, tumour_weight: float = 7.7, dice_weight: float = 1.0,
+             negative_keep: float = 0.2, augment: bool = True, base: int | None = None,
+             input_size: int | str | None = "native", crop: int | None = 64,
+             schedule: str = "cosine",
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -153,14 +188,18 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     final attempt), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
     `test_hooks` as in `jobs.train_classifier.fit` (`fail_after_epoch`, `fail_marker`).
     `batch_size` is the GLOBAL batch, split across `num_workers` (at least `num_workers`; the
-    learning rate is not scaled).
+    learning rate is not scaled). `epochs` None: as many epochs as `steps` optimizer steps need
+    (`unet_epochs`). `input_size` "native": the training slices' own side rounded up to a
+    multiple of 16 (`wsseg_core.unet.native_input_size`), trained on `crop` x `crop` windows; None:
+    the model preset's. The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
 
     check_global_batch(batch_size, num_workers)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
-                  model_preset=model_preset, epochs=epochs, batch_size=batch_size, lr=lr,
-                  tumour_weight=tumour_weight, negative_keep=negative_keep, augment=augment,
+                  model_preset=model_preset, epochs=epochs, steps=steps, batch_size=batch_size,
+                  lr=lr, tumour_weight=tumour_weight, dice_weight=dice_weight,
+                  negative_keep=negative_keep, augment=augment,
                   base=base, input_size=input_size, crop=crop, schedule=schedule, seed=seed,
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
@@ -196,10 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train_unet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cohort_required=True)
-    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (small 15, paper 200)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: the preset's (small: as many as --steps need, paper 200)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer-step budget when --epochs is not given (small preset: 1000)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch, split across --num-workers (default: the preset's)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 1e-2, paper 5e-5)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 2e-3, paper 5e-5)")
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -220,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.cohort}: no labelled training studies")
     init_ray(args.address)
     kw = preset_kwargs(args.preset)
-    kw.update({k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-               if v})
+    kw.update({k: v for k, v in (("epochs", args.epochs), ("steps", args.steps),
+                                 ("batch_size", args.batch_size), ("lr", args.lr)) if v})
     res = fit_unet(train, val, args.out, **kw, tumour_weight=args.tumour_weight,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    storage_path=args.storage_path, name=args.name,

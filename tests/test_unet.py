@@ -186,14 +186,15 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     refs = write_phantom_cohort(tmp_path / "cohort", n=3, shape=(48, 48, 16), seed=2,
                                 negative_fraction=0.0)
     t0 = time.perf_counter()
-    res = fit_unet(refs[:2], refs[2:], tmp_path / "out", model_preset="small", input_size=32,
+    # input_size left at its default, "native": the 48x48 slices' own grid, trained on 16x16 windows.
+    res = fit_unet(refs[:2], refs[2:], tmp_path / "out", model_preset="small",
                    base=4, epochs=2, batch_size=16, lr=1e-3, num_workers=1, cpus_per_worker=1.0,
                    max_failures=0, schedule="cosine", crop=16)
     print(f"fit_unet through Ray Train (2 epochs): {time.perf_counter() - t0:.1f} s")
     assert Path(res["checkpoint"]) == unet_path(tmp_path / "out") and Path(res["checkpoint"]).is_file()
     assert [int(h["epoch"]) for h in res["history"]] == [0, 1]
     model, pre, meta = load_unet(res["checkpoint"])
-    assert isinstance(model, UNet2D) and (model.base, pre.input_size) == (4, 32)
+    assert isinstance(model, UNet2D) and (model.base, pre.input_size) == (4, 48)
     assert meta["epoch"] in (0, 1) and "val_dice" in meta
     # The threshold search writes the entry the scorer reads.
     import json

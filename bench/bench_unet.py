@@ -1,0 +1,114 @@
+"""Issue 23: the U-Net alone on a phantom cohort's splits, one setting per run -> test metrics.
+
+    python -m bench.bench_unet COHORT --size 128 --crop 64 --dice 1.0 --steps 1000 --eval-every 200
+
+The same steps as `wsseg_core.unet.fit_unet_slices` (paired augmentation, `crop_pair` windows,
+weighted CE [+ soft Dice], Adam, cosine lr per step), one torch thread; the model of the best
+validation check (pooled pixel Dice, every --eval-every steps) is kept, its probability threshold
+chosen on the validation studies (`choose_threshold`), then every test study is scored: 3-D Dice,
+lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one `RESULT {json}` line.
+The README's "U-Net: why it undertrained" tables come from this script.
+"""
+import argparse, json, math, sys, time, copy
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.common import resolve_cohort, labelled
+from jobs.train_classifier import load_readable
+from wsseg_core import unet as U
+from wsseg_core.train import make_loss
+from wsseg_core.metrics import dice, lesion_detection, voxel_volume_ml, mtv_ml
+from wsseg_core.stats import icc_agreement
+
+ap = argparse.ArgumentParser()
+ap.add_argument("cohort")
+ap.add_argument("--size", type=int, default=64)
+ap.add_argument("--crop", type=int, default=0)
+ap.add_argument("--base", type=int, default=8)
+ap.add_argument("--lr", type=float, default=2e-3)
+ap.add_argument("--batch", type=int, default=16)
+ap.add_argument("--steps", type=int, default=600)
+ap.add_argument("--eval-every", type=int, default=50)
+ap.add_argument("--neg", type=float, default=0.2)
+ap.add_argument("--w", type=float, default=7.7)
+ap.add_argument("--dice", type=float, default=0.0)
+ap.add_argument("--noaug", action="store_true")
+ap.add_argument("--sched", default="cosine")
+ap.add_argument("--lesion-frac", type=float, default=0.5)
+ap.add_argument("--threads", type=int, default=1)
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--split-seed", type=int, default=0)
+ap.add_argument("--suvmax", type=float, default=20.0)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(a.seed)
+t0 = time.time()
+refs = resolve_cohort(a.cohort, seed=a.split_seed)
+tr, va = load_readable(labelled(refs, "train")), load_readable(labelled(refs, "val"))
+te = load_readable([r for r in refs if r.split == "test"])
+model, pre = U.build_unet("small", base=a.base, input_size=a.size)
+pre.suv_max = a.suvmax
+g = torch.Generator().manual_seed(a.seed)
+xtr, ytr = U.masks_from_studies(tr, pre, negative_keep=a.neg, generator=g)
+xva, yva = U.masks_from_studies(va, pre)
+print(f"data {len(ytr)} train slices ({int((ytr.flatten(1).any(1)).sum())} pos), {len(yva)} val; "
+      f"load {time.time()-t0:.1f}s", flush=True)
+loss_fn = make_loss(a.w)
+opt = U.make_unet_optimizer(model, lr=a.lr)
+aug_g = torch.Generator().manual_seed(a.seed + 1)
+best = (-1.0, None, -1)
+step = 0
+hist = []
+t1 = time.time()
+while step < a.steps:
+    perm = torch.randperm(len(ytr), generator=g)
+    for i in range(0, len(perm) - a.batch + 1, a.batch):
+        if step >= a.steps:
+            break
+        if a.sched == "cosine":
+            U.set_lr(opt, a.lr * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        idx = perm[i:i + a.batch]
+        xb, yb = xtr[idx], ytr[idx]
+        if not a.noaug:
+            xb, yb = U.augment_pair(xb, yb, aug_g)
+        if a.crop:
+            xb, yb = U.crop_pair(xb, yb, a.crop, aug_g, lesion_fraction=a.lesion_frac)
+        model.train()
+        opt.zero_grad()
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        if a.dice:
+            p = torch.softmax(logits, 1)[:, 1]
+            r = (yb == 1).float()
+            loss = loss + a.dice * (1 - (2 * (p * r).sum() + 1) / (p.sum() + r.sum() + 1))
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % a.eval_every == 0 or step == a.steps:
+            ev = U.evaluate_unet(model, xva, yva, loss_fn, batch_size=32)
+            hist.append((step, round(float(loss.detach()), 4), round(ev["dice"], 3)))
+            print(f"step {step} loss {float(loss.detach()):.4f} val_dice {ev['dice']:.3f} pred {ev['n_pred_pixels']} ref {ev['n_pos_pixels']} t {time.time()-t1:.0f}s", flush=True)
+            if ev["dice"] > best[0]:
+                best = (ev["dice"], copy.deepcopy(model.state_dict()), step)
+train_s = time.time() - t1
+model.load_state_dict(best[1])
+thr = U.choose_threshold(model, pre, va)
+print("threshold", thr["threshold"], "val median", round(thr["val_dice"], 3), thr["by_threshold"])
+rows = []
+for st in te:
+    prob = U.predict_volume_unet(model, pre, st.suv, st.ct)
+    m = prob > thr["threshold"]
+    vml = voxel_volume_ml(st.spacing_mm)
+    ld = lesion_detection(m, st.seg)
+    d = dice(m, st.seg) if st.seg.any() else float("nan")
+    rows.append(dict(dice=d, mtv_t=mtv_ml(st.seg, vml), mtv_p=mtv_ml(m, vml), **ld))
+dices = [r["dice"] for r in rows if r["dice"] == r["dice"]]
+found = sum(r["n_ref_detected"] for r in rows); nref = sum(r["n_ref_lesions"] for r in rows)
+icc = icc_agreement([r["mtv_t"] for r in rows], [r["mtv_p"] for r in rows])
+res = dict(args=vars(a), best_step=best[2], best_val=round(best[0], 3), thr=thr["threshold"],
+           test_dice=[round(x, 3) for x in dices], median=round(float(np.median(dices)), 3) if dices else None,
+           found=f"{found}/{nref}", false_per_study=np.mean([r["n_pred_false"] for r in rows]),
+           icc=round(icc["icc"], 3) if icc["icc"] == icc["icc"] else None, n_test=len(rows),
+           mtv=[(round(r["mtv_t"], 1), round(r["mtv_p"], 1)) for r in rows], train_s=round(train_s), total_s=round(time.time() - t0))
+print("RESULT", json.dumps(res), flush=True)

@@ -9,10 +9,9 @@ chosen on the validation studies (`choose_threshold`), then every test study is 
 lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one `RESULT {json}` line.
 The README's "U-Net: why it undertrained" tables come from this script.
 """
-import argparse, json, math, sys, time, copy
+import argparse, copy, json, math, time
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from jobs.common import resolve_cohort, labelled
 from jobs.train_classifier import load_readable

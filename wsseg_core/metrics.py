@@ -44,7 +44,7 @@ def dice_from_counts(intersection: Any, pred_sum: Any, ref_sum: Any, empty: floa
                      ) -> Any:
     """Dice ``2 |P & R| / (|P| + |R|)`` from voxel (or pixel) counts: the one formula behind
     :func:`dice`, :func:`study_metrics`, ``segment.dice_grid``/``threshold_dice_grid``,
-    ``gridcache`` and ``mipcam.dice_grid``.
+    ``gridcache``, ``mipcam.dice_grid`` and the U-Net's validation pixel Dice (``unet.evaluate_unet``).
 
     Empty reference: wherever ``ref_sum == 0`` the result is ``empty``, whatever the prediction
     (so both "empty prediction, empty reference", 0/0, and "false positives only", 0 by the

@@ -599,6 +599,8 @@ def evaluate_unet(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: n
     Returns:
         dict(loss, dice, n (slices), n_pos_pixels, n_pred_pixels).
     """
+    from wsseg_core.metrics import dice_from_counts
+
     y = torch.as_tensor(y).long()
     n = int(len(y))
     if n == 0:
@@ -626,7 +628,7 @@ def evaluate_unet(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: n
                 ref_sum += int(ref.sum())
     finally:
         model.train(was_training)
-    dice = 2.0 * inter / (pred_sum + ref_sum) if ref_sum > 0 else float("nan")
+    dice = dice_from_counts(inter, pred_sum, ref_sum)  # NaN without tumour pixels
     return dict(loss=loss_num / loss_den if loss_den else float("nan"), dice=float(dice), n=n,
                 n_pos_pixels=ref_sum, n_pred_pixels=pred_sum)
 

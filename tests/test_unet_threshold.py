@@ -217,7 +217,7 @@ def test_ce_dice_loss_over_two_ranks_matches_one_process(tmp_path):
     logits.requires_grad_(True)
     ref = CEDiceLoss(torch.tensor([1.0, 7.7]), dice_weight=1.0)(logits, y)
     ref.backward()
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Both ranks report the global Dice term; DDP averages gradients: (g0 + g1) / 2 per half.
     ddp_grad = torch.cat([r0["grad"], r1["grad"]]) / 2
     assert torch.allclose(ddp_grad, logits.grad, atol=1e-6)

@@ -58,16 +58,16 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
     from wsseg_core.cams import CamEngine
     from wsseg_core.data import load_study, write_mask
     from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
+    from wsseg_core.methods import METHODS, StudyContext
     from wsseg_core.metrics import MaskSummary, study_metrics
     from wsseg_core.models import load_classifier
-    from wsseg_core.segment import segment_volume, threshold_volume
 
     torch.set_num_threads(threads)
     model, pre, _ = load_classifier(classifier)
     model.eval()
     engine = CamEngine(model)
     layout = RunLayout(out)
-    cams = [m for m in methods if m != "Threshold"]
+    cams = [m for m in methods if METHODS[m].is_cam]
     for ref in refs:
         st = load_study(ref)
         geo = pre.geometry(st.suv, st.ct, st.spacing_mm)  # the checkpoint's preprocessing
@@ -75,13 +75,9 @@ def bare(refs, out: Path, classifier: Path, thresholds: dict, methods, threads: 
         z = flagged_slices(probs)
         maps = volume_cams(engine, pre, st.suv, st.ct, z, cams, 64, geometry=geo)
         reference = None if st.seg is None else MaskSummary(st.seg)  # as the scorer: once per study
+        ctx = StudyContext(flagged_z=z, thresholds=thresholds, cams=maps, geometry=geo)
         for m in methods:
-            th = thresholds[m]
-            if m == "Threshold":
-                mask = threshold_volume(st.suv, z, th["q"], reference=th.get("reference", "body"), ct=st.ct)
-            else:
-                mask = segment_volume(st.suv, z, maps[m], th["t"], th["q"],
-                                      cam_index=geo.cam_index(*maps[m].shape[1:]))
+            mask = METHODS[m].segment(st, ctx)  # as the scorer segments
             write_mask(out / layout.mask(m, ref.patient_id, ref.study_id), mask, st.affine)
             study_metrics(mask, reference, st.suv, st.voxel_volume_ml, spacing_mm=st.spacing_mm)
 

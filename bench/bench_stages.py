@@ -7,7 +7,7 @@ The stages are the scoring actor's own calls, in its order, on phantom studies w
     read      load_study (SUV, CT, SEG from .nii.gz)                           GPU actor (CPU work)
     classify  classify_volume: every axial slice                               GPU actor
     CAMs      volume_cams: the four CAMs of the flagged slices                 GPU actor
-    segment   segment_volume per CAM method + threshold_volume: uint8 masks    GPU actor
+    segment   wsseg_core.methods.segment_study, every method: uint8 masks      GPU actor
     metrics   study_metrics (all columns), the reference summarised once       CPU stage
     write     write_mask per method (.nii.gz) + the slice table               CPU stage
 
@@ -98,8 +98,8 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
     from wsseg_core.methods import CAM_METHODS
     from wsseg_core.data import load_study, slice_labels, write_mask
     from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
+    from wsseg_core.methods import StudyContext, segment_study
     from wsseg_core.metrics import MaskSummary, study_metrics
-    from wsseg_core.segment import segment_volume, threshold_volume
 
     wall, cpu, rss = {}, {}, {}
     state: dict = {}
@@ -133,18 +133,10 @@ def score_study_by_stage(ref, model, pre, engine, thresholds: dict, methods: lis
                                     [m for m in methods if m in CAM_METHODS], batch_size,
                                     geometry=state["geo"])
 
-    def segment():
-        st, z, masks = state["st"], state["z"], {}
-        for m in methods:
-            th = thresholds[m]
-            if m == "Threshold":
-                masks[m] = threshold_volume(st.suv, z, th["q"], reference=th.get("reference", "body"),
-                                            ct=st.ct)
-            else:
-                cams = state["maps"][m]
-                masks[m] = segment_volume(st.suv, z, cams, th["t"], th["q"],
-                                          cam_index=state["geo"].cam_index(*cams.shape[1:]))
-        state["masks"] = masks
+    def segment():  # as the scorer segments: the method registry
+        ctx = StudyContext(flagged_z=state["z"], thresholds=thresholds, cams=state["maps"],
+                           geometry=state["geo"])
+        state["masks"] = segment_study(state["st"], ctx, methods)
 
     def metrics():
         st = state["st"]

@@ -136,10 +136,10 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     from wsseg_core.thresholds import load_flag_threshold, load_thresholds
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
-    from wsseg_core.inference import classify_volume, volume_cams
+    from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
+    from wsseg_core.methods import METHODS, StudyContext
     from wsseg_core.models import load_classifier
     from wsseg_core.report import cam_figure
-    from wsseg_core.segment import segment_slice
 
     layout = RunLayout(Path(out))
     if not layout.classifier.exists():
@@ -176,20 +176,23 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
         geo = pre.geometry(study.suv, study.ct, study.spacing_mm)
         probs = classify_volume(model, pre, study.suv, study.ct, geometry=geo)
         tumour = study.seg.reshape(-1, study.seg.shape[2]).sum(axis=0).astype(np.int64)  # signed: -1 below
-        flagged = probs >= flag_threshold
+        flagged = np.zeros(len(probs), dtype=bool)
+        flagged[flagged_slices(probs, flag_threshold)] = True  # as scoring flags (Algorithm 1 step 1)
         # The paper shows slices the method actually segments: the flagged slice with most tumour;
         # if the classifier flags none of the tumour slices, the tumour's largest slice (CAMs exist
         # for any slice) and the title says so.
         cand = np.where(flagged & (tumour > 0), tumour, -1)
         z = int(np.argmax(cand)) if cand.max() > 0 else int(np.argmax(tumour))
         maps = volume_cams(engine, pre, study.suv, study.ct, [z], methods, batch_size=1, geometry=geo)
+        # Each method's mask of slice z exactly as scoring segments it (the method registry, its
+        # run thresholds, the CAM mapped to voxels by the study's geometry).
+        ctx = StudyContext(flagged_z=np.array([z]), thresholds=thresholds, cams=maps, geometry=geo)
+        masks = {m: METHODS[m].segment(study, ctx)[:, :, z].astype(bool) for m in methods}
         cams = {m: maps[m][0] for m in methods}
         if pre.mode != "resize":
-            # The canvas is not the slice: show (and segment) each CAM on the slice's own grid,
-            # NaN (not drawn, in no region) where the network did not see the slice.
+            # The canvas is not the slice: show each CAM on the slice's own grid, NaN (not drawn)
+            # where the network did not see the slice.
             cams = {m: geo.cam_to_native(c) for m, c in cams.items()}
-        masks = {m: segment_slice(study.suv[:, :, z], cams[m], thresholds[m]["t"], thresholds[m]["q"])
-                 for m in methods}
         name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"
         title = (f"{row.patient_id} / {row.study_id}, slice z={z}, p(tumour)={probs[z]:.2f}"
                  f" (flag threshold {flag_threshold:.2f})"

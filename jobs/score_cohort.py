@@ -43,8 +43,9 @@ from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, fetch, in
                          publish, resolve_cohort, setup_logging, sha256_file, torch_threads_for,
                          write_json)
 from jobs.telemetry import ProgressLog, StageClock, record_flagged, record_study
-# The methods by name and the network methods' loaders: one registry in the library.
-from wsseg_core.methods import ALL_METHODS, CAM_METHODS, DEFAULT_METHODS, MODEL_METHODS  # noqa: F401
+# The methods by name, how each segments a study and what its rows record: one registry in the library.
+from wsseg_core.methods import (ALL_METHODS, CAM_METHODS, DEFAULT_METHODS, METHODS,  # noqa: F401
+                                MODEL_METHODS, StudyContext, segment_study)
 
 LOG = logging.getLogger("wsseg.score_cohort")
 
@@ -277,7 +278,6 @@ class StudyMasker:
         """Read, classify, CAMs, one mask per method (raises on a bad study)."""
         from wsseg_core.data import load_study
         from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
-        from wsseg_core.segment import THRESHOLD_REFERENCE, segment_volume, threshold_volume
 
         clock = StageClock()  # seconds per stage, recorded once the study's masks exist
         with clock.stage("read"):
@@ -288,23 +288,14 @@ class StudyMasker:
             probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size,
                                     geometry=geo)
             z = flagged_slices(probs, self.flag_threshold)
-        cam_methods = [m for m in self.methods if m in CAM_METHODS]
+        cam_methods = [m for m in self.methods if METHODS[m].is_cam]
         with clock.stage("cams"):
             maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
                                self.cam_batch_size, geometry=geo)
-        masks = {}
+        ctx = StudyContext(flagged_z=z, thresholds=self.thresholds, cams=maps, geometry=geo,
+                           segmenters=self.segmenters)
         with clock.stage("segment"):
-            for m in self.methods:
-                th = self.thresholds.get(m, {})
-                if m in self.segmenters:
-                    masks[m] = self.segmenters[m](study)
-                elif m == "Threshold":
-                    masks[m] = threshold_volume(study.suv, z, th["q"],
-                                                reference=th.get("reference", THRESHOLD_REFERENCE),
-                                                ct=study.ct)
-                else:
-                    masks[m] = segment_volume(study.suv, z, maps[m], th["t"], th["q"],
-                                              cam_index=geo.cam_index(*maps[m].shape[1:]))
+            masks = segment_study(study, ctx, self.methods)
         clock.flush()
         record_flagged(len(z), int(study.suv.shape[2]), ref.split)
         return StudyMasks(suv=study.suv, seg=study.seg, affine=study.affine,
@@ -372,7 +363,6 @@ class StudyFinisher:
         base = _base_row(ref)
         rows, dices = [], []
         for m in self.methods:
-            th = self.thresholds.get(m, {})
             mask = sm.masks[m]
             rel = self.layout.mask(m, ref.patient_id, ref.study_id)
             with clock.stage("write"):
@@ -383,7 +373,8 @@ class StudyFinisher:
             dices.append(f"{m} {vals['dice']:.2f}")
             rows.append({**base, "method": m, "status": "ok", "error": None, **vals,
                          "voxel_volume_ml": sm.voxel_volume_ml, "mask_path": rel.as_posix(),
-                         "t_m": th.get("t"), "q_m": th.get("q"), "n_slices": int(sm.suv.shape[2]),
+                         **METHODS[m].row_fields(self.thresholds.get(m, {})),
+                         "n_slices": int(sm.suv.shape[2]),
                          "n_flagged_slices": sm.n_flagged, "max_slice_prob": float(sm.probs.max()),
                          "slice_auc": auc})
         LOG.info("scored %s/%s: %d/%d slices flagged; Dice %s", ref.patient_id, ref.study_id,

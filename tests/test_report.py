@@ -223,14 +223,35 @@ def test_scorer_writes_new_columns_and_slices(scored_run):
         assert len(sl) == 32 and sl["prob"].between(0, 1).all()
 
 
-def test_cam_overlays_with_a_real_classifier(scored_run):
+def test_cam_overlays_with_a_real_classifier(scored_run, monkeypatch):
+    """Also: the figure's masks come from the method registry as scoring's do, so on the figure's
+    slice they equal the scored mask file."""
+    import nibabel as nib
+
     from jobs import analyze
+    from jobs.common import RunLayout
+    from wsseg_core import report
 
     out, refs, rows = scored_run
+    drawn = []
+    real = report.cam_figure
+
+    def recording_cam_figure(suv, ct, seg, cams, masks, path, **kw):
+        drawn.append((masks, Path(path)))
+        return real(suv, ct, seg, cams, masks, path, **kw)
+
+    monkeypatch.setattr(report, "cam_figure", recording_cam_figure)
     df = pd.DataFrame(rows)
     written = analyze.cam_overlays(out, df)
     assert len(written) == 1  # one study has tumour (the other is a negative control)
     assert written[0].read_bytes()[:8] == PNG_MAGIC and written[0].parent == out / "figures"
+    masks, path = drawn[0]
+    z = int(path.stem.rsplit("_z", 1)[1])
+    row = next(r for r in rows if r["method"] == "CAM" and r["mtv_true_ml"] > 0)
+    assert path.stem.startswith("cam_" + row["patient_id"])
+    scored = np.asarray(nib.load(RunLayout(out).out / row["mask_path"]).dataobj)[:, :, z] > 0
+    assert masks["CAM"].dtype == bool and np.array_equal(masks["CAM"], scored)
+    assert scored.any()  # not two empty slices
 
 
 def test_cam_overlays_flag_slices_at_the_runs_flag_threshold(scored_run, monkeypatch, tmp_path):
@@ -261,3 +282,4 @@ def test_cam_overlays_flag_slices_at_the_runs_flag_threshold(scored_run, monkeyp
     assert len(titles) == 2
     assert "not flagged" not in titles[0] and "flag threshold 0.50" in titles[0]
     assert "not flagged by the classifier" in titles[1] and "flag threshold 1.00" in titles[1]
+

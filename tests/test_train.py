@@ -13,7 +13,7 @@ import torch
 from wsseg_core.models import SlicePreprocessor, build_slice_classifier
 from wsseg_core.metrics import roc_auc
 from wsseg_core.train import (augment_batch, evaluate, fit_classifier, make_loss, make_optimizer,
-                              predict_proba, slices_from_studies)
+                              predict_proba, sample_slices, slices_from_studies)
 
 
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
@@ -45,6 +45,39 @@ def test_slices_from_studies_labels_and_negative_subsampling():
     assert torch.equal(xs, xs2) and torch.equal(ys, ys2)
     x0, y0 = slices_from_studies([_study(seg=False)], pre)
     assert x0.shape == (0, 2, 16, 16) and y0.shape == (0,)
+
+
+def test_one_slice_sampler_for_classifier_and_unet_against_a_hand_computed_draw():
+    from wsseg_core.unet import masks_from_studies
+
+    pre = SlicePreprocessor(input_size=16)
+    studies = [_study(shape=(32, 32, 30), tumour_z=(2, 3, 26)), _study(seg=False),
+               _study(shape=(32, 32, 6), tumour_z=(5,), seed=1)]
+    keep = 0.3
+    # The rule written out independently: per labelled study (the unlabelled one draws nothing),
+    # one uniform per slice from the generator, kept if tumour or draw < keep.
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    for st in (studies[0], studies[2]):
+        tumour = st.seg.reshape(-1, st.seg.shape[2]).any(axis=0)
+        draw = torch.rand(st.seg.shape[2], generator=gen).numpy()
+        expected.append(np.flatnonzero(tumour | (draw < keep)))
+    got = list(sample_slices(studies, keep, torch.Generator().manual_seed(7), chunk=4))
+    assert [g[0] for g in got] == [studies[0], studies[2]]
+    assert [len(g[1]) for g in got] == [-(-len(e) // 4) for e in expected]  # chunks of <= 4
+    for (_, chunks, labels), exp, st in zip(got, expected, (studies[0], studies[2])):
+        assert np.array_equal(np.concatenate(chunks), exp)
+        assert all(1 <= len(c) <= 4 for c in chunks)
+        assert labels.tolist() == [bool(st.seg[:, :, z].any()) for z in range(st.seg.shape[2])]
+    # Both training sets take exactly those slices, in that order, for the same seed.
+    x_c, y_c = slices_from_studies(studies, pre, keep, torch.Generator().manual_seed(7))
+    x_u, y_u = masks_from_studies(studies, pre, keep, torch.Generator().manual_seed(7))
+    kept = np.concatenate(expected)
+    assert len(y_c) == len(y_u) == len(kept)
+    assert torch.equal(x_c, x_u)  # same slices, same preprocessing ("resize")
+    assert y_c.tolist() == (y_u.flatten(1).amax(1)).tolist()
+    with pytest.raises(ValueError, match="negative_keep"):
+        next(sample_slices(studies, 0.0))
 
 
 def test_augment_batch_is_deterministic_and_pads_with_background():

@@ -8,7 +8,7 @@ momentum 0.9, lr 1e-3, batch 64, augmentation by scaling, rotation, translation 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,39 @@ PET_GAMMA_RANGE = (0.7, 1.4)      # drawn log-uniform, so gamma and 1/gamma are 
 _CHUNK = 64
 
 
+def sample_slices(studies: Sequence[Any], negative_keep: float = 1.0,
+                  generator: torch.Generator | None = None, chunk: int = _CHUNK
+                  ) -> Iterator[tuple[Any, list[np.ndarray], np.ndarray]]:
+    """The axial slices a training set takes from labelled studies: the one slice sampler of the
+    slice classifier (:func:`slices_from_studies`) and the U-Net (``unet.masks_from_studies``).
+
+    Every slice with a tumour voxel is kept; each tumour-free slice with probability
+    `negative_keep` (one ``torch.rand`` draw per slice of the study, from `generator`, so a seed
+    fixes the sample). Studies with ``seg is None`` are skipped (no slice labels) and draw nothing.
+
+    Args:
+        studies: objects with ``.seg`` (X, Y, Z) (e.g. ``wsseg_core.data.Study``).
+        negative_keep: fraction in (0, 1] of tumour-free slices kept.
+        generator: CPU torch.Generator for the draws (None: torch's global one).
+        chunk: at most this many slice indices per array (bounds the caller's per-batch memory).
+    Yields:
+        ``(study, [z (k,) int arrays of kept slices, ascending, at most `chunk` each], labels (Z,)
+        bool: slice has any tumour voxel)`` per labelled study, in order.
+    """
+    if not 0.0 < negative_keep <= 1.0:
+        raise ValueError(f"negative_keep must be in (0, 1], got {negative_keep!r}")
+    for st in studies:
+        if getattr(st, "seg", None) is None:
+            continue
+        seg = np.asarray(st.seg)
+        labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
+        z_all = np.arange(seg.shape[2])
+        if negative_keep < 1.0:
+            draw = torch.rand(len(z_all), generator=generator).numpy()
+            z_all = z_all[labels | (draw < negative_keep)]
+        yield st, [z_all[i:i + chunk] for i in range(0, len(z_all), chunk)], labels
+
+
 def slices_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_keep: float = 1.0,
                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All axial slices of labelled studies as a classifier training set.
@@ -38,31 +71,20 @@ def slices_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative
             ``.spacing_mm`` for a "resample_mm" preprocessor); studies with ``seg is None`` are
             skipped (no slice labels).
         pre: preprocessor (sets S and how slices get there).
-        negative_keep: fraction in (0, 1] of tumour-free slices kept (random, per slice); tumour
-            slices are always kept. Cuts memory and epoch time where negatives dominate
-            (~86% of slices in the paper's cohort).
+        negative_keep: fraction in (0, 1] of tumour-free slices kept (random, per slice,
+            :func:`sample_slices`); tumour slices are always kept. Cuts memory and epoch time where
+            negatives dominate (~86% of slices in the paper's cohort).
         generator: CPU torch.Generator for the negative subsampling (reproducible).
     Returns:
         x: float32 (N, 2, S, S) on CPU; y: int64 (N,), 1 = slice has any tumour voxel.
     """
-    if not 0.0 < negative_keep <= 1.0:
-        raise ValueError(f"negative_keep must be in (0, 1], got {negative_keep!r}")
     s = pre.input_size
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
-    for st in studies:
-        if getattr(st, "seg", None) is None:
-            continue
-        seg = np.asarray(st.seg)
-        labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
-        z_all = np.arange(seg.shape[2])
+    for st, chunks, labels in sample_slices(studies, negative_keep, generator):
         # One geometry per study (its spacing and body centre; "resize" needs neither).
         geo = pre.geometry(st.suv, st.ct, getattr(st, "spacing_mm", None))
-        if negative_keep < 1.0:
-            draw = torch.rand(len(z_all), generator=generator).numpy()
-            z_all = z_all[labels | (draw < negative_keep)]
-        for start in range(0, len(z_all), _CHUNK):
-            z = z_all[start:start + _CHUNK]
+        for z in chunks:
             xs.append(volume_to_batch(st.suv, st.ct, z, pre, geometry=geo))
             ys.append(torch.from_numpy(labels[z].astype(np.int64)))
     if not xs:

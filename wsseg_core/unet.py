@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
-from wsseg_core.train import GlobalMeanCrossEntropy, augment_with_grid, make_loss
+from wsseg_core.train import GlobalMeanCrossEntropy, augment_with_grid, make_loss, sample_slices
 
 LOG = logging.getLogger(__name__)
 
@@ -380,27 +380,17 @@ def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_
             ones are skipped.
         pre: the preprocessor (sets S).
         negative_keep: fraction in (0, 1] of tumour-free slices kept (random per slice); slices
-            with any tumour voxel are always kept.
+            with any tumour voxel are always kept (``train.sample_slices``, the classifier's sampler).
         generator: CPU generator for the subsampling.
     Returns:
         x float32 (N, 2, S, S) on CPU; y int64 (N, S, S) in {0, 1} (SEG resized by nearest).
     """
-    if not 0.0 < negative_keep <= 1.0:
-        raise ValueError(f"negative_keep must be in (0, 1], got {negative_keep!r}")
     s = pre.input_size
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
-    for st in studies:
-        if getattr(st, "seg", None) is None:
-            continue
+    for st, chunks, _ in sample_slices(studies, negative_keep, generator, _CHUNK):
         seg = np.asarray(st.seg)
-        labels = np.asarray(seg.reshape(-1, seg.shape[2]).any(axis=0))
-        z_all = np.arange(seg.shape[2])
-        if negative_keep < 1.0:
-            draw = torch.rand(len(z_all), generator=generator).numpy()
-            z_all = z_all[labels | (draw < negative_keep)]
-        for start in range(0, len(z_all), _CHUNK):
-            z = z_all[start:start + _CHUNK]
+        for z in chunks:
             xs.append(volume_to_batch(st.suv, st.ct, z, pre))
             ys.append(resize_masks(np.ascontiguousarray(np.moveaxis(seg[:, :, z], -1, 0)), s))
     if not xs:

@@ -20,8 +20,9 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_reco
                          open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
                          write_json, write_manifest)
 from jobs.telemetry import StageClock
-from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, PIXEL_MM_HELP, WEIGHTS_HELP, resolve_weights,
-                                   weights_arg)
+from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, MAP_STRIDE_HELP, PIXEL_MM_HELP, WEIGHTS_HELP,
+                                   resolve_weights, weights_arg)
+from wsseg_core.models import MAP_STRIDES
 from wsseg_core.thresholds import load_thresholds, update_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
                         "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
     p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
+    p.add_argument("--map-stride", type=int, choices=MAP_STRIDES, default=None, help=MAP_STRIDE_HELP)
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                               weights=weights_arg(args.weights),
                               num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                              **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
+                              **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
+                                                                map_stride=args.map_stride),
                               **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {}))
             tumour_weight = searched["tumour_weight"]
 
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
             weights=weights_arg(args.weights), num_workers=args.num_workers,
             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
-            **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
+            **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
+                                                                map_stride=args.map_stride),
                **({"input_size": args.input_size} if args.input_size else {}),
                **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {})})
 

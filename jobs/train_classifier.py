@@ -26,6 +26,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, 
 from jobs.ray_train import (fit_and_keep_best, load_readable, maybe_die, mean_over_ranks, on_rank0,
                             prepare_ddp_model, report_epoch, resume_from_checkpoint,
                             resumed_extra_state, start_watchdog, world_info)
+from wsseg_core.models import MAP_STRIDES
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -58,7 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, pre = build_slice_classifier(config["model_preset"], width=config.get("width"),
                                         input_size=config.get("input_size"),
                                         weights=config.get("weights"), head=config.get("head", "gap"),
-                                        pixel_mm=config.get("pixel_mm"))
+                                        pixel_mm=config.get("pixel_mm"),
+                                        map_stride=config.get("map_stride"))
     if rank == 0:
         LOG.info("slice preprocessing: %s", pre.describe())
     # Every rank holds the whole training set and takes its share of each global batch from one
@@ -182,7 +184,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         seed: int = 0, callbacks: list | None = None,
         optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
         weight_decay: float = 0.0, head: str = "gap", pixel_mm: float | None = None,
-        test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+        map_stride: int | None = None, test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
     `batch_size` is the GLOBAL batch (slices per optimiser step), split across the `num_workers`
@@ -194,6 +196,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     "fc" (VGG16's fully connected head, as in Früh et al.'s code; no CAM), see wsseg_core.models.
     `pixel_mm`: slices resampled in-plane to that many mm a pixel and padded / cropped to the input
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
+    `map_stride`: 8 (the paper's last map, input/8) or 4 (CAMs twice as fine per side; None: the
+    preset's, 8); the checkpoint records it, and tuning and scoring follow the checkpoint.
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `jobs.ray_train.maybe_die`; `shuffle` False keeps the
@@ -214,6 +218,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   weight_decay=weight_decay, head=head,
                   # only when set: a run stored before the option keeps its fingerprint
                   **({"pixel_mm": float(pixel_mm)} if pixel_mm is not None else {}),
+                  **({"map_stride": int(map_stride)} if map_stride is not None else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
@@ -222,15 +227,16 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
 
 
 def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
-                      head: str = "gap") -> dict[str, Any]:
+                      head: str = "gap", map_stride: int | None = None) -> dict[str, Any]:
     """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
-    and the classifier head, as `fit` keywords; `optimizer` overrides the preset's (with SGD the
-    schedule is constant, as in the paper)."""
+    the classifier head and (when set) the CAM map stride, as `fit` keywords; `optimizer`
+    overrides the preset's (with SGD the schedule is constant, as in the paper)."""
     opt = optimizer or preset.get("optimizer", "sgd")
     return dict(optimizer=opt,
                 schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
                 patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
-                input_size=preset.get("input_size"), head=head)
+                input_size=preset.get("input_size"), head=head,
+                **({"map_stride": int(map_stride)} if map_stride is not None else {}))
 
 
 PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bilinear, with the study's "
@@ -238,6 +244,12 @@ PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bili
                  "al. (2 mm, 256x256); 0 resizes each slice to the input instead. Default: the "
                  "preset's (paper 2, small 0: resize, for CPU minutes). The checkpoint records it "
                  "and tuning and scoring apply the same.")
+
+
+MAP_STRIDE_HELP = ("the classifier's last feature map is input/STRIDE per side: 8 is Früh et al.'s (32x32 "
+                   "CAMs at 256x256, 8x8 in the small preset's 64x64), 4 also drops the pool before the "
+                   "last VGG block (CAMs twice as fine, ~1.3x the FLOPs). Default: the preset's (8). "
+                   "The checkpoint records it; tuning and scoring follow it.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-weight", type=float, default=7.7, help="weighted cross-entropy w (paper: 7.7)")
     p.add_argument("--head", choices=HEAD_CHOICES, default="gap", help=HEAD_HELP)
     p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
+    p.add_argument("--map-stride", type=int, choices=MAP_STRIDES, default=None, help=MAP_STRIDE_HELP)
     p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -272,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
-              **classifier_recipe(preset, optimizer=args.optimizer, head=args.head),
+              **classifier_recipe(preset, optimizer=args.optimizer, head=args.head, map_stride=args.map_stride),
               weights=weights_arg(args.weights), num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed, pixel_mm=args.pixel_mm)

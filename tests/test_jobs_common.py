@@ -121,3 +121,19 @@ def test_load_labelled_study_skips_bad_and_unlabelled_studies(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="wsseg"):
         assert load_labelled_study(StudyRef(**{**ref.to_dict(), "suv_path": str(broken)}), "tuning") is None
     assert f"tuning skips {ref.patient_id}/{ref.study_id}: {broken}" in caplog.text
+
+
+def test_map_stride_option_reaches_the_fit_keywords_only_when_set():
+    """`--map-stride 4` (16x16 CAMs in the small preset) travels to `fit`; left unset, the fit
+    keywords carry no `map_stride`, so runs trained before the option keep their fingerprint."""
+    from jobs import pipeline
+    from jobs.common import PIPELINE_PRESETS
+    from jobs.train_classifier import build_parser, classifier_recipe
+
+    small = PIPELINE_PRESETS["small"]
+    assert "map_stride" not in classifier_recipe(small)
+    assert classifier_recipe(small, map_stride=4)["map_stride"] == 4
+    assert pipeline.build_parser().parse_args(["--out", "x", "--map-stride", "4"]).map_stride == 4
+    assert build_parser().parse_args(["--cohort", "c", "--out", "x"]).map_stride is None
+    with pytest.raises(SystemExit):  # only the strides the network has
+        pipeline.build_parser().parse_args(["--out", "x", "--map-stride", "2"])

@@ -68,6 +68,7 @@ def test_map_stride_4_drops_only_the_last_pool_and_round_trips(tmp_path):
     x = torch.rand(1, 2, 64, 64)
     assert paper.forward_features(x).shape[-1] == 8 and fine.forward_features(x).shape[-1] == 16
     assert build_slice_classifier("paper")[0].map_stride == 8
+    assert build_slice_classifier("small", map_stride=4)[0].map_stride == 4  # --map-stride 4
     with pytest.raises(ValueError, match="map_stride"):
         SliceClassifier(map_stride=2)
     path = tmp_path / "c.pt"

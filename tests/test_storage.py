@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from wsseg_core import storage
 from wsseg_core.cohort import discover_cohort, read_manifest
@@ -113,7 +114,9 @@ def test_cohort_discovery_and_manifest_through_uris(cohort, tmp_path):
 @pytest.mark.slow
 def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster, monkeypatch):
     """Train (Ray Train checkpoints at <out>/ray), score (Ray Data actors upload per study) and
-    analyze with `--out` a file:// URI of a folder with a space; a rerun resumes from the URI."""
+    analyze with `--out` a file:// URI of a folder with a space; a rerun resumes from the URI.
+    The classifier is trained with `map_stride=4` (`--map-stride 4`), so scoring takes the stride
+    from the checkpoint (16x16 CAMs) rather than from the preset."""
     from jobs import analyze, score_cohort, train_classifier
     from jobs.common import open_run
     from wsseg_core.thresholds import load_thresholds
@@ -126,8 +129,9 @@ def test_jobs_write_to_and_resume_from_a_file_uri(cohort, tmp_path, ray_cluster,
     out = uri(dest)
 
     fit = train_classifier.fit(refs[:1], refs[:1], out, model_preset="small", epochs=1, batch_size=16,
-                               lr=0.01, weights=None, num_workers=1, cpus_per_worker=1.0)
+                               lr=0.01, weights=None, num_workers=1, cpus_per_worker=1.0, map_stride=4)
     assert (dest / "models" / "classifier.pt").is_file()  # published to the URI
+    assert torch.load(dest / "models" / "classifier.pt", weights_only=True)["config"]["map_stride"] == 4
     # Ray Train storage under the URI, the run named by its fingerprint, plus the last-run record
     assert any((dest / "ray" / fit["run_name"]).glob("checkpoint_*"))
     assert fit["run_name"].startswith("classifier-") and (dest / "ray" / "classifier.last-run.json").is_file()

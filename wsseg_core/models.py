@@ -521,7 +521,7 @@ def require_imagenet_weights() -> None:
 def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
                            weights: str | os.PathLike | None = None, head: str = "gap",
-                           pixel_mm: float | None = None,
+                           pixel_mm: float | None = None, map_stride: int | None = None,
                            ) -> tuple[SliceClassifier, SlicePreprocessor]:
     """Build the classifier and its matching preprocessor.
 
@@ -533,6 +533,8 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
             0: resize whatever the preset.
         head: "gap" (GAP + linear, CAM's architecture; default) or "fc" (VGG16's classifier, as in
             the authors' code; CAM undefined).
+        map_stride: 8 (last map = input/8, the paper's) or 4 (CAMs twice as fine per side);
+            None: the preset's.
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
             download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
             weights need width 1.0.
@@ -551,6 +553,8 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
         cfg["width"] = float(width)
     if input_size is not None:
         cfg["input_size"] = int(input_size)
+    if map_stride is not None:
+        cfg["map_stride"] = int(map_stride)
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
                             batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8),
                             head=head)

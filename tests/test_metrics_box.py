@@ -497,3 +497,34 @@ def test_surface_points_raster_order_and_offset():
     s = MaskSummary(m)
     assert np.array_equal(s.surface_points, np.argwhere(_old_surface(m > 0)))
     assert s.surface_points.dtype == np.int64
+
+
+# --- roc_auc's ranks without scipy.stats (whose import cost every scoring actor 1-5 s) -------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_average_ranks_equal_rankdata_and_auc_bit_identical(seed):
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    s = rng.integers(0, max(2, n // 3), size=n).astype(np.float64) / 7.0  # many ties
+    if seed == 3:
+        s[: n // 2] = -0.0  # -0.0 and 0.0 tie
+        s[n // 2:] = np.where(rng.random(n - n // 2) < 0.5, 0.0, np.inf)
+    assert np.array_equal(new._average_ranks(s), rankdata(s))
+    lab = rng.random(n) < 0.4
+    if 0 < lab.sum() < n:
+        want = float((rankdata(s)[lab].sum() - lab.sum() * (lab.sum() + 1) / 2.0)
+                     / (lab.sum() * (n - lab.sum())))
+        assert new.roc_auc(s, lab) == want
+
+
+def test_roc_auc_nan_score_and_no_scipy_stats_import():
+    assert math.isnan(new.roc_auc([0.1, float("nan"), 0.3], [0, 1, 1]))
+    import subprocess
+    import sys
+
+    code = ("import sys; from wsseg_core.metrics import roc_auc; "
+            "assert roc_auc([0.1, 0.4, 0.4], [0, 1, 0]) == 0.75; print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -17,6 +17,13 @@ printed and must be 0 for counts and volumes, <= 1e-9 mm for HD95 / UDE.
 
     .venv/bin/python bench/bench_metrics.py                      # autoPET size
     .venv/bin/python bench/bench_metrics.py --shape 48 48 24 --repeats 1
+
+With ``--baseline FILE`` (an earlier ``wsseg_core/metrics.py``, e.g. ``git show
+232e06d:wsseg_core/metrics.py > /tmp/metrics_232e06d.py``) that version is also timed with the
+shared reference, interleaved with the current one so both see the same load, and its values must
+equal the current ones (the A/B of a change to the box implementation):
+
+    .venv/bin/python bench/bench_metrics.py --no-old --repeats 5 --baseline /tmp/metrics_232e06d.py
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=7, help="phantom seed (7: eight lesions)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-old", action="store_true", help="skip the (slow) before timings")
+    ap.add_argument("--baseline", default=None,
+                    help="an earlier wsseg_core/metrics.py to time against (shared reference)")
     args = ap.parse_args(argv)
 
     from wsseg_core.metrics import MaskSummary, study_metrics
@@ -98,6 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_old:
         from tests.test_metrics_box import old_study_metrics as old_fn
 
+    base = None
+    if args.baseline:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("metrics_baseline", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+        base_ref = base.MaskSummary(st.seg)
     ref_t = [_timed(lambda: MaskSummary(st.seg))[:2] for _ in range(args.repeats)]
     ref_sum = MaskSummary(st.seg)
     print(f"reference summary (once per study): {median([w for w, _ in ref_t]):.3f} s wall, "
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'shared ref s (CPU)':>18s} | max |diff|")
     results, worst_all, after_worst = {}, 0.0, 0.0
     for name, pred in masks.items():
-        old_w, old_c, new_w, new_c, sh_w, sh_c = [], [], [], [], [], []
+        old_w, old_c, new_w, new_c, sh_w, sh_c, bs_w, bs_c = [], [], [], [], [], [], [], []
         diff = float("nan")
         for _ in range(args.repeats):
             w, c, b = _timed(lambda: study_metrics(pred, st.seg, st.suv, vox_ml, args.spacing))
@@ -115,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
             sh_w.append(w), sh_c.append(c)
             if max_abs_diff(b, s) != 0.0:
                 raise AssertionError(f"{name}: shared-reference values differ from standalone ones")
+            if base is not None:
+                w, c, v = _timed(lambda: base.study_metrics(pred, base_ref, st.suv, vox_ml, args.spacing))
+                bs_w.append(w), bs_c.append(c)
+                if max_abs_diff(v, s) > 1e-9:
+                    raise AssertionError(f"{name}: baseline values differ from the current ones")
             if old_fn is not None:
                 w, c, a = _timed(lambda: old_fn(pred, st.seg, st.suv, vox_ml, args.spacing))
                 old_w.append(w), old_c.append(c)
@@ -125,8 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:32s} {int(np.count_nonzero(pred)):9d} | {before:>15s} | "
               f"{median(new_w):6.3f} ({median(new_c):5.3f}) | {median(sh_w):8.3f} ({median(sh_c):5.3f})"
               f"     | {diff:.3g}")
+        if bs_c:
+            print(f"{'':32s} baseline, shared ref: {median(bs_w):.3f} s wall ({median(bs_c):.3f} CPU) "
+                  f"-> current {median(sh_w):.3f} ({median(sh_c):.3f} CPU)")
         results[name] = {"before_s": median(old_w) if old_w else None, "after_s": median(new_w),
-                         "after_cpu_s": median(new_c), "shared_ref_s": median(sh_w), "max_abs_diff": diff}
+                         "after_cpu_s": median(new_c), "shared_ref_s": median(sh_w), "max_abs_diff": diff,
+                         "baseline_shared_cpu_s": median(bs_c) if bs_c else None}
     if old_fn is not None:
         ok = worst_all <= 1e-9
         print(f"max abs difference before vs after, all columns, all masks: {worst_all:.3g} "

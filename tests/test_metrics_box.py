@@ -434,3 +434,97 @@ def test_errors_kept():
         new.hd95_mm(a, a, (1.0, 0.0, 3.0))
     with pytest.raises(ValueError):
         new.extra_metrics(np.zeros((4, 4), np.uint8), None, 1.0, (1, 1, 1))
+
+
+# --- the restricted reverse query (_near_candidates): only the big surface's voxels near the small one
+
+@pytest.fixture
+def near_always(monkeypatch):
+    """Take the restricted path at test sizes (it is skipped below 20,000 surface voxels)."""
+    monkeypatch.setattr(new, "_NEAR_MIN_POINTS", 0)
+
+
+def _big_and_lesions(rng, shape=(40, 30, 24)):
+    """A whole-array mask with scattered holes (surface everywhere, touching every face) and two
+    small lesions inside it near one corner, one touching the array's face."""
+    big = (rng.random(shape) > 0.02).astype(np.uint8)
+    small = np.zeros(shape, np.uint8)
+    small[2:5, 3:6, 2:4] = 1
+    small[0:2, 8:10, 5:8] = 1
+    return big, small
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_near_candidates_hold_every_nearest_voxel(near_always, spacing):
+    """Every nearest big-surface voxel of every small-surface voxel (all of them on ties, found by
+    brute force) is among the candidates, and the candidates are a strict subset."""
+    rng = np.random.default_rng(3)
+    big, small = _big_and_lesions(rng)
+    spacing = np.asarray(spacing)
+    b, s = MaskSummary(big), MaskSummary(small)
+    d_back, j_back = new._nearest_mm(b.surface_points, s, spacing)
+    keep = new._near_candidates(s, b, spacing, d_back, j_back)
+    assert keep is not None and 0 < keep.size < b.surface_points.shape[0] // 4
+    dist = np.linalg.norm((s.surface_points[:, None, :] - b.surface_points[None, :, :]) * spacing, axis=2)
+    nearest = dist <= dist.min(axis=1, keepdims=True) + 1e-9
+    assert np.all(np.isin(np.flatnonzero(nearest.any(axis=0)), keep))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_restricted_path_matches_old(near_always, spacing):
+    """The whole row through the restricted path against the old implementation: the big mask with
+    lesions, random blobs both ways round, and the edge cases (empty, one voxel, border)."""
+    rng = np.random.default_rng(4)
+    big, small = _big_and_lesions(rng)
+    compare(big, small, spacing)
+    compare(small, big, spacing)
+    for _ in range(2):
+        shape = tuple(int(x) for x in rng.integers(9, 22, size=3))
+        a, c = blobs(rng, shape, 0.3), blobs(rng, shape, 1.6)
+        compare(a, c, spacing)
+        compare(c, a, spacing)
+    for name in ("one voxel each, apart", "corner voxels", "whole array vs one voxel", "empty pred"):
+        p, r = EDGE_CASES[name]
+        compare(p, r, spacing)
+        compare(r, p, spacing)
+
+
+def test_surface_points_raster_order_and_offset():
+    """surface_points: argwhere of the whole volume's surface (raster order), full-volume indices."""
+    rng = np.random.default_rng(8)
+    m = np.zeros((14, 12, 11), np.uint8)
+    m[3:12, 2:9, 1:11] = blobs(rng, (9, 7, 10), 0.2)
+    s = MaskSummary(m)
+    assert np.array_equal(s.surface_points, np.argwhere(_old_surface(m > 0)))
+    assert s.surface_points.dtype == np.int64
+
+
+# --- roc_auc's ranks without scipy.stats (whose import cost every scoring actor 1-5 s) -------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_average_ranks_equal_rankdata_and_auc_bit_identical(seed):
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    s = rng.integers(0, max(2, n // 3), size=n).astype(np.float64) / 7.0  # many ties
+    if seed == 3:
+        s[: n // 2] = -0.0  # -0.0 and 0.0 tie
+        s[n // 2:] = np.where(rng.random(n - n // 2) < 0.5, 0.0, np.inf)
+    assert np.array_equal(new._average_ranks(s), rankdata(s))
+    lab = rng.random(n) < 0.4
+    if 0 < lab.sum() < n:
+        want = float((rankdata(s)[lab].sum() - lab.sum() * (lab.sum() + 1) / 2.0)
+                     / (lab.sum() * (n - lab.sum())))
+        assert new.roc_auc(s, lab) == want
+
+
+def test_roc_auc_nan_score_and_no_scipy_stats_import():
+    assert math.isnan(new.roc_auc([0.1, float("nan"), 0.3], [0, 1, 1]))
+    import subprocess
+    import sys
+
+    code = ("import sys; from wsseg_core.metrics import roc_auc; "
+            "assert roc_auc([0.1, 0.4, 0.4], [0, 1, 0]) == 0.75; print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

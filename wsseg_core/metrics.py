@@ -305,7 +305,15 @@ class MaskSummary:
         """``(N, 3)`` int64 full-volume indices of the surface voxels, in raster (C) order."""
         if self.n_voxels == 0:
             return np.zeros((0, 3), np.int64)
-        return np.argwhere(_surface(self.crop)).astype(np.int64) + self.lo
+        surf = _surface(self.crop)
+        # flatnonzero + unravel_index gives argwhere's rows (raster order) in a quarter of its time
+        # on a whole-body box (argwhere goes through the generic N-d nonzero).
+        idx = np.unravel_index(np.flatnonzero(surf), surf.shape)
+        pts = np.empty((idx[0].size, 3), np.int64)
+        for ax in range(3):
+            pts[:, ax] = idx[ax]
+            pts[:, ax] += self.lo[ax]
+        return pts
 
     def tree(self, spacing: np.ndarray):
         """A k-d tree of the surface voxels' centres in mm (cached per spacing)."""
@@ -313,9 +321,11 @@ class MaskSummary:
 
         key = tuple(float(s) for s in spacing)
         if key not in self._trees:
-            # An unbalanced tree builds in half the time and answers these queries as fast.
-            self._trees[key] = cKDTree(self.surface_points * spacing, balanced_tree=False,
-                                       compact_nodes=False)
+            # An unbalanced tree builds in half the time and answers these queries faster; leaves of
+            # 32 points (default 16) cut a whole-body mask's 2e5 queries by 15 % (measured 0.23 ->
+            # 0.20 CPU s: fewer nodes to visit, the leaf scan is a tight loop).
+            self._trees[key] = cKDTree(self.surface_points * spacing, leafsize=32,
+                                       balanced_tree=False, compact_nodes=False)
         return self._trees[key]
 
 
@@ -356,13 +366,81 @@ def _hit(a: MaskSummary, inter: tuple[np.ndarray, tuple, tuple] | None, which: i
     return hit[1:]
 
 
-def _nearest_mm(src: np.ndarray, dst: MaskSummary, spacing: np.ndarray) -> np.ndarray:
+def _nearest_mm(src: np.ndarray, dst: MaskSummary, spacing: np.ndarray,
+                tree: Any = None, dst_points: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Distance (mm) from each voxel in ``src`` (``(N, 3)`` indices) to the nearest surface voxel
-    of ``dst``, computed from the integer offset as ``distance_transform_edt`` does."""
-    _, j = dst.tree(spacing).query(src * spacing, k=1)
-    off = (dst.surface_points[j] - src).astype(np.float64) * spacing
+    of ``dst``, computed from the integer offset as ``distance_transform_edt`` does, and that
+    voxel's row in ``dst_points`` (default ``dst.surface_points``, with ``dst``'s cached tree; a
+    caller passing a subset passes its tree too)."""
+    if dst_points is None:
+        dst_points, tree = dst.surface_points, dst.tree(spacing)
+    _, j = tree.query(src * spacing, k=1)
+    off = (dst_points[j] - src).astype(np.float64) * spacing
     off *= off
-    return np.sqrt((off[:, 0] + off[:, 1]) + off[:, 2])
+    return np.sqrt((off[:, 0] + off[:, 1]) + off[:, 2]), j
+
+
+# The restricted reverse query below pays off only when the big surface is much bigger than the
+# small one; under these sizes the whole tree is as cheap as the bookkeeping.
+_NEAR_MIN_POINTS = 20_000
+_NEAR_MAX_COMPONENTS = 64
+
+
+def _near_candidates(src: MaskSummary, dst: MaskSummary, spacing: np.ndarray,
+                     d_back: np.ndarray, j_back: np.ndarray) -> np.ndarray | None:
+    """Rows of ``dst.surface_points`` that can be nearest to one of ``src``'s surface voxels
+    (every one that is, ties included), or None to say "use them all".
+
+    ``d_back``/``j_back`` are the reverse query (every ``dst`` surface voxel's distance to its
+    nearest ``src`` surface voxel and that voxel's row). Bound: if ``dst`` voxel ``x`` is ``D`` mm
+    from ``src`` voxel ``s`` of component ``c``, every ``src`` voxel ``s'`` of ``c`` has a ``dst``
+    surface voxel within ``D + |s - s'| <= D + diam(box_c)`` mm (triangle inequality), so its
+    nearest ones lie in ``box_c`` grown by that radius, ``floor(radius / spacing) + 1`` voxels per
+    axis. A component no ``dst`` voxel chose borrows the bound of the component with the smallest
+    ``D`` plus the largest distance between the two boxes. None when the surfaces are small, the
+    components many, or the grown boxes keep more than half of ``dst``'s surface: then the
+    bookkeeping costs what it saves.
+    """
+    pts, big = src.surface_points, dst.surface_points
+    lab, n = src.labels
+    if big.shape[0] < _NEAR_MIN_POINTS or n > _NEAR_MAX_COMPONENTS:
+        return None
+    comp = lab[tuple((pts - src.lo).T)] - 1  # component of each surface voxel, 0-based
+    d_c = np.full(n, np.inf)
+    np.minimum.at(d_c, comp[j_back], d_back)
+    lo_c = np.full((n, 3), np.iinfo(np.int64).max)
+    hi_c = np.full((n, 3), np.iinfo(np.int64).min)  # inclusive
+    np.minimum.at(lo_c, comp, pts)
+    np.maximum.at(hi_c, comp, pts)
+    radius = d_c + np.sqrt((((hi_c - lo_c) * spacing) ** 2).sum(axis=1))
+    best = int(np.argmin(d_c))  # finite: every dst voxel chose some src voxel
+    far = np.maximum(np.abs(hi_c - lo_c[best]), np.abs(hi_c[best] - lo_c)) * spacing
+    radius = np.minimum(radius, d_c[best] + np.sqrt((far ** 2).sum(axis=1)))
+    grow = np.floor(radius[:, None] / spacing).astype(np.int64) + 1  # +1: rounding of radius
+    a = np.maximum(lo_c - grow - dst.lo, 0)
+    b = np.minimum(hi_c + grow + 1 - dst.lo, np.asarray(dst.crop.shape))
+    near = np.zeros(dst.crop.shape, bool)
+    for c in range(n):
+        if np.all(a[c] < b[c]):
+            near[a[c, 0]:b[c, 0], a[c, 1]:b[c, 1], a[c, 2]:b[c, 2]] = True
+    keep = np.flatnonzero(near[tuple((big - dst.lo).T)])
+    return None if keep.size > big.shape[0] // 2 else keep
+
+
+def _nearest_near(src: MaskSummary, dst: MaskSummary, spacing: np.ndarray,
+                  d_back: np.ndarray, j_back: np.ndarray) -> np.ndarray:
+    """:func:`_nearest_mm` from ``src``'s surface voxels to ``dst``'s surface, with a tree of only
+    the ``dst`` surface voxels that can be nearest (:func:`_near_candidates`). Exact: a tie
+    between equally near voxels may pick another one, the same distance up to the last bit."""
+    keep = _near_candidates(src, dst, spacing, d_back, j_back)
+    if keep is None:
+        return _nearest_mm(src.surface_points, dst, spacing)[0]
+    from scipy.spatial import cKDTree
+
+    sub = dst.surface_points[keep]
+    tree = cKDTree(sub * spacing, leafsize=32, balanced_tree=False, compact_nodes=False)
+    return _nearest_mm(src.surface_points, dst, spacing, tree=tree, dst_points=sub)[0]
 
 
 def _surface_distances(pred: MaskLike, ref: MaskLike,
@@ -373,13 +451,21 @@ def _surface_distances(pred: MaskLike, ref: MaskLike,
 
     Surface = mask & ~binary_erosion(mask) (6-connected erosion; voxels outside the array are
     background). Euclidean distance with the anisotropic ``spacing_mm`` between voxel centres.
+    The mask with more surface voxels is queried against the other's (small) tree first; the
+    other direction then queries only the big surface's voxels that can be nearest
+    (:func:`_nearest_near`), which saves building a tree of the whole big surface.
     """
     spacing = _check_spacing(spacing_mm)
     p, r = _pair(pred, ref)
     if p.n_voxels == 0 or r.n_voxels == 0:
         return None
-    return np.concatenate([_nearest_mm(p.surface_points, r, spacing),
-                           _nearest_mm(r.surface_points, p, spacing)])
+    if p.surface_points.shape[0] >= r.surface_points.shape[0]:
+        d_pr, j = _nearest_mm(p.surface_points, r, spacing)
+        d_rp = _nearest_near(r, p, spacing, d_pr, j)
+    else:
+        d_rp, j = _nearest_mm(r.surface_points, p, spacing)
+        d_pr = _nearest_near(p, r, spacing, d_rp, j)
+    return np.concatenate([d_pr, d_rp])
 
 
 def false_positive_volume_ml(pred: MaskLike, ref: MaskLike, voxel_ml: float) -> float:
@@ -535,8 +621,21 @@ def roc_auc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[
     n_neg = lab.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(s)  # average ranks for ties
-    u = ranks[lab].sum() - n_pos * (n_pos + 1) / 2.0
+    if np.isnan(s).any():
+        return float("nan")  # as scipy.stats.rankdata's default (NaN propagates)
+    u = _average_ranks(s)[lab].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``s`` (1-D, no NaN), ties given the mean of their ranks: the values of
+    ``scipy.stats.rankdata(s)`` (half-integers, exact in float64). Here in numpy because importing
+    ``scipy.stats`` costs 1-5 s, paid by every scoring actor's first study for one AUC."""
+    n = s.size
+    order = np.argsort(s, kind="mergesort")
+    sv = s[order]
+    start = np.flatnonzero(np.concatenate([[True], sv[1:] != sv[:-1]]))  # first of each tie group
+    end = np.append(start[1:], n)  # one past its last (0-based), i.e. its last 1-based rank
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat((start + 1 + end) / 2.0, end - start)
+    return ranks

@@ -4,9 +4,11 @@
 
 The same steps as `wsseg_core.unet.fit_unet_slices` (paired augmentation, `crop_pair` windows,
 weighted CE [+ soft Dice], Adam, cosine lr per step), one torch thread; the model of the best
-validation check (pooled pixel Dice, every --eval-every steps) is kept, its probability threshold
-chosen on the validation studies (`choose_threshold`), then every test study is scored: 3-D Dice,
-lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one `RESULT {json}` line.
+validation check (pooled pixel Dice at the argmax, every --eval-every steps) is kept, its
+probability threshold chosen on the validation studies (`choose_threshold`'s default rule, the
+pooled 3-D Dice, since issue 23's second round; the median before), then every test study is
+scored: 3-D Dice, lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one
+`RESULT {json}` line. `--dump DIR` also writes the probability volumes for `bench.unet_selection`.
 The README's "U-Net: why it undertrained" tables come from this script.
 """
 import argparse, copy, json, math, os, time
@@ -120,7 +122,7 @@ while step < a.steps:
 train_s = time.time() - t1
 model.load_state_dict(best[1])
 thr = U.choose_threshold(model, pre, va)
-print("threshold", thr["threshold"], "val median", round(thr["val_dice"], 3), thr["by_threshold"])
+print("threshold", thr["threshold"], thr["rule"], "val Dice", round(thr["val_dice"], 3), thr["by_threshold"])
 rows = []
 for st in te:
     prob = U.predict_volume_unet(model, pre, st.suv, st.ct)

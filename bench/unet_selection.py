@@ -1,5 +1,5 @@
-"""Issue 23: which validation rule should choose the U-Net's checkpoint, threshold and small-component
-filter? Compares rules on the probability volumes `bench.bench_unet --dump DIR` wrote.
+"""Issue 23: which validation rule should choose the U-Net's checkpoint, threshold and
+small-component filter? Compares rules on the probability volumes `bench.bench_unet --dump DIR` wrote.
 
     python -m bench.bench_unet COHORT --size 128 --crop 64 --dice 1 --steps 1000 --eval-every 100 \\
         --dump DIR --dump-from 500 --threads 1
@@ -12,7 +12,8 @@ studies give three scores:
   * pooled: 2 sum|P & R| / (sum|P| + sum|R|) over ALL validation studies, tumour-free ones included
     (their false-positive voxels enlarge sum|P|).
 Checkpoint rules: "pixel" (the one whose validation pixel Dice at argmax was highest: what the job
-keeps), "last" (the final step), "joint" (the best score over checkpoints x cells, by the same rule).
+keeps), "last" (the final step), "joint" (the best score over checkpoints x cells, by the same
+rule).
 For each (checkpoint rule, score rule, filter set) the chosen model is scored on the test studies:
 median 3-D Dice, lesions found, false lesions per study, ICC(MTV). Prints one table per DIR and
 `RESULT {json}` lines.
@@ -29,7 +30,7 @@ from scipy import ndimage
 from jobs.common import labelled, resolve_cohort
 from jobs.train_classifier import load_readable
 from wsseg_core.metrics import dice, lesion_detection, mtv_ml, voxel_volume_ml
-from wsseg_core.selection import best_cell, patient_mean
+from wsseg_core.selection import patient_mean
 from wsseg_core.stats import icc_agreement
 from wsseg_core.unet import THRESHOLD_GRID
 
@@ -69,7 +70,8 @@ def main() -> None:
         val_scores, test_rows = [], []
         for c in checks:
             z = np.load(os.path.join(d, f"step{c['step']}.npz"))
-            per_study, I, P, R = [], np.zeros((len(grid), len(fnames))), np.zeros((len(grid), len(fnames))), 0
+            cells = (len(grid), len(fnames))
+            per_study, I, P, R = [], np.zeros(cells), np.zeros(cells), 0
             for st in va:
                 ref = st.seg > 0
                 R += int(ref.sum())
@@ -115,7 +117,8 @@ def main() -> None:
 
         pix = int(np.argmax([c["val_pixel_dice"] for c in checks]))
         last = len(checks) - 1
-        print(f"== {d}: cohort {a['cohort']} split seed {a['split_seed']} training seed {a['seed']}; "
+        print(f"== {d}: cohort {a['cohort']} split seed {a['split_seed']} "
+              f"training seed {a['seed']}; "
               f"checks {[c['step'] for c in checks]}, pixel-Dice choice step {checks[pix]['step']}")
         for rule in ("median", "patient_mean", "pooled"):
             for fset in (["none"], fnames):

@@ -10,8 +10,9 @@ worker that dies (up to --max-failures times) makes Ray Train restart the worker
 latest checkpoint; each reported epoch carries `start_epoch`, the epoch that attempt began at.
 
 Then the probability threshold is chosen on the validation studies (`tune_threshold`: the 3-D
-Dice pooled over all validation studies, tumour-free ones included, `wsseg_core.unet.choose_threshold`)
-and written to thresholds.json's "UNet" entry, which the scorer uses.
+Dice pooled over all validation studies, tumour-free ones included,
+`wsseg_core.unet.choose_threshold`) and written to thresholds.json's "UNet" entry, which the scorer
+uses.
 
 Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x256, weighted CE,
 Adam lr 5e-5, batch 64, 200 epochs). "small" (base 8) is the CPU preset; since issue 23 it trains
@@ -218,8 +219,8 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
 
 def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = None) -> dict[str, Any]:
     """Choose the U-Net's probability threshold on the validation studies (3-D Dice pooled over
-    them, `wsseg_core.unet.choose_threshold`'s default rule) and write it to thresholds.json's "UNet" entry, which the
-    scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
+    them, `wsseg_core.unet.choose_threshold`'s default rule) and write it to thresholds.json's
+    "UNet" entry, which the scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
     training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
     from jobs.common import RunLayout
     from wsseg_core.thresholds import update_thresholds
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best = max((d for d in dices if d == d), default=float("nan"))
     res["threshold"] = tune_threshold(val, args.out, train)
     print(f"U-Net checkpoint: {res['checkpoint']}  (best val pooled Dice over thresholds "
-          f"{best:.3f}; threshold {res['threshold']['threshold']:g}, {res['threshold']['rule']} val Dice "
+          f"{best:.3f}; threshold {res['threshold']['threshold']:g}, "
+          f"{res['threshold']['rule']} val Dice "
           f"{res['threshold']['val_dice']:.3f})")
     return res
 

@@ -60,7 +60,8 @@ def best_cell(mean: np.ndarray) -> tuple[int, ...] | None:
 
 def pooled_dice(study_counts: Iterable[tuple[np.ndarray, np.ndarray, int]], shape: tuple[int, ...]
                 ) -> tuple[np.ndarray, int]:
-    """Dice of all studies pooled, cell by cell: ``2 sum_s |P_s & R_s| / (sum_s |P_s| + sum_s |R_s|)``.
+    """Dice of all studies pooled, cell by cell:
+    ``2 sum_s |P_s & R_s| / (sum_s |P_s| + sum_s |R_s|)``.
 
     The U-Net's validation rule (issue 23), not the searches': every study counts, tumour-free ones
     included, since their false-positive voxels enlarge ``sum |P|``; ``patient_mean`` leaves those

@@ -324,7 +324,8 @@ def choose_threshold(model: nn.Module, pre: SlicePreprocessor, studies: Sequence
     the demo's seed-1 split, where the job then painted 19.8 ml on a tumour-free test study).
     Measured (README, "U-Net: a steadier validation choice"; the same networks, only the rule
     differs): demo split 0, test median Dice pooled 0.79 / 0.73 vs median 0.73 / 0.72 (two
-    checkpoints), patient mean 0.79 / 0.74; demo split 1, pooled 0.47 vs median 0.38.
+    checkpoints), patient mean 0.79 / 0.74; demo split 1, pooled 0.47 vs median 0.38; phantom
+    v2b, pooled 0.44 / 0.45 vs median 0.39 / 0.43, patient mean 0.44 / 0.45.
 
     Args:
         studies: loaded ``Study`` objects (``.suv``, ``.ct``, ``.seg``); those without SEG are

@@ -4,10 +4,11 @@
     ray job submit --working-dir . -- python -m jobs.train_unet --cohort ... --preset paper --use-gpu --num-workers 4
 
 Writes `<out>/models/unet.pt` (the epoch with the best validation pooled Dice at its best
-probability threshold, `KEEP_METRIC`; load it with `wsseg_core.unet.load_unet`). Resume after a failure: run the same command again (same --out /
---storage-path / --name); each worker picks up the latest checkpoint (Ray Train V2 semantics). A
-worker that dies (up to --max-failures times) makes Ray Train restart the worker group from the
-latest checkpoint; each reported epoch carries `start_epoch`, the epoch that attempt began at.
+probability threshold, `KEEP_METRIC`; load it with `wsseg_core.unet.load_unet`). Resume after a
+failure: run the same command again (same --out / --storage-path / --name); each worker picks up
+the latest checkpoint (Ray Train V2 semantics). A worker that dies (up to --max-failures times)
+makes Ray Train restart the worker group from the latest checkpoint; each reported epoch carries
+`start_epoch`, the epoch that attempt began at.
 
 Then the probability threshold is chosen on the validation studies (`tune_threshold`: the 3-D
 Dice pooled over all validation studies, tumour-free ones included,

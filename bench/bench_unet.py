@@ -4,12 +4,14 @@
 
 The same steps as `wsseg_core.unet.fit_unet_slices` (paired augmentation, `crop_pair` windows,
 weighted CE [+ soft Dice], Adam, cosine lr per step), one torch thread; the model of the best
-validation check (pooled pixel Dice, every --eval-every steps) is kept, its probability threshold
-chosen on the validation studies (`choose_threshold`), then every test study is scored: 3-D Dice,
-lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one `RESULT {json}` line.
+validation check (pooled pixel Dice at the argmax, every --eval-every steps) is kept, its
+probability threshold chosen on the validation studies (`choose_threshold`'s default rule, the
+pooled 3-D Dice, since issue 23's second round; the median before), then every test study is
+scored: 3-D Dice, lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one
+`RESULT {json}` line. `--dump DIR` also writes the probability volumes for `bench.unet_selection`.
 The README's "U-Net: why it undertrained" tables come from this script.
 """
-import argparse, copy, json, math, time
+import argparse, copy, json, math, os, time
 import numpy as np
 import torch
 
@@ -39,6 +41,11 @@ ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--split-seed", type=int, default=0)
 ap.add_argument("--suvmax", type=float, default=20.0)
+ap.add_argument("--dump", default=None,
+                help="folder: at every validation check from --dump-from on, write the tumour "
+                     "probability of every validation and test study (uint8, p x 255) to "
+                     "DIR/step<N>.npz, and DIR/meta.json, for bench.unet_selection")
+ap.add_argument("--dump-from", type=int, default=500)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -57,6 +64,26 @@ loss_fn = make_loss(a.w)
 opt = U.make_unet_optimizer(model, lr=a.lr)
 aug_g = torch.Generator().manual_seed(a.seed + 1)
 best = (-1.0, None, -1)
+checks: list[dict] = []
+
+
+def dump_probs(step: int, ev: dict) -> None:
+    """Probabilities of the validation and test studies at this check, quantised to uint8
+    (p x 255, rounded: a threshold t of the 0.1 grid is then compared within 1/510)."""
+    os.makedirs(a.dump, exist_ok=True)
+    arrs = {}
+    for split, sts in (("val", va), ("test", te)):
+        for st in sts:
+            p = U.predict_volume_unet(model, pre, st.suv, st.ct)
+            arrs[f"{split}/{st.ref.study_id}"] = np.round(p * 255).astype(np.uint8)
+    tmp = os.path.join(a.dump, f".step{step}.tmp.npz")
+    np.savez_compressed(tmp, **arrs)
+    os.replace(tmp, os.path.join(a.dump, f"step{step}.npz"))
+    checks.append(dict(step=step, val_pixel_dice=ev["dice"], n_pred_pixels=ev["n_pred_pixels"]))
+    meta = dict(args=vars(a), checks=checks)
+    with open(os.path.join(a.dump, ".meta.tmp"), "w") as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(a.dump, ".meta.tmp"), os.path.join(a.dump, "meta.json"))
 step = 0
 hist = []
 t1 = time.time()
@@ -90,10 +117,12 @@ while step < a.steps:
             print(f"step {step} loss {float(loss.detach()):.4f} val_dice {ev['dice']:.3f} pred {ev['n_pred_pixels']} ref {ev['n_pos_pixels']} t {time.time()-t1:.0f}s", flush=True)
             if ev["dice"] > best[0]:
                 best = (ev["dice"], copy.deepcopy(model.state_dict()), step)
+            if a.dump and step >= a.dump_from:
+                dump_probs(step, ev)
 train_s = time.time() - t1
 model.load_state_dict(best[1])
 thr = U.choose_threshold(model, pre, va)
-print("threshold", thr["threshold"], "val median", round(thr["val_dice"], 3), thr["by_threshold"])
+print("threshold", thr["threshold"], thr["rule"], "val Dice", round(thr["val_dice"], 3), thr["by_threshold"])
 rows = []
 for st in te:
     prob = U.predict_volume_unet(model, pre, st.suv, st.ct)

@@ -3,14 +3,17 @@
     python -m jobs.train_unet --cohort runs/demo/cohort.parquet --out runs/demo --preset small
     ray job submit --working-dir . -- python -m jobs.train_unet --cohort ... --preset paper --use-gpu --num-workers 4
 
-Writes `<out>/models/unet.pt` (the best epoch by validation pixel Dice; load it with
-`wsseg_core.unet.load_unet`). Resume after a failure: run the same command again (same --out /
---storage-path / --name); each worker picks up the latest checkpoint (Ray Train V2 semantics). A
-worker that dies (up to --max-failures times) makes Ray Train restart the worker group from the
-latest checkpoint; each reported epoch carries `start_epoch`, the epoch that attempt began at.
+Writes `<out>/models/unet.pt` (the epoch with the best validation pooled Dice at its best
+probability threshold, `KEEP_METRIC`; load it with `wsseg_core.unet.load_unet`). Resume after a
+failure: run the same command again (same --out / --storage-path / --name); each worker picks up
+the latest checkpoint (Ray Train V2 semantics). A worker that dies (up to --max-failures times)
+makes Ray Train restart the worker group from the latest checkpoint; each reported epoch carries
+`start_epoch`, the epoch that attempt began at.
 
-Then the probability threshold is chosen on the validation studies (`tune_threshold`, median 3-D
-Dice) and written to thresholds.json's "UNet" entry, which the scorer uses.
+Then the probability threshold is chosen on the validation studies (`tune_threshold`: the 3-D
+Dice pooled over all validation studies, tumour-free ones included,
+`wsseg_core.unet.choose_threshold`) and written to thresholds.json's "UNet" entry, which the scorer
+uses.
 
 Presets (`UNET_JOB_PRESETS`): "paper" is Früh et al.'s setting (base 64, 256x256, weighted CE,
 Adam lr 5e-5, batch 64, 200 epochs). "small" (base 8) is the CPU preset; since issue 23 it trains
@@ -39,6 +42,9 @@ from jobs.ray_train import load_readable, maybe_die  # shared with the other tra
 
 LOG = logging.getLogger("wsseg.train_unet")
 CKPT_FILE = "unet.pt"
+#: The epoch kept is the one with the highest validation pooled Dice at its best threshold of
+#: `wsseg_core.unet.THRESHOLD_GRID` (issue 23; was "val_dice", the pooled Dice at the argmax).
+KEEP_METRIC = "val_best_dice"
 
 UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # small: see the module docstring and README ("U-Net: why it undertrained"): 15 epochs of
@@ -76,9 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from wsseg_core.data import StudyRef
     from wsseg_core.train import GlobalBatchSampler, make_loss
-    from wsseg_core.unet import (NATIVE, CEDiceLoss, build_unet, epoch_lr, evaluate_unet, load_unet,
-                                 make_unet_optimizer, masks_from_studies, native_input_size,
-                                 save_unet, set_lr, train_unet_epoch)
+    from wsseg_core.unet import (NATIVE, THRESHOLD_GRID, CEDiceLoss, build_unet, epoch_lr,
+                                 evaluate_unet, load_unet, make_unet_optimizer, masks_from_studies,
+                                 native_input_size, save_unet, set_lr, train_unet_epoch)
 
     rank, world = world_info()
     start_watchdog(config)
@@ -144,16 +150,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                       generator=aug_gen, crop=crop))
         maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
-                                             batch_size=config["batch_size"], device=device))
-        dice = float(val["dice"])
+                                             batch_size=config["batch_size"], device=device,
+                                             thresholds=THRESHOLD_GRID))
+        dice, best_dice = float(val["dice"]), float(val["best_dice"])
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    # NaN (no tumour pixel in validation) would break the checkpoint ranking.
                    "val_dice": dice if math.isfinite(dice) else 0.0,
-                   "val_dice_defined": math.isfinite(dice), "start_epoch": start_epoch,
-                   "workers": world, "steps": len(sampler)}
+                   "val_dice_defined": math.isfinite(dice),
+                   # The kept epoch's metric (issue 23): the pooled Dice at the epoch's best
+                   # threshold of the grid the threshold search then uses, not at the argmax.
+                   "val_best_dice": best_dice if math.isfinite(best_dice) else 0.0,
+                   "start_epoch": start_epoch, "workers": world, "steps": len(sampler)}
         if rank == 0:
-            LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f", epoch + 1,
-                     epochs, train_loss, val["loss"], dice)
+            LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f (best over "
+                     "thresholds %.3f)", epoch + 1, epochs, train_loss, val["loss"], dice, best_dice)
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_unet(path, bare, pre, meta=metrics))
 
@@ -182,7 +192,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              name: str = "unet", max_failures: int = 3, seed: int = 0,
              callbacks: list | None = None,
              test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit the U-Net with Ray Train; copy the best checkpoint (by validation Dice) to `<out>/models/unet.pt`.
+    """Fit the U-Net with Ray Train; copy the best checkpoint (by `KEEP_METRIC`) to `<out>/models/unet.pt`.
 
     Returns dict(checkpoint (path of unet.pt), ray_checkpoint, history (per-epoch metrics of the
     final attempt), best (metrics of the last reported epoch, as Ray's `Result.metrics`)).
@@ -203,15 +213,15 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   base=base, input_size=input_size, crop=crop, schedule=schedule, seed=seed,
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
-                             metric="val_dice", name=name, num_workers=num_workers, use_gpu=use_gpu,
+                             metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
 
 
 def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = None) -> dict[str, Any]:
-    """Choose the U-Net's probability threshold on the validation studies (median 3-D Dice,
-    `wsseg_core.unet.choose_threshold`) and write it to thresholds.json's "UNet" entry, which the
-    scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
+    """Choose the U-Net's probability threshold on the validation studies (3-D Dice pooled over
+    them, `wsseg_core.unet.choose_threshold`'s default rule) and write it to thresholds.json's
+    "UNet" entry, which the scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
     training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
     from jobs.common import RunLayout
     from wsseg_core.thresholds import update_thresholds
@@ -224,7 +234,8 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
     if res["n"] == 0 and train_refs:
         res = choose_threshold(model, pre, load_readable(train_refs))
         source = "training (no validation study with tumour)"
-    entry = {**res, "selected_on": f"median 3-D Dice of {res['n']} {source} studies"}
+    entry = {**res, "selected_on": f"{res['rule']} 3-D Dice of the {source} studies ({res['n']} "
+                                   f"with tumour)"}
     update_thresholds(layout.thresholds, {"UNet": entry})
     LOG.info("U-Net threshold %.2f (median %s Dice %.3f; by threshold %s)", res["threshold"], source,
              res["val_dice"], res["by_threshold"])
@@ -268,11 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    storage_path=args.storage_path, name=args.name,
                    max_failures=args.max_failures, seed=args.seed)
-    dices = [h.get("val_dice", float("nan")) for h in res["history"]]
+    dices = [h.get(KEEP_METRIC, float("nan")) for h in res["history"]]
     best = max((d for d in dices if d == d), default=float("nan"))
     res["threshold"] = tune_threshold(val, args.out, train)
-    print(f"U-Net checkpoint: {res['checkpoint']}  (best val pixel Dice {best:.3f}; threshold "
-          f"{res['threshold']['threshold']:g}, median val study Dice {res['threshold']['val_dice']:.3f})")
+    print(f"U-Net checkpoint: {res['checkpoint']}  (best val pooled Dice over thresholds "
+          f"{best:.3f}; threshold {res['threshold']['threshold']:g}, "
+          f"{res['threshold']['rule']} val Dice "
+          f"{res['threshold']['val_dice']:.3f})")
     return res
 
 

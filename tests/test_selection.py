@@ -38,3 +38,33 @@ def test_best_cell_takes_the_first_of_ties_and_skips_nan():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         patient_mean([("p", np.zeros((2, 2)))], (2, 3))
+
+
+def test_pooled_dice_counts_tumour_free_studies_by_hand():
+    from wsseg_core.selection import pooled_dice
+
+    # Two cells (e.g. thresholds). Study a: |R| 10; b: |R| 30; c: tumour-free, false positives only.
+    counts = [(np.array([8, 5]), np.array([12, 6]), 10),
+              (np.array([20, 10]), np.array([22, 10]), 30),
+              (np.array([0, 0]), np.array([40, 2]), 0)]
+    out, n = pooled_dice(counts, (2,))
+    # by hand: cell 0: 2*(8+20) / ((12+22+40) + 40) = 56 / 114;
+    #          cell 1: 2*(5+10) / ((6+10+2) + 40) = 30 / 58
+    np.testing.assert_allclose(out, [56 / 114, 30 / 58])
+    assert n == 2
+    # the tumour-free study decides here: without it cell 0 (56 / 74) would beat cell 1 (30 / 56)
+    alone, _ = pooled_dice(counts[:2], (2,))
+    assert best_cell(alone) == (0,) and best_cell(out) == (1,)
+
+
+def test_pooled_dice_without_tumour_and_bad_counts():
+    from wsseg_core.selection import pooled_dice
+
+    out, n = pooled_dice([(np.array([0]), np.array([5]), 0)], (1,))
+    assert np.isnan(out).all() and n == 0
+    out, n = pooled_dice([], (3,))
+    assert out.shape == (3,) and np.isnan(out).all() and n == 0
+    with pytest.raises(ValueError):
+        pooled_dice([(np.array([6]), np.array([5]), 9)], (1,))  # |P & R| > |P|
+    with pytest.raises(ValueError, match="shape"):
+        pooled_dice([(np.array([1, 1]), np.array([2, 2]), 3)], (1,))

@@ -196,6 +196,9 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     model, pre, meta = load_unet(res["checkpoint"])
     assert isinstance(model, UNet2D) and (model.base, pre.input_size) == (4, 48)
     assert meta["epoch"] in (0, 1) and "val_dice" in meta
+    # Issue 23: the kept epoch is the one with the best pooled Dice over the threshold grid.
+    kept = max(res["history"], key=lambda h: h["val_best_dice"])
+    assert meta["epoch"] == kept["epoch"] and 0 <= meta["val_best_dice"] <= 1
     # The threshold search writes the entry the scorer reads.
     import json
 
@@ -204,6 +207,7 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     entry = tune_threshold(refs[2:], tmp_path / "out", refs[:2])
     saved = json.loads((tmp_path / "out" / "thresholds.json").read_text())["methods"]["UNet"]
     assert saved["threshold"] == entry["threshold"] and 0 < entry["threshold"] < 1
+    assert entry["rule"] == "pooled" and "pooled" in entry["selected_on"]
     assert entry["n"] == 1 and set(entry["by_threshold"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6",
                                                              "0.7", "0.8", "0.9"}
 

@@ -46,8 +46,8 @@ def test_choose_threshold_hand_computed_dice_per_threshold():
     st = _study()
     prob = predict_volume_unet(model, pre, st.suv, st.ct)
     assert prob[3, 3, 1] == pytest.approx(0.45, abs=1e-5) and prob[10, 10, 1] == pytest.approx(0.25, abs=1e-5)
-    # A negative study and an unlabelled one must not vote.
-    res = choose_threshold(model, pre, [st, _negative(), _study(with_seg=False)])
+    # Under the median rule a negative study and an unlabelled one must not vote.
+    res = choose_threshold(model, pre, [st, _negative(), _study(with_seg=False)], rule="median")
     assert res["n"] == 1
     # t 0.1, 0.2: lesion (32 voxels) + distractor (4): Dice 2*32 / (36 + 32); 0.3, 0.4: exact;
     # >= 0.5: nothing found. Equal medians (0.3, 0.4) go to the one closest to 0.5.
@@ -55,6 +55,11 @@ def test_choose_threshold_hand_computed_dice_per_threshold():
     assert res["by_threshold"]["0.3"] == res["by_threshold"]["0.4"] == pytest.approx(1.0)
     assert res["by_threshold"]["0.5"] == 0.0
     assert res["threshold"] == 0.4 and res["val_dice"] == pytest.approx(1.0)
+    # The pooled rule (default) counts the negative's 36 / 32 voxels: 2*32 / (72 + 32) at 0.1-0.2,
+    # 2*32 / (64 + 32) at 0.3-0.4; the unlabelled study still does not count.
+    pooled = choose_threshold(model, pre, [st, _negative(), _study(with_seg=False)])
+    assert pooled["by_threshold"]["0.2"] == pytest.approx(64 / 104)
+    assert pooled["by_threshold"]["0.4"] == pytest.approx(64 / 96) and pooled["threshold"] == 0.4
     # the default 0.5 would have found nothing: what the search is for
     assert segment_volume_unet(model, pre, st.suv, st.ct, threshold=0.5).sum() == 0
     assert segment_volume_unet(model, pre, st.suv, st.ct, threshold=res["threshold"]).sum() == 32
@@ -233,3 +238,62 @@ def test_native_input_size_rounds_the_largest_side_up_to_16():
     assert native_input_size([(17, 5, 3)]) == 32
     with pytest.raises(ValueError):
         native_input_size([])
+
+
+def _two_level_study(lesion_suv: float, fp_voxels: int = 0, with_tumour: bool = True):
+    """16 x 16 x 4: a 32-voxel lesion of `lesion_suv` (segmented when `with_tumour`) and, in a
+    tumour-free study, `fp_voxels` voxels of SUV 5 (probability 0.25) elsewhere."""
+    suv = np.zeros((16, 16, 4), np.float32)
+    seg = np.zeros(suv.shape, np.uint8)
+    if with_tumour:
+        suv[2:6, 2:6, 1:3] = lesion_suv
+        seg[2:6, 2:6, 1:3] = 1
+    flat = suv[8:16, 8:16, :].reshape(-1)
+    flat[:fp_voxels] = 5.0
+    suv[8:16, 8:16, :] = flat.reshape(8, 8, 4)
+    return SimpleNamespace(suv=suv, ct=np.zeros_like(suv), seg=seg)
+
+
+def test_pooled_rule_counts_a_tumour_free_study_and_differs_from_the_median():
+    pre = SlicePreprocessor(input_size=16)
+    model = PetIsProbability()  # probability = SUV / 20
+    a = _two_level_study(9.0)   # lesion at p 0.45
+    b = _two_level_study(3.0)   # lesion at p 0.15
+    neg = _two_level_study(0.0, fp_voxels=96, with_tumour=False)  # 96 voxels at p 0.25
+    studies = [a, b, neg]
+    med = choose_threshold(model, pre, studies, rule="median")
+    # median of (A, B): t 0.1 -> (1, 1) = 1; 0.2-0.4 -> (1, 0) = 0.5; >= 0.5 -> 0
+    assert med["by_threshold"]["0.1"] == pytest.approx(1.0)
+    assert med["by_threshold"]["0.3"] == pytest.approx(0.5)
+    assert med["threshold"] == 0.1 and med["n"] == 2
+    pooled = choose_threshold(model, pre, studies)
+    # pooled, |R| = 64: t 0.1: 2*64 / (32+32+96 + 64) = 128/224; t 0.2: 2*32 / (32+96 + 64) = 64/192;
+    # t 0.3, 0.4: 2*32 / (32 + 64) = 64/96; t >= 0.5: 0. Ties (0.3, 0.4) go to the one nearer 0.5.
+    by = pooled["by_threshold"]
+    assert by["0.1"] == pytest.approx(128 / 224) and by["0.2"] == pytest.approx(64 / 192)
+    assert by["0.3"] == by["0.4"] == pytest.approx(64 / 96) and by["0.5"] == 0.0
+    assert pooled["threshold"] == 0.4 and pooled["rule"] == "pooled" and pooled["n"] == 2
+    assert pooled["median_by_threshold"] == med["by_threshold"]
+    with pytest.raises(ValueError, match="rule"):
+        choose_threshold(model, pre, studies, rule="mean")
+
+
+def test_evaluate_unet_pooled_dice_by_threshold_by_hand():
+    from wsseg_core.train import make_loss
+    from wsseg_core.unet import evaluate_unet
+
+    # Two 16 x 16 slices, probability = PET channel. Slice 0: 4 tumour pixels at p 0.45, 6 others
+    # at 0.25; slice 1 (no tumour): 10 pixels at 0.25.
+    x = torch.full((2, 2, 16, 16), 1e-3)
+    y = torch.zeros((2, 16, 16), dtype=torch.int64)
+    x[0, 0, 0, :4] = 0.45
+    y[0, 0, :4] = 1
+    x[0, 0, 1, :6] = 0.25
+    x[1, 0, 2, :10] = 0.25
+    res = evaluate_unet(PetIsProbability(), x, y, make_loss(7.7), batch_size=1,
+                        thresholds=(0.2, 0.3, 0.5))
+    # t 0.2: 2*4 / (4+6+10 + 4) = 8/24; t 0.3: 2*4 / (4 + 4) = 1; t 0.5: nothing, 0
+    assert res["dice_by_threshold"] == pytest.approx({"0.2": 8 / 24, "0.3": 1.0, "0.5": 0.0})
+    assert res["best_dice"] == pytest.approx(1.0)
+    assert res["dice"] == 0.0  # the argmax (p > 0.5) finds nothing
+    assert np.isnan(evaluate_unet(PetIsProbability(), x, y, make_loss(7.7))["best_dice"])

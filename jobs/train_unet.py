@@ -212,20 +212,21 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
     """Choose the U-Net's probability threshold on the validation studies (median 3-D Dice,
     `wsseg_core.unet.choose_threshold`) and write it to thresholds.json's "UNet" entry, which the
     scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
-    training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
-    from jobs.common import RunLayout
-    from wsseg_core.thresholds import update_thresholds
+    training studies vote (as the CAM thresholds fall back to them). `out` may be a URI
+    (thresholds.json is uploaded). Returns the entry."""
+    from jobs.common import RunFolder
     from wsseg_core.unet import choose_threshold, load_unet
 
-    layout = RunLayout(Path(out))
-    model, pre, _ = load_unet(unet_path(out))
+    run = RunFolder(out)
+    run.fetch(run.unet)
+    model, pre, _ = load_unet(run.unet)
     res = choose_threshold(model, pre, load_readable(val_refs))
     source = "validation"
     if res["n"] == 0 and train_refs:
         res = choose_threshold(model, pre, load_readable(train_refs))
         source = "training (no validation study with tumour)"
     entry = {**res, "selected_on": f"median 3-D Dice of {res['n']} {source} studies"}
-    update_thresholds(layout.thresholds, {"UNet": entry})
+    run.update_thresholds({"UNet": entry})
     LOG.info("U-Net threshold %.2f (median %s Dice %.3f; by threshold %s)", res["threshold"], source,
              res["val_dice"], res["by_threshold"])
     return entry

@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Every epoch of the classifier's run (the kept one marked), as in run.json["classifier"].
         "training_history": fit["record"]["history"],
         "training_runs": {"classifier": training_run(fit), "unet": training_run(unet_fit),
-                          **(boxfcn_fit["training_runs"] if boxfcn_fit else train_boxfcn.training_runs(None))},
+                          **(boxfcn_fit["training_runs"] if boxfcn_fit
+                             else train_boxfcn.training_runs(None))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
                     "summary": join(out, "summary.parquet"),

@@ -427,9 +427,9 @@ class StudyScorer:
                  kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
                  skipped: dict[str, str] | None = None) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
-        staging folder (`wsseg_core.run_folder.RunFolder`), fetches the networks once and uploads each study's
-        masks and rows as soon as they are written (the rows last: their file marks the study done).
-        `kill_once`: the test hook of `StudyFinisher`; `skipped`: methods not computed (see
+        staging folder (`wsseg_core.run_folder.RunFolder`), fetches the networks once and uploads
+        each study's masks and rows as soon as they are written (the rows last: their file marks the
+        study done). `kill_once`: the test hook of `StudyFinisher`; `skipped`: methods not computed (see
         `StudyFinisher`), not included in `methods`."""
         self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus, flag_threshold)
         self.finisher = StudyFinisher(thresholds, out, methods, kill_once, skipped)
@@ -514,7 +514,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 
     run = RunFolder(out)
     out_arg = run.location  # what every actor opens, on any node
-    run.fetch(run.classifier, *[run.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
+    run.fetch(run.classifier,
+              *[run.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
     # A CAM method the classifier's head does not define (CAM under head "fc") gets "skipped" rows.
     # (Without a classifier file the checks below, and then each study, say what is missing.)
     skipped = undefined_methods(run.classifier, methods) if run.classifier.exists() else {}
@@ -649,7 +650,8 @@ def default_methods(out: str | Path) -> list[str]:
     """Every method that is trained in this run: the CAM methods and Threshold, plus each network
     method (`MODEL_METHODS`) whose checkpoint exists in `<out>/models/`."""
     run = RunFolder(out)
-    return list(DEFAULT_METHODS) + [m for m, mm in MODEL_METHODS.items() if run.exists(run.model(mm.checkpoint))]
+    return list(DEFAULT_METHODS) + [m for m, mm in MODEL_METHODS.items()
+                                    if run.exists(run.model(mm.checkpoint))]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,7 +107,8 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     table = df[keep].sort_values(["val_auc", "best_cam_dice"], ascending=False).reset_index(drop=True)
     path = run.write_parquet("loss_weight/results.parquet", table)
     chosen = float(table.loc[0, "tumour_weight"])
-    run.write_json("loss_weight/chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
+    run.write_json("loss_weight/chosen.json",
+                   {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
     LOG.info("loss-weight search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
     return {"tumour_weight": chosen, "results": str(path), "table": table}
 

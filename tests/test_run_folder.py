@@ -129,7 +129,8 @@ def test_clean_temp_files_removes_only_the_writers_temp_files(tmp_path):
     run = RunFolder(tmp_path)
     tmp1 = storage.temp_name(run.study_metrics("p", "s"))
     tmp2 = storage.temp_name(run.out / run.mask("CAM", "p", "s"), ".nii.gz")
-    keep = [run.study_metrics("p", "s"), run.metrics / ".hidden_notes", run.out / "tune" / f"x{storage.TMP_MARKER}"]
+    keep = [run.study_metrics("p", "s"), run.metrics / ".hidden_notes",
+            run.out / "tune" / f"x{storage.TMP_MARKER}"]
     for p in [tmp1, tmp2, *keep]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")

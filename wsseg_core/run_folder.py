@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from wsseg_core import storage
 from wsseg_core.storage import RemoteDir, TMP_MARKER, is_uri, join
@@ -138,7 +138,7 @@ class RunFolder:
 
     def study_metrics(self, patient_id: str, study_id: str) -> Path:
         """One study's rows: metrics/<patient>__<study>__<hash8>.parquet (see `study_key`)."""
-        return self.metrics / f"{study_key(patient_id, study_id)}.parquet"
+        return self._per_study("metrics", patient_id, study_id)
 
     @property
     def metrics_record(self) -> Path:
@@ -146,12 +146,15 @@ class RunFolder:
         return self.metrics / "_run.json"
 
     @property
-    def slices(self) -> Path:
+    def slices(self) -> Path:  # per-slice classifier probabilities and labels, one file a study
         return self.out / "slices"
 
     def study_slices(self, patient_id: str, study_id: str) -> Path:
-        """One study's per-slice probabilities and labels: slices/<patient>__<study>__<hash8>.parquet."""
-        return self.slices / f"{study_key(patient_id, study_id)}.parquet"
+        """One study's per-slice table: slices/<patient>__<study>__<hash8>.parquet (as its rows)."""
+        return self._per_study("slices", patient_id, study_id)
+
+    def _per_study(self, folder: str, patient_id: str, study_id: str) -> Path:
+        return self.out / folder / f"{study_key(patient_id, study_id)}.parquet"
 
     @property
     def icc(self) -> Path:
@@ -237,32 +240,24 @@ class RunFolder:
 
     def write_json(self, path: str | os.PathLike, obj: Any, *, publish: bool = True) -> Path:
         """`obj` as indented JSON with sorted keys, written atomically and (`publish`) uploaded."""
-        dst = self.out / self.rel(path)
-        storage.write_json(dst, obj)
-        if publish:
-            self.publish(dst)
-        return dst
+        return self._write(path, lambda dst: storage.write_json(dst, obj), publish)
 
     def write_parquet(self, path: str | os.PathLike, data: Any, *, publish: bool = True) -> Path:
         """A DataFrame (without its index) or pyarrow Table as Parquet, atomically; (`publish`) uploaded."""
-        dst = self.out / self.rel(path)
-        storage.write_parquet(dst, data)
-        if publish:
-            self.publish(dst)
-        return dst
+        return self._write(path, lambda dst: storage.write_parquet(dst, data), publish)
 
     def write_npz(self, path: str | os.PathLike, *, publish: bool = True, **arrays: Any) -> Path:
         """`np.savez(path, **arrays)`, atomically; (`publish`) uploaded."""
-        dst = self.out / self.rel(path)
-        storage.write_npz(dst, **arrays)
-        if publish:
-            self.publish(dst)
-        return dst
+        return self._write(path, lambda dst: storage.write_npz(dst, **arrays), publish)
 
     def copy_in(self, src: str | os.PathLike, path: str | os.PathLike, *, publish: bool = True) -> Path:
         """Copy the local file `src` to `path` in the run, atomically; (`publish`) uploaded."""
+        return self._write(path, lambda dst: storage.copy_file(src, dst), publish)
+
+    def _write(self, path: str | os.PathLike, write: Callable[[Path], None], publish: bool) -> Path:
+        """`write(local path)` (one of wsseg_core.storage's atomic writers), then the upload."""
         dst = self.out / self.rel(path)
-        storage.copy_file(src, dst)
+        write(dst)
         if publish:
             self.publish(dst)
         return dst

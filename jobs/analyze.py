@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jobs.common import RunLayout, fetch, open_run, publish, safe_name, setup_logging
-from wsseg_core.storage import write_parquet
+from jobs.common import RunFolder, RunLayout, safe_name, setup_logging
 
 LOG = logging.getLogger("wsseg.analyze")
 #: Columns the scorer added after the SPEC's (autoPET / lesion-wise); older runs lack them.
@@ -34,10 +33,6 @@ EXTRA_COLUMNS = ("fpv_ml", "fnv_ml", "hd95_mm", "ude_mm", "n_ref_lesions", "n_re
                  "n_pred_false")
 SPLITS = ("train", "val", "test")
 N_CAM_STUDIES = 3
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    write_parquet(path, df)
 
 
 def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[str, Any]:
@@ -48,17 +43,12 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
     ``out`` may be a URI: what analysis reads is fetched into the staging folder first and what it
     writes is uploaded.
     """
-    import shutil
-
     from wsseg_core.stats import SUBSETS, icc_table, paired_comparisons, select_subset, summarize
 
-    layout, remote = open_run(out)
-    if remote is not None:  # mirror exactly what the URI holds: results of every node
-        for folder in (layout.metrics, layout.out / "slices"):
-            shutil.rmtree(folder, ignore_errors=True)
-        fetch(layout, remote, layout.metrics, layout.out / "slices")
-        fetch(layout, remote, layout.classifier, layout.cohort, layout.thresholds, refresh=True)
-    everything = pd.read_parquet(layout.metrics)
+    run = RunFolder(out)
+    run.mirror(run.metrics, run.slices)  # URI: exactly what it holds, the results of every node
+    run.fetch(run.classifier, run.cohort, run.thresholds, refresh=True)
+    everything = pd.read_parquet(run.metrics)
     df = everything if split == "all" else everything[everything["split"] == split]
     missing = [c for c in EXTRA_COLUMNS if c not in df.columns]
     if missing:
@@ -75,23 +65,21 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
             tables[name].append(t)
     icc, summary, comparisons = (pd.concat(tables[k], ignore_index=True)
                                  for k in ("icc", "summary", "comparisons"))
-    _write_parquet(icc, layout.icc)
-    _write_parquet(summary, layout.summary)
-    _write_parquet(comparisons, layout.out / "comparisons.parquet")
-    slice_auc = pooled_slice_auc(layout.out, everything)
+    run.write_parquet(run.icc, icc)
+    run.write_parquet(run.summary, summary)
+    run.write_parquet("comparisons.parquet", comparisons)
+    slice_auc = pooled_slice_auc(run.out, everything)
     if slice_auc is not None:
-        _write_parquet(slice_auc, layout.out / "slice_auc.parquet")
+        run.write_parquet("slice_auc.parquet", slice_auc)
     res: dict[str, Any] = {
         "icc": icc, "summary": summary, "comparisons": comparisons, "slice_auc": slice_auc,
         "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
-        "figures": [], "report": None, "classifier_gate": read_gate(layout.thresholds),
+        "figures": [], "report": None, "classifier_gate": read_gate(run.thresholds),
     }
     if figures:
-        res["figures"], res["report"] = write_figures(layout.out, df, icc, summary, slice_auc, split,
+        res["figures"], res["report"] = write_figures(run.out, df, icc, summary, slice_auc, split,
                                                       gate=res["classifier_gate"], comparisons=comparisons)
-    publish(layout, remote, layout.icc, layout.summary, layout.out / "comparisons.parquet",
-            layout.out / "slice_auc.parquet",
-            *(res["figures"] or []), *([res["report"]] if res["report"] else []))
+    run.publish(*(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
 
 

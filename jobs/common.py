@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# The atomic writers live in the library; re-exported under the names the jobs have used.
+# The run folder and the atomic writers live in the library; re-exported under the names the
+# jobs have used (RunLayout: the run folder's layout, now the RunFolder that also fetches/publishes).
+from wsseg_core.run_folder import RunFolder, safe_name, sha256_file, study_key  # noqa: F401
+from wsseg_core.run_folder import RunFolder as RunLayout  # noqa: F401
 from wsseg_core.storage import write_json, write_parquet  # noqa: F401
 from wsseg_core.storage import write_text as atomic_write_text  # noqa: F401
 
@@ -109,39 +108,6 @@ def torch_threads_for(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(identifier: str) -> str:
-    """A file-name-safe form of a patient or study id: it can never leave its folder.
-
-    Separators, spaces and anything outside [A-Za-z0-9._-] become '_', and leading/trailing dots
-    and underscores go (no '..', no hidden files), so `<out>/masks/<id>` stays under `<out>`.
-    """
-    name = _SAFE.sub("_", str(identifier)).strip("._")
-    if not name:
-        raise ValueError(f"identifier {identifier!r} cannot be used as a file name")
-    return name
-
-
-def study_key(patient_id: str, study_id: str) -> str:
-    """A unique, file-name-safe key for one study: `<patient>__<study>__<hash8>`.
-
-    `safe_name` alone is not injective ("a b" and "a_b" both become "a_b", "../../x" becomes "x"),
-    and a per-study result file found under a colliding name would make a resumed run skip a study
-    it never scored. The short hash of the raw ids keeps keys distinct; the readable part is for
-    people. An id that has no safe form at all (e.g. "..") keeps only the hash.
-    """
-    def part(identifier: str) -> str:
-        try:
-            return safe_name(identifier)
-        except ValueError:
-            return "id"
-
-    digest = hashlib.sha256(f"{patient_id}\x00{study_id}".encode()).hexdigest()[:8]
-    return f"{part(patient_id)}__{part(study_id)}__{digest}"
-
-
 def input_record(refs: list) -> list[dict[str, Any]]:
     """The exact inputs of a run: per study its ids, split and each file's path and size in bytes.
 
@@ -162,116 +128,11 @@ def input_record(refs: list) -> list[dict[str, Any]]:
              "seg_path": r.seg_path, "seg_bytes": size(r.seg_path)} for r in refs]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where a run keeps its outputs: the contract pandas users and later jobs rely on."""
-
-    out: Path
-
-    @property
-    def cohort(self) -> Path:  # the resolved cohort with splits (manifest, Parquet)
-        return self.out / "cohort.parquet"
-
-    @property
-    def classifier(self) -> Path:
-        return self.out / "models" / "classifier.pt"
-
-    @property
-    def unet(self) -> Path:  # the supervised upper baseline, when one was trained
-        return self.model("unet.pt")
-
-    def model(self, filename: str) -> Path:
-        """A trained network of the run: models/<filename>."""
-        return self.out / "models" / filename
-
-    @property
-    def thresholds(self) -> Path:
-        return self.out / "thresholds.json"
-
-    @property
-    def tune_grid(self) -> Path:
-        return self.out / "tune" / "grid.parquet"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out / "metrics"
-
-    def study_metrics(self, patient_id: str, study_id: str) -> Path:
-        """One study's rows: metrics/<patient>__<study>__<hash8>.parquet (see `study_key`)."""
-        return self.metrics / f"{study_key(patient_id, study_id)}.parquet"
-
-    @property
-    def metrics_record(self) -> Path:
-        """What the rows in metrics/ were computed with; '_' so Parquet readers skip it."""
-        return self.metrics / "_run.json"
-
-    @property
-    def icc(self) -> Path:
-        return self.out / "icc.parquet"
-
-    @property
-    def summary(self) -> Path:
-        return self.out / "summary.parquet"
-
-    @property
-    def run_json(self) -> Path:
-        return self.out / "run.json"
-
-    @property
-    def ray_storage(self) -> Path:
-        return self.out / "ray"
-
-    def mask(self, method: str, patient_id: str, study_id: str) -> Path:
-        """Relative to `out`: masks/<method>/<patient>/<study>.nii.gz, ids sanitised."""
-        return (Path("masks") / safe_name(method.replace("+", "p")) / safe_name(patient_id)
-                / f"{safe_name(study_id)}.nii.gz")
-
-
-def open_run(out: str | os.PathLike) -> tuple[RunLayout, "RemoteDir | None"]:
-    """The local run folder for `--out`, and where it is mirrored when `--out` is a URI.
-
-    A local path is used as it is. A URI (`s3://bucket/run`, `file:///data/run`) is worked on in a
-    local staging folder - `$WSSEG_STAGING` or the temp folder, `/wsseg-staging/<hash of the URI>`,
-    the same path on every node - and each output is uploaded when written (`publish`); what a job
-    needs from an earlier one it fetches first (`fetch`).
-    """
-    from wsseg_core.storage import RemoteDir, is_uri
-
-    out = os.fspath(out)
-    if not is_uri(out):
-        return RunLayout(Path(out).absolute()), None
-    root = Path(os.environ.get("WSSEG_STAGING") or tempfile.gettempdir()) / "wsseg-staging"
-    return RunLayout(root / hashlib.sha256(out.encode()).hexdigest()[:12]), RemoteDir(out)
-
-
-def publish(layout: RunLayout, remote: "RemoteDir | None", *paths: str | os.PathLike) -> None:
-    """Upload run outputs (files or folders, absolute or relative to the run) to the URI, if any."""
-    if remote is None:
-        return
-    for p in paths:
-        rel = Path(p).relative_to(layout.out) if Path(p).is_absolute() else Path(p)
-        if (layout.out / rel).exists():
-            remote.upload(layout.out, rel)
-
-
-def fetch(layout: RunLayout, remote: "RemoteDir | None", *paths: str | os.PathLike,
-          refresh: bool = False) -> None:
-    """Make outputs of earlier jobs (files or folders of the run) present locally: download them
-    from the URI where missing (or always, with `refresh`). Nothing to do for a local run."""
-    if remote is None:
-        return
-    for p in paths:
-        rel = Path(p).relative_to(layout.out) if Path(p).is_absolute() else Path(p)
-        if (refresh or not (layout.out / rel).exists()) and remote.exists(rel):
-            remote.download(rel, layout.out)
+def open_run(out: str | os.PathLike) -> tuple[RunFolder, "RemoteDir | None"]:
+    """The run folder for `--out` (`RunFolder`) and its mirror at the URI (None for a local path):
+    the pair earlier callers unpack. Jobs hold the `RunFolder` and let it fetch and publish."""
+    run = RunFolder(out)
+    return run, run.remote
 
 
 def ray_storage_path(storage_path: str | None, out: str | os.PathLike) -> str:

@@ -16,14 +16,13 @@ import os
 import time
 from typing import Any
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, input_record, labelled,
-                         open_run, publish, resolve_cohort, setup_logging, sha256_file, versions,
-                         write_json, write_manifest)
+from jobs.common import (PIPELINE_PRESETS, RunFolder, add_common_args, init_ray, input_record, labelled,
+                         resolve_cohort, setup_logging, versions, write_manifest)
 from jobs.telemetry import StageClock
 from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, MAP_STRIDE_HELP, PIXEL_MM_HELP, WEIGHTS_HELP,
                                    resolve_weights, weights_arg)
 from wsseg_core.models import MAP_STRIDES
-from wsseg_core.thresholds import load_thresholds, update_thresholds
+from wsseg_core.thresholds import load_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -152,20 +151,10 @@ def stage_change(previous: dict | None, current: dict[str, Any], outputs_exist: 
     return "; ".join(parts) or "the record's digest differs"
 
 
-def training_record(fit: dict[str, Any] | None, path: str, local_file) -> dict[str, Any] | None:
-    """run.json's entry for one trained network: where it is, which Ray run and epoch it came from
-    and why that epoch, and every epoch's metrics (the kept one marked)."""
-    if fit is None:
-        return None
-    return {"path": path, "sha256": sha256_file(local_file), "run_name": fit.get("run_name"),
-            "fingerprint": fit.get("fingerprint"), "kept_epoch": fit.get("kept_epoch"),
-            "kept_by": fit.get("kept_by"), "best_epoch_metrics": fit["best"],
-            "history": [{**h, "kept": h.get("epoch") == fit.get("kept_epoch")} for h in fit["history"]]}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jobs import analyze as analyze_job
-    from jobs import score_cohort, train_classifier, tune_thresholds
+    from jobs import score_cohort, train_boxfcn, train_classifier, tune_thresholds
+    from jobs.ray_train import training_run
     from wsseg_core.cohort import cohort_summary, format_cohort_summary
 
     setup_logging()
@@ -180,13 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {e}") from None
 
     # `--out` may be a URI (s3://, file://): the run is staged locally and uploaded as it goes.
-    layout, remote = open_run(args.out)
-    out = args.out if remote is not None else str(layout.out)  # what every job is given
-    layout.out.mkdir(parents=True, exist_ok=True)
+    run_folder = RunFolder(args.out)
+    out = run_folder.location  # what every job is given
+    run_folder.out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
-        discard_outputs(layout, args.storage_path, out)
-    if remote is not None:
-        LOG.info("--out is a URI: staging in %s, outputs go to %s", layout.out, args.out)
+        discard_outputs(run_folder, args.storage_path, out)
+    if run_folder.staging is not None:
+        LOG.info("--out is a URI: staging in %s, outputs go to %s", run_folder.staging, args.out)
     # Wall seconds per pipeline stage, for run.json (a stage that raised is not timed).
     clock = StageClock()
     timings = clock.seconds
@@ -197,13 +186,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cohort is None:
             from wsseg_core.phantom import write_phantom_cohort
 
-            cohort = layout.out / "phantom"
+            cohort = run_folder.out / "phantom"
             n, shape = args.phantom_n or preset["phantom_n"], tuple(args.phantom_shape or preset["phantom_shape"])
             LOG.info("no --cohort: writing a synthetic phantom cohort of %d studies %s to %s", n, shape, cohort)
             write_phantom_cohort(cohort, n=n, shape=shape, seed=args.seed)
         refs = resolve_cohort(cohort, seed=args.seed)
-        write_manifest(refs, layout.cohort)
-        publish(layout, remote, layout.cohort)
+        write_manifest(refs, run_folder.cohort)
+        run_folder.publish(run_folder.cohort)
         print(format_cohort_summary(cohort_summary(refs)), flush=True)
 
     with clock.stage("ray_start_s"):
@@ -256,23 +245,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 flag_threshold=args.flag_threshold)
     gate_record = {**gate.to_dict(), "allowed_weak": bool(args.allow_weak_classifier and not gate.passed),
                    "on": "validation" if val else "training (no validation study)"}
-    update_thresholds(layout.thresholds, {}, classifier_gate=gate_record)
-    publish(layout, remote, layout.thresholds)
+    run_folder.update_thresholds({}, classifier_gate=gate_record)
     if not gate.passed:
         if not args.allow_weak_classifier:
-            write_json(layout.run_json, {
+            run_folder.write_json(run_folder.run_json, {
                 "argv": sys.argv if argv is None else ["python", "-m", "jobs.pipeline", *argv],
                 "status": "stopped: classifier failed the quality gate", "classifier_gate": gate_record,
                 "classifier": {"best_epoch_metrics": fit["best"]}, "training_history": fit["history"],
                 "timings": timings, "versions": versions()})
-            publish(layout, remote, layout.run_json)
             bar = "=" * 78
             print(f"\n{bar}\n{gate.message()}\n{bar}", file=sys.stderr, flush=True)
             raise SystemExit(gate.message())
         LOG.warning("--allow-weak-classifier: going on with a classifier that failed the gate: %s",
                     "; ".join(gate.failures))
 
-    unet_fit = None
+    unet_fit, unet_record = None, None
     if "UNet" in args.methods:
         from jobs.train_unet import fit_unet, preset_kwargs
 
@@ -281,27 +268,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed)
             from jobs.train_unet import tune_threshold as unet_threshold
 
-            # The unet.pt of this run is local (Ray Train copied it into the staging folder).
-            unet_fit["threshold"] = unet_threshold(tune_refs, layout.out, train)
-            publish(layout, remote, layout.thresholds)
+            unet_record = {**unet_fit["record"], "threshold": unet_threshold(tune_refs, out, train)}
 
     with clock.stage("tune_s"):
         from wsseg_core.segment import Q_GRID, T_GRID
 
         # The search is rerun only when what it computes from changed (a retrained classifier, other
         # studies or settings): a rerun after an interruption in scoring keeps the thresholds it had.
-        tune_stage = stage_fingerprint(args, search_refs, layout.classifier)
-        stage_file = layout.out / "tune" / "stage.json"
+        tune_stage = stage_fingerprint(args, search_refs, run_folder.classifier)
+        stage_file = run_folder.out / "tune" / "stage.json"
         try:
             import json as _json
 
             previous = _json.loads(stage_file.read_text())
         except (OSError, ValueError):
             previous = None
-        change = stage_change(previous, tune_stage, layout.thresholds.exists())
+        change = stage_change(previous, tune_stage, run_folder.thresholds.exists())
         if change is None:
             LOG.info("tune: classifier, validation studies and settings unchanged: reusing %s",
-                     layout.thresholds)
+                     run_folder.thresholds)
         else:
             if previous:
                 LOG.info("tune: rerunning the threshold search (%s)", change)
@@ -312,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
                                  q_grid=tune_thresholds.grid_from_args(
                                      args.q_grid, tune_thresholds.grid_from_args(preset.get("q_grid"), Q_GRID)))
-            write_json(stage_file, tune_stage)
+            run_folder.write_json(stage_file, tune_stage)
 
     mipcam_fit = None
     if "MIP-CAM" in args.methods:
@@ -320,30 +305,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jobs.train_mipcam import search as mipcam_search
 
         with clock.stage("train_mipcam_s"):
-            mipcam_fit = mipcam_search(train, val, layout.out, preset=args.preset,
+            # Ray storage stays in the staging folder for a URI run (unless --storage-path).
+            mipcam_fit = mipcam_search(train, val, out, preset=args.preset,
                                        num_workers=args.num_workers, use_gpu=args.use_gpu,
                                        storage_path=args.storage_path, seed=args.seed)
-        publish(layout, remote, layout.model("mipcam.pt"), layout.thresholds)
 
     boxfcn_fit = None
     if "BoxFCN" in args.methods:
-        from jobs.train_boxfcn import ms_forms_arg, train_boxfcn
-
         with clock.stage("train_boxfcn_s"):
             # Validation boxes drive early stopping and the post-processing choice; tiny cohorts
             # without validation patients fall back to the training studies, as the thresholds do.
-            boxfcn_fit = train_boxfcn(train, tune_refs, layout.out, preset=args.preset,
-                                      tune_samples=args.boxfcn_tune_samples, storage_path=args.storage_path,
-                                      num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
-                                      ms_forms=ms_forms_arg(args.boxfcn_ms_form))
-        publish(layout, remote, layout.model("boxfcn.pt"), layout.thresholds)
+            boxfcn_fit = train_boxfcn.train_boxfcn(
+                train, tune_refs, out, preset=args.preset, tune_samples=args.boxfcn_tune_samples,
+                storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                seed=args.seed, ms_forms=train_boxfcn.ms_forms_arg(args.boxfcn_ms_form))
 
     with clock.stage("score_s"):
         pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)
         if pause > 0:  # test hook only (tests/test_rerun.py): a fixed moment to send Ctrl-C at
             LOG.info("test hook: pausing %.0f s before scoring", pause)
             time.sleep(pause)
-        thresholds = load_thresholds(layout.thresholds)
+        thresholds = load_thresholds(run_folder.thresholds)
         score_kw = dict(methods=args.methods, concurrency=args.concurrency,
                         num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
                         flag_threshold=gate.flag_threshold)
@@ -373,48 +355,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "source": "fixed (--flag-threshold)" if args.flag_threshold is not None
                            else "validation slice F1"},
         "thresholds": thresholds,
-        "classifier": training_record(fit, join(out, "models/classifier.pt"), layout.classifier),
-        "unet": None if unet_fit is None else {
-            **training_record(unet_fit, join(out, "models/unet.pt"), layout.unet),
-            "threshold": unet_fit.get("threshold")},
-        "mipcam": None if mipcam_fit is None else {
-            "path": mipcam_fit["checkpoint"], "sha256": sha256_file(mipcam_fit["checkpoint"]),
-            "distance_weight": mipcam_fit["distance_weight"], "t": mipcam_fit["t"],
-            "q": mipcam_fit["q"], "val_dice": mipcam_fit["val_dice"],
-            "classes": mipcam_fit["classes"], "grid": mipcam_fit["grid"],
-            "search": mipcam_fit["table"].drop(columns=["checkpoint"]).to_dict("records")},
-        # The scored BoxFCN is the variant chosen on validation (jobs.train_boxfcn.select_variant);
-        # every trained network is recorded, keyed by its loss.
-        "boxfcn": None if boxfcn_fit is None else {
-            "path": boxfcn_fit["checkpoint"], "sha256": sha256_file(boxfcn_fit["checkpoint"]),
-            "selected_variant": boxfcn_fit["entry"]["variant"],
-            "val_dice_by_variant": boxfcn_fit["entry"]["val_dice_by_variant"],
-            "networks": {role: training_record(f, f["checkpoint"], f["checkpoint"])
-                         for role, f in boxfcn_fit["fits"].items()},
-            "thresholds_entry": boxfcn_fit["entry"]},
+        # Each job's own entry (jobs.ray_train.training_record for the Ray Train networks).
+        "classifier": fit["record"],
+        "unet": unet_record,
+        "mipcam": None if mipcam_fit is None else mipcam_fit["record"],
+        "boxfcn": None if boxfcn_fit is None else boxfcn_fit["record"],
         # Every epoch of the classifier's run (the kept one marked), as in run.json["classifier"].
-        "training_history": training_record(fit, "", layout.classifier)["history"],
-        "training_runs": {k: ({"run_name": f.get("run_name"), "fingerprint": f.get("fingerprint")}
-                              if f else None)
-                          for k, f in (("classifier", fit), ("unet", unet_fit),
-                                       ("boxfcn", boxfcn_fit and boxfcn_fit["fits"].get("mdice_ms")),
-                                       ("boxfcn_chan_vese", boxfcn_fit and boxfcn_fit["fits"].get("mdice_ms_cv")),
-                                       ("boxfcn_mdice", boxfcn_fit and boxfcn_fit["fits"].get("mdice")),
-                                       ("boxfcn_warm_start", boxfcn_fit and boxfcn_fit["fits"]["box_dice"]))},
+        "training_history": fit["record"]["history"],
+        "training_runs": {"classifier": training_run(fit), "unet": training_run(unet_fit),
+                          **(boxfcn_fit["training_runs"] if boxfcn_fit
+                             else train_boxfcn.training_runs(None))},
         "tune_stage": tune_stage["digest"],
         "outputs": {"metrics": join(out, "metrics"), "icc": join(out, "icc.parquet"),
                     "summary": join(out, "summary.parquet"),
                     "comparisons": join(out, "comparisons.parquet"), "tune_grid": join(out, "tune/grid.parquet"),
-                    "cohort": join(out, "cohort.parquet"), "staging": str(layout.out) if remote else None},
-        "studies": {"total": len(refs), "ok": scored["ok_studies"], "failed": scored["failed_studies"]},
+                    "cohort": join(out, "cohort.parquet"),
+                    "staging": None if run_folder.staging is None else str(run_folder.staging)},
+        "studies": scored["record"],
         # Exact inputs: every study's file paths and byte sizes (volumes are not hashed: that would
         # cost as much I/O as scoring; the classifier, small and decisive, is hashed above).
         "inputs": {"cohort": str(cohort), "studies": input_record(refs)},
         "timings": timings,
         "versions": versions(),
     }
-    write_json(layout.run_json, run)
-    publish(layout, remote, layout.run_json)
+    run_folder.write_json(run_folder.run_json, run)
     print()
     print(analyze_job.format_gate(gate_record))
     print(analyze_job.format_report(analysis["icc"], analysis["summary"],
@@ -424,9 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"total {timings['total_s']:.0f} s")
     print(f"metrics Parquet: {join(out, 'metrics')}\nICC: {join(out, 'icc.parquet')}\n"
           f"run record: {join(out, 'run.json')}")
-    if remote is not None:
-        print(f"(a local copy of the tables is in {layout.out})")
-    print(f"read it:  python -c \"import pandas as pd; print(pd.read_parquet('{layout.metrics}').head())\"")
+    if run_folder.staging is not None:
+        print(f"(a local copy of the tables is in {run_folder.staging})")
+    print(f"read it:  python -c \"import pandas as pd; print(pd.read_parquet('{run_folder.metrics}').head())\"")
     return run
 
 

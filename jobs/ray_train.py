@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.common import (auto_parallelism, fit_keeping_ctrl_c, input_record, open_run, publish,
-                         ray_storage_path)
+from jobs.common import (RunFolder, auto_parallelism, fit_keeping_ctrl_c, input_record, ray_storage_path,
+                         sha256_file)
 from jobs.telemetry import record_epoch
 from wsseg_core.storage import copy_file
 
@@ -556,10 +556,32 @@ def fit_and_keep_best(train_loop: Callable[[dict], None], config: dict[str, Any]
     `<out>/models/<model_file or ckpt_file>` (uploaded when `out` is a URI), and Ray's checkpoints
     under `--storage-path` (default `<out>/ray`). `fit_kwargs`: num_workers, use_gpu,
     cpus_per_worker, max_failures, callbacks, fresh (see :func:`fit_best`).
+
+    Returns :func:`fit_best`'s dict plus `record`, the network's run.json entry
+    (:func:`training_record`, its path the public one: the URI's when `out` is a URI).
     """
-    layout, remote = open_run(out)
-    dest = layout.model(model_file or ckpt_file)
+    run = RunFolder(out)
+    dest = run.model(model_file or ckpt_file)
     res = fit_best(train_loop, config, dest=dest, ckpt_file=ckpt_file, metric=metric, name=name,
                    storage_path=ray_storage_path(storage_path, out), mode=mode, **fit_kwargs)
-    publish(layout, remote, dest)
+    run.publish(dest)
+    res["record"] = training_record(res, run.where(dest), dest)
     return res
+
+
+def training_record(fit: dict[str, Any] | None, path: str, local_file: str | Path) -> dict[str, Any] | None:
+    """run.json's entry for one network trained by :func:`fit_best` (None for None): where it is
+    (`path`), its sha256 (of `local_file`), which Ray run and epoch it came from and why that epoch,
+    and every epoch's metrics (the kept one marked)."""
+    if fit is None:
+        return None
+    return {"path": path, "sha256": sha256_file(local_file), "run_name": fit.get("run_name"),
+            "fingerprint": fit.get("fingerprint"), "kept_epoch": fit.get("kept_epoch"),
+            "kept_by": fit.get("kept_by"), "best_epoch_metrics": fit["best"],
+            "history": [{**h, "kept": h.get("epoch") == fit.get("kept_epoch")} for h in fit["history"]]}
+
+
+def training_run(fit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """run.json's "training_runs" entry of one :func:`fit_best` result: the stored Ray run's name and
+    fingerprint (what `jobs.pipeline --overwrite` discards), None for None."""
+    return None if fit is None else {"run_name": fit.get("run_name"), "fingerprint": fit.get("fingerprint")}

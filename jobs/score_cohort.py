@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -39,9 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import (PIPELINE_PRESETS, RunLayout, add_common_args, fetch, init_ray, open_run,
-                         publish, resolve_cohort, setup_logging, sha256_file, torch_threads_for,
-                         write_json)
+from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, resolve_cohort, setup_logging,
+                         torch_threads_for)
 from jobs.telemetry import ProgressLog, StageClock, record_flagged, record_study
 # The methods by name, how each segments a study and what its rows record: one registry in the library.
 from wsseg_core.methods import (ALL_METHODS, CAM_METHODS, DEFAULT_METHODS, METHODS,  # noqa: F401
@@ -93,12 +91,10 @@ MASKS_SCHEMA = pa.schema([(k, pa.string()) for k in REF_FIELDS] + [
 def worker_id() -> str:
     """`hostname:pid` of this scoring process (the rows' `worker` column)."""
     return f"{socket.gethostname()}:{os.getpid()}"
-# Leftovers of a writer killed between write and rename: hidden, so Parquet readers skip them.
-from wsseg_core.storage import TMP_MARKER, write_parquet  # noqa: E402
-
-
-class StaleResultsError(RuntimeError):
-    """`<out>/metrics/` holds results computed with other methods, thresholds or classifier."""
+from wsseg_core.run_folder import RunFolder  # noqa: E402
+# Raised when `<out>/metrics/` holds results computed with other methods, thresholds or classifier.
+from wsseg_core.run_folder import StaleResultsError  # noqa: E402,F401
+from wsseg_core.storage import write_parquet  # noqa: E402
 
 
 def write_study_table(table: pa.Table, path: Path) -> None:
@@ -118,9 +114,7 @@ def _none_if_missing(v: Any) -> Any:
 
 def slice_table_path(out: str | Path, patient_id: str, study_id: str) -> Path:
     """`<out>/slices/<patient>__<study>__<hash8>.parquet` (the same key as the study's metrics)."""
-    from jobs.common import study_key
-
-    return Path(out) / "slices" / f"{study_key(patient_id, study_id)}.parquet"
+    return RunFolder(out).study_slices(patient_id, study_id)
 
 
 def write_slice_table(path: Path, patient_id: str, study_id: str, split: str | None,
@@ -245,15 +239,15 @@ class StudyMasker:
         setup_logging()
         torch_threads_for(num_cpus)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.layout, self.remote = open_run(out)
-        fetch(self.layout, self.remote, self.layout.classifier,
-              *[self.layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
-        self.model, self.pre, _ = load_classifier(self.layout.classifier)
+        self.run = RunFolder(out)
+        self.run.fetch(self.run.classifier,
+                       *[self.run.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
+        self.model, self.pre, _ = load_classifier(self.run.classifier)
         self.model.to(self.device).eval()
         self.flag_threshold = float(flag_threshold)  # Algorithm 1 step 1 (thresholds.json)
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
-        self.segmenters = {m: MODEL_METHODS[m].load(self.layout.model(MODEL_METHODS[m].checkpoint),
+        self.segmenters = {m: MODEL_METHODS[m].load(self.run.model(MODEL_METHODS[m].checkpoint),
                                                     thresholds.get(m) or {}, device=self.device,
                                                     batch_size=cam_batch_size)
                            for m in methods if m in MODEL_METHODS}
@@ -317,7 +311,7 @@ class StudyFinisher:
         """`methods`: the methods with masks; `skipped`: {method: why} for requested methods the
         classifier does not define (`undefined_methods`), written as `skipped` rows."""
         setup_logging()
-        self.layout, self.remote = open_run(out)
+        self.run = RunFolder(out)
         self.thresholds = thresholds
         self.methods = list(methods)
         self.kill_once = kill_once
@@ -356,7 +350,7 @@ class StudyFinisher:
             labels = None if sm.seg is None else slice_labels(sm.seg)
             auc = float("nan") if labels is None else roc_auc(sm.probs, labels)  # NaN: one class only
         with clock.stage("write"):
-            write_slice_table(slice_table_path(self.layout.out, ref.patient_id, ref.study_id),
+            write_slice_table(self.run.study_slices(ref.patient_id, ref.study_id),
                               ref.patient_id, ref.study_id, ref.split, sm.probs, labels)
         with clock.stage("metrics"):
             reference = None if sm.seg is None else MaskSummary(sm.seg)  # labelled once for all methods
@@ -364,9 +358,9 @@ class StudyFinisher:
         rows, dices = [], []
         for m in self.methods:
             mask = sm.masks[m]
-            rel = self.layout.mask(m, ref.patient_id, ref.study_id)
+            rel = self.run.mask(m, ref.patient_id, ref.study_id)
             with clock.stage("write"):
-                write_mask(self.layout.out / rel, mask, sm.affine)
+                write_mask(self.run.out / rel, mask, sm.affine)
             with clock.stage("metrics"):
                 vals = study_metrics(mask, reference, sm.suv, sm.voxel_volume_ml,
                                      spacing_mm=sm.spacing_mm)
@@ -384,12 +378,12 @@ class StudyFinisher:
     def commit(self, ref: dict, rows: list[dict]) -> dict:
         """Write the study's rows (one rename), publish its files; its status row."""
         self._maybe_die(ref["patient_id"], ref["study_id"])
-        path = self.layout.study_metrics(ref["patient_id"], ref["study_id"])
+        path = self.run.study_metrics(ref["patient_id"], ref["study_id"])
         with self.clock.stage("write"):
             # The study's rows become visible in one rename: a resumed run sees all or nothing.
             write_study_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), path)
-            publish(self.layout, self.remote, *[r["mask_path"] for r in rows if r.get("mask_path")],
-                    slice_table_path(self.layout.out, ref["patient_id"], ref["study_id"]), path)
+            self.run.publish(*[r["mask_path"] for r in rows if r.get("mask_path")],
+                             self.run.study_slices(ref["patient_id"], ref["study_id"]), path)
         # Counted once the rows are on disk, so the counters equal the rows written.
         self.clock.flush()
         record_study(rows)
@@ -424,9 +418,9 @@ class StudyScorer:
                  kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
                  skipped: dict[str, str] | None = None) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
-        staging folder (`jobs.common.open_run`), fetches the networks once and uploads each study's
-        masks and rows as soon as they are written (the rows last: their file marks the study done).
-        `kill_once`: the test hook of `StudyFinisher`; `skipped`: methods not computed (see
+        staging folder (`wsseg_core.run_folder.RunFolder`), fetches the networks once and uploads
+        each study's masks and rows as soon as they are written (the rows last: their file marks the
+        study done). `kill_once`: the test hook of `StudyFinisher`; `skipped`: methods not computed (see
         `StudyFinisher`), not included in `methods`."""
         self.masker = StudyMasker(thresholds, out, methods, cam_batch_size, num_cpus, flag_threshold)
         self.finisher = StudyFinisher(thresholds, out, methods, kill_once, skipped)
@@ -457,7 +451,7 @@ class StudyScorer:
         return rows
 
 
-def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequence[str],
+def _fingerprint(run: RunFolder, thresholds: dict[str, dict], methods: Sequence[str],
                  flag_threshold: float = 0.5) -> dict:
     """What a study's rows depend on besides its input files: reused only if all of it matches.
 
@@ -467,51 +461,11 @@ def _fingerprint(layout: RunLayout, thresholds: dict[str, dict], methods: Sequen
     fp = {"methods": sorted(methods),
           "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
           "flag_threshold": float(flag_threshold),
-          "classifier_sha256": sha256_file(layout.classifier),
-          "models_sha256": {m: sha256_file(layout.model(MODEL_METHODS[m].checkpoint))
+          "classifier_sha256": run.sha256(run.classifier),
+          "models_sha256": {m: run.sha256(run.model(MODEL_METHODS[m].checkpoint))
                             for m in sorted(methods) if m in MODEL_METHODS},
           "schema": [f"{f.name}:{f.type}" for f in METRICS_SCHEMA]}
     return json.loads(json.dumps(fp, sort_keys=True, default=str))  # as it reads back from disk
-
-
-def _clean_temp_files(layout: RunLayout) -> int:
-    """Remove temp files left by writers killed between write and rename (metrics and masks).
-
-    They are hidden ('.' prefix) and never read, so this is housekeeping, not correctness. Assumes
-    one scoring run per `<out>` at a time (a concurrent run's in-flight file would go too).
-    """
-    n = 0
-    for folder in (layout.metrics, layout.out / "masks", layout.out / "slices"):
-        if folder.is_dir():
-            for p in folder.rglob(f".*{TMP_MARKER}*"):
-                if p.is_file():
-                    p.unlink(missing_ok=True)
-                    n += 1
-    if n:
-        LOG.info("removed %d temp file(s) left by an interrupted writer", n)
-    return n
-
-
-def _prepare_metrics_dir(layout: RunLayout, fingerprint: dict, overwrite: bool) -> None:
-    """Start fresh (`overwrite`, or no earlier results) or check that earlier results are current.
-
-    Raises StaleResultsError where earlier results were computed differently (or carry no record).
-    """
-    record = layout.metrics_record
-    existing = list(layout.metrics.glob("*.parquet")) if layout.metrics.is_dir() else []
-    if overwrite and layout.metrics.exists():
-        LOG.info("--overwrite: removing earlier results in %s", layout.metrics)
-        shutil.rmtree(layout.metrics)
-    elif existing or record.exists():
-        old = json.loads(record.read_text()) if record.exists() else None
-        if old != fingerprint:
-            what = ("no record of how they were computed (metrics/_run.json)" if old is None else
-                    "they differ in " + ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k]))
-            raise StaleResultsError(
-                f"{layout.metrics} holds {len(existing)} per-study result file(s) from an earlier run, "
-                f"but {what}; rerun with --overwrite to discard them and score every study again")
-    layout.metrics.mkdir(parents=True, exist_ok=True)
-    write_json(record, fingerprint)  # before any result, so every result file has its record
 
 
 def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
@@ -537,7 +491,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     earlier results first. `kill_once` is a test hook (see `StudyScorer`).
 
     Returns counts over the whole cohort (`ok_studies`, `failed_studies`, `total_studies`), what
-    this call did (`scored_now`, `resumed`) and the failed studies with their errors.
+    this call did (`scored_now`, `resumed`), the failed studies with their errors and `record`
+    (run.json's "studies" entry: total, ok, failed).
 
     Raises:
         StaleResultsError: earlier results were computed differently and `overwrite` is False.
@@ -548,15 +503,13 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
 
     from jobs.common import auto_parallelism
 
-    from wsseg_core.storage import is_uri
-
-    layout, remote = open_run(out)
-    out_arg = str(out) if is_uri(out) else str(layout.out)  # what every actor opens, on any node
-    fetch(layout, remote, layout.classifier,
-          *[layout.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
+    run = RunFolder(out)
+    out_arg = run.location  # what every actor opens, on any node
+    run.fetch(run.classifier,
+              *[run.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
     # A CAM method the classifier's head does not define (CAM under head "fc") gets "skipped" rows.
     # (Without a classifier file the checks below, and then each study, say what is missing.)
-    skipped = undefined_methods(layout.classifier, methods) if layout.classifier.exists() else {}
+    skipped = undefined_methods(run.classifier, methods) if run.classifier.exists() else {}
     for m, why in skipped.items():
         LOG.warning("%s: not computed, rows marked skipped: %s", m, why)
     live = [m for m in methods if m not in skipped]
@@ -564,8 +517,8 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                and (m not in MODEL_METHODS or MODEL_METHODS[m].needs_thresholds)]
     if missing:
         raise ValueError(f"no thresholds for methods {missing}")
-    absent = [f"{m} ({layout.model(MODEL_METHODS[m].checkpoint)})" for m in methods
-              if m in MODEL_METHODS and not layout.model(MODEL_METHODS[m].checkpoint).exists()]
+    absent = [f"{m} ({run.model(MODEL_METHODS[m].checkpoint)})" for m in methods
+              if m in MODEL_METHODS and not run.model(MODEL_METHODS[m].checkpoint).exists()]
     if absent:
         raise ValueError(f"no trained network for methods {absent}; train it first (see README)")
     # Masks are named by sanitised ids: two studies that sanitise alike would overwrite each
@@ -573,7 +526,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
     seen: dict[Path, tuple] = {}
     for r in refs:
         try:
-            key = layout.mask("CAM", r.patient_id, r.study_id)
+            key = run.mask("CAM", r.patient_id, r.study_id)
         except ValueError:  # no safe form at all: that study fails on its own, naming the id
             continue
         if key in seen and seen[key] != (r.patient_id, r.study_id):
@@ -581,17 +534,16 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
                              f"output files; make their ids distinct")
         seen[key] = (r.patient_id, r.study_id)
 
-    if remote is not None:
-        # The URI is the record of what is done; the local folder becomes an exact mirror of it
-        # (a result written locally by an actor that died before uploading does not count).
-        if overwrite:
-            remote.fs.delete_dir_contents(remote.path("metrics"), missing_dir_ok=True)
-        shutil.rmtree(layout.metrics, ignore_errors=True)
-        fetch(layout, remote, layout.metrics)
-    _prepare_metrics_dir(layout, _fingerprint(layout, thresholds, methods, flag_threshold), overwrite)
-    publish(layout, remote, layout.metrics_record)
-    _clean_temp_files(layout)
-    done = {r for r in refs if layout.study_metrics(r.patient_id, r.study_id).exists()}
+    # With a URI, the URI is the record of what is done; the local folder becomes an exact mirror
+    # of it (a result written locally by an actor that died before uploading does not count).
+    if overwrite:
+        run.discard_remote(run.metrics)
+    run.mirror(run.metrics)
+    # Raises StaleResultsError where earlier results were computed differently (or carry no record).
+    run.claim_results(run.metrics, run.metrics_record,
+                      _fingerprint(run, thresholds, methods, flag_threshold), overwrite)
+    run.clean_temp_files(run.metrics, run.out / "masks", run.slices)
+    done = {r for r in refs if run.study_metrics(r.patient_id, r.study_id).exists()}
     todo = [r for r in refs if r not in done]
     if done:
         LOG.info("resuming: %d of %d studies already scored, scoring %d", len(done), len(refs), len(todo))
@@ -653,12 +605,10 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
             progress.add(row["status"])
         progress.finish()
         LOG.info("scored %d studies in %.1f s", len(status), time.perf_counter() - t0)
-        if remote is not None:  # actors on other nodes uploaded their rows: mirror them here
-            shutil.rmtree(layout.metrics, ignore_errors=True)
-            fetch(layout, remote, layout.metrics)
+        run.mirror(run.metrics)  # URI: actors on other nodes uploaded their rows; mirror them here
 
     # Counts over the whole cohort, from the files (the status rows cover only this call's studies).
-    files = [str(layout.study_metrics(r.patient_id, r.study_id)) for r in refs]
+    files = [str(run.study_metrics(r.patient_id, r.study_id)) for r in refs]
     absent = [f for f in files if not os.path.exists(f)]
     if absent:  # cannot happen unless a file was deleted meanwhile: say so rather than miscount
         raise RuntimeError(f"{len(absent)} studies have no result file after scoring, e.g. {absent[0]}")
@@ -669,31 +619,30 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
         per_study.append(bad[0] if bad else t[0] if t else {"status": "failed", "error": "no rows"})
     failed = [r for r in per_study if r["status"] == "failed"]
     n_rows = sum(pq.read_metadata(f).num_rows for f in files)
-    others = {p.name for p in layout.metrics.glob("*.parquet")} - {Path(f).name for f in files}
+    others = {p.name for p in run.metrics.glob("*.parquet")} - {Path(f).name for f in files}
     if others:
         LOG.warning("%s also holds %d result file(s) of studies not in this cohort; pandas will read "
                     "them too (use --overwrite for a folder with only this cohort)",
-                    layout.metrics, len(others))
+                    run.metrics, len(others))
     for r in failed[:20]:
         LOG.warning("failed study %s/%s: %s", r["patient_id"], r["study_id"], r["error"])
-    where = remote.uri.rstrip("/") + "/metrics" if remote is not None else str(layout.metrics)
+    where = run.where(run.metrics)
     LOG.info("summary: %d studies, %d ok, %d failed (%d scored now, %d already done) -> %s",
              len(refs), len(refs) - len(failed), len(failed), len(todo), len(done), where)
     return {"metrics": where, "n_rows": n_rows, "total_studies": len(refs),
             "ok_studies": len(refs) - len(failed), "failed_studies": len(failed),
             "scored_now": len(todo), "resumed": len(done),
             "failed": [{"patient_id": r["patient_id"], "study_id": r["study_id"], "error": r["error"]}
-                       for r in failed]}
+                       for r in failed],
+            "record": {"total": len(refs), "ok": len(refs) - len(failed), "failed": len(failed)}}
 
 
 def default_methods(out: str | Path) -> list[str]:
     """Every method that is trained in this run: the CAM methods and Threshold, plus each network
     method (`MODEL_METHODS`) whose checkpoint exists in `<out>/models/`."""
-    layout, remote = open_run(out)
-    return list(DEFAULT_METHODS) + [
-        m for m, mm in MODEL_METHODS.items()
-        if layout.model(mm.checkpoint).exists()
-        or (remote is not None and remote.exists(f"models/{mm.checkpoint}"))]
+    run = RunFolder(out)
+    return list(DEFAULT_METHODS) + [m for m, mm in MODEL_METHODS.items()
+                                    if run.exists(run.model(mm.checkpoint))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -730,14 +679,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods or default_methods(args.out)
     init_ray(args.address)
     try:
-        layout, remote = open_run(args.out)
-        fetch(layout, remote, layout.thresholds, refresh=True)
-        res = score(refs, args.out, load_thresholds(layout.thresholds),
+        run = RunFolder(args.out)
+        run.fetch(run.thresholds, refresh=True)
+        res = score(refs, args.out, load_thresholds(run.thresholds),
                     methods=methods, concurrency=args.concurrency,
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-                    overwrite=args.overwrite, flag_threshold=load_flag_threshold(layout.thresholds),
+                    overwrite=args.overwrite, flag_threshold=load_flag_threshold(run.thresholds),
                     split_cpu_stage=args.split_cpu_stage,
                     cpu_stage_concurrency=args.cpu_stage_concurrency,
                     num_cpus_per_finisher=args.num_cpus_per_finisher)

@@ -48,17 +48,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
+from jobs.common import (RunFolder, RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
                          ray_storage_path, resolve_cohort, safe_name, setup_logging)
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
-                            start_watchdog, world_info)
+                            start_watchdog, training_record, training_run, world_info)
 from jobs.telemetry import tune_callback
 from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
 
@@ -456,8 +455,8 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
 
     from jobs.common import auto_parallelism
 
-    layout = RunLayout(Path(out).absolute())
-    storage = ray_storage_path(storage_path, layout.out)
+    run = RunFolder(out)
+    storage = ray_storage_path(storage_path, run.out)
     space = space or TUNE_SPACE
     # The trial only waits on its Train run, which holds the real CPUs. Ray 2.60 refuses an empty
     # resource request ({"cpu": 0}), so the trial takes a sliver, and the Train workers leave it room.
@@ -467,7 +466,7 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
         fit_kwargs["cpus_per_worker"] = float(max(1, (auto_parallelism() - 1) // workers))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, train_refs=train_refs, val_refs=val_refs,
-                                                 out=str(layout.out), warm=str(warm),
+                                                 out=str(run.out), warm=str(warm),
                                                  fit_kwargs={**fit_kwargs, "storage_path": storage,
                                                              "seed": seed}), {"cpu": trial_cpu}),
         param_space={k: tune.choice(v) for k, v in space.items()},
@@ -486,9 +485,7 @@ def tune_loss(train_refs: list, val_refs: list, out: str | Path, warm: str | Pat
     df = results.get_dataframe().rename(columns={f"config/{k}": k for k in space})
     table = df[list(space) + ["kept_val_dice", "kept_val_loss", "checkpoint"]].sort_values(
         "kept_val_dice", ascending=False).reset_index(drop=True)
-    path = layout.out / "boxfcn" / "tune.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(path, index=False)
+    path = run.write_parquet("boxfcn/tune.parquet", table)
     LOG.info("BoxFCN loss search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
     best = table.iloc[0]
     return {"loss": {k: float(best[k]) for k in space}, "val_dice": float(best["kept_val_dice"]),
@@ -517,10 +514,13 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     Why choose instead of always scoring L_MDice + L_MS + M: on the CPU preset the fine-tuning can
     end worse than its own warm start (README, BoxFCN ablation on the demo cohort: test median Dice
     0.23 box Dice, 0.34 L_MDice, 0.04 L_MDice + L_MS + M), and only validation can tell which.
-    Returns the fits, the chosen entry, the validation per-study rows of every variant and the
-    model paths by role.
+    `out` may be a URI: the networks are trained in its staging folder and the chosen one and
+    thresholds.json are uploaded.
+
+    Returns the fits, the chosen entry, the validation per-study rows of every variant, the
+    model paths by role, `record` (run.json's "boxfcn" entry) and `training_runs` (run.json's
+    "training_runs" entries of the BoxFCN networks, `training_runs`).
     """
-    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
     from wsseg_core.losses import PAPER_LOSS
 
@@ -531,44 +531,40 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     if tune_samples > 0 and len(ms_forms) > 1:
         raise ValueError("the BoxFCN loss search (tune_samples > 0) runs for one L_MS form; "
                          f"got {ms_forms}")
-    layout = RunLayout(Path(out).absolute())
+    run = RunFolder(out)
     kw = dict(preset=preset, margin_mm=margin_mm, storage_path=storage_path, num_workers=num_workers,
               use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, seed=seed)
     fits: dict[str, Any] = {}
-    fits["box_dice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="box_dice", filename=WARM_FILE,
+    # The networks train into the local (staging) folder: only the chosen one is uploaded, below.
+    fits["box_dice"] = fit_boxfcn(train_refs, val_refs, run.out, kind="box_dice", filename=WARM_FILE,
                                   epochs=warm_epochs, **kw)
     kw["epochs"] = epochs
     warm = fits["box_dice"]["checkpoint"]
     if with_mdice:
-        fits["mdice"] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice", init_from=warm,
+        fits["mdice"] = fit_boxfcn(train_refs, val_refs, run.out, kind="mdice", init_from=warm,
                                    filename=MDICE_FILE, **kw)
     loss, searched = dict(PAPER_LOSS), None
     losses_by_role: dict[str, dict[str, Any]] = {}
     for form in ms_forms:
         role, filename = MS_FORM_ROLES[form]
         if tune_samples > 0:
-            searched = tune_loss(train_refs, val_refs, layout.out, warm, samples=tune_samples,
+            searched = tune_loss(train_refs, val_refs, run.out, warm, samples=tune_samples,
                                  storage_path=storage_path, seed=seed, preset=preset, margin_mm=margin_mm,
                                  num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                                  epochs=epochs, ms_form=form)
             loss = {**loss, **searched["loss"]}
-            dest = layout.model(filename)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(searched["checkpoint"], tmp)
-            tmp.replace(dest)
+            dest = run.copy_in(searched["checkpoint"], run.model(filename), publish=False)  # as fitted ones
             fits[role] = {"checkpoint": str(dest), "best": {"val_dice": searched["val_dice"]},
                           "history": [], "searched": searched["results"]}
+            fits[role]["record"] = training_record(fits[role], str(dest), dest)
         else:
-            fits[role] = fit_boxfcn(train_refs, val_refs, layout.out, kind="mdice_ms", loss=loss,
+            fits[role] = fit_boxfcn(train_refs, val_refs, run.out, kind="mdice_ms", loss=loss,
                                     init_from=warm, filename=filename, ms_form=form, **kw)
         losses_by_role[role] = {**loss, "ms_form": form}
     models = {role: f["checkpoint"] for role, f in fits.items()}
     val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
     choice = select_variant(val_rows)
-    dest = layout.model(CKPT_FILE)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(models[choice["role"]], tmp)
-    tmp.replace(dest)
+    dest = run.copy_in(models[choice["role"]], run.model(CKPT_FILE))
     entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if choice["postprocess"] else False,
              "variant": choice["variant"], "network": choice["role"],
              "checkpoint": Path(models[choice["role"]]).name,
@@ -578,10 +574,28 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
              "margin_mm": margin_mm, "val_dice": choice["val_dice"],
              "val_dice_by_variant": {k: (None if v != v else v) for k, v in choice["medians"].items()},
              "selected_on": "median validation Dice", "tuned_loss": searched is not None}
-    update_thresholds(layout.thresholds, {"BoxFCN": entry})
+    run.update_thresholds({"BoxFCN": entry})
     LOG.info("BoxFCN: scoring %s (validation median Dice %s)", choice["variant"],
              ", ".join(f"{k} {v:.3f}" for k, v in choice["medians"].items()))
-    return {"fits": fits, "entry": entry, "val_rows": val_rows, "models": models, "checkpoint": str(dest)}
+    # The scored BoxFCN is the variant chosen on validation (select_variant); every trained network
+    # is recorded, keyed by its loss.
+    record = {"path": str(dest), "sha256": run.sha256(dest), "selected_variant": entry["variant"],
+              "val_dice_by_variant": entry["val_dice_by_variant"],
+              "networks": {role: f["record"] for role, f in fits.items()}, "thresholds_entry": entry}
+    return {"fits": fits, "entry": entry, "val_rows": val_rows, "models": models, "checkpoint": str(dest),
+            "record": record, "training_runs": training_runs(fits)}
+
+
+#: run.json's "training_runs" key of each BoxFCN network, by its role in `train_boxfcn`'s fits.
+TRAINING_RUN_KEYS = {"mdice_ms": "boxfcn", "mdice_ms_cv": "boxfcn_chan_vese", "mdice": "boxfcn_mdice",
+                     "box_dice": "boxfcn_warm_start"}
+
+
+def training_runs(fits: dict[str, Any] | None) -> dict[str, dict | None]:
+    """run.json's "training_runs" entries of the BoxFCN networks (`jobs.ray_train.training_run`),
+    every key present, None for a network not trained (or no BoxFCN at all: `fits` None)."""
+    fits = fits or {}
+    return {key: training_run(fits.get(role)) for role, key in TRAINING_RUN_KEYS.items()}
 
 
 def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
@@ -590,7 +604,7 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
     test studies, writes and returns the table."""
     from wsseg_core.boxfcn import DEFAULT_POSTPROCESS
 
-    layout = RunLayout(Path(out).absolute())
+    run = RunFolder(out)
     train = labelled(refs, "train")
     val = labelled(refs, "val")
     test = labelled(refs, "test")
@@ -598,13 +612,13 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
         LOG.warning("no labelled validation study: early stopping and the table's val columns use the "
                     "training studies")
         val = train
-    res = train_boxfcn(train, val, layout.out, with_mdice=True, **kw)
+    res = train_boxfcn(train, val, run.out, with_mdice=True, **kw)
     test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS)
     import pandas as pd
 
     per_study = pd.concat([res["val_rows"], test_rows], ignore_index=True)
     table = ablation_table(per_study)
-    paths = _write_ablation(layout.out, per_study, table)
+    paths = _write_ablation(run.out, per_study, table)
     return {**res, "per_study": per_study, "table": table, "paths": paths}
 
 

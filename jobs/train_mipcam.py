@@ -30,12 +30,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
+from jobs.common import (RunFolder, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
                          ray_storage_path, resolve_cohort, safe_name, setup_logging, study_key,
-                         torch_threads_for, write_json)
+                         torch_threads_for)
 from jobs.ray_train import share_cpus
 from jobs.telemetry import tune_callback
-from wsseg_core.storage import copy_file, write_npz, write_parquet
+from wsseg_core.storage import write_npz
 
 LOG = logging.getLogger("wsseg.train_mipcam")
 CKPT_FILE = "mipcam.pt"
@@ -280,18 +280,18 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     """The whole MIP-CAM job: samples, one Tune trial per weight, the winner's checkpoint and
     thresholds. `classes`: "tumour" (tumour vs none) or "diagnosis" (cancer type from the manifest).
     w = 0 ("CAMs alone", the paper's baseline) is always searched, added when `weights` lacks it,
-    so the search table always says what the distance loss adds.
+    so the search table always says what the distance loss adds. `out` may be a URI: the job works
+    in its staging folder (Ray storage there too, by default) and uploads its outputs.
     Returns dict(checkpoint, distance_weight, t, q, val_dice, table (DataFrame), grid (path),
-    search (path))."""
+    search (path), record (run.json's "mipcam" entry))."""
     import pandas as pd
     import ray
     from ray import tune
 
-    from wsseg_core.thresholds import update_thresholds
     from wsseg_core.mipcam import Q_GRID, T_GRID, TUMOUR_CLASSES, diagnosis_classes
 
-    layout = RunLayout(Path(out).absolute())
-    storage = ray_storage_path(storage_path, layout.out)
+    run = RunFolder(out)
+    storage = ray_storage_path(storage_path, run.out)
     weights = searched_weights(weights)
     if classes == "tumour":
         class_names = TUMOUR_CLASSES
@@ -304,7 +304,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     if not val_refs:
         LOG.warning("no labelled validation study: MIP-CAM is tuned on the training studies")
         val_refs = train_refs
-    sample_dir = layout.out / "mipcam" / "samples"
+    sample_dir = run.out / "mipcam" / "samples"
     train_files = prepare_samples(train_refs, sample_dir, class_names)
     val_files = prepare_samples(val_refs, sample_dir, class_names)
     if not train_files:
@@ -321,7 +321,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
                       storage_path=storage, seed=seed)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, train_files=train_files, val_files=val_files,
-                                                 val_refs=val_refs, out=str(layout.out),
+                                                 val_refs=val_refs, out=str(run.out),
                                                  fit_kwargs=fit_kwargs), {"cpu": 1}),
         param_space={"distance_weight": tune.grid_search([float(w) for w in weights])},
         tune_config=tune.TuneConfig(metric="val_dice", mode="max",
@@ -347,13 +347,10 @@ def search(train_refs: list, val_refs: list, out: str | Path,
                                   "n_patients": m["n_patients"]})
     table = pd.DataFrame(rows).sort_values(["val_dice", "distance_weight"], ascending=[False, True])
     table = table.reset_index(drop=True)
-    grid_path = layout.out / "tune" / "mipcam_grid.parquet"
-    write_parquet(grid_path, pd.DataFrame(grid_rows))
-    search_path = layout.out / "tune" / "mipcam_search.parquet"
-    write_parquet(search_path, table.drop(columns=["checkpoint"]))
+    grid_path = run.write_parquet("tune/mipcam_grid.parquet", pd.DataFrame(grid_rows))
+    search_path = run.write_parquet("tune/mipcam_search.parquet", table.drop(columns=["checkpoint"]))
     win = table.iloc[0]
-    dest = mipcam_path(layout.out)
-    copy_file(win["checkpoint"], dest)
+    dest = run.copy_in(win["checkpoint"], mipcam_path(run.out))
     from wsseg_core.mipcam import DEFAULT_GATE
 
     alone = table[table["distance_weight"] == 0].iloc[0]
@@ -361,14 +358,17 @@ def search(train_refs: list, val_refs: list, out: str | Path,
              "distance_weight": float(win["distance_weight"]), "reference": "component_max",
              "gate_threshold": DEFAULT_GATE, "cams_alone_val_dice": float(alone["val_dice"]),
              "classes": list(class_names), "n_val_patients": int(win["n_patients"])}
-    update_thresholds(layout.thresholds, {"MIP-CAM": entry})
-    write_json(layout.out / "mipcam" / "chosen.json", {**entry, "checkpoint": str(dest)})
+    run.update_thresholds({"MIP-CAM": entry})
+    run.write_json("mipcam/chosen.json", {**entry, "checkpoint": str(dest)})
     LOG.info("MIP-CAM search (%s: w = 0):\n%s", CAMS_ALONE,
              table.drop(columns=["checkpoint"]).to_string(index=False))
     LOG.info("MIP-CAM: %s validation Dice %.3f; chosen w = %g/mm: %.3f", CAMS_ALONE,
              entry["cams_alone_val_dice"], entry["distance_weight"], entry["val_dice"])
+    record = {"path": str(dest), "sha256": run.sha256(dest), "distance_weight": entry["distance_weight"],
+              "t": entry["t"], "q": entry["q"], "val_dice": entry["val_dice"], "classes": entry["classes"],
+              "grid": str(grid_path), "search": table.drop(columns=["checkpoint"]).to_dict("records")}
     return {"checkpoint": str(dest), **entry, "table": table, "grid": str(grid_path),
-            "search": str(search_path)}
+            "search": str(search_path), "record": record}
 
 
 def searched_weights(weights: Sequence[float]) -> list[float]:

@@ -221,14 +221,15 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
 def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = None) -> dict[str, Any]:
     """Choose the U-Net's probability threshold on the validation studies (3-D Dice pooled over
     them, `wsseg_core.unet.choose_threshold`'s default rule) and write it to thresholds.json's
-    "UNet" entry, which the scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation study with tumour the
-    training studies vote (as the CAM thresholds fall back to them). Returns the entry."""
-    from jobs.common import RunLayout
-    from wsseg_core.thresholds import update_thresholds
+    "UNet" entry, which the scorer passes to `wsseg_core.unet.load_segmenter`. Without a validation
+    study with tumour the training studies vote (as the CAM thresholds fall back to them). `out`
+    may be a URI (thresholds.json is uploaded). Returns the entry."""
+    from jobs.common import RunFolder
     from wsseg_core.unet import choose_threshold, load_unet
 
-    layout = RunLayout(Path(out))
-    model, pre, _ = load_unet(unet_path(out))
+    run = RunFolder(out)
+    run.fetch(run.unet)
+    model, pre, _ = load_unet(run.unet)
     res = choose_threshold(model, pre, load_readable(val_refs))
     source = "validation"
     if res["n"] == 0 and train_refs:
@@ -236,8 +237,8 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
         source = "training (no validation study with tumour)"
     entry = {**res, "selected_on": f"{res['rule']} 3-D Dice of the {source} studies ({res['n']} "
                                    f"with tumour)"}
-    update_thresholds(layout.thresholds, {"UNet": entry})
-    LOG.info("U-Net threshold %.2f (median %s Dice %.3f; by threshold %s)", res["threshold"], source,
+    run.update_thresholds({"UNet": entry})
+    LOG.info("U-Net threshold %.2f (%s %s Dice %.3f; by threshold %s)", res["threshold"], res["rule"], source,
              res["val_dice"], res["by_threshold"])
     return entry
 

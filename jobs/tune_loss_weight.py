@@ -17,13 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.common import (PIPELINE_PRESETS, add_common_args, auto_parallelism, fit_keeping_ctrl_c,
-                         init_ray, labelled, open_run, publish, ray_storage_path, resolve_cohort,
-                         safe_name, setup_logging, write_json)
+from jobs.common import (PIPELINE_PRESETS, RunFolder, add_common_args, auto_parallelism,
+                         fit_keeping_ctrl_c, init_ray, labelled, ray_storage_path, resolve_cohort,
+                         safe_name, setup_logging)
 from jobs.telemetry import tune_callback
 from jobs.ray_train import share_cpus
 from jobs.train_classifier import WEIGHTS_HELP, weights_arg
-from wsseg_core.storage import write_parquet
 
 LOG = logging.getLogger("wsseg.tune_loss_weight")
 PAPER_WEIGHT_GRID = (1.0, 3.85, 7.7, 15.4)
@@ -65,7 +64,7 @@ def trial(config: dict[str, Any], train_refs: list, val_refs: list, out: str, fi
     # That fit's classifier is <trial_out>/models/classifier.pt; its CAMs go to <trial_out>/tune/cache.
     files = [f for f in (cache_study_cams(r.to_dict(), str(trial_out), cam_batch_size) for r in val_refs)
              if f]
-    dice = best_val_dice(files, available_methods(load_classifier(open_run(str(trial_out))[0].classifier)[0]))
+    dice = best_val_dice(files, available_methods(load_classifier(RunFolder(trial_out).classifier)[0]))
     return {"val_auc": float(res["best"].get("val_auc", float("nan"))),
             "best_cam_dice": float(np.nanmax(list(dice.values()))) if dice else float("nan"),
             **{f"dice_{m}": v for m, v in dice.items()}, "checkpoint": res["checkpoint"]}
@@ -78,7 +77,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     `cam_batch_size`: slices per CAM batch when caching each trial's validation CAMs (the preset's)."""
     from ray import tune
 
-    layout, remote = open_run(out)
+    run = RunFolder(out)
     storage = ray_storage_path(storage_path, out)
     fit_kwargs = {**fit_kwargs, "storage_path": storage}
     # The trial only waits on its Train run, which holds the real CPUs. Ray 2.60 refuses an empty
@@ -91,7 +90,7 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     tuner = tune.Tuner(
         # The trial itself only waits on its Train run; the Train workers hold the real resources.
         tune.with_resources(tune.with_parameters(trial, train_refs=train_refs, val_refs=val_refs,
-                                                 out=str(layout.out), fit_kwargs=fit_kwargs,
+                                                 out=str(run.out), fit_kwargs=fit_kwargs,
                                                  cam_batch_size=cam_batch_size), {"cpu": trial_cpu}),
         param_space={"tumour_weight": tune.grid_search([float(w) for w in grid])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=max_concurrent_trials),
@@ -106,12 +105,10 @@ def search(train_refs: list, val_refs: list, out: str | Path, grid: Sequence[flo
     df = df.rename(columns={"config/tumour_weight": "tumour_weight"})
     keep = ["tumour_weight", "val_auc", "best_cam_dice"] + [c for c in df.columns if c.startswith("dice_")] + ["checkpoint"]
     table = df[keep].sort_values(["val_auc", "best_cam_dice"], ascending=False).reset_index(drop=True)
-    path = layout.out / "loss_weight" / "results.parquet"
-    write_parquet(path, table)
+    path = run.write_parquet("loss_weight/results.parquet", table)
     chosen = float(table.loc[0, "tumour_weight"])
-    write_json(layout.out / "loss_weight" / "chosen.json", {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
-    publish(layout, remote, layout.out / "loss_weight" / "results.parquet",
-            layout.out / "loss_weight" / "chosen.json")
+    run.write_json("loss_weight/chosen.json",
+                   {"tumour_weight": chosen, "ranked_by": ["val_auc", "best_cam_dice"]})
     LOG.info("loss-weight search:\n%s", table.drop(columns=["checkpoint"]).to_string(index=False))
     return {"tumour_weight": chosen, "results": str(path), "table": table}
 

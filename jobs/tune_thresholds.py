@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import (add_common_args, fetch, fit_keeping_ctrl_c, init_ray, labelled,
-                         load_labelled_study, open_run, publish, ray_storage_path, resolve_cohort,
-                         setup_logging, study_key, torch_threads_for)
+from jobs.common import (RunFolder, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
+                         load_labelled_study, ray_storage_path, resolve_cohort, setup_logging, study_key,
+                         torch_threads_for)
 from jobs.telemetry import tune_callback
-from wsseg_core.storage import join, read_bytes, write_npz, write_parquet
+from wsseg_core.storage import join, read_bytes
 # The thresholds.json format (q % of the slice SUVmax for Threshold, which scoring falls back to).
-from wsseg_core.thresholds import THRESHOLD_REFERENCE, load_flag_threshold, update_thresholds
+from wsseg_core.thresholds import THRESHOLD_REFERENCE, load_flag_threshold
 
 LOG = logging.getLogger("wsseg.tune_thresholds")
 #: Which labelled studies the (t, q) search scores: `--tune-on`.
@@ -57,9 +57,9 @@ def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus:
     if got is None:
         return None
     _, study = got
-    layout, remote = open_run(out)
-    fetch(layout, remote, layout.classifier)  # this task may run on a node that has no copy yet
-    model, pre, _ = load_classifier(layout.classifier)
+    run = RunFolder(out)
+    run.fetch(run.classifier)  # this task may run on a node that has no copy yet
+    model, pre, _ = load_classifier(run.classifier)
     return study, model, pre, classify_volume(model, pre, study.suv, study.ct, batch_size=cam_batch_size,
                                               spacing_mm=study.spacing_mm)
 
@@ -90,7 +90,7 @@ def check_classifier(val_refs: list, out: str | Path, *, cam_batch_size: int = 6
 
     from wsseg_core.gate import choose_flag_threshold, classifier_gate
 
-    layout, remote = open_run(out)
+    run = RunFolder(out)
     task = ray.remote(num_cpus=cpus_per_study)(study_slice_probs)
     got = [g for g in ray.get([task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study)
                                for r in val_refs]) if g is not None]
@@ -102,9 +102,8 @@ def check_classifier(val_refs: list, out: str | Path, *, cam_batch_size: int = 6
     else:
         thr, source = float(flag_threshold), "fixed"
     res = classifier_gate(probs, labels, thr)
-    update_thresholds(layout.thresholds, {}, flag_threshold=thr, flag_threshold_source=source,
-                      classifier_gate=res.to_dict())
-    publish(layout, remote, layout.thresholds)
+    run.update_thresholds({}, flag_threshold=thr, flag_threshold_source=source,
+                          classifier_gate=res.to_dict())
     (LOG.info if res.passed else LOG.error)("%s", res.message())
     return res
 
@@ -146,7 +145,7 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
         return None
     study, model, pre, probs = got
     ref = StudyRef(**ref)
-    layout, remote = open_run(out)
+    run = RunFolder(out)
     z = flagged_slices(probs, flag_threshold)
     methods = available_methods(model)  # no CAM under the fc head
     # The checkpoint's preprocessing, as scoring applies it (resize, or resample to pixel_mm).
@@ -155,18 +154,15 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
                        geometry=geo)
     # study_key, not safe_name(patient)__safe_name(study): that is not injective ("a b" and "a_b"),
     # and two studies sharing a cache file would let the search score one of them twice.
-    path = layout.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
+    path = run.out / "tune" / "cache" / f"{study_key(ref.patient_id, ref.study_id)}.npz"
     # Not the volumes (0.47 GB a study at autoPET size, read again by every trial): the grid's
     # counts, computed here while the volumes are in memory (wsseg_core.gridcache says why exact).
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
                              T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
                              reference=THRESHOLD_REFERENCE, ct=study.ct,
                              cam_index=geo.cam_index(*maps[methods[0]].shape[1:]) if methods else None)
-    write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
-    if remote is not None:
-        publish(layout, remote, path)
-        return remote.uri.rstrip("/") + "/" + path.relative_to(layout.out).as_posix()
-    return str(path)
+    run.write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
+    return run.where(path)
 
 
 def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[float]) -> dict:
@@ -244,11 +240,11 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     from wsseg_core.models import load_classifier
     from wsseg_core.segment import Q_GRID, T_GRID
 
-    layout, remote = open_run(out)
-    fetch(layout, remote, layout.classifier)
-    cam_methods = available_methods(load_classifier(layout.classifier)[0])  # no CAM under head "fc"
+    run = RunFolder(out)
+    run.fetch(run.classifier)
+    cam_methods = available_methods(load_classifier(run.classifier)[0])  # no CAM under head "fc"
     if flag_threshold is None:
-        flag_threshold = load_flag_threshold(layout.thresholds)
+        flag_threshold = load_flag_threshold(run.thresholds)
     t_grid = np.asarray(T_GRID if t_grid is None else t_grid, dtype=float)
     q_grid_arr = np.asarray(Q_GRID if q_grid is None else q_grid, dtype=float)
     cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
@@ -293,7 +289,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                 rows.append({"method": cell["method"], "t": t, "q": q, "mean_dice": d,
                              "n_patients": r.metrics["n_patients"]})
     grid = pd.DataFrame(rows)
-    write_parquet(layout.tune_grid, grid)
+    run.write_parquet(run.tune_grid, grid)
 
     chosen: dict[str, dict[str, Any]] = {}
     for method, g in grid.groupby("method", sort=False):
@@ -319,15 +315,14 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
                         "widen it with --t-grid / --q-grid START STOP N", method,
                         ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
         chosen[str(method)] = entry
-    update_thresholds(layout.thresholds, chosen, tune_on=tune_on, n_tune_studies=len(files),
-                      n_train_studies=used_splits.count("train"), n_val_studies=used_splits.count("val"),
-                      t_grid=[float(v) for v in t_grid], q_grid=q_grid,
-                      cam_flag_threshold=float(flag_threshold))
-    publish(layout, remote, layout.tune_grid, layout.thresholds)
+    run.update_thresholds(chosen, tune_on=tune_on, n_tune_studies=len(files),
+                          n_train_studies=used_splits.count("train"), n_val_studies=used_splits.count("val"),
+                          t_grid=[float(v) for v in t_grid], q_grid=q_grid,
+                          cam_flag_threshold=float(flag_threshold))
     for m, e in chosen.items():
         LOG.info("%-9s t=%s q=%.1f tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
                  e["q"], e["val_dice"])
-    return {"thresholds": chosen, "grid": str(layout.tune_grid)}
+    return {"thresholds": chosen, "grid": str(run.tune_grid)}
 
 
 def build_parser() -> argparse.ArgumentParser:

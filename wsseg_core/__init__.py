@@ -6,6 +6,7 @@ It never imports ray: the Ray entry points live in ``jobs/``.
 Modules, one concept each (docs/ARCHITECTURE.md lists their API):
     methods     the eight methods by name; the network methods' checkpoints and loaders
     storage     local paths and URIs; the atomic writers (temp name, then os.replace)
+    run_folder  a run folder as one object: layout, URI staging, fetch/publish, atomic writes
     data        study references, loading and validation of the volumes, weak labels, mask writing
     cohort      cohort discovery (folder layout), manifests, subject-level splits, cohort summary
     phantom     synthetic whole-body PET/CT cohort in the autoPET layout

@@ -389,17 +389,15 @@ def _write_ablation(out: Path, per_study, table) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jobs.common import atomic_write_text
+    from wsseg_core.storage import atomic_path, write_parquet, write_text
 
     d = out / "boxfcn"
     d.mkdir(parents=True, exist_ok=True)
     paths = {"per_study": d / "ablation_studies.parquet", "table": d / "ablation.parquet",
              "markdown": d / "ablation.md", "png": d / "ablation.png"}
-    for key in ("per_study", "table"):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
-        (per_study if key == "per_study" else table).to_parquet(tmp, index=False)
-        tmp.replace(paths[key])
-    atomic_write_text(paths["markdown"], format_ablation(table) + "\n")
+    write_parquet(paths["per_study"], per_study)
+    write_parquet(paths["table"], table)
+    write_text(paths["markdown"], format_ablation(table) + "\n")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(len(table))
     for k, split in enumerate(("val", "test")):
@@ -410,10 +408,9 @@ def _write_ablation(out: Path, per_study, table) -> dict[str, str]:
     ax.set_title("BoxFCN ablation (Afshari et al. Fig. 1)")
     ax.legend()
     fig.tight_layout()
-    tmp = paths["png"].with_name(".ablation.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(paths["png"], ".png") as tmp:  # the ending tells matplotlib the format
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(paths["png"])
     return {k: str(v) for k, v in paths.items()}
 
 

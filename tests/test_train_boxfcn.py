@@ -27,6 +27,21 @@ def test_ablation_table_and_markdown():
     assert md.count("\n") == 1 + len(VARIANTS) and "| L_MDice+L_MS+M |" in md
 
 
+def test_ablation_files_are_written_whole_and_leave_no_temp_file(tmp_path):
+    """`_write_ablation` goes through the storage atomic writers: the four files, nothing else."""
+    from jobs.train_boxfcn import VARIANTS, _write_ablation, ablation_table
+
+    per_study = pd.DataFrame([{"patient_id": "P0", "study_id": "s", "split": sp, "variant": v,
+                               "dice": 0.5, "ude_mm": 1.0, "mtv_pred_ml": 1.0, "mtv_true_ml": 1.0}
+                              for v in VARIANTS for sp in ("val", "test")])
+    table = ablation_table(per_study)
+    paths = _write_ablation(tmp_path, per_study, table)
+    assert sorted(p.name for p in (tmp_path / "boxfcn").iterdir()) == sorted(
+        ["ablation_studies.parquet", "ablation.parquet", "ablation.md", "ablation.png"])
+    pd.testing.assert_frame_equal(pd.read_parquet(paths["table"]), table.reset_index(drop=True))
+    assert (tmp_path / "boxfcn" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def _val_rows(dices: dict[str, list[float]]) -> pd.DataFrame:
     return pd.DataFrame([{"patient_id": f"P{k}", "split": "val", "variant": v, "dice": d}
                          for v, ds in dices.items() for k, d in enumerate(ds)])

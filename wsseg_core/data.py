@@ -7,13 +7,11 @@ names stay importable from here (see the end of this module).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import logging
 import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 
-from wsseg_core.storage import is_uri, read_bytes
+from wsseg_core.storage import atomic_path, is_uri, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -378,23 +376,16 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) ->
         raise ValueError(f"affine must be a finite (4, 4) array, got shape {aff.shape}")
     dst = Path(os.fspath(path))
     suffix = _nifti_suffix(dst.name)
-    stem = dst.name[: -len(suffix)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = (mask > 0).astype(np.uint8)
     img = nib.Nifti1Image(data, aff)
     img.header.set_data_dtype(np.uint8)
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
-    # The suffix must stay last so nibabel picks the same compression; the random part keeps two
-    # threads of one process from sharing a temp file.
-    tmp = dst.parent / f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
-    try:
+    # The suffix must stay last so nibabel picks the same compression (storage.temp_name's random
+    # part keeps two threads of one process from sharing a temp file).
+    with atomic_path(dst, suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from wsseg_core import unet as U
 from wsseg_core.train import make_loss
 from wsseg_core.metrics import dice, lesion_detection, voxel_volume_ml, mtv_ml
 from wsseg_core.stats import icc_agreement
+from wsseg_core.storage import atomic_path, write_json
 
 ap = argparse.ArgumentParser()
 ap.add_argument("cohort")
@@ -76,14 +77,11 @@ def dump_probs(step: int, ev: dict) -> None:
         for st in sts:
             p = U.predict_volume_unet(model, pre, st.suv, st.ct)
             arrs[f"{split}/{st.ref.study_id}"] = np.round(p * 255).astype(np.uint8)
-    tmp = os.path.join(a.dump, f".step{step}.tmp.npz")
-    np.savez_compressed(tmp, **arrs)
-    os.replace(tmp, os.path.join(a.dump, f"step{step}.npz"))
+    with atomic_path(os.path.join(a.dump, f"step{step}.npz")) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrs)  # a file object: savez adds no ".npz" to the temp name
     checks.append(dict(step=step, val_pixel_dice=ev["dice"], n_pred_pixels=ev["n_pred_pixels"]))
     meta = dict(args=vars(a), checks=checks)
-    with open(os.path.join(a.dump, ".meta.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(a.dump, ".meta.tmp"), os.path.join(a.dump, "meta.json"))
+    write_json(os.path.join(a.dump, "meta.json"), meta)
 step = 0
 hist = []
 t1 = time.time()

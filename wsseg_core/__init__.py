@@ -4,7 +4,7 @@ A library of small, pure functions and small classes over numpy / torch / nibabe
 It never imports ray: the Ray entry points live in ``jobs/``.
 
 Modules, one concept each (docs/ARCHITECTURE.md lists their API):
-    methods     the eight methods by name; the network methods' checkpoints and loaders
+    methods     the eight methods: one registry of segment(study, context) callables; network loaders
     storage     local paths and URIs; the atomic writers (temp name, then os.replace)
     run_folder  a run folder as one object: layout, URI staging, fetch/publish, atomic writes
     data        study references, loading and validation of the volumes, weak labels, mask writing

@@ -44,6 +44,10 @@ from jobs.telemetry import ProgressLog, StageClock, record_flagged, record_study
 # The methods by name, how each segments a study and what its rows record: one registry in the library.
 from wsseg_core.methods import (ALL_METHODS, CAM_METHODS, DEFAULT_METHODS, METHODS,  # noqa: F401
                                 MODEL_METHODS, StudyContext, segment_study)
+# StaleResultsError: raised when `<out>/metrics/` holds results computed with other methods,
+# thresholds or classifier (re-exported for callers that catch it from this job).
+from wsseg_core.run_folder import RunFolder, StaleResultsError  # noqa: F401
+from wsseg_core.storage import write_parquet
 
 LOG = logging.getLogger("wsseg.score_cohort")
 
@@ -91,10 +95,6 @@ MASKS_SCHEMA = pa.schema([(k, pa.string()) for k in REF_FIELDS] + [
 def worker_id() -> str:
     """`hostname:pid` of this scoring process (the rows' `worker` column)."""
     return f"{socket.gethostname()}:{os.getpid()}"
-from wsseg_core.run_folder import RunFolder  # noqa: E402
-# Raised when `<out>/metrics/` holds results computed with other methods, thresholds or classifier.
-from wsseg_core.run_folder import StaleResultsError  # noqa: E402,F401
-from wsseg_core.storage import write_parquet  # noqa: E402
 
 
 def write_study_table(table: pa.Table, path: Path) -> None:

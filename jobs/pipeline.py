@@ -19,8 +19,8 @@ from typing import Any
 from jobs.common import (PIPELINE_PRESETS, RunFolder, add_common_args, init_ray, input_record, labelled,
                          resolve_cohort, setup_logging, versions, write_manifest)
 from jobs.telemetry import StageClock
-from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, MAP_STRIDE_HELP, PIXEL_MM_HELP, WEIGHTS_HELP,
-                                   resolve_weights, weights_arg)
+from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, MAP_STRIDE_HELP, NO_ATROUS_HELP,
+                                   PIXEL_MM_HELP, WEIGHTS_HELP, resolve_weights, weights_arg)
 from wsseg_core.models import MAP_STRIDES
 from wsseg_core.thresholds import load_thresholds
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
     p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
     p.add_argument("--map-stride", type=int, choices=MAP_STRIDES, default=None, help=MAP_STRIDE_HELP)
+    p.add_argument("--no-atrous", dest="atrous", action="store_false", default=None, help=NO_ATROUS_HELP)
     p.add_argument("--allow-weak-classifier", action="store_true",
                    help="go on to tuning and scoring even when the classifier fails the quality "
                         "gate (wsseg_core.gate); run.json records that it did")
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               weights=weights_arg(args.weights),
                               num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.seed,
                               **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
-                                                                map_stride=args.map_stride),
+                                                                map_stride=args.map_stride, atrous=args.atrous),
                               **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {}))
             tumour_weight = searched["tumour_weight"]
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weights=weights_arg(args.weights), num_workers=args.num_workers,
             use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.seed,
             **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
-                                                                map_stride=args.map_stride),
+                                                                map_stride=args.map_stride, atrous=args.atrous),
                **({"input_size": args.input_size} if args.input_size else {}),
                **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {})})
 

@@ -60,7 +60,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                         input_size=config.get("input_size"),
                                         weights=config.get("weights"), head=config.get("head", "gap"),
                                         pixel_mm=config.get("pixel_mm"),
-                                        map_stride=config.get("map_stride"))
+                                        map_stride=config.get("map_stride"),
+                                        atrous=config.get("atrous"))
     if rank == 0:
         LOG.info("slice preprocessing: %s", pre.describe())
     # Every rank holds the whole training set and takes its share of each global batch from one
@@ -184,7 +185,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         seed: int = 0, callbacks: list | None = None,
         optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
         weight_decay: float = 0.0, head: str = "gap", pixel_mm: float | None = None,
-        map_stride: int | None = None, test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+        map_stride: int | None = None, atrous: bool | None = None,
+        test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
 
     `batch_size` is the GLOBAL batch (slices per optimiser step), split across the `num_workers`
@@ -198,6 +200,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
     `map_stride`: 8 (the paper's last map, input/8) or 4 (CAMs twice as fine per side; None: the
     preset's, 8); the checkpoint records it, and tuning and scoring follow the checkpoint.
+    `atrous`: at stride 4, dilate the convs after the removed pool (None: True at stride 4; see
+    wsseg_core.models.SliceClassifier).
 
     Returns the checkpoint path in the run folder and the per-epoch history. `test_hooks` is for
     tests only (`fail_after_epoch`, `fail_marker`: see `jobs.ray_train.maybe_die`; `shuffle` False keeps the
@@ -219,6 +223,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   # only when set: a run stored before the option keeps its fingerprint
                   **({"pixel_mm": float(pixel_mm)} if pixel_mm is not None else {}),
                   **({"map_stride": int(map_stride)} if map_stride is not None else {}),
+                  **({"atrous": bool(atrous)} if atrous is not None else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
@@ -227,16 +232,26 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
 
 
 def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
-                      head: str = "gap", map_stride: int | None = None) -> dict[str, Any]:
+                      head: str = "gap", map_stride: int | None = None,
+                      atrous: bool | None = None) -> dict[str, Any]:
     """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
-    the classifier head and (when set) the CAM map stride, as `fit` keywords; `optimizer`
-    overrides the preset's (with SGD the schedule is constant, as in the paper)."""
+    the classifier head and the CAM map stride, as `fit` keywords; `optimizer` overrides the
+    preset's (with SGD the schedule is constant, as in the paper). `map_stride` overrides the
+    preset's; at stride 4 the recipe also says whether the convs after the removed pool are
+    dilated (`atrous`, default True), so a changed stride or dilation is a changed fit config and
+    retrains. Neither key is written when neither the preset nor the caller sets a stride: a run
+    stored before the options keeps its fingerprint."""
+    stride = map_stride if map_stride is not None else preset.get("map_stride")
+    stride_keys: dict[str, Any] = {} if stride is None else {"map_stride": int(stride)}
+    if stride is not None and int(stride) == 4:
+        stride_keys["atrous"] = True if atrous is None else bool(atrous)
+    elif atrous:
+        raise ValueError(f"atrous needs map stride 4, got {stride or 8}")
     opt = optimizer or preset.get("optimizer", "sgd")
     return dict(optimizer=opt,
                 schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
                 patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
-                input_size=preset.get("input_size"), head=head,
-                **({"map_stride": int(map_stride)} if map_stride is not None else {}))
+                input_size=preset.get("input_size"), head=head, **stride_keys)
 
 
 PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bilinear, with the study's "
@@ -250,6 +265,9 @@ MAP_STRIDE_HELP = ("the classifier's last feature map is input/STRIDE per side: 
                    "CAMs at 256x256, 8x8 in the small preset's 64x64), 4 also drops the pool before the "
                    "last VGG block (CAMs twice as fine, ~1.3x the FLOPs). Default: the preset's (8). "
                    "The checkpoint records it; tuning and scoring follow it.")
+NO_ATROUS_HELP = ("at map stride 4, drop the pool without dilating the last block's convs (by default "
+                  "they are dilated by 2, keeping the receptive field of stride 8; the plain variant "
+                  "measured worse: README, 'CAM resolution')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEAD_CHOICES, default="gap", help=HEAD_HELP)
     p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
     p.add_argument("--map-stride", type=int, choices=MAP_STRIDES, default=None, help=MAP_STRIDE_HELP)
+    p.add_argument("--no-atrous", dest="atrous", action="store_false", default=None, help=NO_ATROUS_HELP)
     p.add_argument("--weights", default="imagenet", help=WEIGHTS_HELP)
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
@@ -285,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit(train, val, args.out, model_preset=preset["model_preset"],
               epochs=args.epochs or preset["epochs"], batch_size=args.batch_size or preset["batch_size"],
               lr=args.lr or preset["lr"], tumour_weight=args.tumour_weight, negative_keep=preset["negative_keep"],
-              **classifier_recipe(preset, optimizer=args.optimizer, head=args.head, map_stride=args.map_stride),
+              **classifier_recipe(preset, optimizer=args.optimizer, head=args.head, map_stride=args.map_stride,
+                                  atrous=args.atrous),
               weights=weights_arg(args.weights), num_workers=args.num_workers,
               use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures,
               seed=args.seed, pixel_mm=args.pixel_mm)

@@ -133,6 +133,14 @@ def test_map_stride_option_reaches_the_fit_keywords_only_when_set():
     small = PIPELINE_PRESETS["small"]
     assert "map_stride" not in classifier_recipe(small)
     assert classifier_recipe(small, map_stride=4)["map_stride"] == 4
+    # stride 4 also says whether it dilates, so dilated and plain runs have different fingerprints
+    assert classifier_recipe(small, map_stride=4)["atrous"] is True
+    assert classifier_recipe(small, map_stride=4, atrous=False)["atrous"] is False
+    assert "atrous" not in classifier_recipe(small, map_stride=8)
+    with pytest.raises(ValueError, match="atrous"):
+        classifier_recipe(small, map_stride=8, atrous=True)
+    assert pipeline.build_parser().parse_args(["--out", "x", "--no-atrous"]).atrous is False
+    assert build_parser().parse_args(["--cohort", "c", "--out", "x"]).atrous is None
     assert pipeline.build_parser().parse_args(["--out", "x", "--map-stride", "4"]).map_stride == 4
     assert build_parser().parse_args(["--cohort", "c", "--out", "x"]).map_stride is None
     with pytest.raises(SystemExit):  # only the strides the network has

@@ -81,6 +81,57 @@ def test_map_stride_4_drops_only_the_last_pool_and_round_trips(tmp_path):
     assert load_classifier(path)[0].map_stride == 8
 
 
+def _cells_seeing_one_pixel(net: SliceClassifier, size: int = 192) -> int:
+    """How many cells of one row of the last map change when one input pixel changes. With equal
+    positive conv weights, zero biases and a constant input, every ReLU is active and every pool
+    window ties, so a bump propagates to exactly the cells whose receptive field holds it."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.constant_(m.weight, 0.01)
+            torch.nn.init.zeros_(m.bias)
+    net.eval()
+    x = torch.ones(1, 2, size, size)
+    bumped = x.clone()
+    bumped[0, :, size // 2, size // 2] += 1.0
+    with torch.no_grad():
+        d = (net.forward_features(bumped) - net.forward_features(x))[0, 0].abs()
+    return int((d > 0).any(dim=1).sum())
+
+
+@pytest.mark.parametrize("stride, atrous, rf", [(8, False, 99), (4, False, 71), (4, True, 95)])
+def test_atrous_stride_4_keeps_the_receptive_field_of_stride_8(stride, atrous, rf):
+    """Receptive field by hand (r += (k - 1) * jump per layer, jump *= 2 per pool; a conv
+    dilated by 2 counts as k = 5): 4 convs r = 9; pool 10 (jump 2); 3 convs 22; pool 23 (jump 4);
+    3 convs 47; then stride 8: pool 51 (jump 8), 3 convs 99; stride 4: 3 convs 71; stride 4
+    atrous: 3 dilated convs 47 + 3 * 4 * 4 = 95. A pixel lies in the field of floor or ceil of
+    r / jump cells of a row."""
+    net = SliceClassifier(width=0.0625, input_size=64, map_stride=stride, atrous=atrous)
+    assert net.forward_features(torch.zeros(1, 2, 64, 64)).shape[-1] == 64 // stride
+    assert _cells_seeing_one_pixel(net) in (rf // stride, -(-rf // stride))
+
+
+def test_atrous_is_the_default_at_stride_4_and_round_trips(tmp_path):
+    """build_slice_classifier dilates at stride 4 unless told not to; the checkpoint records it,
+    and a stride-4 checkpoint written before the option loads as the plain (undilated) network."""
+    assert build_slice_classifier("small", map_stride=4)[0].atrous
+    assert not build_slice_classifier("small", map_stride=4, atrous=False)[0].atrous
+    assert not build_slice_classifier("small", map_stride=8)[0].atrous
+    with pytest.raises(ValueError, match="atrous"):
+        SliceClassifier(map_stride=8, atrous=True)
+    net = SliceClassifier(width=0.125, input_size=64, map_stride=4, atrous=True)
+    path = tmp_path / "c.pt"
+    save_classifier(path, net, SlicePreprocessor(64))
+    loaded = load_classifier(path)[0]
+    assert loaded.atrous and [c.dilation for c in loaded.conv_layers()][-3:] == [(2, 2)] * 3
+    x = torch.rand(1, 2, 64, 64)
+    net.eval()
+    assert torch.allclose(loaded(x), net(x))
+    raw = torch.load(path, weights_only=True)
+    del raw["config"]["atrous"]  # a --map-stride 4 checkpoint from before the option
+    torch.save(raw, path)
+    assert not load_classifier(path)[0].atrous
+
+
 def test_width_multiplier_and_overrides():
     model, pre = build_slice_classifier("small", width=0.25, input_size=32)
     assert model.num_channels_last == 128 and pre.input_size == 32

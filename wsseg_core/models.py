@@ -283,6 +283,11 @@ class SliceClassifier(nn.Module):
         batch_norm: BatchNorm after every conv (as torchvision's vgg16_bn); off for the paper's VGG16.
         map_stride: 8 (the paper's: last map S/8) or 4 (the pool before the last block removed too:
             last map S/4). ImageNet weights fit either (the pools have no weights).
+        atrous: with map_stride 4, the convs after the removed pool are dilated by 2 (as DeepLab
+            keeps its receptive field at a finer output stride), so every conv sees the context,
+            in input pixels, it sees at stride 8. Without it the last block's receptive field is
+            halved; measured, that cost test AUC and CAM Dice on a 12-patient cohort (README,
+            "CAM resolution"). Must be False at stride 8.
         head: "gap" (default; GAP + ``fc``) or "fc" (VGG16's classifier; see the module doc).
     Attributes:
         features: nn.Sequential of conv/ReLU/max-pool; its output is the last conv's ReLU,
@@ -294,12 +299,16 @@ class SliceClassifier(nn.Module):
     """
 
     def __init__(self, width: float = 1.0, input_size: int = 256, in_channels: int = 2,
-                 batch_norm: bool = False, map_stride: int = 8, head: str = "gap") -> None:
+                 batch_norm: bool = False, map_stride: int = 8, head: str = "gap",
+                 atrous: bool = False) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if map_stride not in MAP_STRIDES:
             raise ValueError(f"map_stride must be one of {MAP_STRIDES}, got {map_stride!r}")
+        if atrous and map_stride != 4:
+            raise ValueError(f"atrous needs map_stride 4 (it dilates the convs after the pool "
+                             f"stride 4 removes), got map_stride {map_stride!r}")
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width!r}")
         if int(input_size) != input_size or input_size < 8 or input_size % 8:
@@ -310,17 +319,23 @@ class SliceClassifier(nn.Module):
         self.batch_norm = bool(batch_norm)
         self.map_stride = int(map_stride)
         self.head = str(head)
+        self.atrous = bool(atrous)
         cfg = list(VGG16_CFG)
+        dilate_from = len(cfg)  # index in cfg from which convs are dilated (none by default)
         if self.map_stride == 4:  # drop the last pool (before the last block)
-            del cfg[len(cfg) - 1 - cfg[::-1].index("M")]
+            dilate_from = len(cfg) - 1 - cfg[::-1].index("M")
+            del cfg[dilate_from]
+            if not self.atrous:
+                dilate_from = len(cfg)
         layers: list[nn.Module] = []
         c_in = self.in_channels
-        for v in cfg:
+        for i, v in enumerate(cfg):
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 c_out = _scaled(int(v), self.width)
-                layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+                d = 2 if i >= dilate_from else 1
+                layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=d, dilation=d))
                 if self.batch_norm:
                     layers.append(nn.BatchNorm2d(c_out))
                 # Not in-place: CAM code hooks these outputs and their gradients, which in-place
@@ -374,7 +389,8 @@ class SliceClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, input_size={self.input_size}, K={self.num_channels_last}, "
-                f"batch_norm={self.batch_norm}, map_stride={self.map_stride}, head={self.head}")
+                f"batch_norm={self.batch_norm}, map_stride={self.map_stride}, atrous={self.atrous}, "
+                f"head={self.head}")
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -522,6 +538,7 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
                            input_size: int | None = None,
                            weights: str | os.PathLike | None = None, head: str = "gap",
                            pixel_mm: float | None = None, map_stride: int | None = None,
+                           atrous: bool | None = None,
                            ) -> tuple[SliceClassifier, SlicePreprocessor]:
     """Build the classifier and its matching preprocessor.
 
@@ -535,6 +552,8 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
             the authors' code; CAM undefined).
         map_stride: 8 (last map = input/8, the paper's) or 4 (CAMs twice as fine per side);
             None: the preset's.
+        atrous: dilate the convs after the removed pool (``SliceClassifier``); None: True at
+            stride 4 (the variant measured better), False at 8.
         weights: None (random init); "imagenet" (torchvision VGG16 IMAGENET1K_V1 via torchvision's
             download or cache); or a path to a torchvision vgg16 state dict file. Pretrained
             weights need width 1.0.
@@ -555,9 +574,10 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
         cfg["input_size"] = int(input_size)
     if map_stride is not None:
         cfg["map_stride"] = int(map_stride)
+    stride = int(cfg.get("map_stride", 8))
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
-                            batch_norm=cfg.get("batch_norm", False), map_stride=cfg.get("map_stride", 8),
-                            head=head)
+                            batch_norm=cfg.get("batch_norm", False), map_stride=stride,
+                            head=head, atrous=stride == 4 if atrous is None else bool(atrous))
     mm = cfg.get("pixel_mm") if pixel_mm is None else float(pixel_mm)
     if mm is not None and mm < 0:
         raise ValueError(f"pixel_mm must be >= 0 (0: resize), got {pixel_mm!r}")
@@ -607,7 +627,8 @@ def save_classifier(path: str | os.PathLike, model: nn.Module, pre: SlicePreproc
     save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
                     config={"width": float(bare.width), "input_size": int(bare.input_size),
                             "in_channels": int(bare.in_channels), "batch_norm": bool(bare.batch_norm),
-                            "map_stride": int(bare.map_stride), "head": bare.head},
+                            "map_stride": int(bare.map_stride), "atrous": bool(bare.atrous),
+                            "head": bare.head},
                     meta=meta, preprocessor=pre.to_dict())
 
 
@@ -620,5 +641,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[SliceClassifier, SlicePrep
                                           batch_norm=bool(cfg.get("batch_norm", False)),
                                           # checkpoints written before the option: the paper's 8
                                           map_stride=int(cfg.get("map_stride", 8)),
+                                          # written before the option: plain pool removal
+                                          atrous=bool(cfg.get("atrous", False)),
                                           head=str(cfg.get("head", "gap"))))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})

@@ -30,11 +30,11 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # with a 7.7-weighted loss drove the net to a constant output on unseen cohorts (README,
     # "Früh method"). Every tumour-free slice kept: subsampling them doubles the prior shift the
     # weighted loss already causes. Up to 20 epochs, stopped 6 epochs after the best validation
-    # AUC. Input stays 64 (8x8 CAMs): at 128 (16x16) an epoch of a 15-study cohort took 43-78 s on
-    # the shared 2 cores against ~2 s at 64, which the 10-minute demo cannot hold; pass
-    # --input-size 128 to jobs.pipeline for 16x16 maps where time allows.
+    # AUC. Input stays 64: at 128 an epoch of a 15-study cohort took 43-78 s on the shared 2 cores
+    # against ~2 s at 64, which the 10-minute demo cannot hold; the model preset's map stride 4
+    # (dilated last block) gives 16x16 CAMs at 64 instead.
     # q_grid: the SUV percentile inside the CAM region, searched up to 99 (the paper: 20-50). The
-    # paper's regions come from 32x32 maps of 256^2 slices; an 8x8 cell of the small preset covers
+    # paper's regions come from 32x32 maps of 256^2 slices; an 8x8 cell of the former small preset covered
     # 16x16 voxels of a 128^2 slice, so a lesion fills a far smaller share of its region and the
     # best percentile lies above 50: on the demo every method's tuned q sat on the paper grid's
     # edge (50) with test Dice 0.02; searched to 98 it chose 98 and reached 0.35 (README).

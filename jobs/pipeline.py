@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier optimizer (default: the preset's; small adamw, paper sgd)")
     p.add_argument("--input-size", type=int, default=None,
                    help="classifier input side in pixels, a multiple of 8; the last map (CAM grid) is "
-                        "1/8 of it (default: the preset's; small 64 -> 8x8, 128 -> 16x16; paper 256)")
+                        "1/map-stride of it (default: the preset's; small 64 -> 16x16 at stride 4; paper 256 -> 32x32)")
     p.add_argument("--pixel-mm", type=float, default=None, help=PIXEL_MM_HELP)
     p.add_argument("--map-stride", type=int, choices=MAP_STRIDES, default=None, help=MAP_STRIDE_HELP)
     p.add_argument("--no-atrous", dest="atrous", action="store_false", default=None, help=NO_ATROUS_HELP)

@@ -26,7 +26,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, 
 from jobs.ray_train import (fit_and_keep_best, load_readable, maybe_die, mean_over_ranks, on_rank0,
                             prepare_ddp_model, report_epoch, resume_from_checkpoint,
                             resumed_extra_state, start_watchdog, world_info)
-from wsseg_core.models import MAP_STRIDES
+from wsseg_core.models import MAP_STRIDES, PRESETS as MODEL_PRESETS
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -199,7 +199,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     `pixel_mm`: slices resampled in-plane to that many mm a pixel and padded / cropped to the input
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
     `map_stride`: 8 (the paper's last map, input/8) or 4 (CAMs twice as fine per side; None: the
-    preset's, 8); the checkpoint records it, and tuning and scoring follow the checkpoint.
+    model preset's, small 4, paper 8); the checkpoint records it, and tuning and scoring follow the checkpoint.
     `atrous`: at stride 4, dilate the convs after the removed pool (None: True at stride 4; see
     wsseg_core.models.SliceClassifier).
 
@@ -237,11 +237,12 @@ def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
     """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
     the classifier head and the CAM map stride, as `fit` keywords; `optimizer` overrides the
     preset's (with SGD the schedule is constant, as in the paper). `map_stride` overrides the
-    preset's; at stride 4 the recipe also says whether the convs after the removed pool are
+    preset's (the job preset's, else its model preset's: small 4, paper unset = 8); at stride 4 the recipe also says whether the convs after the removed pool are
     dilated (`atrous`, default True), so a changed stride or dilation is a changed fit config and
     retrains. Neither key is written when neither the preset nor the caller sets a stride: a run
     stored before the options keeps its fingerprint."""
-    stride = map_stride if map_stride is not None else preset.get("map_stride")
+    stride = map_stride if map_stride is not None else preset.get(
+        "map_stride", MODEL_PRESETS.get(preset.get("model_preset"), {}).get("map_stride"))
     stride_keys: dict[str, Any] = {} if stride is None else {"map_stride": int(stride)}
     if stride is not None and int(stride) == 4:
         stride_keys["atrous"] = True if atrous is None else bool(atrous)
@@ -262,8 +263,9 @@ PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bili
 
 
 MAP_STRIDE_HELP = ("the classifier's last feature map is input/STRIDE per side: 8 is Früh et al.'s (32x32 "
-                   "CAMs at 256x256, 8x8 in the small preset's 64x64), 4 also drops the pool before the "
-                   "last VGG block (CAMs twice as fine, ~1.3x the FLOPs). Default: the preset's (8). "
+                   "CAMs at 256x256), 4 also drops the pool before the "
+                   "last VGG block (CAMs twice as fine) and dilates the last block so its receptive field stays "
+                   "that of stride 8. Default: the preset's (small 4: 16x16 CAMs; paper 8: 32x32). "
                    "The checkpoint records it; tuning and scoring follow it.")
 NO_ATROUS_HELP = ("at map stride 4, drop the pool without dilating the last block's convs (by default "
                   "they are dilated by 2, keeping the receptive field of stride 8; the plain variant "

@@ -130,8 +130,10 @@ def test_map_stride_option_reaches_the_fit_keywords_only_when_set():
     from jobs.common import PIPELINE_PRESETS
     from jobs.train_classifier import build_parser, classifier_recipe
 
-    small = PIPELINE_PRESETS["small"]
-    assert "map_stride" not in classifier_recipe(small)
+    small, paper = PIPELINE_PRESETS["small"], PIPELINE_PRESETS["paper"]
+    assert "map_stride" not in classifier_recipe(paper)  # paper runs keep their fingerprint
+    # the small model preset's 16x16 CAMs (dilated stride 4) enter the small preset's fit config
+    assert classifier_recipe(small)["map_stride"] == 4 and classifier_recipe(small)["atrous"] is True
     assert classifier_recipe(small, map_stride=4)["map_stride"] == 4
     # stride 4 also says whether it dilates, so dilated and plain runs have different fingerprints
     assert classifier_recipe(small, map_stride=4)["atrous"] is True

@@ -34,11 +34,11 @@ def test_paper_preset_map_is_32x32x512():
     assert model.fc.in_features == 512 and model.fc.out_features == 2
 
 
-def test_small_preset_map_is_8x8x64_and_cam_identity():
+def test_small_preset_map_is_16x16x64_and_cam_identity():
     torch.manual_seed(0)
     model, pre = build_slice_classifier("small")
-    assert PRESETS["small"] == dict(width=0.125, input_size=64, batch_norm=True, map_stride=8)
-    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 3
+    assert PRESETS["small"] == dict(width=0.125, input_size=64, batch_norm=True, map_stride=4)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 2 and model.atrous
     assert pre.input_size == 64 and model.num_channels_last == 64
     assert model.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.features) == 13
     assert [c.out_channels for c in model.conv_layers()] == [8, 8, 16, 16, 32, 32, 32] + [64] * 6
@@ -47,7 +47,7 @@ def test_small_preset_map_is_8x8x64_and_cam_identity():
     with torch.no_grad():
         a = model.forward_features(x)
         logits = model(x)
-    assert a.shape == (3, 64, 8, 8)
+    assert a.shape == (3, 64, 16, 16)
     assert torch.allclose(logits, model.logits_from_features(a))
     # classic CAM: the mean of M_c = sum_k w_k A_k plus the bias is exactly the class logit
     cam = torch.einsum("k,bkhw->bhw", model.fc.weight[1], a)

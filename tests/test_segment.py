@@ -225,3 +225,31 @@ def test_threshold_dice_grid_equals_brute_force(reference, use_ct):
     assert grid.shape == Q_GRID.shape
     np.testing.assert_allclose(grid, brute, rtol=0, atol=1e-12)
     assert np.isnan(threshold_dice_grid(suv, None, flagged, Q_GRID, reference, ct)).all()
+
+
+def test_pointing_game_by_hand():
+    """A 4x4 CAM on an 8x8 slice (resize: cell (i, j) covers voxels 2i..2i+1, 2j..2j+1), its
+    hottest cell (1, 2). Body: columns 2..7, i.e. cell columns 1..3 of all 4 cell rows, 12 cells."""
+    from wsseg_core.segment import pointing_game
+
+    cam = np.zeros((4, 4))
+    cam[1, 2] = 1.0
+    cam[3, 0] = 0.5
+    body = np.zeros((8, 8), dtype=bool)
+    body[:, 2:] = True
+    ref = np.zeros((8, 8), dtype=bool)
+    ref[3, 5] = True  # cell (1, 2): a hit; 1 of the 12 body cells
+    assert pointing_game(cam, ref, body) == (True, 1 / 12)
+    ref[3, 6] = True  # cell (1, 3) too: still a hit, 2 tumour cells of 12
+    assert pointing_game(cam, ref, body) == (True, 2 / 12)
+    miss = np.zeros((8, 8), dtype=bool)
+    miss[0, 0] = True  # cell (0, 0), outside the body: counted with it, 1 of 13 cells
+    assert pointing_game(cam, miss, body) == (False, 1 / 13)
+    # first cell on ties, as numpy's argmax: a flat CAM points at cell (0, 0)
+    assert pointing_game(np.ones((4, 4)), miss, body)[0]
+    # a canvas that leaves out voxel row 0 (cam_index -1): a tumour there is in no cell
+    ri = np.array([-1, 0, 0, 1, 1, 2, 2, 3])
+    ci = np.arange(8) // 2
+    assert pointing_game(cam, miss, body, cam_index=(ri, ci)) == (False, 0.0)
+    with pytest.raises(ValueError, match="no tumour"):
+        pointing_game(cam, np.zeros((8, 8), dtype=bool), body)

@@ -40,6 +40,7 @@ __all__ = [
     "BODY_CT_HU",
     "BODY_SUV_FLOOR",
     "cam_region",
+    "pointing_game",
     "segment_slice",
     "segment_volume",
     "dice_grid",
@@ -185,6 +186,37 @@ def cam_region(cam: np.ndarray, t: float, shape: tuple[int, int],
         ``bool (X, Y)``.
     """
     return _upsample_nearest(cam, shape, cam_index) >= t
+
+
+def pointing_game(cam: np.ndarray, reference: np.ndarray, body: np.ndarray,
+                  cam_index: CamIndex | None = None) -> tuple[bool, float]:
+    """Does the CAM's hottest cell lie on the reference (Zhang et al.'s pointing game, per cell)?
+
+    Why: Algorithm 1's Dice mixes where the CAM points with the SUV percentile that segments inside
+    its region (at a high q a CAM covering the whole slice can score as well as one on the tumour),
+    so this asks the CAM alone. A hit when the argmax cell (first one on ties) covers at least
+    one reference voxel; chance: the share of the cells covering body or reference voxels that
+    cover reference voxels, what a cell drawn at random from the body would hit.
+
+    Args:
+        cam: ``(h, w)`` CAM of one slice.
+        reference: ``bool (X, Y)`` tumour voxels of the slice (at least one).
+        body: ``bool (X, Y)`` body voxels (e.g. ``body_mask_slice``).
+        cam_index: as for :func:`cam_region`; None: the slice was resized to the input.
+    Returns:
+        ``(hit, chance)``.
+    """
+    cam = np.asarray(cam)
+    reference = np.asarray(reference, dtype=bool)
+    if not reference.any():
+        raise ValueError("the reference slice has no tumour voxel: the pointing game is undefined")
+    h, w = cam.shape
+    ids = np.arange(h * w, dtype=np.float64).reshape(h, w)
+    cell = _upsample_nearest(ids, reference.shape, cam_index)  # -inf outside the input canvas
+    tumour_cells = np.unique(cell[reference & np.isfinite(cell)])
+    body_cells = np.unique(cell[(np.asarray(body, dtype=bool) | reference) & np.isfinite(cell)])
+    hit = float(np.argmax(cam)) in set(tumour_cells.tolist())
+    return bool(hit), float(len(tumour_cells) / max(len(body_cells), 1))
 
 
 def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float,

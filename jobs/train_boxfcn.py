@@ -80,8 +80,9 @@ MS_SCALE_SMALL = "box"
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # keep_by "val_dice" (issue 23): keep (and stop early on) the epoch with the best median
     # validation Dice against SEG, the measure select_variant chooses the variant by. Kept by the
-    # validation loss, on the demo L_MDice kept its last epoch and L_MDice + L_MS an epoch of val Dice
-    # 0.02: with Eq. 5 the loss falls as the prediction grows (README, "BoxFCN: a steadier choice").
+    # validation loss, the demo's L_MDice + L_MS kept an epoch of validation Dice 0.02 (its best
+    # was 0.05): with Eq. 5 the loss falls as the prediction grows (README, "BoxFCN as the
+    # pipeline scores it").
     # warm_epochs 10 (was 6, issue 23): on the demo the box-Dice warm start was still learning at
     # its 6th epoch (validation Dice 0.01 -> 0.08, predicted MTV ~350 ml against 12 ml), and on the
     # 64x64x48 seed-3 phantoms its best validation epoch was the 7th of 12.

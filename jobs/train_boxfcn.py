@@ -8,14 +8,16 @@
 Training (Sec. 4.3) is two Ray Train runs: the warm start, the network trained with the plain box
 Dice (`<out>/models/boxfcn_boxdice.pt`), then the same network fine-tuned from those weights with
 L = beta L_MDice + lambda L_MS (`<out>/models/boxfcn.pt`, the one `score_cohort` scores as "BoxFCN").
-Each run keeps the epoch with the lowest validation loss (the weak loss against the validation
-boxes: it needs no delineation) and stops early after `patience` epochs without a lower one. Resume
+Each run keeps the best epoch by the preset's `keep_by` and stops early after `patience` epochs
+without a better one: "paper" the lowest validation loss (the weak loss against the validation
+boxes: it needs no delineation), "small" the highest median validation Dice against SEG, the
+measure the variant is then chosen by (issue 23: the loss did not track it; `keep_score`). Resume
 after a failure: run the same command again (same --out / --storage-path); each Train run picks up
 its latest checkpoint (Ray Train V2), early-stopping state included.
 
 `--tune` searches beta, lambda, omega1, omega2 and alpha with Ray Tune (random search over a small
 grid, the paper's values as the first trial), each trial one Ray Train fine-tuning from the same
-warm start, ranked by the validation Dice (against SEG) of its best-validation-loss checkpoint; the
+warm start, ranked by the validation Dice (against SEG) of its kept checkpoint; the
 best trial's weights become `boxfcn.pt`.
 
 `--ablation` trains the paper's comparison on one cohort - box Dice only (L_Dice), L_MDice,
@@ -30,15 +32,18 @@ default); `--ms-form both` trains both networks (`boxfcn_mdice_ms.pt`, `boxfcn_m
 form is in the run's config (its fingerprint: a changed form trains a new run, the warm start is
 reused), in the checkpoint's `meta["loss"]["ms_form"]` and in thresholds.json's "BoxFCN" entry.
 
-Either way `<out>/thresholds.json` gets a "BoxFCN" entry: probability threshold 0.5, whether to
-post-process (chosen on validation Dice), the loss weights used, the validation Dice.
+Either way `<out>/thresholds.json` gets a "BoxFCN" entry: the network, whether to post-process and
+the probability threshold (the preset's `thresholds`: small 0.3/0.5/0.7/0.9, paper 0.5), chosen
+together on the median validation Dice; the loss weights used, the validation Dice.
 
 Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 levels, 160x160x128
 training crops - body-centred, holding the lesion boxes, `wsseg_core.boxfcn.body_crop` - and
 whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20).
 "small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
-over the training volumes per epoch; warm start with Adam lr 1e-3 (6 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
-patience 3. Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
+over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+patience 3, epochs kept by median validation Dice, the threshold chosen on validation, L_MS on the
+box-scaled image (`losses.mumford_shah_loss` image_scale "box"; README, "BoxFCN as the pipeline
+scores it"). Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
 64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
 train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
 """
@@ -68,13 +73,32 @@ MDICE_FILE = "boxfcn_mdice.pt"  # L_MDice only, from the warm start
 MDICE_MS_FILE = "boxfcn_mdice_ms.pt"  # L_MDice + L_MS, from the warm start (the paper's network)
 MDICE_MS_CV_FILE = "boxfcn_mdice_ms_cv.pt"  # the same with L_MS in Chan-Vese form (issue 18 item 9)
 
+#: L_MS's image scale on the small preset (losses.mumford_shah_loss image_scale): "box" bounds
+#: |L_MS| by omega1 + omega2, so beta L_MDice (<= 10) is not outweighed by a term in z-score units.
+MS_SCALE_SMALL = "box"
+
 BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(model_preset="small", warm_epochs=6, epochs=4, patience=3, steps_per_epoch=None,
-                  warm_optimizer="adam", warm_lr=1e-3, optimizer="sgd", lr=1e-4),
+    # keep_by "val_dice" (issue 23): keep (and stop early on) the epoch with the best median
+    # validation Dice against SEG, the measure select_variant chooses the variant by. Kept by the
+    # validation loss, the demo's L_MDice + L_MS kept an epoch of validation Dice 0.02 (its best
+    # was 0.05): with Eq. 5 the loss falls as the prediction grows (README, "BoxFCN as the
+    # pipeline scores it").
+    # warm_epochs 10 (was 6, issue 23): on the demo the box-Dice warm start was still learning at
+    # its 6th epoch (validation Dice 0.01 -> 0.08, predicted MTV ~350 ml against 12 ml), and on the
+    # 64x64x48 seed-3 phantoms its best validation epoch was the 7th of 12.
+    "small": dict(model_preset="small", warm_epochs=10, epochs=4, patience=3, steps_per_epoch=None,
+                  warm_optimizer="adam", warm_lr=1e-3, optimizer="sgd", lr=1e-4, keep_by="val_dice",
+                  # The probability thresholds tried on validation (issue 23): a few epochs leave p
+                  # unsaturated, and 0.5 is then an arbitrary cut; 0.5 wins ties.
+                  thresholds=(0.5, 0.3, 0.7, 0.9), ms_scale=MS_SCALE_SMALL),
     # steps_per_epoch None: one pass over the (worker's) training volumes, batch 1.
+    # The paper: early stopping on the validation loss (Sec. 4.3).
     "paper": dict(model_preset="paper", warm_epochs=100, epochs=100, patience=20, steps_per_epoch=None,
-                  warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5),
+                  warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5, keep_by="val_loss",
+                  thresholds=(0.5,), ms_scale="none"),
 }
+#: keep_by -> the Ray Train keeper's mode: which epoch is kept and resets the early-stopping count.
+KEEP_MODES: dict[str, str] = {"val_loss": "min", "val_dice": "max"}
 #: Ray Tune space on the CPU preset: a small grid around the paper's values, sampled at random.
 TUNE_SPACE: dict[str, list[float]] = {"beta": [1.0, 10.0, 30.0], "lam": [0.1, 1.0, 3.0],
                                       "omega1": [1.0, 3.0], "omega2": [1.0, 3.0],
@@ -94,31 +118,39 @@ PREFERENCE = ("L_MDice+L_MS+M", "L_MDice+L_MS", "L_MDice+L_MS(CV)+M", "L_MDice+L
 
 
 def select_variant(val_rows: "pd.DataFrame") -> dict[str, Any]:  # noqa: F821
-    """The variant (network and post-processing) with the highest median validation Dice.
+    """The variant (network and post-processing) and probability threshold with the highest median
+    validation Dice.
 
     Args:
-        val_rows: per-study rows with ``variant`` (a ``VARIANTS`` name) and ``dice`` (NaN for a
-            negative study, left out of the median).
+        val_rows: per-study rows with ``variant`` (a ``VARIANTS`` name), ``dice`` (NaN for a
+            negative study, left out of the median) and optionally ``threshold`` (the probability
+            cut of the mask; rows without it are at 0.5).
     Returns:
-        dict(variant, role (a ``ROLE_NAMES`` key), postprocess (bool), val_dice (its median),
-        medians (variant -> median validation Dice, NaN where no study had a finite Dice)).
-        Equal medians go to the earlier variant of ``PREFERENCE``.
+        dict(variant, role (a ``ROLE_NAMES`` key), postprocess (bool), threshold, val_dice (its
+        median), medians (variant -> median validation Dice at threshold 0.5, NaN where no study had
+        a finite Dice), medians_by_threshold (variant -> {threshold: median})).
+        Equal medians go to the earlier variant of ``PREFERENCE``, then to the threshold nearest 0.5.
     Raises:
         ValueError when no variant has a finite median (no tumour in the validation studies).
     """
-    medians: dict[str, float] = {}
+    thr = (val_rows["threshold"].astype(float) if "threshold" in val_rows
+           else np.full(len(val_rows), 0.5))
+    by_t: dict[str, dict[float, float]] = {}
     for v in VARIANTS:
-        d = np.asarray(val_rows.loc[val_rows["variant"] == v, "dice"], dtype=float)
-        d = d[np.isfinite(d)]
-        if len(val_rows[val_rows["variant"] == v]):
-            medians[v] = float(np.median(d)) if d.size else float("nan")
-    ranked = [v for v in PREFERENCE if v in medians and math.isfinite(medians[v])]
+        sel = np.asarray(val_rows["variant"] == v)
+        for t in sorted(set(np.asarray(thr)[sel].tolist())):
+            d = np.asarray(val_rows.loc[sel & np.asarray(thr == t), "dice"], dtype=float)
+            d = d[np.isfinite(d)]
+            by_t.setdefault(v, {})[float(t)] = float(np.median(d)) if d.size else float("nan")
+    medians = {v: ts.get(0.5, float("nan")) for v, ts in by_t.items()}
+    ranked = [(v, t) for v in PREFERENCE if v in by_t for t, m in by_t[v].items() if math.isfinite(m)]
     if not ranked:
-        raise ValueError(f"no BoxFCN variant has a finite validation Dice (medians {medians})")
-    best = max(ranked, key=lambda v: (medians[v], -PREFERENCE.index(v)))
+        raise ValueError(f"no BoxFCN variant has a finite validation Dice (medians {by_t})")
+    best, t_best = max(ranked, key=lambda vt: (by_t[vt[0]][vt[1]], -PREFERENCE.index(vt[0]),
+                                              -round(abs(vt[1] - 0.5), 9), -vt[1]))
     role = next(r for r, name in ROLE_NAMES.items() if best in (name, name + "+M"))
-    return {"variant": best, "role": role, "postprocess": best.endswith("+M"),
-            "val_dice": medians[best], "medians": medians}
+    return {"variant": best, "role": role, "postprocess": best.endswith("+M"), "threshold": t_best,
+            "val_dice": by_t[best][t_best], "medians": medians, "medians_by_threshold": by_t}
 
 
 def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
@@ -163,12 +195,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("init_from"):  # warm start (paper: the network trained on the box masks)
         warm, _ = load_boxfcn(config["init_from"])
         model.load_state_dict(warm.state_dict())
-    start_epoch, best, bad, optimizer_state = 0, math.inf, 0, None
+    keep_by = config.get("keep_by", "val_loss")
+    # best: the lowest validation loss, or (keep_by "val_dice") the highest keep_score.
+    start_epoch, best, bad, optimizer_state = 0, (math.inf if keep_by == "val_loss" else -math.inf), 0, None
     resumed = resume_from_checkpoint(CKPT_FILE, load_boxfcn)
     if resumed is not None:
         (model, _), start_epoch, optimizer_state = resumed
         extra = resumed_extra_state()
-        best, bad = float(extra["best_val_loss"]), int(extra["bad_epochs"])
+        best, bad = float(extra.get("best", extra.get("best_val_loss"))), int(extra["bad_epochs"])
     model.train()
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
@@ -198,14 +232,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             crop=crop))
         maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
-        improved = ev["loss"] < best
-        best, bad = (ev["loss"], 0) if improved else (best, bad + 1)
         dice = float(ev["dice"])
+        score = keep_score(keep_by, float(ev["loss"]), float(ev["dice_median"]))
+        improved = score < best if keep_by == "val_loss" else score > best
+        best, bad = (score, 0) if improved else (best, bad + 1)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(ev["loss"]),
                    # NaN (no tumour in validation) would break ranking by Dice.
                    "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
-                   "best_val_loss": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
+                   "val_dice_median": float(ev["dice_median"]),
+                   "keep_score": score, "best": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
                    "workers": world, "steps": steps}
+        if keep_by == "val_loss":
+            metrics["best_val_loss"] = float(best)
         if rank == 0:
             LOG.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f%s", config["kind"],
                      epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
@@ -214,9 +252,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
                                                                 "loss": config["loss"], **margin,
                                                                 "crop": crop}),
-                     extra_state={"best_val_loss": best, "bad_epochs": bad})
+                     extra_state={"best": best, "bad_epochs": bad})
         if bad >= config["patience"]:
             break
+
+
+def keep_score(keep_by: str, val_loss: float, val_dice: float) -> float:
+    """The number an epoch is kept by (and early stopping watches), per `keep_by`:
+
+    * "val_loss": the validation loss against the boxes (lower is better; the paper's rule).
+    * "val_dice": the median validation Dice against SEG (higher is better; `val_dice` is the
+      median over the validation studies with tumour, as `select_variant` ranks the variants); when
+      it is not defined (no validation study with tumour) -val_loss, so the
+      rule falls back to the loss instead of keeping an arbitrary epoch. Every epoch of one run has
+      the same validation studies, so a run never mixes the two.
+    """
+    if keep_by not in KEEP_MODES:
+        raise ValueError(f"keep_by must be one of {tuple(KEEP_MODES)}, got {keep_by!r}")
+    if keep_by == "val_loss":
+        return float(val_loss)
+    return float(val_dice) if math.isfinite(val_dice) else -float(val_loss)
 
 
 def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
@@ -224,8 +279,12 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
                preset: str = "small", epochs: int | None = None, patience: int | None = None,
                optimizer: str | None = None, lr: float | None = None,
                steps_per_epoch: int | None = None, margin_mm: float = 0.0, margin_vox: int = 0,
-               ms_form: str = "eq5", seed: int = 0, cpus_per_worker: float = 1.0) -> dict[str, Any]:
+               ms_form: str = "eq5", seed: int = 0, cpus_per_worker: float = 1.0,
+               keep_by: str | None = None) -> dict[str, Any]:
     """The Ray Train config of one BoxFCN run (what its fingerprint covers); see :func:`fit_boxfcn`.
+
+    `keep_by` ("val_loss" or "val_dice", default the job preset's; :func:`keep_score`) is the rule
+    that keeps an epoch and stops early; it is in the config, so a changed rule trains a new run.
 
     `ms_form` ("eq5" or "chan-vese", `losses.MS_FORMS`) is L_MS's form for kind "mdice_ms"; it goes
     into the run's `loss` config only for that kind, so it enters that run's fingerprint (a changed
@@ -235,13 +294,20 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
 
     if ms_form not in MS_FORMS:
         raise ValueError(f"ms_form must be one of {MS_FORMS}, got {ms_form!r}")
-    loss_cfg = {**PAPER_LOSS, **(loss or {})}
-    if kind == "mdice_ms":
-        loss_cfg["ms_form"] = ms_form
     from wsseg_core.boxfcn import BOXFCN_PRESETS
 
     jp = BOXFCN_JOB_PRESETS[preset]
+    loss_cfg = {**PAPER_LOSS, **(loss or {})}
+    if kind == "mdice_ms":
+        loss_cfg["ms_form"] = ms_form
+        # L_MS's image scale (losses.mumford_shah_loss): only when not the paper's, so the paper
+        # preset's configs (fingerprints) stay as they were.
+        if jp.get("ms_scale", "none") != "none":
+            loss_cfg.setdefault("ms_scale", jp["ms_scale"])
     warm = kind == "box_dice" and init_from is None
+    keep_by_ = keep_by or jp.get("keep_by", "val_loss")
+    if keep_by_ not in KEEP_MODES:
+        raise ValueError(f"keep_by must be one of {tuple(KEEP_MODES)}, got {keep_by_!r}")
     # The training input crop (paper: 160x160x128, wsseg_core.boxfcn.body_crop); only when the
     # model preset has one, so the small preset's fingerprints (whole volumes) stay as they were.
     crop = BOXFCN_PRESETS[jp["model_preset"]].get("crop")
@@ -254,7 +320,8 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
                 optimizer=optimizer or (jp["warm_optimizer"] if warm else jp["optimizer"]),
                 lr=float(lr or (jp["warm_lr"] if warm else jp["lr"])),
                 steps_per_epoch=steps_per_epoch or jp["steps_per_epoch"], margin_mm=float(margin_mm),
-                margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker, **extra)
+                margin_vox=int(margin_vox), seed=seed, cpus_per_worker=cpus_per_worker,
+                keep_by=keep_by_, **extra)
 
 
 def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str = "mdice_ms",
@@ -265,10 +332,11 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
                ms_form: str = "eq5", num_workers: int = 1, use_gpu: bool = False,
                cpus_per_worker: float | None = None,
                storage_path: str | None = None, name: str | None = None, max_failures: int = 3,
-               seed: int = 0, callbacks: list | None = None,
+               seed: int = 0, callbacks: list | None = None, keep_by: str | None = None,
                test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One Ray Train run of one loss `kind` ("box_dice", "mdice", "mdice_ms"); the checkpoint with
-    the lowest validation loss is copied to `<out>/models/<filename>`.
+    """One Ray Train run of one loss `kind` ("box_dice", "mdice", "mdice_ms"); the checkpoint of the
+    best epoch by `keep_by` (default the preset's: "val_dice" for small, the paper's "val_loss";
+    :func:`keep_score`) is copied to `<out>/models/<filename>`.
 
     `epochs`, `patience`, `optimizer`, `lr`, `steps_per_epoch` default to the job preset's values for
     the phase (warm start for "box_dice" without `init_from`, fine-tuning otherwise). `loss` holds the
@@ -288,10 +356,11 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
     config = fit_config(train_refs, val_refs, kind=kind, loss=loss, init_from=init_from, preset=preset,
                         epochs=epochs, patience=patience, optimizer=optimizer, lr=lr,
                         steps_per_epoch=steps_per_epoch, margin_mm=margin_mm, margin_vox=margin_vox,
-                        ms_form=ms_form, seed=seed, cpus_per_worker=cpus_per_worker)
+                        ms_form=ms_form, seed=seed, cpus_per_worker=cpus_per_worker, keep_by=keep_by)
     config.update(test_hooks or {})
+    metric = "val_loss" if config["keep_by"] == "val_loss" else "keep_score"
     res = fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
-                            model_file=filename, metric="val_loss", mode="min",
+                            model_file=filename, metric=metric, mode=KEEP_MODES[config["keep_by"]],
                             name=name or f"boxfcn_{Path(filename).stem}", num_workers=num_workers,
                             use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                             storage_path=storage_path, max_failures=max_failures, callbacks=callbacks)
@@ -303,11 +372,12 @@ def fit_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, kind: str =
 # --------------------------------------------------------------------------------------------------
 
 def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
-                   num_cpus: float = 1.0) -> list[dict[str, Any]]:
+                   num_cpus: float = 1.0, thresholds: Sequence[float] = (0.5,)) -> list[dict[str, Any]]:
     """Dice and UDE of every variant on one study (a Ray task; returns rows).
 
-    `models` maps checkpoint roles (keys of `ROLE_NAMES`) to paths; each role's mask is scored as
-    it is and post-processed with `post` ("+M"). A study that cannot be read gives no rows.
+    `models` maps checkpoint roles (keys of `ROLE_NAMES`) to paths; each role's probability map is
+    cut at every one of `thresholds` and the mask scored as it is and post-processed with `post`
+    ("+M"); rows carry their `threshold`. A study that cannot be read gives no rows.
     """
     from jobs.common import torch_threads_for
     from wsseg_core.boxfcn import load_boxfcn, postprocess, predict_volume
@@ -322,38 +392,47 @@ def evaluate_study(ref: dict, models: dict[str, str], post: dict[str, float],
     masks = {}
     for role, path in models.items():
         model, _ = load_boxfcn(path)
-        masks[ROLE_NAMES[role]] = m = (predict_volume(model, st.suv) > 0.5).astype(np.uint8)
-        masks[ROLE_NAMES[role] + "+M"] = postprocess(m, st.spacing_mm, **post)
+        prob = predict_volume(model, st.suv)
+        for t in thresholds:
+            masks[ROLE_NAMES[role], float(t)] = m = (prob > t).astype(np.uint8)
+            masks[ROLE_NAMES[role] + "+M", float(t)] = postprocess(m, st.spacing_mm, **post)
     return [{"patient_id": r.patient_id, "study_id": r.study_id, "split": r.split,
-             "variant": name, "dice": dice(m, st.seg), "ude_mm": ude_mm(m, st.seg, st.spacing_mm),
+             "variant": name, "threshold": t, "dice": dice(m, st.seg),
+             "ude_mm": ude_mm(m, st.seg, st.spacing_mm),
              "mtv_pred_ml": float(m.sum()) * st.voxel_volume_ml,
              "mtv_true_ml": float((st.seg > 0).sum()) * st.voxel_volume_ml}
-            for name, m in masks.items()]
+            for t in map(float, thresholds) for (name, tt), m in masks.items() if tt == t]
 
 
 def evaluate_variants(refs: Sequence, models: dict[str, str], post: dict[str, float],
-                      cpus_per_task: float = 1.0) -> "pd.DataFrame":  # noqa: F821
-    """Per-study rows of every variant over `refs` (labelled ones), one Ray task per study."""
+                      cpus_per_task: float = 1.0,
+                      thresholds: Sequence[float] = (0.5,)) -> "pd.DataFrame":  # noqa: F821
+    """Per-study rows of every variant (at every threshold) over `refs` (labelled ones), one Ray
+    task per study."""
     import pandas as pd
     import ray
 
     task = ray.remote(num_cpus=cpus_per_task)(evaluate_study)
-    rows = ray.get([task.remote(r.to_dict(), models, post, cpus_per_task) for r in refs if r.seg_path])
+    rows = ray.get([task.remote(r.to_dict(), models, post, cpus_per_task, tuple(thresholds))
+                    for r in refs if r.seg_path])
     return pd.DataFrame([row for rs in rows for row in rs],
-                        columns=["patient_id", "study_id", "split", "variant", "dice", "ude_mm",
-                                 "mtv_pred_ml", "mtv_true_ml"])
+                        columns=["patient_id", "study_id", "split", "variant", "threshold", "dice",
+                                 "ude_mm", "mtv_pred_ml", "mtv_true_ml"])
 
 
 def ablation_table(per_study: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
-    """Median Dice and UDE per variant and split (NaN Dice - negative studies - left out).
+    """Median Dice and UDE per variant and split (NaN Dice - negative studies - left out), at the
+    paper's probability threshold 0.5 (rows at other thresholds are left out of this table).
 
     Columns: variant, then per split s in (val, test): `s_n` (studies with tumour), `s_dice_median`,
-    `s_dice_iqr`, `s_ude_median_mm`.
+    `s_dice_iqr`, `s_ude_median_mm`, `s_mtv_median_ml` (predicted).
     """
     import pandas as pd
 
     from wsseg_core.stats import _median_iqr
 
+    if "threshold" in per_study:
+        per_study = per_study[per_study["threshold"].astype(float) == 0.5]
     rows = []
     for v in [v for v in VARIANTS if v in set(per_study["variant"])]:
         row: dict[str, Any] = {"variant": v}
@@ -363,6 +442,9 @@ def ablation_table(per_study: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
             row[f"{split}_n"] = int(np.isfinite(d).sum())
             row[f"{split}_dice_median"], row[f"{split}_dice_iqr"] = _median_iqr(d)
             row[f"{split}_ude_median_mm"] = _median_iqr(pd.to_numeric(g["ude_mm"], errors="coerce"))[0]
+            # over the studies with tumour, as the Dice
+            row[f"{split}_mtv_median_ml"] = _median_iqr(
+                pd.to_numeric(g["mtv_pred_ml"], errors="coerce").to_numpy(float)[np.isfinite(d)])[0]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -374,12 +456,15 @@ def format_ablation(table: "pd.DataFrame") -> str:  # noqa: F821
             return "n/a"
         return f"{m:.3f}" + (f" ({iqr:.3f})" if iqr is not None and iqr == iqr else "")
 
-    lines = ["| variant | val n | val Dice median (IQR) | val UDE mm | test n | test Dice median (IQR) | test UDE mm |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | val n | val Dice median (IQR) | val UDE mm | val MTV ml | test n | "
+             "test Dice median (IQR) | test UDE mm | test MTV ml |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
+        mtv = {s: getattr(r, f"{s}_mtv_median_ml", float("nan")) for s in ("val", "test")}
         lines.append(f"| {r.variant} | {r.val_n} | {cell(r.val_dice_median, r.val_dice_iqr)} | "
-                     f"{cell(r.val_ude_median_mm)} | {r.test_n} | {cell(r.test_dice_median, r.test_dice_iqr)} | "
-                     f"{cell(r.test_ude_median_mm)} |")
+                     f"{cell(r.val_ude_median_mm)} | {cell(mtv['val'])} | {r.test_n} | "
+                     f"{cell(r.test_dice_median, r.test_dice_iqr)} | {cell(r.test_ude_median_mm)} | "
+                     f"{cell(mtv['test'])} |")
     return "\n".join(lines)
 
 
@@ -557,12 +642,15 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
         else:
             fits[role] = fit_boxfcn(train_refs, val_refs, run.out, kind="mdice_ms", loss=loss,
                                     init_from=warm, filename=filename, ms_form=form, **kw)
-        losses_by_role[role] = {**loss, "ms_form": form}
+        losses_by_role[role] = {**loss, "ms_form": form,
+                                "ms_scale": BOXFCN_JOB_PRESETS[preset].get("ms_scale", "none")}
     models = {role: f["checkpoint"] for role, f in fits.items()}
-    val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS)
+    thresholds = BOXFCN_JOB_PRESETS[preset].get("thresholds", (0.5,))
+    val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS, thresholds=thresholds)
     choice = select_variant(val_rows)
     dest = run.copy_in(models[choice["role"]], run.model(CKPT_FILE))
-    entry = {"threshold": 0.5, "postprocess": dict(DEFAULT_POSTPROCESS) if choice["postprocess"] else False,
+    entry = {"threshold": choice["threshold"],
+             "postprocess": dict(DEFAULT_POSTPROCESS) if choice["postprocess"] else False,
              "variant": choice["variant"], "network": choice["role"],
              "checkpoint": Path(models[choice["role"]]).name,
              "loss": losses_by_role.get(choice["role"]) or ({"beta": loss["beta"], "alpha": loss["alpha"]}
@@ -570,9 +658,14 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
              "ms_forms": ms_forms,
              "margin_mm": margin_mm, "val_dice": choice["val_dice"],
              "val_dice_by_variant": {k: (None if v != v else v) for k, v in choice["medians"].items()},
+             # every (variant, threshold) tried; the keys are the thresholds as text (JSON)
+             "val_dice_by_threshold": {k: {f"{t:g}": (None if m != m else m) for t, m in ts.items()}
+                                       for k, ts in choice["medians_by_threshold"].items()},
+             "thresholds_tried": [float(t) for t in thresholds],
              "selected_on": "median validation Dice", "tuned_loss": searched is not None}
     run.update_thresholds({"BoxFCN": entry})
-    LOG.info("BoxFCN: scoring %s (validation median Dice %s)", choice["variant"],
+    LOG.info("BoxFCN: scoring %s at threshold %g (validation median Dice %s)", choice["variant"],
+             choice["threshold"],
              ", ".join(f"{k} {v:.3f}" for k, v in choice["medians"].items()))
     # The scored BoxFCN is the variant chosen on validation (select_variant); every trained network
     # is recorded, keyed by its loss.
@@ -610,13 +703,34 @@ def ablation(refs: list, out: str | Path, **kw: Any) -> dict[str, Any]:
                     "training studies")
         val = train
     res = train_boxfcn(train, val, run.out, with_mdice=True, **kw)
-    test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS)
+    test_rows = evaluate_variants(test, res["models"], DEFAULT_POSTPROCESS,
+                                  thresholds=res["entry"]["thresholds_tried"])
     import pandas as pd
 
     per_study = pd.concat([res["val_rows"], test_rows], ignore_index=True)
     table = ablation_table(per_study)
     paths = _write_ablation(run.out, per_study, table)
-    return {**res, "per_study": per_study, "table": table, "paths": paths}
+    return {**res, "per_study": per_study, "table": table, "paths": paths,
+            "scored": scored_summary(per_study, res["entry"])}
+
+
+def scored_summary(per_study: "pd.DataFrame", entry: dict[str, Any]) -> dict[str, Any]:  # noqa: F821
+    """The BoxFCN the pipeline would score (thresholds.json entry: variant and threshold chosen on
+    validation): its median Dice and predicted MTV (ml) per split over the studies with tumour."""
+    t = float(entry["threshold"])
+    thr = per_study["threshold"].to_numpy(float) if "threshold" in per_study else np.full(len(per_study), 0.5)
+    g = per_study[(per_study["variant"] == entry["variant"]).to_numpy() & (thr == t)]
+    out: dict[str, Any] = {"variant": entry["variant"], "threshold": t}
+    for split in ("val", "test"):
+        s = g[g["split"] == split]
+        d = s["dice"].to_numpy(float)
+        ok = np.isfinite(d)
+        out[f"{split}_n"] = int(ok.sum())
+        out[f"{split}_dice_median"] = float(np.median(d[ok])) if ok.any() else float("nan")
+        out[f"{split}_mtv_median_ml"] = (float(np.median(s["mtv_pred_ml"].to_numpy(float)[ok]))
+                                         if ok.any() else float("nan"))
+    return out
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,9 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin-mm", type=float, default=0.0,
                    help="loosen every lesion box by this many mm per side (default 0: tight boxes)")
     p.add_argument("--warm-epochs", type=int, default=None,
-                   help="box-Dice warm-start epochs (default: the preset's, small 8, paper 100)")
+                   help="box-Dice warm-start epochs (default: the preset's, small 10, paper 100)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs (default: the preset's, small 6, paper 100)")
+                   help="fine-tuning epochs (default: the preset's, small 4, paper 100)")
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--cpus-per-worker", type=float, default=None,
@@ -666,6 +780,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.ablation:
         res = ablation(refs, args.out, **kw)
         print(format_ablation(res["table"]))
+        sc = res["scored"]
+        print(f"\nscored (chosen on validation): {sc['variant']} at threshold {sc['threshold']:g}: "
+              f"val Dice {sc['val_dice_median']:.3f} (MTV {sc['val_mtv_median_ml']:.1f} ml, n {sc['val_n']}), "
+              f"test Dice {sc['test_dice_median']:.3f} (MTV {sc['test_mtv_median_ml']:.1f} ml, n {sc['test_n']})")
         print(f"\ntable: {res['paths']['table']}  markdown: {res['paths']['markdown']}  "
               f"figure: {res['paths']['png']}")
         return res

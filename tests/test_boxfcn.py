@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -265,3 +266,28 @@ def test_train_epoch_feeds_the_crop_to_the_network():
                        patch=None, batch_size=1, steps=2, rng=np.random.default_rng(0),
                        generator=torch.Generator().manual_seed(0), crop=(16, 16, 8))
     assert shapes == [(1, 1, 16, 16, 8)] * 2 and np.isfinite(loss)
+
+
+def test_evaluate_reports_mean_and_median_dice_over_volumes_with_tumour():
+    """The validation Dice that keeps a small-preset epoch (issue 23) is the median over the
+    volumes with tumour, recomputed here volume by volume; a lesion-free volume is left out."""
+    from wsseg_core.boxfcn import evaluate
+    from wsseg_core.metrics import dice
+
+    studies = []
+    for k, lo in enumerate((2, 5, 9)):  # lesions of the same size at three places
+        st = _toy_study()
+        st.seg = np.zeros_like(st.seg)
+        st.seg[lo:lo + 4, lo:lo + 4, 2:6] = 1
+        st.suv = (np.random.default_rng(k).normal(1.0, 0.1, st.seg.shape) + 6.0 * st.seg).astype(np.float32)
+        studies.append(st)
+    neg = _toy_study()
+    neg.seg = np.zeros_like(neg.seg)
+    vols = box_volumes(studies + [neg])
+    torch.manual_seed(0)
+    model = BoxFCN3D(base=2, levels=2)
+    ev = evaluate(model, vols, {"kind": "box_dice"})
+    d = [dice((predict_volume(model, v.x, normalised=True) > 0.5).astype(np.uint8), v.seg) for v in vols[:3]]
+    assert ev["n"] == 4
+    assert ev["dice"] == pytest.approx(np.mean(d)) and ev["dice_median"] == pytest.approx(np.median(d))
+    assert math.isnan(evaluate(model, vols[3:], {"kind": "box_dice"})["dice_median"])

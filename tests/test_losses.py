@@ -165,3 +165,28 @@ def test_chan_vese_gradient_sends_a_voxel_closer_to_c2_to_the_background():
     expected = (1.0 * (3 - 10) ** 2 - 3.0 * (3 - c2) ** 2) / 10 * dh_dp
     assert float(p.grad[0, -1]) == pytest.approx(expected, rel=1e-5)
     assert expected > 0  # gradient descent lowers p: background
+
+
+def test_mumford_shah_box_scaled_image_by_hand():
+    """Issue 23: image_scale="box" min-max scales I over the box voxels before Eq. 5-7."""
+    # box I = 4, 2, 1, 1 -> (I - 1) / 3 = 1, 1/3, 0, 0; sharp H = 1, 1, 0, 0 -> C1 = 2/3, C2 = 0
+    # h = .75, .75, .25, .25.  I h = 3/4, 1/4, 0, 0:  |Ih - C1| - |Ih - C2| = -2/3, 1/6, 2/3, 2/3 -> 5/6
+    # I (1 - h) = 1/4, 1/12, 0, 0:  |. - C2| - |. - C1| = -1/6, -1/2, -2/3, -2/3 -> -2
+    # L_MS = (1 * 5/6 + 3 * -2) / 4 = -31/24
+    got = mumford_shah_loss(P_MS, I_MS, B, image_scale="box")
+    assert float(got) == pytest.approx(-31 / 24)
+    # Chan-Vese, same C1, C2, h:
+    # inside: (1 - 2/3)^2 .75 + (1/3 - 2/3)^2 .75 + (0 - 2/3)^2 .25 * 2 = 1/12 + 1/12 + 2/9 = 7/18
+    # outside: (1 - 0)^2 .25 + (1/3)^2 .25 + 0 + 0 = 1/4 + 1/36 = 5/18
+    got = mumford_shah_loss(P_MS, I_MS, B, image_scale="box", form="chan-vese")
+    assert float(got) == pytest.approx((7 / 18 + 3 * 5 / 18) / 4)
+    # affine-invariant: 5 I + 7 gives the same loss; voxels outside the box do not matter
+    assert float(mumford_shah_loss(P_MS, 5 * I_MS + 7, B, image_scale="box")) == pytest.approx(-31 / 24)
+    # bounded by omega1 + omega2 whatever the intensities
+    big = I_MS * 1000
+    assert abs(float(mumford_shah_loss(P_MS, big, B, image_scale="box"))) <= 4.0
+    # a flat box: every scaled intensity 0, so C1 = C2 = 0 and the loss 0
+    assert float(mumford_shah_loss(P_MS, torch.full_like(I_MS, 3.0), B, image_scale="box")) == 0.0
+    assert float(boxfcn_loss(P_MS, I_MS, B, ms_scale="box")) == pytest.approx(-31 / 24)
+    with pytest.raises(ValueError, match="image_scale"):
+        mumford_shah_loss(P_MS, I_MS, B, image_scale="max")

@@ -91,8 +91,14 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert meta["crop"] == [32, 32, 16]  # the worker trained on body crops (the paper preset's input)
     assert [h["epoch"] for h in res["history"]] == [0, 1]
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
-    # the kept checkpoint is the one with the lowest validation loss
-    assert meta["val_loss"] == pytest.approx(min(h["val_loss"] for h in res["history"]))
+    # the small preset keeps the epoch with the best validation Dice (issue 23; the second
+    # volume has tumour, so the score is the Dice, not the fallback -val_loss)
+    assert res["kept_by"] == "max keep_score"
+    # one validation study: its median is its Dice
+    assert all(h["val_dice_defined"] and h["keep_score"] == h["val_dice_median"] == pytest.approx(h["val_dice"])
+               for h in res["history"])
+    assert meta["val_dice"] == pytest.approx(max(h["val_dice"] for h in res["history"]))
+    assert meta["epoch"] == res["kept_epoch"]
 
 
 def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
@@ -116,6 +122,49 @@ def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
         with_m = rows.loc[rows["variant"] == name + "+M", "mtv_pred_ml"].item()
         assert with_m <= rows.loc[rows["variant"] == name, "mtv_pred_ml"].item()
     assert select_variant(rows)["variant"] in VARIANTS
+    assert set(rows["threshold"]) == {0.5}  # the default: the paper's cut only
+    # several thresholds: each cut scored; a higher cut never marks more voxels
+    rows = pd.DataFrame(evaluate_study(ref.to_dict(), {"mdice": models["mdice"]},
+                                       {"opening_vox": 1, "min_volume_ml": 0.1}, thresholds=(0.5, 0.9)))
+    assert len(rows) == 4 and sorted(set(rows["threshold"])) == [0.5, 0.9]
+    mtv = rows.set_index(["variant", "threshold"])["mtv_pred_ml"]
+    assert mtv["L_MDice", 0.9] <= mtv["L_MDice", 0.5]
+
+
+def test_select_variant_chooses_the_threshold_on_validation_and_ties_go_to_one_half():
+    from jobs.train_boxfcn import select_variant
+
+    def rows(spec):  # {(variant, threshold): [dice per study]}
+        return pd.DataFrame([{"patient_id": f"P{k}", "split": "val", "variant": v, "threshold": t, "dice": d}
+                             for (v, t), ds in spec.items() for k, d in enumerate(ds)])
+
+    c = select_variant(rows({("L_MDice", 0.5): [0.2, 0.3], ("L_MDice", 0.7): [0.4, 0.3],
+                             ("L_Dice (box)", 0.5): [0.32, 0.33], ("L_Dice (box)", 0.9): [0.1, 0.1]}))
+    assert (c["variant"], c["threshold"]) == ("L_MDice", 0.7) and c["val_dice"] == pytest.approx(0.35)
+    assert c["medians"] == {"L_MDice": pytest.approx(0.25), "L_Dice (box)": pytest.approx(0.325)}
+    assert c["medians_by_threshold"]["L_Dice (box)"][0.9] == pytest.approx(0.1)
+    # equal medians: the threshold nearest 0.5, then the lower one
+    c = select_variant(rows({("L_MDice", 0.3): [0.4], ("L_MDice", 0.5): [0.4], ("L_MDice", 0.9): [0.4]}))
+    assert c["threshold"] == 0.5
+    c = select_variant(rows({("L_MDice", 0.3): [0.4], ("L_MDice", 0.7): [0.4]}))
+    assert c["threshold"] == 0.3
+
+
+def test_scored_summary_reads_the_chosen_variant_and_threshold():
+    from jobs.train_boxfcn import scored_summary
+
+    per_study = pd.DataFrame([
+        {"split": "val", "variant": "L_MDice", "threshold": 0.7, "dice": 0.4, "mtv_pred_ml": 5.0},
+        {"split": "val", "variant": "L_MDice", "threshold": 0.5, "dice": 0.1, "mtv_pred_ml": 50.0},
+        {"split": "test", "variant": "L_MDice", "threshold": 0.7, "dice": 0.2, "mtv_pred_ml": 3.0},
+        {"split": "test", "variant": "L_MDice", "threshold": 0.7, "dice": 0.6, "mtv_pred_ml": 9.0},
+        {"split": "test", "variant": "L_MDice", "threshold": 0.7, "dice": np.nan, "mtv_pred_ml": 99.0},
+        {"split": "test", "variant": "L_MDice+M", "threshold": 0.7, "dice": 0.9, "mtv_pred_ml": 1.0}])
+    s = scored_summary(per_study, {"variant": "L_MDice", "threshold": 0.7})
+    assert s["val_dice_median"] == pytest.approx(0.4) and s["val_mtv_median_ml"] == pytest.approx(5.0)
+    # the negative study (NaN Dice) is left out of both medians
+    assert s["test_n"] == 2 and s["test_dice_median"] == pytest.approx(0.4)
+    assert s["test_mtv_median_ml"] == pytest.approx(6.0)
 
 
 def test_ms_form_enters_the_fine_tuning_fingerprint_only(tmp_path):
@@ -162,3 +211,36 @@ def test_pipeline_forwards_the_ms_form_into_its_stage_fingerprint(tmp_path):
     fp_eq5, fp_cv = stage_fingerprint(eq5, [], model), stage_fingerprint(cv, [], model)
     assert fp_eq5["digest"] != fp_cv["digest"]
     assert fp_cv["fields"]["args"]["boxfcn_ms_form"] == "chan-vese"
+
+
+def test_keep_score_follows_the_rule_and_falls_back_to_the_loss_without_tumour():
+    """Issue 23: the small preset keeps the epoch with the best validation Dice (the measure the
+    variant is chosen by), the paper preset the lowest validation loss."""
+    from jobs.train_boxfcn import BOXFCN_JOB_PRESETS, KEEP_MODES, keep_score
+
+    assert BOXFCN_JOB_PRESETS["small"]["keep_by"] == "val_dice"
+    assert BOXFCN_JOB_PRESETS["paper"]["keep_by"] == "val_loss"  # Afshari Sec. 4.3
+    assert keep_score("val_loss", 7.5, 0.2) == 7.5 and KEEP_MODES["val_loss"] == "min"
+    assert keep_score("val_dice", 7.5, 0.2) == 0.2 and KEEP_MODES["val_dice"] == "max"
+    # no validation study with tumour (Dice NaN): the higher score is the lower loss
+    assert keep_score("val_dice", 7.5, float("nan")) == -7.5
+    assert keep_score("val_dice", 3.0, float("nan")) > keep_score("val_dice", 7.5, float("nan"))
+    with pytest.raises(ValueError, match="keep_by"):
+        keep_score("dice", 1.0, 0.5)
+
+
+def test_keep_by_enters_the_fingerprint(tmp_path):
+    """A rerun with another keep rule trains a new run (its config and fingerprint differ)."""
+    from jobs.ray_train import run_fingerprint
+    from jobs.train_boxfcn import fit_config
+    from wsseg_core.data import StudyRef
+
+    refs = [StudyRef(patient_id="P0", study_id="s", suv_path=str(tmp_path / "suv.nii.gz"),
+                     ct_path=str(tmp_path / "ct.nii.gz"), seg_path=str(tmp_path / "seg.nii.gz"))]
+    small = fit_config(refs, refs, kind="mdice", preset="small")
+    assert small["keep_by"] == "val_dice" and fit_config(refs, refs, preset="paper")["keep_by"] == "val_loss"
+    by_loss = fit_config(refs, refs, kind="mdice", preset="small", keep_by="val_loss")
+    digest = lambda c: run_fingerprint(c, metric="x", mode="max")["digest"]  # noqa: E731
+    assert digest(small) != digest(by_loss)
+    with pytest.raises(ValueError, match="keep_by"):
+        fit_config(refs, refs, keep_by="dice")

@@ -586,7 +586,8 @@ def evaluate(model: BoxFCN3D, volumes: Sequence[BoxVolume], loss_kw: Mapping[str
     """Whole-volume validation: the training loss against the boxes (what early stopping watches;
     it needs no delineation) and the Dice of the thresholded (0.5) prediction against SEG.
 
-    Returns dict(loss (mean over volumes), dice (mean over volumes with tumour; NaN if none), n).
+    Returns dict(loss (mean over volumes), dice (mean over volumes with tumour; NaN if none),
+    dice_median (their median, as ``jobs.train_boxfcn.select_variant`` ranks variants; NaN if none), n).
     """
     from wsseg_core.metrics import dice as dice_fn
 
@@ -603,7 +604,8 @@ def evaluate(model: BoxFCN3D, volumes: Sequence[BoxVolume], loss_kw: Mapping[str
         if v.seg is not None and v.seg.any():
             dices.append(dice_fn(mask, v.seg))
     return {"loss": float(np.mean(losses)) if losses else float("nan"),
-            "dice": float(np.mean(dices)) if dices else float("nan"), "n": len(volumes)}
+            "dice": float(np.mean(dices)) if dices else float("nan"),
+            "dice_median": float(np.median(dices)) if dices else float("nan"), "n": len(volumes)}
 
 
 def fit_boxfcn_volumes(model: BoxFCN3D, train: Sequence[BoxVolume], val: Sequence[BoxVolume],

@@ -36,7 +36,8 @@ import math
 import torch
 
 __all__ = ["PAPER_LOSS", "EPSILON", "box_dice_loss", "shifted_heaviside", "modified_dice_loss",
-           "regularised_heaviside", "mumford_shah_loss", "boxfcn_loss", "LOSS_KINDS", "MS_FORMS"]
+           "regularised_heaviside", "mumford_shah_loss", "boxfcn_loss", "LOSS_KINDS", "MS_FORMS",
+           "IMAGE_SCALES"]
 
 #: Afshari et al. Sec. 4.3: alpha 0.1, omega1 1, omega2 3, beta 10, lambda 1 (and eps 0.03, Sec. 3.3).
 PAPER_LOSS: dict[str, float] = {"alpha": 0.1, "omega1": 1.0, "omega2": 3.0, "beta": 10.0, "lam": 1.0}
@@ -49,6 +50,9 @@ LOSS_KINDS = ("box_dice", "mdice", "mdice_ms")
 #: Forms of the Mumford-Shah term: "eq5", the paper's Eq. 5 as printed (the default), and
 #: "chan-vese", the Chan-Vese fitting term the paper cites (see :func:`mumford_shah_loss`).
 MS_FORMS = ("eq5", "chan-vese")
+
+#: How L_MS scales its image (see :func:`mumford_shah_loss`): "none" (the paper) or "box".
+IMAGE_SCALES = ("none", "box")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,7 @@ def regularised_heaviside(x: torch.Tensor, eps: float = EPSILON) -> torch.Tensor
 def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
                       omega1: float = PAPER_LOSS["omega1"], omega2: float = PAPER_LOSS["omega2"],
                       eps: float = EPSILON, region: str = "sharp", form: str = "eq5",
-                      reduce: bool = True) -> torch.Tensor:
+                      image_scale: str = "none", reduce: bool = True) -> torch.Tensor:
     """Eq. 5 with Eq. 6-7: the piecewise-constant Mumford-Shah term inside the boxes.
 
     With ``phi = p - 0.5`` and ``h = H_eps(phi)``::
@@ -145,6 +149,12 @@ def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
         region: how Eq. 7's H(phi) is read - "sharp" (default): ``phi > 0``, C1/C2 are constants
             for the gradient; "smooth": ``H_eps(phi)``, differentiable.
         form: "eq5" (default, the paper as printed) or "chan-vese" (``MS_FORMS``).
+        image_scale: "none" (default, the paper: I as given, the z-scored PET) or "box": I
+            min-max scaled to [0, 1] over the sample's box voxels, ``(I - min_b I) / (max_b I -
+            min_b I)`` (0 where the box is flat), as a constant (no gradient flows through I anyway).
+            Why (issue 23): in z-score units a lesion is 10-30 units bright on the whole-body
+            phantoms, so L_MS reaches -10 and outweighs beta L_MDice <= 10; scaled, every per-voxel
+            term of either form is in [-1, 1], so ``|L_MS| <= omega1 + omega2``.
         reduce: batch mean (default) or (B,) per-sample values.
     Returns:
         The loss (units of I; can be negative). 0 for a sample without box voxels; an empty region
@@ -155,8 +165,18 @@ def mumford_shah_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor,
         raise ValueError(f"region must be 'sharp' or 'smooth', got {region!r}")
     if form not in MS_FORMS:
         raise ValueError(f"form must be one of {MS_FORMS}, got {form!r}")
+    if image_scale not in IMAGE_SCALES:
+        raise ValueError(f"image_scale must be one of {IMAGE_SCALES}, got {image_scale!r}")
     pf, bf = _flat(p), _flat(b).to(p.dtype)
     i = _flat(image).to(p.dtype)
+    if image_scale == "box":
+        inside_box = bf > 0
+        big = torch.finfo(i.dtype).max
+        lo = torch.where(inside_box, i, torch.full_like(i, big)).amin(1, keepdim=True)
+        hi = torch.where(inside_box, i, torch.full_like(i, -big)).amax(1, keepdim=True)
+        span = hi - lo
+        i = torch.where(span > 0, (i - lo) / span.clamp_min(torch.finfo(i.dtype).tiny), torch.zeros_like(i))
+        i = i.detach()
     phi = pf - 0.5
     h = regularised_heaviside(phi, eps)
     hr = (phi > 0).to(p.dtype) if region == "sharp" else h
@@ -180,14 +200,14 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
                 beta: float = PAPER_LOSS["beta"], lam: float = PAPER_LOSS["lam"],
                 alpha: float = PAPER_LOSS["alpha"], omega1: float = PAPER_LOSS["omega1"],
                 omega2: float = PAPER_LOSS["omega2"], eps: float = EPSILON,
-                region: str = "sharp", ms_form: str = "eq5") -> torch.Tensor:
+                region: str = "sharp", ms_form: str = "eq5", ms_scale: str = "none") -> torch.Tensor:
     """The training objective of one variant (``LOSS_KINDS``), batch mean.
 
     * "box_dice": Eq. 2 against the box, unweighted (the warm-start network, the paper's L_Dice).
     * "mdice": ``beta * L_MDice`` (the paper's L_MDice-only model).
     * "mdice_ms": Eq. 1, ``beta * L_MDice + lambda * L_MS`` (``lam`` is the paper's lambda; L_MS in
-      the form ``ms_form``, "eq5" or "chan-vese", see :func:`mumford_shah_loss`; the other kinds
-      ignore it).
+      the form ``ms_form``, "eq5" or "chan-vese", its image scaled per ``ms_scale``, "none" or
+      "box", see :func:`mumford_shah_loss`; the other kinds ignore both).
     """
     if kind == "box_dice":
         return box_dice_loss(p, b)
@@ -195,5 +215,6 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
         return beta * modified_dice_loss(p, b, alpha)
     if kind == "mdice_ms":
         return (beta * modified_dice_loss(p, b, alpha)
-                + lam * mumford_shah_loss(p, image, b, omega1, omega2, eps, region, form=ms_form))
+                + lam * mumford_shah_loss(p, image, b, omega1, omega2, eps, region, form=ms_form,
+                                          image_scale=ms_scale))
     raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")

@@ -53,7 +53,7 @@ def test_cams_cached_once_then_every_grid_cell_scored_from_the_cache(tmp_path, m
     assert all(n == 12 for n in n_flagged)
     assert seen == n_flagged  # one pass per study, each flagged slice once, all methods together
     for c in caches:
-        assert all(c[f"cam_{m}"].shape == (12, 8, 8) for m in CAM_METHODS)
+        assert all(c[f"cam_{m}"].shape == (12, 16, 16) for m in CAM_METHODS)  # 64 / map stride 4
 
     (out / "models" / "classifier.pt").unlink()  # trials must not need the model
     cells = [{"method": m, "t": 0.3} for m in CAM_METHODS] + [{"method": "Threshold", "t": float("nan")}]

@@ -485,12 +485,13 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
     mask with nearest neighbour, so they stay aligned; the PET gamma (contrast) touches only image
     channel 0. Pixels warped in from outside become ``fill`` (image) and 0 (mask).
 
-    ``pet_gamma`` False: the same draws and warp, without the PET gamma. Why the small preset
-    turns it off (issue 23, third round): SUV is a calibrated unit, and a gamma of 0.7-1.4 moves a
-    faint lesion's SUV ~2.5 (0.12 of the channel) between 0.05 and 0.23, i.e. across the levels of
-    the liver and bowel, so the absolute uptake stops being a cue. Without it the U-Net found 17 of
-    19 test lesions on phantom v2b instead of 14 and 16 of 18 on the demo's split 1 instead of 14
-    (README, "U-Net: third round").
+    ``pet_gamma`` False: the same draws and warp, without the PET gamma. Why it was tried (issue
+    23, third round): SUV is a calibrated unit, and a gamma of 0.7-1.4 moves a faint lesion's SUV
+    ~2.5 (0.12 of the channel) between 0.05 and 0.23, across the levels of the liver and bowel.
+    Measured (README, "U-Net: third round"): without it the small preset's U-Net found more test
+    lesions on phantom v2b (17 vs 14 of 19; median Dice 0.51 vs 0.41) and on the demo's split 1
+    (16 vs 14 of 18; Dice 0.455 vs 0.460) but over-segmented the demo's split 0 (median 0.67 vs
+    0.73), so no preset turns it off.
 
     Args:
         x: (B, C, S, S) float, channel 0 PET in [0, 1]. y: (B, S, S) integer mask.

@@ -42,6 +42,11 @@ ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--split-seed", type=int, default=0)
 ap.add_argument("--suvmax", type=float, default=20.0)
+ap.add_argument("--pet-log", type=float, default=0.0,
+                help="k of unet.pet_log_transform on the PET channel inside the network (0: linear)")
+ap.add_argument("--no-gamma", action="store_true", help="augmentation without the PET gamma")
+ap.add_argument("--ct-soft", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                help="HU window of an extra soft-tissue CT channel inside the network")
 ap.add_argument("--dump", default=None,
                 help="folder: at every validation check from --dump-from on, write the tumour "
                      "probability of every validation and test study (uint8, p x 255) to "
@@ -54,7 +59,8 @@ t0 = time.time()
 refs = resolve_cohort(a.cohort, seed=a.split_seed)
 tr, va = load_readable(labelled(refs, "train")), load_readable(labelled(refs, "val"))
 te = load_readable([r for r in refs if r.split == "test"])
-model, pre = U.build_unet("small", base=a.base, input_size=a.size)
+model, pre = U.build_unet("small", base=a.base, input_size=a.size, pet_log=a.pet_log,
+                          ct_soft_hu=a.ct_soft)
 pre.suv_max = a.suvmax
 g = torch.Generator().manual_seed(a.seed)
 xtr, ytr = U.masks_from_studies(tr, pre, negative_keep=a.neg, generator=g)
@@ -85,6 +91,7 @@ def dump_probs(step: int, ev: dict) -> None:
 step = 0
 hist = []
 t1 = time.time()
+c1 = time.process_time()  # CPU seconds of this process (one torch thread): less sensitive to load
 while step < a.steps:
     perm = torch.randperm(len(ytr), generator=g)
     for i in range(0, len(perm) - a.batch + 1, a.batch):
@@ -95,7 +102,7 @@ while step < a.steps:
         idx = perm[i:i + a.batch]
         xb, yb = xtr[idx], ytr[idx]
         if not a.noaug:
-            xb, yb = U.augment_pair(xb, yb, aug_g)
+            xb, yb = U.augment_pair(xb, yb, aug_g, pet_gamma=not a.no_gamma)
         if a.crop:
             xb, yb = U.crop_pair(xb, yb, a.crop, aug_g, lesion_fraction=a.lesion_frac)
         model.train()
@@ -118,6 +125,7 @@ while step < a.steps:
             if a.dump and step >= a.dump_from:
                 dump_probs(step, ev)
 train_s = time.time() - t1
+train_cpu_s = time.process_time() - c1  # includes the validation checks
 model.load_state_dict(best[1])
 thr = U.choose_threshold(model, pre, va)
 print("threshold", thr["threshold"], thr["rule"], "val Dice", round(thr["val_dice"], 3), thr["by_threshold"])
@@ -136,5 +144,6 @@ res = dict(args=vars(a), best_step=best[2], best_val=round(best[0], 3), thr=thr[
            test_dice=[round(x, 3) for x in dices], median=round(float(np.median(dices)), 3) if dices else None,
            found=f"{found}/{nref}", false_per_study=np.mean([r["n_pred_false"] for r in rows]),
            icc=round(icc["icc"], 3) if icc["icc"] == icc["icc"] else None, n_test=len(rows),
-           mtv=[(round(r["mtv_t"], 1), round(r["mtv_p"], 1)) for r in rows], train_s=round(train_s), total_s=round(time.time() - t0))
+           mtv=[(round(r["mtv_t"], 1), round(r["mtv_p"], 1)) for r in rows], train_s=round(train_s),
+           train_cpu_s=round(train_cpu_s, 1), total_s=round(time.time() - t0))
 print("RESULT", json.dumps(res), flush=True)

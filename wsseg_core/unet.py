@@ -109,10 +109,15 @@ class UNet2D(nn.Module):
     """
 
     def __init__(self, base: int = 64, input_size: int = 256, in_channels: int = 2,
-                 num_classes: int = 2, batch_norm: bool = True) -> None:
+                 num_classes: int = 2, batch_norm: bool = True, pet_log: float = 0.0,
+                 ct_soft: Sequence[float] | None = None) -> None:
         super().__init__()
         if int(base) != base or base < 1:
             raise ValueError(f"base must be a positive integer, got {base!r}")
+        if not (math.isfinite(pet_log) and pet_log >= 0):
+            raise ValueError(f"pet_log must be a finite number >= 0, got {pet_log!r}")
+        if ct_soft is not None and not (len(ct_soft) == 2 and float(ct_soft[1]) > float(ct_soft[0])):
+            raise ValueError(f"ct_soft must be (lo, hi) with hi > lo, got {ct_soft!r}")
         if int(input_size) != input_size or input_size < 16 or input_size % 16:
             raise ValueError(f"input_size must be a positive multiple of 16 (4 poolings), got "
                              f"{input_size!r}")
@@ -121,9 +126,11 @@ class UNet2D(nn.Module):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.batch_norm = bool(batch_norm)
+        self.pet_log = float(pet_log)
+        self.ct_soft = None if ct_soft is None else (float(ct_soft[0]), float(ct_soft[1]))
         chans = [self.base * 2 ** i for i in range(N_LEVELS)]
         self.down = nn.ModuleList()
-        c_in = self.in_channels
+        c_in = self.in_channels + (self.ct_soft is not None)  # + the soft-tissue CT channel
         for c in chans:
             self.down.append(DoubleConv(c_in, c, self.batch_norm))
             c_in = c
@@ -154,6 +161,11 @@ class UNet2D(nn.Module):
         if x.shape[-1] % 16 or x.shape[-2] % 16:
             raise ValueError(f"U-Net input height and width must be divisible by 16, got "
                              f"{tuple(x.shape)}")
+        if self.pet_log > 0:
+            x = torch.cat([pet_log_transform(x[:, :1], self.pet_log), x[:, 1:]], dim=1)
+        if self.ct_soft is not None:
+            lo, hi = self.ct_soft
+            x = torch.cat([x, ((x[:, 1:2] - lo) / (hi - lo)).clamp(0.0, 1.0)], dim=1)
         skips = []
         for enc in self.down:
             x = enc(x)
@@ -166,7 +178,20 @@ class UNet2D(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"base={self.base}, input_size={self.input_size}, levels={N_LEVELS}, "
-                f"batch_norm={self.batch_norm}")
+                f"batch_norm={self.batch_norm}, pet_log={self.pet_log:g}, ct_soft={self.ct_soft}")
+
+
+def pet_log_transform(pet: torch.Tensor, k: float) -> torch.Tensor:
+    """``log(1 + k p) / log(1 + k)`` of the PET channel p in [0, 1] (``k`` > 0): 0 -> 0, 1 -> 1,
+    monotone, and with p = SUV / suv_max and k = suv_max it is ``log(1 + SUV) / log(1 + suv_max)``.
+
+    Why it was tried (issue 23, third round): on the linear scale the small preset's U-Net missed
+    the large low-contrast lesions (SUV ~2-4 over a background of ~0.8, i.e. 0.11 vs 0.04 of the
+    channel, where hot lesions span 0.2-1) whatever the threshold; the log spreads the range in
+    which physiological uptake and faint lesions lie. Measured on the demo's split 1 it did not
+    find them (test median Dice 0.456 vs 0.460), so no preset uses it (``pet_log`` 0); it stays
+    an option of ``UNet2D`` / ``bench.bench_unet --pet-log`` (README, "U-Net: third round")."""
+    return torch.log1p(pet.clamp(min=0.0) * float(k)) / math.log1p(float(k))
 
 
 #: ``input_size`` value meaning "the slices' own resolution" (``native_input_size``).
@@ -188,13 +213,18 @@ def native_input_size(slice_shapes: Iterable[Sequence[int]]) -> int:
     return 16 * math.ceil(max(sides) / 16)
 
 
-def build_unet(preset: str = "paper", base: int | None = None, input_size: int | None = None
+def build_unet(preset: str = "paper", base: int | None = None, input_size: int | None = None,
+               pet_log: float | None = None, ct_soft_hu: Sequence[float] | None = None
                ) -> tuple[UNet2D, SlicePreprocessor]:
     """Build the U-Net and its preprocessor (the classifier's ``SlicePreprocessor``).
 
     Args:
         preset: a key of ``UNET_PRESETS`` ("paper": base 64, 256x256; "small": base 8, 64x64).
         base, input_size: override the preset's values (input_size a multiple of 16).
+        pet_log: ``pet_log_transform``'s k applied to the PET channel inside the network (0: the
+            linear channel; a preset without the key has 0).
+        ct_soft_hu: (lo, hi) HU of a soft-tissue window the network adds as a third input channel,
+            computed from the CT channel with the preprocessor's CT window (None: no extra channel).
     Returns:
         (model in train mode on CPU, SlicePreprocessor(input_size)).
     """
@@ -205,8 +235,17 @@ def build_unet(preset: str = "paper", base: int | None = None, input_size: int |
         cfg["base"] = int(base)
     if input_size is not None:
         cfg["input_size"] = int(input_size)
-    model = UNet2D(base=cfg["base"], input_size=cfg["input_size"])
-    return model, SlicePreprocessor(input_size=cfg["input_size"])
+    if pet_log is not None:
+        cfg["pet_log"] = float(pet_log)
+    pre = SlicePreprocessor(input_size=cfg["input_size"])
+    if ct_soft_hu is not None:
+        cfg["ct_soft_hu"] = tuple(ct_soft_hu)
+    soft = cfg.get("ct_soft_hu")
+    if soft is not None:  # HU -> the CT channel's [0, 1] (ct_min -> 0, ct_max -> 1)
+        soft = tuple((float(h) - pre.ct_min) / (pre.ct_max - pre.ct_min) for h in soft)
+    model = UNet2D(base=cfg["base"], input_size=cfg["input_size"], pet_log=cfg.get("pet_log", 0.0),
+                   ct_soft=soft)
+    return model, pre
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +265,8 @@ def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
     save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
                     config={"base": int(bare.base), "input_size": int(bare.input_size),
                             "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
-                            "batch_norm": bool(bare.batch_norm)},
+                            "batch_norm": bool(bare.batch_norm), "pet_log": float(bare.pet_log),
+                            "ct_soft": None if bare.ct_soft is None else list(bare.ct_soft)},
                     meta=meta, preprocessor=pre.to_dict())
 
 
@@ -240,7 +280,9 @@ def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]
         build=lambda cfg: UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
                                  in_channels=int(cfg.get("in_channels", 2)),
                                  num_classes=int(cfg.get("num_classes", 2)),
-                                 batch_norm=bool(cfg.get("batch_norm", True))))
+                                 batch_norm=bool(cfg.get("batch_norm", True)),
+                                 pet_log=float(cfg.get("pet_log", 0.0)),
+                                 ct_soft=cfg.get("ct_soft")))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})
 
 
@@ -435,12 +477,21 @@ def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                 fill: Sequence[float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                 fill: Sequence[float] = (0.0, 0.0), pet_gamma: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's augmentation (``train.augment_batch`` ranges) applied to image and mask.
 
     One random affine per sample (scale, rotation, translation) warps the image bilinearly and the
     mask with nearest neighbour, so they stay aligned; the PET gamma (contrast) touches only image
     channel 0. Pixels warped in from outside become ``fill`` (image) and 0 (mask).
+
+    ``pet_gamma`` False: the same draws and warp, without the PET gamma. Why it was tried (issue
+    23, third round): SUV is a calibrated unit, and a gamma of 0.7-1.4 moves a faint lesion's SUV
+    ~2.5 (0.12 of the channel) between 0.05 and 0.23, across the levels of the liver and bowel.
+    Measured (README, "U-Net: third round"): without it the small preset's U-Net found more test
+    lesions on phantom v2b (17 vs 14 of 19; median Dice 0.51 vs 0.41) and on the demo's split 1
+    (16 vs 14 of 18; Dice 0.455 vs 0.460) but over-segmented the demo's split 0 (median 0.67 vs
+    0.73), so no preset turns it off.
 
     Args:
         x: (B, C, S, S) float, channel 0 PET in [0, 1]. y: (B, S, S) integer mask.
@@ -454,6 +505,13 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
     if x.shape[0] == 0:
         return x.clone(), y.clone()
     xo, grid = augment_with_grid(x, generator, fill)
+    if not pet_gamma:
+        # The same warp without the PET gamma: the draws (and so every later one) are unchanged.
+        f = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+        f[: min(x.shape[1], len(fill))] = torch.as_tensor(list(fill)[: x.shape[1]], dtype=x.dtype)
+        f = f.view(1, -1, 1, 1)
+        xo = F.grid_sample(x - f, grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False) + f
     yo = F.grid_sample(y[:, None].to(x.dtype), grid, mode="nearest", padding_mode="zeros",
                        align_corners=False)[:, 0]
     return xo, yo.round().to(y.dtype)
@@ -590,10 +648,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_unet_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                      loss_fn: nn.Module, device: str | torch.device = "cpu", augment: bool = True,
-                     generator: torch.Generator | None = None, crop: int | None = None) -> float:
+                     generator: torch.Generator | None = None, crop: int | None = None,
+                     pet_gamma: bool = True) -> float:
     """One pass over ``loader`` (batches ``(x (B,2,S,S), y (B,S,S))``) -> sample-weighted mean
     training loss (NaN for an empty loader). ``crop``: train on ``crop_pair`` windows of that size
-    (after augmentation, so rotations never pull the padding into the window's centre)."""
+    (after augmentation, so rotations never pull the padding into the window's centre).
+    ``pet_gamma``: whether the augmentation changes the PET contrast (``augment_pair``)."""
     model.train()
     loss_fn = loss_fn.to(device)
     total, n = 0.0, 0
@@ -601,7 +661,7 @@ def train_unet_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.
         xb = xb.to(device, non_blocking=True)
         yb = yb.to(device, non_blocking=True).long()
         if augment:
-            xb, yb = augment_pair(xb, yb, generator)
+            xb, yb = augment_pair(xb, yb, generator, pet_gamma=pet_gamma)
         if crop:
             xb, yb = crop_pair(xb, yb, int(crop), generator)
         optimizer.zero_grad(set_to_none=True)
@@ -683,8 +743,8 @@ def fit_unet_slices(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor
                     on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None,
                     *, device: str | torch.device | None = None,
                     augment: bool = True, crop: int | None = None,
-                    schedule: str = "constant", dice_weight: float = 0.0
-                    ) -> list[dict[str, float]]:
+                    schedule: str = "constant", dice_weight: float = 0.0,
+                    pet_gamma: bool = True) -> list[dict[str, float]]:
     """Single-process reference loop (the Ray Train job runs the same steps per worker).
 
     ``dice_weight``: weight of the soft Dice term added to the weighted CE (``CEDiceLoss``; 0 is
@@ -707,7 +767,8 @@ def fit_unet_slices(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor
     for epoch in range(int(epochs)):
         set_lr(optimizer, epoch_lr(lr, epoch, epochs, schedule))
         train_loss = train_unet_epoch(model, loader, optimizer, train_loss_fn, device=device,
-                                      augment=augment, generator=aug_gen, crop=crop)
+                                      augment=augment, generator=aug_gen, crop=crop,
+                                      pet_gamma=pet_gamma)
         val = evaluate_unet(model, x_va, y_va, loss_fn, batch_size=batch_size, device=device)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": val["loss"],
                    "val_dice": val["dice"]}

@@ -74,7 +74,8 @@ def test_tuning_cache_counts_the_resampled_cams(tmp_path):
                          t_grid=ts, q_grid=qs)
     with np.load(f) as c:
         cache = GridCache.from_arrays(dict(c))
-    assert cache.cams["CAM"].shape[1:] == (8, 8)  # CAMs of the 64-pixel canvas, not of the slice
+    # CAMs of the 64-pixel canvas at map stride 4 (16x16), not of the 48-voxel slice (12x12)
+    assert cache.cams["CAM"].shape[1:] == (16, 16)
     study = load_study(ref)
     z = np.asarray(cache.flagged_z)
     want = [[dice(_expected_cam_mask(out / "models" / "classifier.pt", study, t, q, z), study.seg)

@@ -26,7 +26,7 @@ from jobs.common import (PIPELINE_PRESETS, add_common_args, init_ray, labelled, 
 from jobs.ray_train import (fit_and_keep_best, load_readable, maybe_die, mean_over_ranks, on_rank0,
                             prepare_ddp_model, report_epoch, resume_from_checkpoint,
                             resumed_extra_state, start_watchdog, world_info)
-from wsseg_core.models import MAP_STRIDES, PRESETS as MODEL_PRESETS
+from wsseg_core.models import MAP_STRIDES, PRESETS as MODEL_PRESETS, default_atrous
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
@@ -245,7 +245,7 @@ def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
         "map_stride", MODEL_PRESETS.get(preset.get("model_preset"), {}).get("map_stride"))
     stride_keys: dict[str, Any] = {} if stride is None else {"map_stride": int(stride)}
     if stride is not None and int(stride) == 4:
-        stride_keys["atrous"] = True if atrous is None else bool(atrous)
+        stride_keys["atrous"] = default_atrous(stride) if atrous is None else bool(atrous)
     elif atrous:
         raise ValueError(f"atrous needs map stride 4, got {stride or 8}")
     opt = optimizer or preset.get("optimizer", "sgd")

@@ -49,6 +49,13 @@ VGG16_CFG: tuple[int | str, ...] = (64, 64, 128, 128, "M", 256, 256, 256, "M",
 #: ~10 % of VGG16's work at stride 8, runs at the finer grid).
 MAP_STRIDES = (4, 8)
 N_VGG16_CONVS = 13
+
+
+def default_atrous(map_stride: int) -> bool:
+    """Whether a network of this map stride dilates its last block when the caller does not say:
+    at stride 4 yes (the plain pool removal measured worse; README, "CAM resolution"), at 8 there
+    is nothing to dilate."""
+    return int(map_stride) == 4
 #: Classifier heads: "gap" (GAP + one linear layer, CAM's architecture) and "fc" (VGG16's fully
 #: connected classifier over the last conv map, as in the authors' public code).
 HEADS = ("gap", "fc")
@@ -579,7 +586,7 @@ def build_slice_classifier(preset: str = "paper", width: float | None = None,
     stride = int(cfg.get("map_stride", 8))
     model = SliceClassifier(width=cfg["width"], input_size=cfg["input_size"],
                             batch_norm=cfg.get("batch_norm", False), map_stride=stride,
-                            head=head, atrous=stride == 4 if atrous is None else bool(atrous))
+                            head=head, atrous=default_atrous(stride) if atrous is None else bool(atrous))
     mm = cfg.get("pixel_mm") if pixel_mm is None else float(pixel_mm)
     if mm is not None and mm < 0:
         raise ValueError(f"pixel_mm must be >= 0 (0: resize), got {pixel_mm!r}")

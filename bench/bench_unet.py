@@ -47,11 +47,18 @@ ap.add_argument("--pet-log", type=float, default=0.0,
 ap.add_argument("--no-gamma", action="store_true", help="augmentation without the PET gamma")
 ap.add_argument("--ct-soft", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                 help="HU window of an extra soft-tissue CT channel inside the network")
+ap.add_argument("--context", type=int, default=0,
+                help="PET slices on each side of the segmented one as extra input channels (2.5-D, "
+                     "unet.slice_batch)")
 ap.add_argument("--dump", default=None,
                 help="folder: at every validation check from --dump-from on, write the tumour "
                      "probability of every validation and test study (uint8, p x 255) to "
                      "DIR/step<N>.npz, and DIR/meta.json, for bench.unet_selection")
 ap.add_argument("--dump-from", type=int, default=500)
+ap.add_argument("--lesion-report", action="store_true",
+                help="also print, per reference lesion (18-connected) of the training and test "
+                     "studies, its voxels, mean SUV, mean SUV of a 2-voxel ring around it and the "
+                     "share of its voxels above the chosen threshold (the misses' diagnosis)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -60,11 +67,11 @@ refs = resolve_cohort(a.cohort, seed=a.split_seed)
 tr, va = load_readable(labelled(refs, "train")), load_readable(labelled(refs, "val"))
 te = load_readable([r for r in refs if r.split == "test"])
 model, pre = U.build_unet("small", base=a.base, input_size=a.size, pet_log=a.pet_log,
-                          ct_soft_hu=a.ct_soft)
+                          ct_soft_hu=a.ct_soft, context=a.context)
 pre.suv_max = a.suvmax
 g = torch.Generator().manual_seed(a.seed)
-xtr, ytr = U.masks_from_studies(tr, pre, negative_keep=a.neg, generator=g)
-xva, yva = U.masks_from_studies(va, pre)
+xtr, ytr = U.masks_from_studies(tr, pre, negative_keep=a.neg, generator=g, context=a.context)
+xva, yva = U.masks_from_studies(va, pre, context=a.context)
 print(f"data {len(ytr)} train slices ({int((ytr.flatten(1).any(1)).sum())} pos), {len(yva)} val; "
       f"load {time.time()-t0:.1f}s", flush=True)
 loss_fn = make_loss(a.w)
@@ -140,10 +147,37 @@ for st in te:
 dices = [r["dice"] for r in rows if r["dice"] == r["dice"]]
 found = sum(r["n_ref_detected"] for r in rows); nref = sum(r["n_ref_lesions"] for r in rows)
 icc = icc_agreement([r["mtv_t"] for r in rows], [r["mtv_p"] for r in rows])
+lesion_rows = []
+if a.lesion_report:
+    from scipy import ndimage as ndi
+    st18 = ndi.generate_binary_structure(3, 2)
+    for split, sts in (("train", tr), ("test", te)):
+        for st in sts:
+            seg = np.asarray(st.seg) > 0
+            if not seg.any():
+                continue
+            prob = U.predict_volume_unet(model, pre, st.suv, st.ct)
+            lab, n = ndi.label(seg, st18)
+            for k in range(1, n + 1):
+                m = lab == k
+                ring = ndi.binary_dilation(m, st18, iterations=2) & ~seg
+                lesion_rows.append(dict(split=split, study=st.ref.study_id[-4:], vox=int(m.sum()),
+                                        suv=round(float(st.suv[m].mean()), 2),
+                                        ring=round(float(st.suv[ring].mean()), 2),
+                                        recall=round(float((prob[m] > thr["threshold"]).mean()), 2),
+                                        p=round(float(prob[m].mean()), 2)))
+    for split in ("train", "test"):
+        rs = [r for r in lesion_rows if r["split"] == split]
+        print(f"LESIONS {split}: {sum(r['recall'] > 0 for r in rs)}/{len(rs)} hit; recall < 0.5:",
+              flush=True)
+        for r in rs:
+            if r["recall"] < 0.5:
+                print("  ", r, flush=True)
 res = dict(args=vars(a), best_step=best[2], best_val=round(best[0], 3), thr=thr["threshold"],
            test_dice=[round(x, 3) for x in dices], median=round(float(np.median(dices)), 3) if dices else None,
            found=f"{found}/{nref}", false_per_study=np.mean([r["n_pred_false"] for r in rows]),
            icc=round(icc["icc"], 3) if icc["icc"] == icc["icc"] else None, n_test=len(rows),
            mtv=[(round(r["mtv_t"], 1), round(r["mtv_p"], 1)) for r in rows], train_s=round(train_s),
-           train_cpu_s=round(train_cpu_s, 1), total_s=round(time.time() - t0))
+           train_cpu_s=round(train_cpu_s, 1), total_s=round(time.time() - t0),
+           lesions=lesion_rows or None)
 print("RESULT", json.dumps(res), flush=True)

@@ -106,13 +106,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if input_size == NATIVE:
         # The slices' own grid (issue 23); windows of `crop` keep a step's cost that of crop x crop.
         input_size = native_input_size(st.suv.shape for st in train_studies)
-    model, pre = build_unet(config["model_preset"], base=config.get("base"), input_size=input_size)
+    context = int(config.get("context", 0))  # 2.5-D: neighbouring PET slices as channels
+    model, pre = build_unet(config["model_preset"], base=config.get("base"), input_size=input_size,
+                            context=context)
     crop = min(int(crop), pre.input_size) if crop else None  # a window no larger than the slice
     # Every rank holds all training slices and takes its share of each global batch of one shared
     # seeded order: equal steps on every rank (issue 17). Validation runs on rank 0 only.
-    x_tr, y_tr = masks_from_studies(train_studies, pre,
-                                    negative_keep=config["negative_keep"], generator=data_gen)
-    x_va, y_va = masks_from_studies(load_readable(val_refs), pre) if rank == 0 else (None, None)
+    x_tr, y_tr = masks_from_studies(train_studies, pre, negative_keep=config["negative_keep"],
+                                    generator=data_gen, context=context)
+    x_va, y_va = (masks_from_studies(load_readable(val_refs), pre, context=context) if rank == 0
+                  else (None, None))
     sampler = GlobalBatchSampler(len(y_tr), config["batch_size"], rank, world, seed=config["seed"])
     if rank == 0:
         LOG.info("U-Net data: %d train slices, %d validation slices, %d validation tumour pixels; "
@@ -190,7 +193,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              lr: float = 2e-3, tumour_weight: float = 7.7, dice_weight: float = 1.0,
              negative_keep: float = 0.2, augment: bool = True, base: int | None = None,
              input_size: int | str | None = "native", crop: int | None = 64,
-             schedule: str = "cosine", pet_gamma: bool = True,
+             schedule: str = "cosine", pet_gamma: bool = True, context: int = 0,
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -208,7 +211,9 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     multiple of 16 (`wsseg_core.unet.native_input_size`), trained on `crop` x `crop` windows; None:
     the model preset's. `pet_gamma` False: augmentation without the PET gamma (both presets keep
     it); it is then a config key, so it enters the run's fingerprint (the default adds no key, so
-    earlier runs' fingerprints stay valid). The defaults are the small preset's.
+    earlier runs' fingerprints stay valid). `context` k > 0: 2.5-D input, the PET of the k slices
+    on each side as extra channels (`wsseg_core.unet.slice_batch`); a config key only when
+    nonzero, so it enters the fingerprint the same way. The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
 
@@ -218,7 +223,8 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   lr=lr, tumour_weight=tumour_weight, dice_weight=dice_weight,
                   negative_keep=negative_keep, augment=augment,
                   base=base, input_size=input_size, crop=crop, schedule=schedule, seed=seed,
-                  **({} if pet_gamma else {"pet_gamma": False}), **(test_hooks or {}))
+                  **({} if pet_gamma else {"pet_gamma": False}),
+                  **({"context": int(context)} if context else {}), **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,

@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wsseg_core.checkpoint import load_checkpoint, save_checkpoint
 from wsseg_core.models import SlicePreprocessor, volume_to_batch
-from wsseg_core.train import GlobalMeanCrossEntropy, augment_with_grid, make_loss, sample_slices
+from wsseg_core.train import (PET_GAMMA_RANGE, GlobalMeanCrossEntropy, augment_with_grid, make_loss,
+                              sample_slices)
 
 LOG = logging.getLogger(__name__)
 
@@ -110,12 +111,14 @@ class UNet2D(nn.Module):
 
     def __init__(self, base: int = 64, input_size: int = 256, in_channels: int = 2,
                  num_classes: int = 2, batch_norm: bool = True, pet_log: float = 0.0,
-                 ct_soft: Sequence[float] | None = None) -> None:
+                 ct_soft: Sequence[float] | None = None, context: int = 0) -> None:
         super().__init__()
         if int(base) != base or base < 1:
             raise ValueError(f"base must be a positive integer, got {base!r}")
         if not (math.isfinite(pet_log) and pet_log >= 0):
             raise ValueError(f"pet_log must be a finite number >= 0, got {pet_log!r}")
+        if int(context) != context or context < 0:
+            raise ValueError(f"context must be an integer >= 0, got {context!r}")
         if ct_soft is not None and not (len(ct_soft) == 2 and float(ct_soft[1]) > float(ct_soft[0])):
             raise ValueError(f"ct_soft must be (lo, hi) with hi > lo, got {ct_soft!r}")
         if int(input_size) != input_size or input_size < 16 or input_size % 16:
@@ -128,9 +131,11 @@ class UNet2D(nn.Module):
         self.batch_norm = bool(batch_norm)
         self.pet_log = float(pet_log)
         self.ct_soft = None if ct_soft is None else (float(ct_soft[0]), float(ct_soft[1]))
+        self.context = int(context)
         chans = [self.base * 2 ** i for i in range(N_LEVELS)]
         self.down = nn.ModuleList()
-        c_in = self.in_channels + (self.ct_soft is not None)  # + the soft-tissue CT channel
+        # + 2 * context neighbouring PET slices (``slice_batch``) + the soft-tissue CT channel
+        c_in = self.in_channels + 2 * self.context + (self.ct_soft is not None)
         for c in chans:
             self.down.append(DoubleConv(c_in, c, self.batch_norm))
             c_in = c
@@ -157,12 +162,16 @@ class UNet2D(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 2, H, W), H and W divisible by 16 -> logits (B, 2, H, W)."""
+        """x (B, 2 + 2 context, H, W), H and W divisible by 16 -> logits (B, 2, H, W)."""
         if x.shape[-1] % 16 or x.shape[-2] % 16:
             raise ValueError(f"U-Net input height and width must be divisible by 16, got "
                              f"{tuple(x.shape)}")
-        if self.pet_log > 0:
-            x = torch.cat([pet_log_transform(x[:, :1], self.pet_log), x[:, 1:]], dim=1)
+        if x.shape[1] != self.in_channels + 2 * self.context:
+            raise ValueError(f"expected {self.in_channels + 2 * self.context} input channels "
+                             f"(context {self.context}), got {tuple(x.shape)}")
+        if self.pet_log > 0:  # every PET channel: 0 and the context slices 2, 3, ...
+            x = torch.cat([pet_log_transform(x[:, :1], self.pet_log), x[:, 1:2],
+                           pet_log_transform(x[:, 2:], self.pet_log)], dim=1)
         if self.ct_soft is not None:
             lo, hi = self.ct_soft
             x = torch.cat([x, ((x[:, 1:2] - lo) / (hi - lo)).clamp(0.0, 1.0)], dim=1)
@@ -178,7 +187,8 @@ class UNet2D(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"base={self.base}, input_size={self.input_size}, levels={N_LEVELS}, "
-                f"batch_norm={self.batch_norm}, pet_log={self.pet_log:g}, ct_soft={self.ct_soft}")
+                f"batch_norm={self.batch_norm}, pet_log={self.pet_log:g}, ct_soft={self.ct_soft}, "
+                f"context={self.context}")
 
 
 def pet_log_transform(pet: torch.Tensor, k: float) -> torch.Tensor:
@@ -214,8 +224,8 @@ def native_input_size(slice_shapes: Iterable[Sequence[int]]) -> int:
 
 
 def build_unet(preset: str = "paper", base: int | None = None, input_size: int | None = None,
-               pet_log: float | None = None, ct_soft_hu: Sequence[float] | None = None
-               ) -> tuple[UNet2D, SlicePreprocessor]:
+               pet_log: float | None = None, ct_soft_hu: Sequence[float] | None = None,
+               context: int | None = None) -> tuple[UNet2D, SlicePreprocessor]:
     """Build the U-Net and its preprocessor (the classifier's ``SlicePreprocessor``).
 
     Args:
@@ -225,6 +235,8 @@ def build_unet(preset: str = "paper", base: int | None = None, input_size: int |
             linear channel; a preset without the key has 0).
         ct_soft_hu: (lo, hi) HU of a soft-tissue window the network adds as a third input channel,
             computed from the CT channel with the preprocessor's CT window (None: no extra channel).
+        context: PET slices taken on each side of the segmented one as extra input channels
+            (2.5-D, ``slice_batch``; 0 or a preset without the key: the slice alone).
     Returns:
         (model in train mode on CPU, SlicePreprocessor(input_size)).
     """
@@ -243,8 +255,10 @@ def build_unet(preset: str = "paper", base: int | None = None, input_size: int |
     soft = cfg.get("ct_soft_hu")
     if soft is not None:  # HU -> the CT channel's [0, 1] (ct_min -> 0, ct_max -> 1)
         soft = tuple((float(h) - pre.ct_min) / (pre.ct_max - pre.ct_min) for h in soft)
+    if context is not None:
+        cfg["context"] = int(context)
     model = UNet2D(base=cfg["base"], input_size=cfg["input_size"], pet_log=cfg.get("pet_log", 0.0),
-                   ct_soft=soft)
+                   ct_soft=soft, context=cfg.get("context", 0))
     return model, pre
 
 
@@ -266,7 +280,8 @@ def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
                     config={"base": int(bare.base), "input_size": int(bare.input_size),
                             "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
                             "batch_norm": bool(bare.batch_norm), "pet_log": float(bare.pet_log),
-                            "ct_soft": None if bare.ct_soft is None else list(bare.ct_soft)},
+                            "ct_soft": None if bare.ct_soft is None else list(bare.ct_soft),
+                            "context": int(bare.context)},
                     meta=meta, preprocessor=pre.to_dict())
 
 
@@ -282,13 +297,34 @@ def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]
                                  num_classes=int(cfg.get("num_classes", 2)),
                                  batch_norm=bool(cfg.get("batch_norm", True)),
                                  pet_log=float(cfg.get("pet_log", 0.0)),
-                                 ct_soft=cfg.get("ct_soft")))
+                                 ct_soft=cfg.get("ct_soft"),
+                                 context=int(cfg.get("context", 0))))
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})
 
 
 # --------------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------------
+
+def slice_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | np.ndarray,
+                pre: SlicePreprocessor, context: int = 0) -> torch.Tensor:
+    """The U-Net's input for axial slices ``z_indices`` of an (X, Y, Z) SUV / CT pair:
+    (n, 2 + 2 context, S, S) float32.
+
+    Channels 0, 1: the slice's PET and CT (``models.volume_to_batch``, as the classifier's).
+    With ``context`` k > 0 (2.5-D input), channels 2 ... 2 + 2k - 1 are the PET of slices
+    z - k, ..., z - 1, z + 1, ..., z + k, each preprocessed like channel 0; a neighbour outside
+    the volume repeats the edge slice (index clamped to 0 ... Z - 1).
+    """
+    z = np.asarray(z_indices, dtype=np.int64).reshape(-1)
+    x = volume_to_batch(suv, ct, z, pre)
+    if context <= 0 or z.size == 0:
+        return x
+    nz = np.asarray(suv).shape[2]
+    pets = [volume_to_batch(suv, ct, np.clip(z + o, 0, nz - 1), pre)[:, :1]
+            for o in [*range(-int(context), 0), *range(1, int(context) + 1)]]
+    return torch.cat([x, *pets], dim=1)
+
 
 def predict_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarray, ct: np.ndarray,
                         batch_size: int = 32) -> np.ndarray:
@@ -314,13 +350,14 @@ def predict_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarra
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    context = int(getattr(getattr(model, "module", model), "context", 0))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, nz, int(batch_size)):
                 z = np.arange(start, min(nz, start + int(batch_size)))
-                x = volume_to_batch(suv, ct, z, pre).to(device)
+                x = slice_batch(suv, ct, z, pre, context).to(device)
                 prob = torch.softmax(model(x).float(), dim=1)[:, 1:2]
                 if tuple(prob.shape[-2:]) != (nx, ny):
                     prob = F.interpolate(prob, size=(nx, ny), mode="bilinear", align_corners=False)
@@ -448,7 +485,7 @@ def resize_masks(masks: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 
 
 def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_keep: float = 1.0,
-                       generator: torch.Generator | None = None
+                       generator: torch.Generator | None = None, context: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """All axial slices of labelled studies with their pixel masks, as U-Net training data.
 
@@ -459,8 +496,10 @@ def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_
         negative_keep: fraction in (0, 1] of tumour-free slices kept (random per slice); slices
             with any tumour voxel are always kept (``train.sample_slices``, the classifier's sampler).
         generator: CPU generator for the subsampling.
+        context: neighbouring PET slices on each side as extra channels (``slice_batch``).
     Returns:
-        x float32 (N, 2, S, S) on CPU; y int64 (N, S, S) in {0, 1} (SEG resized by nearest).
+        x float32 (N, 2 + 2 context, S, S) on CPU; y int64 (N, S, S) in {0, 1} (SEG resized by
+        nearest).
     """
     s = pre.input_size
     xs: list[torch.Tensor] = []
@@ -468,10 +507,10 @@ def masks_from_studies(studies: Sequence[Any], pre: SlicePreprocessor, negative_
     for st, chunks, _ in sample_slices(studies, negative_keep, generator, _CHUNK):
         seg = np.asarray(st.seg)
         for z in chunks:
-            xs.append(volume_to_batch(st.suv, st.ct, z, pre))
+            xs.append(slice_batch(st.suv, st.ct, z, pre, context))
             ys.append(resize_masks(np.ascontiguousarray(np.moveaxis(seg[:, :, z], -1, 0)), s))
     if not xs:
-        return (torch.zeros((0, 2, s, s), dtype=torch.float32),
+        return (torch.zeros((0, 2 + 2 * int(context), s, s), dtype=torch.float32),
                 torch.zeros((0, s, s), dtype=torch.int64))
     return torch.cat(xs), torch.cat(ys)
 
@@ -494,7 +533,8 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
     0.73), so no preset turns it off.
 
     Args:
-        x: (B, C, S, S) float, channel 0 PET in [0, 1]. y: (B, S, S) integer mask.
+        x: (B, C, S, S) float, channel 0 PET in [0, 1], channel 1 CT, channels 2, ... (if any)
+            neighbouring PET slices (``slice_batch``), which get channel 0's gamma.
         generator: CPU generator; parameters are drawn on CPU whatever the device.
     Returns:
         (x', y') new tensors with the input shapes, dtypes and devices.
@@ -504,7 +544,17 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
                          f"{tuple(y.shape)}")
     if x.shape[0] == 0:
         return x.clone(), y.clone()
+    # Channels 2, 3, ... are neighbouring PET slices (``slice_batch``, 2.5-D): they get channel 0's
+    # gamma. augment_with_grid draws its (B, 5) uniforms first, the gamma from the 5th: replay them.
+    state = (generator if generator is not None else torch.default_generator).get_state()
     xo, grid = augment_with_grid(x, generator, fill)
+    if pet_gamma and x.shape[1] > 2:
+        replay = torch.Generator().manual_seed(0)
+        replay.set_state(state)
+        u = torch.rand((x.shape[0], 5), generator=replay, dtype=torch.float64)
+        lg0, lg1 = math.log(PET_GAMMA_RANGE[0]), math.log(PET_GAMMA_RANGE[1])
+        g = torch.exp(lg0 + (lg1 - lg0) * u[:, 4]).to(device=x.device, dtype=x.dtype)
+        xo[:, 2:] = xo[:, 2:].clamp(0.0, 1.0).pow(g.view(-1, 1, 1, 1))
     if not pet_gamma:
         # The same warp without the PET gamma: the draws (and so every later one) are unchanged.
         f = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)

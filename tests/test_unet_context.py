@@ -1,0 +1,106 @@
+"""Issue 23, fourth round: the U-Net's 2.5-D input (`context` neighbouring PET slices as extra
+channels), checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsseg_core.models import SlicePreprocessor
+from wsseg_core.train import PET_GAMMA_RANGE
+from wsseg_core.unet import (UNet2D, augment_pair, build_unet, load_unet, masks_from_studies,
+                             predict_volume_unet, save_unet, slice_batch)
+
+
+def _ramp_volume(nz: int = 5, side: int = 16):
+    """SUV = z + 1 on slice z (constant in-plane), CT 0 HU."""
+    suv = np.broadcast_to(np.arange(1, nz + 1, dtype=np.float32), (side, side, nz)).copy()
+    return suv, np.zeros_like(suv)
+
+
+def test_slice_batch_stacks_the_neighbouring_pet_slices_clamped_at_the_edges():
+    suv, ct = _ramp_volume()
+    pre = SlicePreprocessor(input_size=16)  # suv_max 20: PET channel = SUV / 20
+    x0 = slice_batch(suv, ct, [0, 2, 4], pre)
+    assert x0.shape == (3, 2, 16, 16)
+    x = slice_batch(suv, ct, [0, 2, 4], pre, context=1)
+    assert x.shape == (3, 4, 16, 16)
+    assert torch.equal(x[:, :2], x0)  # channels 0, 1 are the slice alone
+    # channel 2 = PET of z - 1, channel 3 = PET of z + 1 (index clamped to 0 ... 4)
+    assert x[:, 2, 0, 0].tolist() == pytest.approx([1 / 20, 2 / 20, 4 / 20])
+    assert x[:, 3, 0, 0].tolist() == pytest.approx([2 / 20, 4 / 20, 5 / 20])
+    x2 = slice_batch(suv, ct, [2], pre, context=2)  # z-2, z-1, z+1, z+2
+    assert x2[0, 2:, 0, 0].tolist() == pytest.approx([1 / 20, 2 / 20, 4 / 20, 5 / 20])
+
+
+def test_masks_from_studies_with_context_keeps_the_masks_and_adds_channels():
+    suv, ct = _ramp_volume()
+    seg = np.zeros(suv.shape, np.uint8)
+    seg[4:8, 4:8, 1] = 1
+
+    class St:
+        pass
+
+    st = St()
+    st.suv, st.ct, st.seg = suv, ct, seg
+    pre = SlicePreprocessor(input_size=16)
+    x0, y0 = masks_from_studies([st], pre)
+    x1, y1 = masks_from_studies([st], pre, context=1)
+    assert torch.equal(y0, y1) and x1.shape == (5, 4, 16, 16)
+    assert torch.equal(x1[:, :2], x0)
+    assert x1[1, 2, 0, 0] == pytest.approx(1 / 20) and x1[1, 3, 0, 0] == pytest.approx(3 / 20)
+
+
+def test_augment_pair_gives_the_context_channels_channel_0s_warp_and_gamma():
+    torch.manual_seed(2)
+    pet = torch.rand(3, 1, 32, 32)
+    x = torch.cat([pet, torch.rand(3, 1, 32, 32), pet, 0.5 * pet], dim=1)
+    y = (torch.rand(3, 32, 32) > 0.8).long()
+    xo, yo = augment_pair(x, y, torch.Generator().manual_seed(7))
+    # the first two channels are exactly what the 2-channel augmentation gives
+    x2, y2 = augment_pair(x[:, :2], y, torch.Generator().manual_seed(7))
+    assert torch.equal(yo, y2) and torch.allclose(xo[:, :2], x2, atol=1e-6)
+    assert torch.allclose(xo[:, 2], xo[:, 0], atol=1e-6)  # same input -> same output
+    # channel 3 = (warped 0.5 pet) ** gamma, gamma from the documented draws (5 per sample)
+    xn, _ = augment_pair(x, y, torch.Generator().manual_seed(7), pet_gamma=False)
+    u = torch.rand((3, 5), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lg0, lg1 = math.log(PET_GAMMA_RANGE[0]), math.log(PET_GAMMA_RANGE[1])
+    gamma = torch.exp(lg0 + (lg1 - lg0) * u[:, 4]).float().view(3, 1, 1)
+    assert torch.allclose(xo[:, 3], xn[:, 3].clamp(0, 1).pow(gamma), atol=1e-5)
+    assert torch.allclose(xn[:, 3], 0.5 * xn[:, 0], atol=1e-6)  # the same warp
+
+
+def test_context_network_channels_checkpoint_and_inference(tmp_path):
+    model, pre = build_unet("small", base=4, input_size=16, context=1)
+    assert model.context == 1 and model.down[0][0].in_channels == 4
+    assert build_unet("small", base=4, input_size=16)[0].context == 0
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="context"):
+        UNet2D(base=4, input_size=16, context=-1)
+    save_unet(tmp_path / "u.pt", model, pre)
+    m2, pre2, _ = load_unet(tmp_path / "u.pt")
+    assert m2.context == 1
+    suv, ct = _ramp_volume()
+    p = predict_volume_unet(m2, pre2, suv, ct)  # builds the 4-channel input itself
+    assert p.shape == suv.shape and np.all((p >= 0) & (p <= 1))
+    # the prediction of slice 2 is the network on slice_batch's input for it
+    with torch.no_grad():
+        ref = torch.softmax(m2(slice_batch(suv, ct, [2], pre2, context=1)), 1)[0, 1].numpy()
+    assert np.allclose(p[:, :, 2], ref, atol=1e-5)
+
+
+def test_context_enters_the_training_fingerprint_only_when_nonzero():
+    import inspect
+
+    from jobs.ray_train import run_fingerprint
+    from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
+
+    assert inspect.signature(fit_unet).parameters["context"].default == 0
+    cfg = {k: v for k, v in UNET_JOB_PRESETS["small"].items() if k != "context"}
+    default = run_fingerprint(cfg, metric="val_best_dice", mode="max")
+    ctx = run_fingerprint({**cfg, "context": 1}, metric="val_best_dice", mode="max")
+    assert ctx["digest"] != default["digest"] and ctx["fields"]["context"] == 1

@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loss = mean_over_ranks(train_unet_epoch(model, loader, optimizer, train_loss_fn,
                                                       device=device, augment=config["augment"],
                                                       generator=aug_gen, crop=crop,
-                                                      pet_gamma=config.get("pet_gamma", True)))
+                                                      pet_gamma=config.get("pet_gamma", True),
+                                                      lesion_uptake=config.get("lesion_uptake")))
         maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
                                              batch_size=config["batch_size"], device=device,
@@ -194,6 +195,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              negative_keep: float = 0.2, augment: bool = True, base: int | None = None,
              input_size: int | str | None = "native", crop: int | None = 64,
              schedule: str = "cosine", pet_gamma: bool = True, context: int = 0,
+             lesion_uptake: tuple[float, float] | list[float] | None = None,
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -213,7 +215,9 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     it); it is then a config key, so it enters the run's fingerprint (the default adds no key, so
     earlier runs' fingerprints stay valid). `context` k > 0: 2.5-D input, the PET of the k slices
     on each side as extra channels (`wsseg_core.unet.slice_batch`); a config key only when
-    nonzero, so it enters the fingerprint the same way. The defaults are the small preset's.
+    nonzero, so it enters the fingerprint the same way. `lesion_uptake` (fraction, low): the
+    lesion-uptake augmentation (`wsseg_core.unet.scale_lesion_uptake`); a config key only when
+    given. The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
 
@@ -224,7 +228,9 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   negative_keep=negative_keep, augment=augment,
                   base=base, input_size=input_size, crop=crop, schedule=schedule, seed=seed,
                   **({} if pet_gamma else {"pet_gamma": False}),
-                  **({"context": int(context)} if context else {}), **(test_hooks or {}))
+                  **({"context": int(context)} if context else {}),
+                  **({"lesion_uptake": [float(v) for v in lesion_uptake]} if lesion_uptake else {}),
+                  **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,

@@ -104,3 +104,63 @@ def test_context_enters_the_training_fingerprint_only_when_nonzero():
     default = run_fingerprint(cfg, metric="val_best_dice", mode="max")
     ctx = run_fingerprint({**cfg, "context": 1}, metric="val_best_dice", mode="max")
     assert ctx["digest"] != default["digest"] and ctx["fields"]["context"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Lesion-uptake augmentation (scale_lesion_uptake)
+# --------------------------------------------------------------------------------------------------
+
+def _disc_batch():
+    """Two 24x24 samples, background PET 0.04 (SUV 0.8), a 4x4 lesion at PET 0.14 (SUV 2.8) in
+    sample 0, none in sample 1; CT 0.5."""
+    x = torch.full((2, 2, 24, 24), 0.04)
+    x[:, 1] = 0.5
+    y = torch.zeros(2, 24, 24, dtype=torch.long)
+    y[0, 10:14, 10:14] = 1
+    x[0, 0, 10:14, 10:14] = 0.14
+    return x, y
+
+
+def test_scale_lesion_uptake_scales_the_excess_over_the_ring_background_by_hand():
+    from wsseg_core.unet import scale_lesion_uptake
+
+    x, y = _disc_batch()
+    xo = scale_lesion_uptake(x, y, torch.Generator().manual_seed(5), fraction=1.0, low=0.5)
+    u = torch.rand((2, 2), generator=torch.Generator().manual_seed(5))
+    a = 0.5 + 0.5 * float(u[0, 1])  # the factor drawn for sample 0
+    # inside the lesion: background 0.04 + a * excess 0.10; the background is left alone
+    assert xo[0, 0, 10:14, 10:14] == pytest.approx(torch.full((4, 4), 0.04 + a * 0.10), abs=1e-6)
+    assert torch.equal(xo[0, 0, :6], x[0, 0, :6]) and torch.equal(xo[0, 1], x[0, 1])
+    assert torch.equal(xo[1], x[1])  # no tumour: unchanged
+    assert torch.equal(x[0, 0, 12, 12], torch.tensor(0.14))  # the input is not modified
+    # low = 1: nothing changes; fraction 0: nothing changes
+    assert torch.equal(scale_lesion_uptake(x, y, torch.Generator().manual_seed(5), 1.0, 1.0), x)
+    assert torch.equal(scale_lesion_uptake(x, y, torch.Generator().manual_seed(5), 0.0, 0.5), x)
+    # low = 0 and the draw at its lower end: the lesion sinks to the background
+    g = torch.Generator().manual_seed(5)
+    xo0 = scale_lesion_uptake(x, y, g, fraction=1.0, low=0.0)
+    assert float(xo0[0, 0, 12, 12]) == pytest.approx(0.04 + float(u[0, 1]) * 0.10, abs=1e-6)
+
+
+def test_scale_lesion_uptake_blurred_halo_and_ring_background():
+    from wsseg_core.unet import scale_lesion_uptake
+
+    x, y = _disc_batch()
+    # a halo of spilled uptake one pixel outside the lesion (PET 0.09), inside the 2-pixel halo
+    x[0, 0, 9, 10:14] = 0.09
+    xo = scale_lesion_uptake(x, y, torch.Generator().manual_seed(5), fraction=1.0, low=0.0)
+    a = float(torch.rand((2, 2), generator=torch.Generator().manual_seed(5))[0, 1])
+    # pixel (9, 12): the mask dilated by 2 covers rows 8-15, so its 5x5 box (rows 7-11) holds
+    # 20 of 25 dilated pixels -> w = 0.8, and its excess 0.05 is scaled by 1 - 0.8 (1 - a)
+    assert float(xo[0, 0, 9, 12]) == pytest.approx(0.09 - 0.8 * (1 - a) * 0.05, abs=1e-6)
+    # pixel (6, 12): 4 rows off the lesion, its box (rows 4-8) holds one dilated row -> w = 0.2;
+    # it is at the background, so nothing to scale
+    assert float(xo[0, 0, 6, 12]) == pytest.approx(0.04, abs=1e-7)
+    # a brighter ring moves the background b up: the lesion is scaled towards b
+    x2, y2 = _disc_batch()
+    x2[0, 0] = 0.06
+    x2[0, 0, 10:14, 10:14] = 0.14
+    xo2 = scale_lesion_uptake(x2, y2, torch.Generator().manual_seed(5), fraction=1.0, low=0.0)
+    assert float(xo2[0, 0, 12, 12]) == pytest.approx(0.06 + a * 0.08, abs=1e-6)
+    with pytest.raises(ValueError):
+        scale_lesion_uptake(x, y, None, fraction=1.5)

@@ -52,6 +52,8 @@ ap.add_argument("--context", type=int, default=0,
                      "unet.slice_batch)")
 ap.add_argument("--uptake-aug", type=float, nargs=2, default=None, metavar=("FRACTION", "LOW"),
                 help="lesion-uptake augmentation (unet.scale_lesion_uptake) on the training windows")
+ap.add_argument("--paste", type=float, default=None, metavar="FRACTION",
+                help="lesion copy-paste augmentation (unet.paste_lesions) on the training windows")
 ap.add_argument("--dump", default=None,
                 help="folder: at every validation check from --dump-from on, write the tumour "
                      "probability of every validation and test study (uint8, p x 255) to "
@@ -114,6 +116,8 @@ while step < a.steps:
             xb, yb = U.augment_pair(xb, yb, aug_g, pet_gamma=not a.no_gamma)
         if a.crop:
             xb, yb = U.crop_pair(xb, yb, a.crop, aug_g, lesion_fraction=a.lesion_frac)
+        if a.paste and not a.noaug:
+            xb, yb = U.paste_lesions(xb, yb, aug_g, a.paste)
         if a.uptake_aug and not a.noaug:
             xb = U.scale_lesion_uptake(xb, yb, aug_g, *a.uptake_aug)
         model.train()

@@ -156,7 +156,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                       device=device, augment=config["augment"],
                                                       generator=aug_gen, crop=crop,
                                                       pet_gamma=config.get("pet_gamma", True),
-                                                      lesion_uptake=config.get("lesion_uptake")))
+                                                      lesion_uptake=config.get("lesion_uptake"),
+                                                      lesion_paste=config.get("lesion_paste")))
         maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
                                              batch_size=config["batch_size"], device=device,
@@ -196,6 +197,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              input_size: int | str | None = "native", crop: int | None = 64,
              schedule: str = "cosine", pet_gamma: bool = True, context: int = 0,
              lesion_uptake: tuple[float, float] | list[float] | None = None,
+             lesion_paste: float | None = None,
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -217,7 +219,8 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     on each side as extra channels (`wsseg_core.unet.slice_batch`); a config key only when
     nonzero, so it enters the fingerprint the same way. `lesion_uptake` (fraction, low): the
     lesion-uptake augmentation (`wsseg_core.unet.scale_lesion_uptake`); a config key only when
-    given. The defaults are the small preset's.
+    given. `lesion_paste`: the fraction of `wsseg_core.unet.paste_lesions` (lesion copy-paste);
+    a config key only when given. The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
 
@@ -230,6 +233,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   **({} if pet_gamma else {"pet_gamma": False}),
                   **({"context": int(context)} if context else {}),
                   **({"lesion_uptake": [float(v) for v in lesion_uptake]} if lesion_uptake else {}),
+                  **({"lesion_paste": float(lesion_paste)} if lesion_paste else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,

@@ -164,3 +164,52 @@ def test_scale_lesion_uptake_blurred_halo_and_ring_background():
     assert float(xo2[0, 0, 12, 12]) == pytest.approx(0.06 + a * 0.08, abs=1e-6)
     with pytest.raises(ValueError):
         scale_lesion_uptake(x, y, None, fraction=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lesion copy-paste augmentation (paste_lesions)
+# --------------------------------------------------------------------------------------------------
+
+def test_paste_lesions_adds_the_donor_excess_and_mask_at_a_body_pixel_by_hand():
+    from wsseg_core.unet import paste_lesions
+
+    x, y = _disc_batch()  # sample 0: a 4x4 lesion at 0.14 over 0.04; sample 1: tumour-free
+    # sample 1's body: only the left half has CT > 0.3 (the right half is air, CT 0)
+    x[1, 1, :, 12:] = 0.0
+    xo, yo = paste_lesions(x, y, torch.Generator().manual_seed(0), fraction=1.0)
+    # sample 0 has no other donor: unchanged
+    assert torch.equal(xo[0], x[0]) and torch.equal(yo[0], y[0])
+    # sample 1 got the 16-pixel mask, centred on a body pixel, and +0.10 PET inside it
+    assert int(yo[1].sum()) == 16
+    r, c = yo[1].nonzero(as_tuple=True)
+    assert int(r.max() - r.min()) == 3 and int(c.max() - c.min()) == 3  # the same 4x4 square
+    assert xo[1, 0][yo[1] > 0] == pytest.approx(torch.full((16,), 0.14), abs=1e-6)
+    # the added uptake is the donor's excess: 0.10 on 16 pixels (the halo had none)
+    assert float((xo[1, 0] - x[1, 0]).sum()) == pytest.approx(1.6, abs=1e-5)
+    assert torch.equal(xo[1, 1], x[1, 1])  # CT untouched
+    # the centre drawn is the documented one: body pixels in row-major order, 3rd uniform
+    u = torch.rand((2, 3), generator=torch.Generator().manual_seed(0))
+    body = (x[1, 1] > 0.3).flatten().nonzero()[:, 0]
+    k = int(body[int(u[1, 2] * len(body)) % len(body)])
+    assert x[1, 1, k // 24, k % 24] > 0.3  # a body pixel
+    # the donor's rows / columns 10-13 have the rounded centre 12 (half to even), which lands on k
+    assert (int(r.min()), int(c.min())) == (k // 24 - 2, k % 24 - 2)
+    # fraction 0: nothing changes
+    x0, y0 = paste_lesions(x, y, torch.Generator().manual_seed(0), fraction=0.0)
+    assert torch.equal(x0, x) and torch.equal(y0, y)
+
+
+def test_paste_lesions_and_uptake_enter_the_fingerprint_only_when_given():
+    import inspect
+
+    from jobs.ray_train import run_fingerprint
+    from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
+
+    sig = inspect.signature(fit_unet).parameters
+    cfg = {k: v for k, v in UNET_JOB_PRESETS["small"].items()
+           if k not in ("lesion_paste", "lesion_uptake")}
+    base = run_fingerprint(cfg, metric="val_best_dice", mode="max")
+    for key, val in (("lesion_paste", 0.5), ("lesion_uptake", [0.5, 0.5])):
+        assert sig[key].default is None
+        other = run_fingerprint({**cfg, key: val}, metric="val_best_dice", mode="max")
+        assert other["digest"] != base["digest"] and other["fields"][key] == val

@@ -54,6 +54,8 @@ ap.add_argument("--uptake-aug", type=float, nargs=2, default=None, metavar=("FRA
                 help="lesion-uptake augmentation (unet.scale_lesion_uptake) on the training windows")
 ap.add_argument("--paste", type=float, default=None, metavar="FRACTION",
                 help="lesion copy-paste augmentation (unet.paste_lesions) on the training windows")
+ap.add_argument("--grid", type=float, nargs="+", default=None,
+                help="probability thresholds searched on validation (default unet.THRESHOLD_GRID)")
 ap.add_argument("--dump", default=None,
                 help="folder: at every validation check from --dump-from on, write the tumour "
                      "probability of every validation and test study (uint8, p x 255) to "
@@ -142,7 +144,7 @@ while step < a.steps:
 train_s = time.time() - t1
 train_cpu_s = time.process_time() - c1  # includes the validation checks
 model.load_state_dict(best[1])
-thr = U.choose_threshold(model, pre, va)
+thr = U.choose_threshold(model, pre, va, **({"grid": a.grid} if a.grid else {}))
 print("threshold", thr["threshold"], thr["rule"], "val Dice", round(thr["val_dice"], 3), thr["by_threshold"])
 rows = []
 for st in te:

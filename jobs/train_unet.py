@@ -161,7 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         maybe_die(config, epoch, rank)
         val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
                                              batch_size=config["batch_size"], device=device,
-                                             thresholds=THRESHOLD_GRID))
+                                             thresholds=config.get("threshold_grid",
+                                                                   THRESHOLD_GRID)))
         dice, best_dice = float(val["dice"]), float(val["best_dice"])
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
                    # NaN (no tumour pixel in validation) would break the checkpoint ranking.
@@ -223,12 +224,16 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     a config key only when given. The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
+    from wsseg_core.unet import THRESHOLD_GRID
 
     check_global_batch(batch_size, num_workers)
     config = dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                   model_preset=model_preset, epochs=epochs, steps=steps, batch_size=batch_size,
                   lr=lr, tumour_weight=tumour_weight, dice_weight=dice_weight,
                   negative_keep=negative_keep, augment=augment,
+                  # the grid of the kept epoch's metric (KEEP_METRIC): a changed grid can keep
+                  # another epoch, so it is part of the run's fingerprint (issue 23, fourth round)
+                  threshold_grid=[float(t) for t in THRESHOLD_GRID],
                   base=base, input_size=input_size, crop=crop, schedule=schedule, seed=seed,
                   **({} if pet_gamma else {"pet_gamma": False}),
                   **({"context": int(context)} if context else {}),

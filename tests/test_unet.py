@@ -208,8 +208,9 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     saved = json.loads((tmp_path / "out" / "thresholds.json").read_text())["methods"]["UNet"]
     assert saved["threshold"] == entry["threshold"] and 0 < entry["threshold"] < 1
     assert entry["rule"] == "pooled" and "pooled" in entry["selected_on"]
-    assert entry["n"] == 1 and set(entry["by_threshold"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6",
-                                                             "0.7", "0.8", "0.9"}
+    assert entry["n"] == 1 and set(entry["by_threshold"]) == {"0.02", "0.05", "0.1", "0.2", "0.3",
+                                                             "0.4", "0.5", "0.6", "0.7", "0.8",
+                                                             "0.9", "0.95", "0.98"}
 
 
 def test_module_never_imports_ray():

@@ -213,3 +213,30 @@ def test_paste_lesions_and_uptake_enter_the_fingerprint_only_when_given():
         assert sig[key].default is None
         other = run_fingerprint({**cfg, key: val}, metric="val_best_dice", mode="max")
         assert other["digest"] != base["digest"] and other["fields"][key] == val
+
+
+def test_threshold_grid_reaches_past_0_1_and_0_9_and_travels_in_the_job_config(monkeypatch):
+    import jobs.train_unet as T
+    from wsseg_core.data import StudyRef
+    from wsseg_core.unet import THRESHOLD_GRID
+
+    # issue 23, fourth round: the validation choice sat on 0.1 or 0.9 in 7 of 9 bench runs
+    assert min(THRESHOLD_GRID) < 0.1 and max(THRESHOLD_GRID) > 0.9
+    assert list(THRESHOLD_GRID) == sorted(THRESHOLD_GRID) and 0.5 in THRESHOLD_GRID
+    seen = {}
+
+    def fake_fit(loop, config, **kw):
+        seen.update(config)
+        return {"checkpoint": None}
+
+    monkeypatch.setattr(T, "fit_and_keep_best", fake_fit)
+    ref = StudyRef(patient_id="P", study_id="S", suv_path="/x/suv.nii.gz", ct_path="/x/ct.nii.gz",
+                   seg_path="/x/seg.nii.gz", split="train")
+    T.fit_unet([ref], [ref], "/tmp/unused", **T.preset_kwargs("small"), context=1,
+               lesion_uptake=(0.5, 0.5), lesion_paste=0.2)
+    # the grid the epochs are ranked on is in the config, so a changed grid changes the fingerprint
+    assert seen["threshold_grid"] == list(THRESHOLD_GRID)
+    assert seen["context"] == 1 and seen["lesion_uptake"] == [0.5, 0.5] and seen["lesion_paste"] == 0.2
+    seen.clear()
+    T.fit_unet([ref], [ref], "/tmp/unused", **T.preset_kwargs("small"))
+    assert not {"context", "lesion_uptake", "lesion_paste"} & set(seen)  # defaults add no key

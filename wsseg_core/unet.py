@@ -315,6 +315,11 @@ def slice_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | np.n
     With ``context`` k > 0 (2.5-D input), channels 2 ... 2 + 2k - 1 are the PET of slices
     z - k, ..., z - 1, z + 1, ..., z + k, each preprocessed like channel 0; a neighbour outside
     the volume repeats the edge slice (index clamped to 0 ... Z - 1).
+
+    Why it was tried (issue 23, fourth round): 3-D context could tell a lesion from an organ of
+    the same uptake. Measured (README, "U-Net: fourth round"): with context 1 the small preset's
+    test median Dice fell on demo split 1 (0.427 -> 0.407) and v2b (0.467 -> 0.371), the same
+    lesions missed, so no preset uses it (``context`` 0).
     """
     z = np.asarray(z_indices, dtype=np.int64).reshape(-1)
     x = volume_to_batch(suv, ct, z, pre)
@@ -604,7 +609,9 @@ def scale_lesion_uptake(x: torch.Tensor, y: torch.Tensor, generator: torch.Gener
     lesion (recall 0.72-0.98 on the training lesions of mean SUV 2.45-3.0): it generalised poorly
     from the handful of faint lesions a training split holds. Lesion avidity varies in patients
     (tumour type, uptake time), so fainter copies of every training lesion are a generic way to
-    show the network more of them.
+    show the network more of them. Measured (README, "U-Net: fourth round"; fraction 0.5, low
+    0.5): it did not find those lesions and over-segmented the demo's own split (test median Dice
+    0.706 -> 0.640), so no preset uses it.
 
     Args:
         x: (B, C, H, W), channel 0 PET in [0, 1]; y: (B, H, W) {0, 1}.
@@ -681,6 +688,9 @@ def paste_lesions(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     the liver), while it fitted every large training lesion; a training split holds ~50 lesions
     at ~50 places. Pasting them elsewhere shows each lesion against many backgrounds (the
     "copy-paste" augmentation of instance segmentation; additive, as uptake adds up in PET).
+    Measured (README, "U-Net: fourth round"): at fraction 0.5 v2b's test median Dice rose 0.467 ->
+    0.568 but the network learnt that any local excess is tumour (demo split 0 0.706 -> 0.563, 15.9
+    ml on a tumour-free study); at 0.2 demo split 0 still fell to 0.633. No preset uses it.
 
     Args:
         x: (B, C, H, W), channel 0 PET in [0, 1], channel 1 CT in [0, 1]; y: (B, H, W) {0, 1}.

@@ -380,7 +380,7 @@ def segment_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarra
 
 #: Probability thresholds searched on validation (``choose_threshold``, and the job's per-epoch
 #: ``evaluate_unet(thresholds=...)``). Issue 23, fourth round: 0.02, 0.05, 0.95 and 0.98 were
-#: added to 0.1 ... 0.9 because the validation choice sat on the grid's end in 7 of 9 bench runs
+#: added to 0.1 ... 0.9 because the validation choice sat on the grid's end in 9 of 12 bench runs
 #: (0.1 where the network under-segments, 0.9 where it over-segments). Measured on the same
 #: networks (README, "U-Net: fourth round"): demo split 0 chose 0.95 (test median Dice 0.706 ->
 #: 0.729, ICC 0.93 -> 0.95, lesions 14 -> 13 of 16), v2b 0.05 (0.467 -> 0.482, ICC 0.46 -> 0.52),

@@ -9,7 +9,7 @@ probability threshold chosen on the validation studies (`choose_threshold`'s def
 pooled 3-D Dice, since issue 23's second round; the median before), then every test study is
 scored: 3-D Dice, lesions found (18-connected), false lesions, MTV and ICC(MTV). Prints one
 `RESULT {json}` line. `--dump DIR` also writes the probability volumes for `bench.unet_selection`.
-The README's "U-Net: why it undertrained" tables come from this script, and the fourth round's
+The "U-Net: why it undertrained" tables of docs/UNET_EXPERIMENTS.md come from this script, and the fourth round's
 (issue 23): `--lesion-report` (per reference lesion of the training and test studies: voxels, mean
 SUV, ring SUV, recall at the chosen threshold), `--context` (2.5-D input), `--uptake-aug` and
 `--paste` (lesion augmentations, applied to the cropped windows as the job does), `--grid`.

@@ -21,7 +21,7 @@ at the slices' own resolution (`input_size` "native": the largest side rounded u
 16) on 64x64 windows (`crop` 64, half centred near tumour), with weighted CE + soft Dice
 (`wsseg_core.unet.CEDiceLoss`, dice_weight 1), Adam lr 2e-3 with a cosine decay, batch 16, a fifth
 of the tumour-free slices, and a budget of 1000 optimizer steps (epochs = ceil(1000 / steps per
-epoch)) rather than a number of epochs. Why, measured (README, "U-Net: why it undertrained"): 40
+epoch)) rather than a number of epochs. Why, measured (docs/UNET_EXPERIMENTS.md, "U-Net: why it undertrained"): 40
 epochs were ~1160 steps on the demo but ~520 on a 15-study cohort; at 64x64 a small lesion is 1-2
 pixels; the weighted CE alone stayed near validation Dice 0 on small cohorts; lr 5e-5 does not move
 in CPU minutes.
@@ -47,13 +47,13 @@ CKPT_FILE = "unet.pt"
 KEEP_METRIC = "val_best_dice"
 
 UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
-    # small: see the module docstring and README ("U-Net: why it undertrained"): 15 epochs of
+    # small: see the module docstring and docs/UNET_EXPERIMENTS.md ("U-Net: why it undertrained"): 15 epochs of
     # batch 64 were ~180 optimizer steps and the validation Dice was still rising at the last one.
     # Issue 23: CE + soft Dice (dice_weight 1) and a budget of optimizer steps rather than epochs
     # (epochs = ceil(steps / steps per epoch)), so a 15-study cohort trains as long as the demo.
     # And the slices' own resolution (input_size "native") trained on 64x64 windows (crop 64),
     # half of them centred near tumour: at 64x64 small lesions were 1-2 pixels.
-    # Third round (README, "U-Net: third round"): pet_gamma False (no PET gamma in the
+    # Third round (docs/UNET_EXPERIMENTS.md, "U-Net: third round"): pet_gamma False (no PET gamma in the
     # augmentation, SUV being calibrated) raised phantom v2b's test median Dice 0.41 -> 0.51 but
     # lowered the demo's split 0 0.73 -> 0.67 (11 false lesions per study instead of 2.5), so the
     # small preset keeps the gamma; the key says so explicitly.
@@ -183,7 +183,7 @@ def unet_epochs(epochs: int | None, steps: int | None, steps_per_epoch: int) -> 
     """Epochs to run: ``epochs`` when given, else enough whole epochs for ``steps`` optimizer steps
     (``ceil(steps / steps_per_epoch)``, at least 1). Why a step budget: the small preset's 40 epochs
     were ~1160 steps on the 24-study demo but ~520 on a 15-study cohort, where the validation Dice
-    had not left ~0 (README, "U-Net: why it undertrained")."""
+    had not left ~0 (docs/UNET_EXPERIMENTS.md, "U-Net: why it undertrained")."""
     if epochs:
         return int(epochs)
     if not steps or steps < 1:

@@ -65,7 +65,7 @@ def test_pet_gamma_off_enters_the_training_fingerprint_and_the_default_adds_no_k
     from jobs.ray_train import run_fingerprint
     from jobs.train_unet import UNET_JOB_PRESETS, fit_unet
 
-    # both presets keep the classifier's gamma (README, "U-Net: third round": mixed across cohorts)
+    # both presets keep the classifier's gamma (docs/UNET_EXPERIMENTS.md, "U-Net: third round": mixed across cohorts)
     assert UNET_JOB_PRESETS["small"]["pet_gamma"] is True
     assert UNET_JOB_PRESETS["paper"]["pet_gamma"] is True
     import inspect

@@ -66,7 +66,7 @@ def pooled_dice(study_counts: Iterable[tuple[np.ndarray, np.ndarray, int]], shap
     The U-Net's validation rule (issue 23), not the searches': every study counts, tumour-free ones
     included, since their false-positive voxels enlarge ``sum |P|``; ``patient_mean`` leaves those
     studies out (their Dice is NaN), so a threshold that paints every tumour-free study costs it
-    nothing. Why the U-Net departs from the project rule is measured in the README ("U-Net: a
+    nothing. Why the U-Net departs from the project rule is measured in the docs/UNET_EXPERIMENTS.md ("U-Net: a
     steadier validation choice").
 
     Args:

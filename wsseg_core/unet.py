@@ -200,7 +200,7 @@ def pet_log_transform(pet: torch.Tensor, k: float) -> torch.Tensor:
     channel, where hot lesions span 0.2-1) whatever the threshold; the log spreads the range in
     which physiological uptake and faint lesions lie. Measured on the demo's split 1 it did not
     find them (test median Dice 0.456 vs 0.460), so no preset uses it (``pet_log`` 0); it stays
-    an option of ``UNet2D`` / ``bench.bench_unet --pet-log`` (README, "U-Net: third round")."""
+    an option of ``UNet2D`` / ``bench.bench_unet --pet-log`` (docs/UNET_EXPERIMENTS.md, "U-Net: third round")."""
     return torch.log1p(pet.clamp(min=0.0) * float(k)) / math.log1p(float(k))
 
 
@@ -214,7 +214,7 @@ def native_input_size(slice_shapes: Iterable[Sequence[int]]) -> int:
 
     Why (issue 23): the small preset's 64x64 halves a 128-pixel phantom slice, so a 15-voxel lesion
     becomes 1-2 pixels; at the native grid the same U-Net found 14 of 16 test lesions on the demo
-    cohort instead of 12 (README, "U-Net: why it undertrained"). Training cost stays that of 64x64
+    cohort instead of 12 (docs/UNET_EXPERIMENTS.md, "U-Net: why it undertrained"). Training cost stays that of 64x64
     through ``crop_pair`` windows; only validation and inference run on whole native slices.
     """
     sides = [int(v) for sh in slice_shapes for v in tuple(sh)[:2]]
@@ -317,7 +317,7 @@ def slice_batch(suv: np.ndarray, ct: np.ndarray, z_indices: Sequence[int] | np.n
     the volume repeats the edge slice (index clamped to 0 ... Z - 1).
 
     Why it was tried (issue 23, fourth round): 3-D context could tell a lesion from an organ of
-    the same uptake. Measured (README, "U-Net: fourth round"): with context 1 the small preset's
+    the same uptake. Measured (docs/UNET_EXPERIMENTS.md, "U-Net: fourth round"): with context 1 the small preset's
     test median Dice fell on demo split 1 (0.427 -> 0.407) and v2b (0.467 -> 0.371), the same
     lesions missed, so no preset uses it (``context`` 0).
     """
@@ -382,7 +382,7 @@ def segment_volume_unet(model: nn.Module, pre: SlicePreprocessor, suv: np.ndarra
 #: ``evaluate_unet(thresholds=...)``). Issue 23, fourth round: 0.02, 0.05, 0.95 and 0.98 were
 #: added to 0.1 ... 0.9 because the validation choice sat on the grid's end in 9 of 12 bench runs
 #: (0.1 where the network under-segments, 0.9 where it over-segments). Measured on the same
-#: networks (README, "U-Net: fourth round"): demo split 0 chose 0.95 (test median Dice 0.706 ->
+#: networks (docs/UNET_EXPERIMENTS.md, "U-Net: fourth round"): demo split 0 chose 0.95 (test median Dice 0.706 ->
 #: 0.729, ICC 0.93 -> 0.95, lesions 14 -> 13 of 16), v2b 0.05 (0.467 -> 0.482, ICC 0.46 -> 0.52),
 #: demo split 1 kept 0.1 (unchanged).
 THRESHOLD_GRID: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
@@ -413,7 +413,7 @@ def choose_threshold(model: nn.Module, pre: SlicePreprocessor, studies: Sequence
     also leaves tumour-free studies out): neither of those sees the false positives of a
     tumour-free study, and with 4-6 validation studies the median went to the grid's ends (0.1 on
     the demo's seed-1 split, where the job then painted 19.8 ml on a tumour-free test study).
-    Measured (README, "U-Net: a steadier validation choice"; the same networks, only the rule
+    Measured (docs/UNET_EXPERIMENTS.md, "U-Net: a steadier validation choice"; the same networks, only the rule
     differs): demo split 0, test median Dice pooled 0.79 / 0.73 vs median 0.73 / 0.72 (two
     checkpoints), patient mean 0.79 / 0.74; demo split 1, pooled 0.47 vs median 0.38; phantom
     v2b, pooled 0.44 / 0.45 vs median 0.39 / 0.43, patient mean 0.44 / 0.45.
@@ -539,7 +539,7 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | 
     ``pet_gamma`` False: the same draws and warp, without the PET gamma. Why it was tried (issue
     23, third round): SUV is a calibrated unit, and a gamma of 0.7-1.4 moves a faint lesion's SUV
     ~2.5 (0.12 of the channel) between 0.05 and 0.23, across the levels of the liver and bowel.
-    Measured (README, "U-Net: third round"): without it the small preset's U-Net found more test
+    Measured (docs/UNET_EXPERIMENTS.md, "U-Net: third round"): without it the small preset's U-Net found more test
     lesions on phantom v2b (17 vs 14 of 19; median Dice 0.51 vs 0.41) and on the demo's split 1
     (16 vs 14 of 18; Dice 0.455 vs 0.460) but over-segmented the demo's split 0 (median 0.67 vs
     0.73), so no preset turns it off.
@@ -609,7 +609,7 @@ def scale_lesion_uptake(x: torch.Tensor, y: torch.Tensor, generator: torch.Gener
     lesion (recall 0.72-0.98 on the training lesions of mean SUV 2.45-3.0): it generalised poorly
     from the handful of faint lesions a training split holds. Lesion avidity varies in patients
     (tumour type, uptake time), so fainter copies of every training lesion are a generic way to
-    show the network more of them. Measured (README, "U-Net: fourth round"; fraction 0.5, low
+    show the network more of them. Measured (docs/UNET_EXPERIMENTS.md, "U-Net: fourth round"; fraction 0.5, low
     0.5): it did not find those lesions and over-segmented the demo's own split (test median Dice
     0.706 -> 0.640), so no preset uses it.
 
@@ -688,7 +688,7 @@ def paste_lesions(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     the liver), while it fitted every large training lesion; a training split holds ~50 lesions
     at ~50 places. Pasting them elsewhere shows each lesion against many backgrounds (the
     "copy-paste" augmentation of instance segmentation; additive, as uptake adds up in PET).
-    Measured (README, "U-Net: fourth round"): at fraction 0.5 v2b's test median Dice rose 0.467 ->
+    Measured (docs/UNET_EXPERIMENTS.md, "U-Net: fourth round"): at fraction 0.5 v2b's test median Dice rose 0.467 ->
     0.568 but the network learnt that any local excess is tumour (demo split 0 0.706 -> 0.563, 15.9
     ml on a tumour-free study); at 0.2 demo split 0 still fell to 0.633. No preset uses it.
 
@@ -776,8 +776,8 @@ class CEDiceLoss(nn.Module):
     the pixels tumour it left ~0 slowly. On 32x32 slices with small discs (0.7 % of the pixels) the
     weighted CE alone stayed at validation Dice 0.01-0.04 for 160 steps, CE + Dice reached 0.61
     (``tests/test_unet_threshold.py``); on the demo cohort at 64x64 CE + Dice reached a validation
-    pixel Dice of 0.50 in 400 steps and 0.72 in 1000, where the README records 0.24 after ~180 steps
-    and 0.59 after ~870 for the weighted CE alone (README, "U-Net: why it undertrained").
+    pixel Dice of 0.50 in 400 steps and 0.72 in 1000, where docs/UNET_EXPERIMENTS.md records 0.24 after ~180 steps
+    and 0.59 after ~870 for the weighted CE alone (docs/UNET_EXPERIMENTS.md, "U-Net: why it undertrained").
 
     DDP: the CE is ``train.GlobalMeanCrossEntropy``'s global weighted mean. For the Dice, the three
     sums are all-reduced (without gradient) and each rank returns the global Dice loss plus

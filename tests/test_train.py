@@ -189,6 +189,62 @@ def test_early_stopping_counts_epochs_without_a_better_auc():
         EarlyStopping(0)
 
 
+def test_early_stopping_patience_counts_only_from_start():
+    """Epochs before `start` set the best AUC but never count toward the patience, and the count
+    travels in the state (a resumed run counts on where it was)."""
+    from wsseg_core.train import EarlyStopping
+
+    s = EarlyStopping(2, start=3)
+    # the best is at epoch 0; epochs 1-2 are worse but do not count, epochs 3-4 do: stop at 4
+    assert [s.update(a) for a in (0.9, 0.5, 0.6, 0.7, 0.8)] == [False, False, False, False, True]
+    assert s.best == 0.9
+    # a NaN still counts as an epoch seen (it is one), though never toward the patience
+    s2 = EarlyStopping(1, start=1)
+    assert [s2.update(a) for a in (float("nan"), 0.5, 0.4)] == [False, False, True]
+    # restore: same stop decision as the uninterrupted run
+    a = EarlyStopping(2, start=3)
+    for v in (0.9, 0.5):
+        a.update(v)
+    b = EarlyStopping(2, start=3)
+    b.restore(a.state())
+    assert [b.update(v) for v in (0.6, 0.7, 0.8)] == [False, False, True]
+    # a state written before `seen` existed counted every epoch: it keeps counting
+    c = EarlyStopping(2, start=3)
+    c.restore({"best": 0.9, "since": 1})
+    assert c.update(0.5) is True
+    with pytest.raises(ValueError):
+        EarlyStopping(2, start=-1)
+
+
+def test_early_stop_start_waits_for_the_one_cycle_anneal():
+    """"half_lr": the epoch by which a one-cycle lr is at half its peak (checked against the
+    scheduler itself); "first" or a constant lr: 0."""
+    import torch
+
+    from wsseg_core.train import early_stop_start, make_optimizer, make_scheduler
+
+    assert early_stop_start("first", "onecycle", 20) == 0
+    assert early_stop_start(None, "onecycle", 20) == 0
+    assert early_stop_start("half_lr", "constant", 20) == 0
+    assert early_stop_start("half_lr", "onecycle", 20) == 13
+    assert early_stop_start("half_lr", "onecycle", 30) == 20
+    with pytest.raises(ValueError):
+        early_stop_start("later", "onecycle", 20)
+    # the scheduler's lr at the start of that epoch is at most half its peak, one epoch earlier above
+    epochs, spe = 20, 7
+    m = torch.nn.Linear(2, 2)
+    opt = make_optimizer(m, lr=1e-2, kind="adamw")
+    sched = make_scheduler(opt, "onecycle", 1e-2, epochs, spe)
+    lr_at_epoch = []
+    for e in range(epochs):
+        lr_at_epoch.append(opt.param_groups[0]["lr"])
+        for _ in range(spe):
+            opt.step()
+            sched.step()
+    k = early_stop_start("half_lr", "onecycle", epochs)
+    assert lr_at_epoch[k] <= 0.5e-2 < lr_at_epoch[k - 2]
+
+
 def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
     import torch
 

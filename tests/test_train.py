@@ -271,3 +271,31 @@ def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
     resumed, _ = lrs(start_epoch=2, state=state)
     np.testing.assert_allclose(first + resumed, full, rtol=1e-9)
     assert make_scheduler(make_optimizer(torch.nn.Linear(1, 1)), "constant", 1e-3, 1, 1) is None
+
+
+def test_fit_classifier_patience_start_delays_the_stop(monkeypatch):
+    """fit_classifier(patience_start="half_lr") under one-cycle: the same validation AUCs that
+    stop a "first" run after 3 epochs run until ceil(0.65 * 10) = 7 + patience."""
+    import torch
+
+    import wsseg_core.train as tr
+
+    aucs = iter([])
+
+    def fake_evaluate(*a, **k):
+        return dict(loss=0.0, auc=next(aucs), accuracy=0.0, n=1, n_pos=1)
+
+    monkeypatch.setattr(tr, "evaluate", fake_evaluate)
+    x = torch.rand(8, 2, 16, 16)
+    y = torch.tensor([0, 1] * 4)
+
+    def run(start):
+        nonlocal aucs
+        aucs = iter([0.9] + [0.5] * 20)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 16 * 16, 2))
+        return tr.fit_classifier(model, (x, y), (x, y), epochs=10, batch_size=4, lr=1e-3,
+                                 optimizer="adamw", schedule="onecycle", patience=2,
+                                 patience_start=start, augment=False)
+
+    assert len(run("first")) == 3          # epochs 1 and 2 without a better AUC
+    assert len(run("half_lr")) == 9        # epochs 7 and 8 are the first that count

@@ -227,13 +227,15 @@ def main(argv=None) -> dict:
     va = slices_from_studies(studies["val"], pre)
     te = slices_from_studies(studies["test"], pre)  # per-epoch test AUC: diagnosis only, never selection
     best = {"auc": -1.0, "state": None, "epoch": -1}
+    from wsseg_core.train import early_stop_start
+    first_eligible = early_stop_start(recipe.get("patience_start"), recipe["schedule"], epochs)
     t_fit = time.perf_counter()
 
     def keep(epoch, m, net):
         m["test_auc"] = roc_auc(predict_proba(net, te[0]), te[1].numpy())
         print(f"epoch {epoch} train_loss {m['train_loss']:.4f} val_auc {m['val_auc']:.4f} "
               f"test_auc {m['test_auc']:.4f} ({time.perf_counter() - t_fit:.0f} s)", flush=True)
-        if m["val_auc"] > best["auc"]:
+        if epoch >= first_eligible and m["val_auc"] > best["auc"]:
             best.update(auc=m["val_auc"], state=copy.deepcopy(net.state_dict()), epoch=epoch)
 
     hist = fit_classifier(model, tr, va, epochs=epochs, batch_size=preset["batch_size"], lr=lr,

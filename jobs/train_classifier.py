@@ -30,6 +30,9 @@ from wsseg_core.models import MAP_STRIDES, PRESETS as MODEL_PRESETS, default_atr
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
+#: The keeping metric when the run has a patience_start: its validation AUC from that epoch on,
+#: NaN before (so no network of the high-lr epochs is kept; wsseg_core.train.early_stop_start).
+ELIGIBLE_METRIC = "val_auc_eligible"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -94,9 +97,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Validation metrics come from rank 0 (on_rank0), so every rank stops at the same epoch. The
     # stopper's counts travel in the checkpoint: a rerun of a run that stopped early stops again
     # at once instead of training `patience` more epochs.
-    stopper = EarlyStopping(config.get("patience"),
-                            start=early_stop_start(config.get("patience_start"),
-                                                  config.get("schedule", "constant"), config["epochs"]))
+    # patience_start also says from which epoch a network may be kept: the epochs before it
+    # report val_auc_eligible NaN, which never beats a finite value (fit's `metric`).
+    first_eligible = early_stop_start(config.get("patience_start"), config.get("schedule", "constant"),
+                                      config["epochs"])
+    stopper = EarlyStopping(config.get("patience"), start=first_eligible)
     if resumed is not None:
         stopper.restore(resumed_extra_state().get("early_stopping"))
         if stopper.stopped:
@@ -122,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "start_epoch": start_epoch, "workers": world, "steps": len(sampler),
                    # rank 0's wall time of the epoch's training steps (bench/bench_ddp.py)
                    "train_s": on_rank0(lambda: train_s)}
+        if config.get("patience_start"):
+            metrics[ELIGIBLE_METRIC] = float(val["auc"]) if epoch >= first_eligible else float("nan")
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], val["auc"])
@@ -197,7 +204,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     `optimizer` / `schedule`: wsseg_core.train.make_optimizer / make_scheduler (`lr` is the peak of
     a one-cycle schedule); `patience`: early stop after that many epochs without a better
     validation AUC (None: run every epoch); `patience_start`: from which epoch it counts
-    (wsseg_core.train.early_stop_start; None: "first", every epoch). `head`: "gap" (GAP + linear, CAM's architecture) or
+    (wsseg_core.train.early_stop_start; None: "first", every epoch); with it set, only networks
+    from that epoch on can be kept (metric `val_auc_eligible`). `head`: "gap" (GAP + linear, CAM's architecture) or
     "fc" (VGG16's fully connected head, as in Früh et al.'s code; no CAM), see wsseg_core.models.
     `pixel_mm`: slices resampled in-plane to that many mm a pixel and padded / cropped to the input
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
@@ -230,7 +238,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   **({"atrous": bool(atrous)} if atrous is not None else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
-                             metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
+                             metric=ELIGIBLE_METRIC if patience_start is not None else "val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
 

@@ -190,14 +190,14 @@ def test_early_stopping_counts_epochs_without_a_better_auc():
 
 
 def test_early_stopping_patience_counts_only_from_start():
-    """Epochs before `start` set the best AUC but never count toward the patience, and the count
+    """Epochs before `start` are ignored (neither the best AUC nor the patience), and the count
     travels in the state (a resumed run counts on where it was)."""
     from wsseg_core.train import EarlyStopping
 
     s = EarlyStopping(2, start=3)
-    # the best is at epoch 0; epochs 1-2 are worse but do not count, epochs 3-4 do: stop at 4
-    assert [s.update(a) for a in (0.9, 0.5, 0.6, 0.7, 0.8)] == [False, False, False, False, True]
-    assert s.best == 0.9
+    # epoch 0's 0.9 is ignored; 0.7 at epoch 3 is the best, 0.6 and 0.65 after it stop the run
+    assert [s.update(a) for a in (0.9, 0.5, 0.6, 0.7, 0.6, 0.65)] == [False] * 5 + [True]
+    assert s.best == 0.7
     # a NaN still counts as an epoch seen (it is one), though never toward the patience
     s2 = EarlyStopping(1, start=1)
     assert [s2.update(a) for a in (float("nan"), 0.5, 0.4)] == [False, False, True]
@@ -207,7 +207,7 @@ def test_early_stopping_patience_counts_only_from_start():
         a.update(v)
     b = EarlyStopping(2, start=3)
     b.restore(a.state())
-    assert [b.update(v) for v in (0.6, 0.7, 0.8)] == [False, False, True]
+    assert [b.update(v) for v in (0.6, 0.7, 0.6, 0.6)] == [False, False, False, True]
     # a state written before `seen` existed counted every epoch: it keeps counting
     c = EarlyStopping(2, start=3)
     c.restore({"best": 0.9, "since": 1})
@@ -275,7 +275,8 @@ def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
 
 def test_fit_classifier_patience_start_delays_the_stop(monkeypatch):
     """fit_classifier(patience_start="half_lr") under one-cycle: the same validation AUCs that
-    stop a "first" run after 3 epochs run until ceil(0.65 * 10) = 7 + patience."""
+    stop a "first" run after 3 epochs run to epoch ceil(0.65 * 12) = 8, the first that counts,
+    then `patience` more."""
     import torch
 
     import wsseg_core.train as tr
@@ -293,9 +294,9 @@ def test_fit_classifier_patience_start_delays_the_stop(monkeypatch):
         nonlocal aucs
         aucs = iter([0.9] + [0.5] * 20)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 16 * 16, 2))
-        return tr.fit_classifier(model, (x, y), (x, y), epochs=10, batch_size=4, lr=1e-3,
+        return tr.fit_classifier(model, (x, y), (x, y), epochs=12, batch_size=4, lr=1e-3,
                                  optimizer="adamw", schedule="onecycle", patience=2,
                                  patience_start=start, augment=False)
 
     assert len(run("first")) == 3          # epochs 1 and 2 without a better AUC
-    assert len(run("half_lr")) == 9        # epochs 7 and 8 are the first that count
+    assert len(run("half_lr")) == 11       # epoch 8 sets the best, 9 and 10 do not beat it

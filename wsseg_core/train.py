@@ -210,8 +210,9 @@ def early_stop_start(patience_start: str | None, schedule: str, epochs: int) -> 
     converge and its validation AUC jumps between epochs (hot15, 4 validation studies: 0.88, 0.61,
     0.88, 0.86, 0.87, 0.83, 0.87 over epochs 0-6), so "no better AUC for ``patience`` epochs"
     there is noise, not a plateau: a patience of 6 stopped such runs at epoch 7-14, before the
-    anneal that gives most of the AUC (README, "classifier recipe"). Those epochs still set the
-    best AUC and can still be the kept checkpoint.
+    anneal that gives most of the AUC, and a lucky early epoch won the checkpoint (hot15: epoch 0
+    or 1 kept, test AUC 0.68-0.69; README, "classifier recipe"). So those epochs neither count,
+    nor set the best, nor can be kept (``jobs.train_classifier``'s ``val_auc_eligible``).
     """
     if patience_start in (None, "first"):
         return 0
@@ -229,8 +230,9 @@ class EarlyStopping:
 
     A NaN AUC (a validation set without both classes, or none) is no evidence either way: it
     neither improves nor counts toward the patience, so training without validation runs every epoch.
-    ``start``: updates before the ``start``-th (0-based) may set the best AUC but never count
-    toward the patience (:func:`early_stop_start`: not while a one-cycle lr is still high).
+    ``start``: updates before the ``start``-th (0-based) are ignored: they neither set the best
+    AUC nor count toward the patience (:func:`early_stop_start`: not while a one-cycle lr is still
+    high; the caller keeps no checkpoint from them either, see ``jobs.train_classifier``).
     """
 
     def __init__(self, patience: int | None, start: int = 0) -> None:
@@ -253,11 +255,11 @@ class EarlyStopping:
         """Record one epoch's AUC; True when training should stop now."""
         counts = self.seen >= self.start
         self.seen += 1
-        if auc != auc:
+        if auc != auc or not counts:
             return False
         if auc > self.best:
             self.best, self.since = float(auc), 0
-        elif counts:
+        else:
             self.since += 1
         return self.stopped
 

@@ -228,6 +228,10 @@ def test_early_stop_start_waits_for_the_one_cycle_anneal():
     assert early_stop_start("half_lr", "constant", 20) == 0
     assert early_stop_start("half_lr", "onecycle", 20) == 13
     assert early_stop_start("half_lr", "onecycle", 30) == 20
+    assert early_stop_start("half_lr", "onecycle", 3) == 2
+    # a run of 1-2 epochs keeps its last epoch eligible
+    assert early_stop_start("half_lr", "onecycle", 2) == 1
+    assert early_stop_start("half_lr", "onecycle", 1) == 0
     with pytest.raises(ValueError):
         early_stop_start("later", "onecycle", 20)
     # the scheduler's lr at the start of that epoch is at most half its peak, one epoch earlier above

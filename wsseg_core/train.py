@@ -206,7 +206,7 @@ def early_stop_start(patience_start: str | None, schedule: str, epochs: int) -> 
 
     ``patience_start`` "first" (or None): 0, every epoch counts. "half_lr": under a one-cycle
     schedule, the epoch by which the lr has annealed to half its peak (``ceil(0.65 * epochs)``);
-    under a constant lr, 0. Before that a randomly initialised BN network at a high lr does not
+    under a constant lr, 0; never past the last epoch. Before that a randomly initialised BN network at a high lr does not
     converge and its validation AUC jumps between epochs (hot15, 4 validation studies: 0.88, 0.61,
     0.88, 0.86, 0.87, 0.83, 0.87 over epochs 0-6), so "no better AUC for ``patience`` epochs"
     there is noise, not a plateau: a patience of 6 stopped such runs at epoch 7-14, before the
@@ -219,7 +219,8 @@ def early_stop_start(patience_start: str | None, schedule: str, epochs: int) -> 
     if patience_start != "half_lr":
         raise ValueError(f"patience_start must be one of {PATIENCE_STARTS}, got {patience_start!r}")
     if schedule == "onecycle":
-        return int(math.ceil(ONECYCLE_HALF_LR_AT * int(epochs)))
+        # at most the last epoch, so a short run (--epochs 1-2) still has one to keep
+        return min(int(math.ceil(ONECYCLE_HALF_LR_AT * int(epochs))), max(0, int(epochs) - 1))
     if schedule == "constant":
         return 0
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")

@@ -30,6 +30,9 @@ from wsseg_core.models import MAP_STRIDES, PRESETS as MODEL_PRESETS, default_atr
 
 LOG = logging.getLogger("wsseg.train_classifier")
 CKPT_FILE = "classifier.pt"
+#: The keeping metric when the run has a patience_start: its validation AUC from that epoch on,
+#: NaN before (so no network of the high-lr epochs is kept; wsseg_core.train.early_stop_start).
+ELIGIBLE_METRIC = "val_auc_eligible"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -42,7 +45,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from wsseg_core.data import StudyRef
     from wsseg_core.models import build_slice_classifier, load_classifier, save_classifier
     from wsseg_core.train import (EarlyStopping, GlobalBatchSampler, GlobalMeanCrossEntropy,
-                                  evaluate, make_loss, make_optimizer, make_scheduler,
+                                  early_stop_start, evaluate, make_loss, make_optimizer, make_scheduler,
                                   slices_from_studies, train_one_epoch)
 
     rank, world = world_info()
@@ -94,7 +97,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Validation metrics come from rank 0 (on_rank0), so every rank stops at the same epoch. The
     # stopper's counts travel in the checkpoint: a rerun of a run that stopped early stops again
     # at once instead of training `patience` more epochs.
-    stopper = EarlyStopping(config.get("patience"))
+    # patience_start also says from which epoch a network may be kept: the epochs before it
+    # report val_auc_eligible NaN, which never beats a finite value (fit's `metric`).
+    first_eligible = early_stop_start(config.get("patience_start"), config.get("schedule", "constant"),
+                                      config["epochs"])
+    stopper = EarlyStopping(config.get("patience"), start=first_eligible)
     if resumed is not None:
         stopper.restore(resumed_extra_state().get("early_stopping"))
         if stopper.stopped:
@@ -120,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "start_epoch": start_epoch, "workers": world, "steps": len(sampler),
                    # rank 0's wall time of the epoch's training steps (bench/bench_ddp.py)
                    "train_s": on_rank0(lambda: train_s)}
+        if config.get("patience_start"):
+            metrics[ELIGIBLE_METRIC] = float(val["auc"]) if epoch >= first_eligible else float("nan")
         if rank == 0:
             LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.3f", epoch + 1,
                      config["epochs"], train_loss, val["loss"], val["auc"])
@@ -184,7 +193,7 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
         storage_path: str | None = None, name: str = "classifier", max_failures: int = 3,
         seed: int = 0, callbacks: list | None = None,
         optimizer: str = "sgd", schedule: str = "constant", patience: int | None = None,
-        weight_decay: float = 0.0, head: str = "gap", pixel_mm: float | None = None,
+        patience_start: str | None = None, weight_decay: float = 0.0, head: str = "gap", pixel_mm: float | None = None,
         map_stride: int | None = None, atrous: bool | None = None,
         test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the classifier with Ray Train; copy the best checkpoint (by validation AUC) into the run.
@@ -194,7 +203,9 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
     not scaled). It must be at least `num_workers`. Every worker holds the whole training set.
     `optimizer` / `schedule`: wsseg_core.train.make_optimizer / make_scheduler (`lr` is the peak of
     a one-cycle schedule); `patience`: early stop after that many epochs without a better
-    validation AUC (None: run every epoch). `head`: "gap" (GAP + linear, CAM's architecture) or
+    validation AUC (None: run every epoch); `patience_start`: from which epoch it counts
+    (wsseg_core.train.early_stop_start; None: "first", every epoch); with it set, only networks
+    from that epoch on can be kept (metric `val_auc_eligible`). `head`: "gap" (GAP + linear, CAM's architecture) or
     "fc" (VGG16's fully connected head, as in Früh et al.'s code; no CAM), see wsseg_core.models.
     `pixel_mm`: slices resampled in-plane to that many mm a pixel and padded / cropped to the input
     size (None: the model preset's, paper 2 mm, small resize; 0: resize); the checkpoint records it.
@@ -222,11 +233,12 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
                   weight_decay=weight_decay, head=head,
                   # only when set: a run stored before the option keeps its fingerprint
                   **({"pixel_mm": float(pixel_mm)} if pixel_mm is not None else {}),
+                  **({"patience_start": str(patience_start)} if patience_start is not None else {}),
                   **({"map_stride": int(map_stride)} if map_stride is not None else {}),
                   **({"atrous": bool(atrous)} if atrous is not None else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
-                             metric="val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
+                             metric=ELIGIBLE_METRIC if patience_start is not None else "val_auc", name=name, num_workers=num_workers, use_gpu=use_gpu,
                              cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                              max_failures=max_failures, callbacks=callbacks)
 
@@ -234,7 +246,8 @@ def fit(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str 
 def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
                       head: str = "gap", map_stride: int | None = None,
                       atrous: bool | None = None) -> dict[str, Any]:
-    """The preset's optimizer, schedule, early-stopping patience, weight decay and input size,
+    """The preset's optimizer, schedule, early-stopping patience (and from which epoch it counts),
+    weight decay and input size,
     the classifier head and the CAM map stride, as `fit` keywords; `optimizer` overrides the
     preset's (with SGD the schedule is constant, as in the paper). `map_stride` overrides the
     preset's (the job preset's, else its model preset's: small 4, paper unset = 8); at stride 4 the recipe also says whether the convs after the removed pool are
@@ -249,10 +262,13 @@ def classifier_recipe(preset: dict[str, Any], optimizer: str | None = None,
     elif atrous:
         raise ValueError(f"atrous needs map stride 4, got {stride or 8}")
     opt = optimizer or preset.get("optimizer", "sgd")
+    # patience_start only when the preset sets one: a run stored before the option keeps its
+    # fingerprint, and one of the small preset's runs trained before it ("first") retrains.
+    start_keys = {"patience_start": preset["patience_start"]} if preset.get("patience_start") else {}
     return dict(optimizer=opt,
                 schedule=preset.get("schedule", "constant") if opt == preset.get("optimizer", "sgd") else "constant",
                 patience=preset.get("patience"), weight_decay=preset.get("weight_decay", 0.0),
-                input_size=preset.get("input_size"), head=head, **stride_keys)
+                input_size=preset.get("input_size"), head=head, **start_keys, **stride_keys)
 
 
 PIXEL_MM_HELP = ("in-plane pixel size in mm: each slice is resampled to it (bilinear, with the study's "

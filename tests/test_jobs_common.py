@@ -147,3 +147,19 @@ def test_map_stride_option_reaches_the_fit_keywords_only_when_set():
     assert build_parser().parse_args(["--cohort", "c", "--out", "x"]).map_stride is None
     with pytest.raises(SystemExit):  # only the strides the network has
         pipeline.build_parser().parse_args(["--out", "x", "--map-stride", "2"])
+
+
+def test_patience_start_enters_the_small_preset_fit_keywords_only():
+    """The small preset's "half_lr" patience start (README, "classifier recipe") is a fit keyword,
+    so it enters the run fingerprint and a run trained before it retrains; the paper preset, which
+    sets none, keeps its keywords (and fingerprint) unchanged."""
+    from jobs.common import PIPELINE_PRESETS
+    from jobs.ray_train import run_fingerprint
+    from jobs.train_classifier import classifier_recipe
+
+    small, paper = PIPELINE_PRESETS["small"], PIPELINE_PRESETS["paper"]
+    assert classifier_recipe(small)["patience_start"] == "half_lr"
+    assert "patience_start" not in classifier_recipe(paper)
+    without = {k: v for k, v in classifier_recipe(small).items() if k != "patience_start"}
+    fp = lambda c: run_fingerprint({"epochs": small["epochs"], **c}, metric="val_auc", mode="max")["digest"]
+    assert fp(classifier_recipe(small)) != fp(without)

@@ -189,6 +189,66 @@ def test_early_stopping_counts_epochs_without_a_better_auc():
         EarlyStopping(0)
 
 
+def test_early_stopping_patience_counts_only_from_start():
+    """Epochs before `start` are ignored (neither the best AUC nor the patience), and the count
+    travels in the state (a resumed run counts on where it was)."""
+    from wsseg_core.train import EarlyStopping
+
+    s = EarlyStopping(2, start=3)
+    # epoch 0's 0.9 is ignored; 0.7 at epoch 3 is the best, 0.6 and 0.65 after it stop the run
+    assert [s.update(a) for a in (0.9, 0.5, 0.6, 0.7, 0.6, 0.65)] == [False] * 5 + [True]
+    assert s.best == 0.7
+    # a NaN still counts as an epoch seen (it is one), though never toward the patience
+    s2 = EarlyStopping(1, start=1)
+    assert [s2.update(a) for a in (float("nan"), 0.5, 0.4)] == [False, False, True]
+    # restore: same stop decision as the uninterrupted run
+    a = EarlyStopping(2, start=3)
+    for v in (0.9, 0.5):
+        a.update(v)
+    b = EarlyStopping(2, start=3)
+    b.restore(a.state())
+    assert [b.update(v) for v in (0.6, 0.7, 0.6, 0.6)] == [False, False, False, True]
+    # a state written before `seen` existed counted every epoch: it keeps counting
+    c = EarlyStopping(2, start=3)
+    c.restore({"best": 0.9, "since": 1})
+    assert c.update(0.5) is True
+    with pytest.raises(ValueError):
+        EarlyStopping(2, start=-1)
+
+
+def test_early_stop_start_waits_for_the_one_cycle_anneal():
+    """"half_lr": the epoch by which a one-cycle lr is at half its peak (checked against the
+    scheduler itself); "first" or a constant lr: 0."""
+    import torch
+
+    from wsseg_core.train import early_stop_start, make_optimizer, make_scheduler
+
+    assert early_stop_start("first", "onecycle", 20) == 0
+    assert early_stop_start(None, "onecycle", 20) == 0
+    assert early_stop_start("half_lr", "constant", 20) == 0
+    assert early_stop_start("half_lr", "onecycle", 20) == 13
+    assert early_stop_start("half_lr", "onecycle", 30) == 20
+    assert early_stop_start("half_lr", "onecycle", 3) == 2
+    # a run of 1-2 epochs keeps its last epoch eligible
+    assert early_stop_start("half_lr", "onecycle", 2) == 1
+    assert early_stop_start("half_lr", "onecycle", 1) == 0
+    with pytest.raises(ValueError):
+        early_stop_start("later", "onecycle", 20)
+    # the scheduler's lr at the start of that epoch is at most half its peak, one epoch earlier above
+    epochs, spe = 20, 7
+    m = torch.nn.Linear(2, 2)
+    opt = make_optimizer(m, lr=1e-2, kind="adamw")
+    sched = make_scheduler(opt, "onecycle", 1e-2, epochs, spe)
+    lr_at_epoch = []
+    for e in range(epochs):
+        lr_at_epoch.append(opt.param_groups[0]["lr"])
+        for _ in range(spe):
+            opt.step()
+            sched.step()
+    k = early_stop_start("half_lr", "onecycle", epochs)
+    assert lr_at_epoch[k] <= 0.5e-2 < lr_at_epoch[k - 2]
+
+
 def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
     import torch
 
@@ -215,3 +275,32 @@ def test_onecycle_warms_up_then_anneals_and_resumes_where_it_was():
     resumed, _ = lrs(start_epoch=2, state=state)
     np.testing.assert_allclose(first + resumed, full, rtol=1e-9)
     assert make_scheduler(make_optimizer(torch.nn.Linear(1, 1)), "constant", 1e-3, 1, 1) is None
+
+
+def test_fit_classifier_patience_start_delays_the_stop(monkeypatch):
+    """fit_classifier(patience_start="half_lr") under one-cycle: the same validation AUCs that
+    stop a "first" run after 3 epochs run to epoch ceil(0.65 * 12) = 8, the first that counts,
+    then `patience` more."""
+    import torch
+
+    import wsseg_core.train as tr
+
+    aucs = iter([])
+
+    def fake_evaluate(*a, **k):
+        return dict(loss=0.0, auc=next(aucs), accuracy=0.0, n=1, n_pos=1)
+
+    monkeypatch.setattr(tr, "evaluate", fake_evaluate)
+    x = torch.rand(8, 2, 16, 16)
+    y = torch.tensor([0, 1] * 4)
+
+    def run(start):
+        nonlocal aucs
+        aucs = iter([0.9] + [0.5] * 20)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 16 * 16, 2))
+        return tr.fit_classifier(model, (x, y), (x, y), epochs=12, batch_size=4, lr=1e-3,
+                                 optimizer="adamw", schedule="onecycle", patience=2,
+                                 patience_start=start, augment=False)
+
+    assert len(run("first")) == 3          # epochs 1 and 2 without a better AUC
+    assert len(run("half_lr")) == 11       # epoch 8 sets the best, 9 and 10 do not beat it

@@ -190,19 +190,62 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, max_lr: float, e
                                                last_epoch=last if last >= 0 else -1)
 
 
+#: Under one-cycle, the share of the run after which the lr has annealed to half its peak
+#: (warm-up to 30 % of the steps, then cosine: half the peak at 0.3 + 0.7 / 2 = 65 %).
+ONECYCLE_HALF_LR_AT = 0.65
+
+
+#: When early stopping's patience starts counting (``fit_classifier(patience_start=...)``):
+#: "first" from the first epoch (the former behaviour), "half_lr" once the lr has annealed to
+#: half its peak (:func:`early_stop_start`).
+PATIENCE_STARTS: tuple[str, ...] = ("first", "half_lr")
+
+
+def early_stop_start(patience_start: str | None, schedule: str, epochs: int) -> int:
+    """The first epoch whose validation AUC may count toward early stopping's patience.
+
+    ``patience_start`` "first" (or None): 0, every epoch counts. "half_lr": under a one-cycle
+    schedule, the epoch by which the lr has annealed to half its peak (``ceil(0.65 * epochs)``);
+    under a constant lr, 0; never past the last epoch. Before that a randomly initialised BN network at a high lr does not
+    converge and its validation AUC jumps between epochs (hot15, 4 validation studies: 0.88, 0.61,
+    0.88, 0.86, 0.87, 0.83, 0.87 over epochs 0-6), so "no better AUC for ``patience`` epochs"
+    there is noise, not a plateau: a patience of 6 stopped such runs at epoch 7-14, before the
+    anneal that gives most of the AUC, and a lucky early epoch won the checkpoint (hot15: epoch 0
+    or 1 kept, test AUC 0.68-0.69; README, "classifier recipe"). So those epochs neither count,
+    nor set the best, nor can be kept (``jobs.train_classifier``'s ``val_auc_eligible``).
+    """
+    if patience_start in (None, "first"):
+        return 0
+    if patience_start != "half_lr":
+        raise ValueError(f"patience_start must be one of {PATIENCE_STARTS}, got {patience_start!r}")
+    if schedule == "onecycle":
+        # at most the last epoch, so a short run (--epochs 1-2) still has one to keep
+        return min(int(math.ceil(ONECYCLE_HALF_LR_AT * int(epochs))), max(0, int(epochs) - 1))
+    if schedule == "constant":
+        return 0
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
 class EarlyStopping:
     """Stop when validation AUC has not improved for ``patience`` epochs (None: never stop).
 
     A NaN AUC (a validation set without both classes, or none) is no evidence either way: it
     neither improves nor counts toward the patience, so training without validation runs every epoch.
+    ``start``: updates before the ``start``-th (0-based) are ignored: they neither set the best
+    AUC nor count toward the patience (:func:`early_stop_start`: not while a one-cycle lr is still
+    high; the caller keeps no checkpoint from them either, see ``jobs.train_classifier``).
     """
 
-    def __init__(self, patience: int | None) -> None:
+    def __init__(self, patience: int | None, start: int = 0) -> None:
         if patience is not None and patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {patience!r}")
+        if int(start) < 0:
+            raise ValueError(f"start must be >= 0, got {start!r}")
         self.patience = patience
+        self.start = int(start)
         self.best = -math.inf
         self.since = 0
+        self.seen = 0
 
     @property
     def stopped(self) -> bool:
@@ -211,7 +254,9 @@ class EarlyStopping:
 
     def update(self, auc: float) -> bool:
         """Record one epoch's AUC; True when training should stop now."""
-        if auc != auc:
+        counts = self.seen >= self.start
+        self.seen += 1
+        if auc != auc or not counts:
             return False
         if auc > self.best:
             self.best, self.since = float(auc), 0
@@ -221,12 +266,14 @@ class EarlyStopping:
 
     def state(self) -> dict[str, float]:
         """What a checkpoint carries, so a resumed run counts on where it was (:meth:`restore`)."""
-        return {"best": self.best, "since": self.since}
+        return {"best": self.best, "since": self.since, "seen": self.seen}
 
     def restore(self, state: dict[str, float] | None) -> None:
-        """Continue from :meth:`state` (None: a checkpoint written without one; start afresh)."""
+        """Continue from :meth:`state` (None: a checkpoint written without one; start afresh).
+        A state from before ``seen`` was recorded counts as past ``start`` (it counted every epoch)."""
         if state:
             self.best, self.since = float(state["best"]), int(state["since"])
+            self.seen = int(state.get("seen", max(self.start, self.seen)))
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -302,12 +349,14 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
                    on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None,
                    *, device: str | torch.device | None = None, augment: bool = True,
                    weight_decay: float = 0.0, optimizer: str = "sgd", schedule: str = "constant",
-                   patience: int | None = None) -> list[dict[str, float]]:
+                   patience: int | None = None,
+                   patience_start: str | None = "first") -> list[dict[str, float]]:
     """Train for ``epochs`` and validate after each; the single-process reference loop.
 
     ``optimizer`` / ``schedule``: see ``make_optimizer`` / ``make_scheduler`` (``lr`` is the peak lr
     of a one-cycle schedule). ``patience``: stop early after that many epochs without a better
-    validation AUC (the caller keeps the best epoch's weights through ``on_epoch``).
+    validation AUC (the caller keeps the best epoch's weights through ``on_epoch``);
+    ``patience_start``: from which epoch the patience counts (``early_stop_start``).
 
     Shuffling and augmentation draw from generators seeded by ``seed`` (the weight init is the
     caller's: seed torch before building the model). ``device`` defaults to the model's device.
@@ -330,7 +379,7 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
     loss_fn = make_loss(tumour_weight).to(device)
     opt = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, kind=optimizer)
     sched = make_scheduler(opt, schedule, lr, epochs, len(loader))
-    stopper = EarlyStopping(patience)
+    stopper = EarlyStopping(patience, start=early_stop_start(patience_start, schedule, epochs))
     history: list[dict[str, float]] = []
     for epoch in range(int(epochs)):
         train_loss = train_one_epoch(model, loader, opt, loss_fn, device=device,

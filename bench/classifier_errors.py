@@ -1,0 +1,292 @@
+"""Where a slice classifier loses its test AUC on a phantom cohort (issue 16).
+
+Library-direct, one process: writes (or rewrites, deterministically) a phantom cohort, splits it as
+the pipeline does (``jobs.common.resolve_cohort``, patient level, stratified, seeded), trains the
+small preset's classifier with the pipeline's recipe (``jobs.common.PIPELINE_PRESETS`` +
+``jobs.train_classifier.classifier_recipe``) through ``wsseg_core.train.fit_classifier``, keeps the
+best-validation-AUC epoch, and breaks the test slices' errors down with the phantom's ground truth
+(tumour voxels per slice, lesion SUV, organ labels, distance to the nearest tumour slice).
+
+    python -m bench.classifier_errors --cohort /tmp/cls/hot30 --n 30 --shape 96 96 64 \
+        --spacing 2.7 2.7 4 --organ-uptake-scale 1.8 --phantom-seed 12 --seed 12 --tag base
+
+1 - AUC decomposes exactly over the positives (the mean share of negatives scored at or above each
+positive, ties half) and over the negatives (the mean share of positives scored at or below each);
+the tables report each group's share of that loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsseg_core import phantom as ph
+from wsseg_core.gate import choose_flag_threshold
+from wsseg_core.metrics import roc_auc
+
+HOT_ORGANS = {"brain": ph.BRAIN, "heart": (ph.MYOCARDIUM, ph.BLOOD), "kidney": ph.KIDNEY,
+              "bladder": ph.BLADDER, "liver": ph.LIVER, "spleen": ph.SPLEEN, "bowel": ph.BOWEL}
+
+
+def write_cohort(out: str, n: int, shape, spacing, seed: int, options: ph.PhantomOptions) -> dict:
+    """Write the cohort; return {study folder: PhantomStudy without its images} for ground truth."""
+    gt = {}
+    for ref, st in ph._iter_cohort(out, n, shape, seed, 0.25, spacing, options):
+        gt[str(Path(ref.suv_path).parent)] = st
+    return gt
+
+
+def slice_table(st, p: np.ndarray, split: str, key: str) -> pd.DataFrame:
+    """One row per axial slice: label, p, tumour voxels, organs present, lesion SUV, z distance."""
+    from scipy import ndimage
+
+    seg = np.asarray(st.seg).astype(bool)
+    org = np.asarray(st.organs)
+    suv = np.asarray(st.suv)
+    sx, sy, sz = st.spacing_mm
+    Z = seg.shape[2]
+    tum = seg.reshape(-1, Z).sum(0)
+    pos_z = np.flatnonzero(tum > 0)
+    rows = []
+    hot_mask = np.isin(org, list(ph.PHYSIOLOGICAL))
+    for z in range(Z):
+        r = {"study": key, "split": split, "z": z, "y": int(tum[z] > 0), "p": float(p[z]),
+             "tumour_vox": int(tum[z]), "tumour_ml": float(tum[z] * sx * sy * sz / 1000.0),
+             "dz_tumour": int(np.min(np.abs(pos_z - z))) if len(pos_z) else 999,
+             "suv_max_slice": float(suv[:, :, z].max())}
+        for name, code in HOT_ORGANS.items():
+            r[f"n_{name}"] = int(np.isin(org[:, :, z], np.atleast_1d(code)).sum())
+        # the hottest non-tumour voxel (organs compete with lesions)
+        nt = ~seg[:, :, z]
+        r["suv_max_nontumour"] = float(suv[:, :, z][nt].max()) if nt.any() else 0.0
+        if tum[z]:
+            r["suv_max_tumour"] = float(suv[:, :, z][seg[:, :, z]].max())
+            les = [l for l in st.lesions if l.z_range[0] <= z <= l.z_range[1]]
+            r["lesion_suv"] = max((l.suv for l in les), default=float("nan"))
+            r["lesion_d_mm"] = max((l.diameter_mm for l in les), default=float("nan"))
+            r["lesion_sites"] = ",".join(sorted({l.site for l in les}))
+            h = hot_mask[:, :, z]
+            if h.any():
+                d = ndimage.distance_transform_edt(~h, sampling=(sx, sy))
+                r["dist_hot_mm"] = float(d[seg[:, :, z]].min())
+            else:
+                r["dist_hot_mm"] = float("inf")
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def auc_loss_parts(df: pd.DataFrame) -> pd.DataFrame:
+    """Per slice, its share of (1 - AUC): for a positive, the share of negatives scored >= it (ties
+    half) / n_pos; for a negative, the share of positives scored <= it / n_neg. Each side sums to
+    1 - AUC."""
+    p, y = df["p"].to_numpy(), df["y"].to_numpy().astype(bool)
+    pos, neg = np.sort(p[y]), np.sort(p[~y])
+    npos, nneg = len(pos), len(neg)
+    loss = np.zeros(len(p))
+    # positive i: negatives above + half ties
+    above = nneg - np.searchsorted(neg, p[y], side="right")
+    ties = np.searchsorted(neg, p[y], side="right") - np.searchsorted(neg, p[y], side="left")
+    loss[y] = (above + 0.5 * ties) / (nneg * npos)
+    below = np.searchsorted(pos, p[~y], side="left")
+    ties_n = np.searchsorted(pos, p[~y], side="right") - below
+    loss[~y] = (below + 0.5 * ties_n) / (nneg * npos)
+    out = df.copy()
+    out["auc_loss"] = loss
+    return out
+
+
+def neg_category(r) -> str:
+    if r["dz_tumour"] <= 1:
+        return "next to tumour slice (dz 1)"
+    if r["dz_tumour"] == 2:
+        return "dz 2 from tumour"
+    for name in ("bladder", "kidney", "heart", "brain"):
+        if r[f"n_{name}"] > 0:
+            return name
+    for name in ("liver", "spleen", "bowel"):
+        if r[f"n_{name}"] > 0:
+            return f"{name} (no hotter organ)"
+    return "none of these organs"
+
+
+def report(df: pd.DataFrame) -> str:
+    lines = []
+    te = auc_loss_parts(df)
+    auc = roc_auc(te["p"].to_numpy(), te["y"].to_numpy())
+    lines.append(f"test slices {len(te)}, positive {int(te.y.sum())}, AUC {auc:.4f}, 1-AUC {1 - auc:.4f}")
+    pos = te[te.y == 1].copy()
+    bins = [0, 5, 10, 20, 50, 100, 200, 10**9]
+    pos["vox_bin"] = pd.cut(pos.tumour_vox, bins, right=False)
+    g = pos.groupby("vox_bin", observed=True).agg(n=("p", "size"), median_p=("p", "median"),
+                                                  loss=("auc_loss", "sum"))
+    g["share_of_1-AUC"] = g["loss"] / (1 - auc)
+    lines.append("positives by tumour voxels in the slice:\n" + g.round(4).to_string())
+    for thr in (5, 10, 20, 50):
+        keep = (te.y == 0) | (te.tumour_vox >= thr)
+        lines.append(f"  AUC without positive slices of < {thr} tumour voxels: "
+                     f"{roc_auc(te.p[keep].to_numpy(), te.y[keep].to_numpy()):.4f} "
+                     f"({int((~keep).sum())} slices left out)")
+    pos["hot_near"] = pd.cut(pos.dist_hot_mm, [-1, 10, 30, np.inf], labels=["<=10 mm", "10-30 mm", ">30 mm"])
+    g = pos.groupby("hot_near", observed=True).agg(n=("p", "size"), median_p=("p", "median"),
+                                                   loss=("auc_loss", "sum"))
+    g["share_of_1-AUC"] = g["loss"] / (1 - auc)
+    lines.append("positives by distance to a physiological hot organ:\n" + g.round(4).to_string())
+    pos["suv_bin"] = pd.cut(pos.lesion_suv, [0, 4, 8, 100])
+    g = pos.groupby("suv_bin", observed=True).agg(n=("p", "size"), median_p=("p", "median"),
+                                                  loss=("auc_loss", "sum"))
+    g["share_of_1-AUC"] = g["loss"] / (1 - auc)
+    lines.append("positives by lesion SUV:\n" + g.round(4).to_string())
+    neg = te[te.y == 0].copy()
+    neg["cat"] = neg.apply(neg_category, axis=1)
+    g = neg.groupby("cat").agg(n=("p", "size"), median_p=("p", "median"), p90=("p", lambda s: s.quantile(0.9)),
+                               loss=("auc_loss", "sum"))
+    g["share_of_1-AUC"] = g["loss"] / (1 - auc)
+    lines.append("negatives by category:\n" + g.sort_values("loss", ascending=False).round(4).to_string())
+    worst_pos = pos.sort_values("auc_loss", ascending=False).head(12)
+    lines.append("worst positives:\n" + worst_pos[["study", "z", "p", "tumour_vox", "tumour_ml", "lesion_suv",
+                                                   "lesion_d_mm", "lesion_sites", "dist_hot_mm",
+                                                   "auc_loss"]].round(3).to_string())
+    worst_neg = neg.sort_values("auc_loss", ascending=False).head(12)
+    lines.append("worst negatives:\n" + worst_neg[["study", "z", "p", "cat", "dz_tumour", "n_heart", "n_kidney",
+                                                   "n_bladder", "n_brain", "n_liver", "suv_max_slice",
+                                                   "auc_loss"]].round(3).to_string())
+    return "\n".join(lines)
+
+
+def flagged_share(df: pd.DataFrame, thr: float) -> list[float]:
+    """Per tumour-free study, the share of its slices at p >= thr."""
+    out = []
+    for _, g in df.groupby("study"):
+        if g.y.sum() == 0:
+            out.append(float((g.p >= thr).mean()))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--shape", type=int, nargs=3, default=list(ph.DEFAULT_SHAPE))
+    ap.add_argument("--spacing", type=float, nargs=3, default=list(ph.DEFAULT_SPACING_MM))
+    ap.add_argument("--phantom-seed", type=int, default=0)
+    ph.add_options_args(ap)
+    ap.add_argument("--seed", type=int, default=0, help="the pipeline's --seed (split, init, order)")
+    ap.add_argument("--tag", default="base")
+    ap.add_argument("--out", default=None, help="default: <cohort>_<tag>.*")
+    ap.add_argument("--input-size", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--patience-start", default=None, help="first | half_lr (default: the preset's)")
+    ap.add_argument("--map-stride", type=int, default=None)
+    ap.add_argument("--pixel-mm", type=float, default=None)
+    ap.add_argument("--no-write", action="store_true", help="cohort already written: regenerate ground truth only")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)
+    from jobs.common import PIPELINE_PRESETS, resolve_cohort
+    from jobs.train_classifier import classifier_recipe
+    from wsseg_core.data import load_study
+    from wsseg_core.models import build_slice_classifier
+    from wsseg_core.train import fit_classifier, predict_proba, slices_from_studies, volume_to_batch
+
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    opts = ph.options_from_args(args)
+    gt = write_cohort(args.cohort, args.n, tuple(args.shape), tuple(args.spacing), args.phantom_seed, opts)
+    refs = resolve_cohort(args.cohort, seed=args.seed)
+    preset = PIPELINE_PRESETS["small"]
+    recipe = classifier_recipe(preset)
+    if args.input_size:
+        recipe["input_size"] = args.input_size
+    if args.patience:
+        recipe["patience"] = args.patience
+    if args.patience_start:
+        recipe["patience_start"] = args.patience_start
+    if args.map_stride:
+        recipe["map_stride"] = args.map_stride
+    epochs = args.epochs or preset["epochs"]
+    lr = args.lr or preset["lr"]
+    by_split = {s: [r for r in refs if r.split == s] for s in ("train", "val", "test")}
+    studies = {s: [load_study(r) for r in rs] for s, rs in by_split.items()}
+    print({s: len(v) for s, v in studies.items()}, "recipe", recipe, "epochs", epochs, flush=True)
+
+    torch.manual_seed(args.seed)
+    model, pre = build_slice_classifier("small", input_size=recipe["input_size"], head=recipe["head"],
+                                        map_stride=recipe.get("map_stride"), atrous=recipe.get("atrous"),
+                                        pixel_mm=args.pixel_mm)
+    print("preprocessing:", pre.describe(), flush=True)
+    data_gen = torch.Generator().manual_seed(args.seed * 1000)
+    tr = slices_from_studies(studies["train"], pre, negative_keep=preset["negative_keep"], generator=data_gen)
+    va = slices_from_studies(studies["val"], pre)
+    te = slices_from_studies(studies["test"], pre)  # per-epoch test AUC: diagnosis only, never selection
+    best = {"auc": -1.0, "state": None, "epoch": -1}
+    from wsseg_core.train import early_stop_start
+    first_eligible = early_stop_start(recipe.get("patience_start"), recipe["schedule"], epochs)
+    t_fit = time.perf_counter()
+
+    def keep(epoch, m, net):
+        m["test_auc"] = roc_auc(predict_proba(net, te[0]), te[1].numpy())
+        print(f"epoch {epoch} train_loss {m['train_loss']:.4f} val_auc {m['val_auc']:.4f} "
+              f"test_auc {m['test_auc']:.4f} ({time.perf_counter() - t_fit:.0f} s)", flush=True)
+        if epoch >= first_eligible and m["val_auc"] > best["auc"]:
+            best.update(auc=m["val_auc"], state=copy.deepcopy(net.state_dict()), epoch=epoch)
+
+    hist = fit_classifier(model, tr, va, epochs=epochs, batch_size=preset["batch_size"], lr=lr,
+                          seed=args.seed, on_epoch=keep, optimizer=recipe["optimizer"],
+                          schedule=recipe["schedule"], patience=recipe["patience"],
+                          patience_start=recipe.get("patience_start"),
+                          weight_decay=recipe["weight_decay"])
+    fit_s = time.perf_counter() - t_fit
+    model.load_state_dict(best["state"])
+    model.eval()
+
+    frames, frames_tta = [], []
+    for split in ("val", "test"):
+        for r, st in zip(by_split[split], studies[split]):
+            geo = pre.geometry(st.suv, st.ct, getattr(st, "spacing_mm", None))
+            x = volume_to_batch(st.suv, st.ct, np.arange(st.suv.shape[2]), pre, geometry=geo)
+            p = predict_proba(model, x)
+            p_flip = predict_proba(model, torch.flip(x, dims=[-2]))  # left-right (x axis)
+            key = str(Path(r.suv_path).parent)
+            t = slice_table(gt[key], p, split, f"{r.patient_id}/{Path(key).name[-4:]}")
+            frames.append(t)
+            t2 = t.copy()
+            t2["p"] = (p + p_flip) / 2
+            frames_tta.append(t2)
+    df = pd.concat(frames, ignore_index=True)
+    df_tta = pd.concat(frames_tta, ignore_index=True)
+    out = Path(args.out or f"{args.cohort}_{args.tag}")
+    res = {"cohort": args.cohort, "tag": args.tag, "seed": args.seed, "recipe": recipe, "epochs": epochs,
+           "lr": lr, "input_size": pre.input_size, "preprocessing": pre.describe(),
+           "n": {s: len(v) for s, v in studies.items()}, "kept_epoch": best["epoch"],
+           "epochs_run": len(hist), "history": hist, "best_val_auc": best["auc"], "fit_s": fit_s}
+    for name, d in (("plain", df), ("flipTTA", df_tta)):
+        va_d, te_d = d[d.split == "val"], d[d.split == "test"]
+        thr = choose_flag_threshold(va_d.p.to_numpy(), va_d.y.to_numpy())
+        res[name] = {"val_auc": roc_auc(va_d.p.to_numpy(), va_d.y.to_numpy()),
+                     "test_auc": roc_auc(te_d.p.to_numpy(), te_d.y.to_numpy()),
+                     "flag_threshold": thr,
+                     "val_free_flagged": flagged_share(va_d, thr),
+                     "test_free_flagged": flagged_share(te_d, thr),
+                     "test_free_flagged_p05": flagged_share(te_d, 0.5)}
+    res["wall_s"] = time.perf_counter() - t_wall
+    res["cpu_s"] = time.process_time() - t_cpu
+    df.to_csv(f"{out}.slices.csv", index=False)
+    df_tta.to_csv(f"{out}.slices_tta.csv", index=False)
+    txt = report(df[df.split == "test"])
+    Path(f"{out}.report.txt").write_text(txt + "\n")
+    Path(f"{out}.json").write_text(json.dumps(res, indent=1, default=float))
+    print(txt)
+    print(json.dumps(res, indent=1, default=float))
+    return res
+
+
+if __name__ == "__main__":
+    main()

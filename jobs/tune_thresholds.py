@@ -252,6 +252,44 @@ def grid_edges(t: float | None, q: float, t_grid: np.ndarray, q_grid: np.ndarray
     return edges
 
 
+def chosen_entries(grid: Any, t_grid: np.ndarray, q_grid: np.ndarray) -> dict[str, dict[str, Any]]:
+    """thresholds.json's entry per method from the search's grid (a DataFrame with columns method,
+    grow, q_rule, t, q, mean_dice; rows of one method in search order, the paper's variant first):
+    the first row of highest mean Dice, so ties go to the paper's Algorithm 1. A CAM method's entry
+    records t, q, grow, q_rule, val_dice and the best tuning Dice of each variant searched; the
+    Threshold baseline's q and reference. A value on the edge of its grid is logged and listed in
+    "grid_edge"."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for method, g in grid.groupby("method", sort=False):
+        g = g.dropna(subset=["mean_dice"])
+        if g.empty:
+            continue
+        if not (g["mean_dice"] > 0).any():
+            # Nothing overlaps anywhere on the grid (e.g. no slice flagged): idxmax would keep the
+            # first cell at Dice 0 as if it had been chosen. Say so; the record shows it.
+            LOG.error("%s: validation Dice is 0 at every grid cell (flagged slices do not reach "
+                      "the tumour); its (t, q) are not informative", method)
+        best = g.loc[g["mean_dice"].idxmax()]  # first maximum: the paper's variant wins ties
+        entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
+        if method == "Threshold":
+            entry["reference"] = THRESHOLD_REFERENCE
+            edges = grid_edges(None, entry["q"], t_grid, q_grid)
+        else:
+            entry["t"] = float(best["t"])
+            entry["grow"], entry["q_rule"] = str(best["grow"]), str(best["q_rule"])
+            # the best tuning Dice of each variant searched, to see what the choice was between
+            entry["val_dice_by_variant"] = {f"{vg}/{vr}": float(gg["mean_dice"].max())
+                                            for (vg, vr), gg in g.groupby(["grow", "q_rule"], sort=False)}
+            edges = grid_edges(entry["t"], entry["q"], t_grid, q_grid)
+        entry["grid_edge"] = edges
+        if edges:
+            LOG.warning("%s: tuned %s on the edge of the grid (%s); the optimum may lie outside: "
+                        "widen it with --t-grid / --q-grid START STOP N", method,
+                        ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
+        chosen[str(method)] = entry
+    return chosen
+
+
 def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
          storage_path: str | None = None, cpus_per_trial: float = 0.5,
          cpus_per_study: float = 1.0, flag_threshold: float | None = None,
@@ -333,34 +371,7 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     grid = pd.DataFrame(rows)
     run.write_parquet(run.tune_grid, grid)
 
-    chosen: dict[str, dict[str, Any]] = {}
-    for method, g in grid.groupby("method", sort=False):
-        g = g.dropna(subset=["mean_dice"])
-        if g.empty:
-            continue
-        if not (g["mean_dice"] > 0).any():
-            # Nothing overlaps anywhere on the grid (e.g. no slice flagged): idxmax would keep the
-            # first cell at Dice 0 as if it had been chosen. Say so; the record shows it.
-            LOG.error("%s: validation Dice is 0 at every grid cell (flagged slices do not reach "
-                      "the tumour); its (t, q) are not informative", method)
-        best = g.loc[g["mean_dice"].idxmax()]  # first maximum: the paper's variant wins ties
-        entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
-        if method == "Threshold":
-            entry["reference"] = THRESHOLD_REFERENCE
-            edges = grid_edges(None, entry["q"], t_grid, q_grid_arr)
-        else:
-            entry["t"] = float(best["t"])
-            entry["grow"], entry["q_rule"] = str(best["grow"]), str(best["q_rule"])
-            # the best tuning Dice of each variant searched, to see what the choice was between
-            entry["val_dice_by_variant"] = {f"{vg}/{vr}": float(gg["mean_dice"].max())
-                                            for (vg, vr), gg in g.groupby(["grow", "q_rule"], sort=False)}
-            edges = grid_edges(entry["t"], entry["q"], t_grid, q_grid_arr)
-        entry["grid_edge"] = edges
-        if edges:
-            LOG.warning("%s: tuned %s on the edge of the grid (%s); the optimum may lie outside: "
-                        "widen it with --t-grid / --q-grid START STOP N", method,
-                        ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
-        chosen[str(method)] = entry
+    chosen = chosen_entries(grid, t_grid, q_grid_arr)
     run.update_thresholds(chosen, tune_on=tune_on, n_tune_studies=len(files),
                           n_train_studies=used_splits.count("train"), n_val_studies=used_splits.count("val"),
                           t_grid=[float(v) for v in t_grid], q_grid=q_grid,

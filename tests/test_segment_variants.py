@@ -152,3 +152,68 @@ def test_ties_go_to_the_paper_variant(tmp_path) -> None:
                         [str(f)], [50.0])
     assert res["mean_dice"] == pytest.approx(1.0)
     assert (res["grow"], res["q_rule"]) == PAPER_VARIANT
+
+
+def test_chosen_entries_record_the_variant_and_prefer_the_paper_on_ties() -> None:
+    import pandas as pd
+
+    from jobs.tune_thresholds import chosen_entries
+
+    rows = []
+    # CAM: (none, percentile) best 0.40 at t 0.5 q 30; (none, max) best 0.55 at t 0.3 q 40.
+    for (g, r), tab in {("none", "percentile"): {(0.3, 30.0): 0.2, (0.5, 30.0): 0.4, (0.5, 40.0): 0.1},
+                        ("none", "max"): {(0.3, 40.0): 0.55, (0.5, 30.0): 0.3}}.items():
+        rows += [{"method": "CAM", "grow": g, "q_rule": r, "t": t, "q": q, "mean_dice": d}
+                 for (t, q), d in tab.items()]
+    # GradCAM: both variants reach 0.5: the paper's (listed first) is kept.
+    rows += [{"method": "GradCAM", "grow": "none", "q_rule": "percentile", "t": 0.5, "q": 35.0, "mean_dice": 0.5},
+             {"method": "GradCAM", "grow": "none", "q_rule": "max", "t": 0.3, "q": 40.0, "mean_dice": 0.5}]
+    rows += [{"method": "Threshold", "grow": None, "q_rule": None, "t": np.nan, "q": 40.0, "mean_dice": 0.45}]
+    got = chosen_entries(pd.DataFrame(rows), np.array([0.1, 0.3, 0.5, 0.9]), np.array([20.0, 30.0, 40.0, 50.0]))
+    assert {k: got["CAM"][k] for k in ("t", "q", "grow", "q_rule")} == \
+        {"t": 0.3, "q": 40.0, "grow": "none", "q_rule": "max"}
+    assert got["CAM"]["val_dice"] == pytest.approx(0.55)
+    assert got["CAM"]["val_dice_by_variant"] == {"none/percentile": pytest.approx(0.4),
+                                                 "none/max": pytest.approx(0.55)}
+    assert (got["GradCAM"]["grow"], got["GradCAM"]["q_rule"], got["GradCAM"]["t"]) == ("none", "percentile", 0.5)
+    assert "grow" not in got["Threshold"] and got["Threshold"]["q"] == 40.0
+    json.dumps(got)  # goes to thresholds.json as is
+
+
+def test_scoring_applies_the_recorded_variant() -> None:
+    from types import SimpleNamespace
+
+    from wsseg_core.methods import METHODS, StudyContext
+
+    suv, cam = _slice_with_lesion_across_the_region()
+    study = SimpleNamespace(suv=suv[:, :, None].repeat(2, axis=2), ct=None)
+    geometry = SimpleNamespace(cam_index=lambda h, w: None)  # the slice was resized: no index
+    cams = {"CAM": np.stack([cam, cam])}
+
+    def mask(entry: dict) -> np.ndarray:
+        ctx = StudyContext(flagged_z=np.array([1]), thresholds={"CAM": entry}, cams={"CAM": cams["CAM"][:1]},
+                           geometry=geometry)
+        return METHODS["CAM"].segment(study, ctx)
+
+    # hand-derived in the tests above: paper (percentile 50) 18 region voxels; max 2; grown max 4
+    assert mask({"t": 0.5, "q": 50.0}).sum() == 18  # an entry without a variant: the paper's
+    assert mask({"t": 0.5, "q": 50.0, "grow": "none", "q_rule": "max"}).sum() == 2
+    m = mask({"t": 0.5, "q": 50.0, "grow": "slice", "q_rule": "max"})
+    assert m[:, :, 1].sum() == 4 and m[:, :, 0].sum() == 0  # slice 0 not flagged
+
+
+def test_variant_options_enter_the_tuning_stage_fingerprint(tmp_path) -> None:
+    from jobs.pipeline import build_parser, stage_change, stage_fingerprint
+
+    model = tmp_path / "classifier.pt"
+    model.write_bytes(b"weights")
+
+    def stage(*extra: str) -> dict:
+        return stage_fingerprint(build_parser().parse_args(["--out", str(tmp_path), *extra]), [], model)
+
+    default = stage()
+    assert default["fields"]["args"]["q_rule"] == "auto" and default["fields"]["args"]["grow"] == "none"
+    why = stage_change(default, stage("--q-rule", "percentile"), outputs_exist=True)
+    assert why is not None and 'q_rule: "auto" -> "percentile"' in why
+    why = stage_change(default, stage("--grow", "auto"), outputs_exist=True)
+    assert why is not None and 'grow: "none" -> "auto"' in why

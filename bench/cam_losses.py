@@ -228,6 +228,8 @@ def main() -> None:
     p.add_argument("--retune", action="store_true",
                    help="choose (t, q, grow in none/slice) on the tuning studies and score with it")
     p.add_argument("--lesions", action="store_true", help="print the per-lesion table")
+    p.add_argument("--no-grow-variants", action="store_true",
+                   help="--retune over q_rule only (grow 'slice' costs ~50x the counts)")
     args = p.parse_args()
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -242,14 +244,15 @@ def main() -> None:
     if args.lesions:
         print(les.to_string(index=False))
     if args.retune:
-        ch = retune(args.run, args.methods, args.cache, VARIANTS)
+        variants = [v for v in VARIANTS if not (args.no_grow_variants and v[0] == "slice")]
+        ch = retune(args.run, args.methods, args.cache, variants)
         print("== retuned on the tuning studies (grow x q_rule):")
         for m, e in ch.items():
             print(f"  {m}: {e}")
         df2, les2 = diagnose(args.run, args.splits, args.methods, args.cache, False, params=ch)
         # each variant at its own tuned cell, on the same split
         for m in args.methods:
-            for v in VARIANTS:
+            for v in variants:
                 key = f"{m}:{'/'.join(v)}"
                 d, _ = diagnose(args.run, args.splits, [m], args.cache, False,
                                 params={m: ch[key], "Threshold": ch["Threshold"]})

@@ -11,6 +11,12 @@ cache, so the search runs as 5 trials: a trial per
 (method, t) cell (41) spent most of its time in Tune's per-trial overhead and in reading the cache
 again for every t.
 
+Per CAM method the search also chooses Algorithm 1's step-5 rule and whether the mask grows
+(`--q-rule`, `--grow`; wsseg_core.segment's `q_rule` and `grow`): every variant's counts come from
+the same cached CAMs, and the best (variant, t, q) is kept, the paper's variant winning ties.
+Default: q_rule "auto" (the paper's percentile or q % of the region's SUVmax), grow "none"; the
+README's issue-16 section has the measurements behind that default.
+
     python -m jobs.tune_thresholds --cohort runs/demo/cohort.parquet --out runs/demo
 """
 

@@ -23,18 +23,19 @@ than the region (a coarse CAM, or a t chosen on validation studies with smaller 
 the region's border even where its SUV stays above t_q. ``grow="slice"`` is a hysteresis step:
 the mask becomes the connected components (8-connected, within the slice) of ``SUV >= t_q`` that
 hold at least one voxel of Algorithm 1's mask - the CAM says where, the SUV says how far. It only
-adds voxels (Algorithm 1's mask is a subset), uses the same t_q, and adds no parameter; the
-pipeline chooses ``grow`` on the tuning studies jointly with (t, q) (``GROW_MODES``; "none", the
-paper's Algorithm 1, wins ties). Step 1 (which slices) is unchanged: nothing grows into a slice the
-classifier did not flag.
+adds voxels (Algorithm 1's mask is a subset), uses the same t_q, and adds no parameter; with
+``--grow auto`` the pipeline chooses it on the tuning studies jointly with (t, q) (``GROW_MODES``;
+"none", the paper's Algorithm 1, wins ties). Not the pipeline's default: it also follows SUV >= t_q
+into physiological uptake connected to the seed (README, issue 16). Step 1 (which slices) is
+unchanged: nothing grows into a slice the classifier did not flag.
 
 Extension (issue 16), ``q_rule``: step 5's percentile of the region's SUVs depends on what the
 region holds: a region mostly inside a large hot lesion keeps only the lesion's hottest (100 - q) %,
 one mostly background keeps background. ``q_rule="max"`` takes ``t_q = q/100 x`` the SUVmax inside
 the region instead: the fixed-%-of-SUVmax isocontour of clinical PET (EANM 41 %), the reading the
 Threshold baseline already uses (``reference="max"``), here local to the CAM region. "percentile"
-is the paper's step 5 and the default; the pipeline can choose between them on the tuning studies
-with (t, q) (``Q_RULES``).
+is the paper's step 5 and these functions' default; the pipeline's default (``--q-rule auto``)
+chooses between the two on the tuning studies jointly with (t, q) (``Q_RULES``).
 """
 
 from __future__ import annotations

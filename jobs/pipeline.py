@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 LOG.info("tune: rerunning the threshold search (%s)", change)
             stage_file.unlink(missing_ok=True)  # until the new search has finished
             tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
-                                 tune_on=args.tune_on,
+                                 tune_on=args.tune_on, grow=args.grow, q_rule=args.q_rule,
                                  storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
                                  t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
                                  q_grid=tune_thresholds.grid_from_args(

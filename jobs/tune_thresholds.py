@@ -11,6 +11,12 @@ cache, so the search runs as 5 trials: a trial per
 (method, t) cell (41) spent most of its time in Tune's per-trial overhead and in reading the cache
 again for every t.
 
+Per CAM method the search also chooses Algorithm 1's step-5 rule and whether the mask grows
+(`--q-rule`, `--grow`; wsseg_core.segment's `q_rule` and `grow`): every variant's counts come from
+the same cached CAMs, and the best (variant, t, q) is kept, the paper's variant winning ties.
+Default: q_rule "auto" (the paper's percentile or q % of the region's SUVmax), grow "none"; the
+README's issue-16 section has the measurements behind that default.
+
     python -m jobs.tune_thresholds --cohort runs/demo/cohort.parquet --out runs/demo
 """
 
@@ -43,6 +49,26 @@ TUNE_ON = ("train+val", "val")
 #: validation alone at 60/20/20, steadier for two parameters per method; `val` keeps the choice on
 #: patients the classifier never saw. The test split is never used by either.
 DEFAULT_TUNE_ON = "train+val"
+#: `--q-rule` / `--grow`: the Algorithm-1 variants the search may choose, per CAM method, jointly
+#: with (t, q) (wsseg_core.segment: q_rule "percentile" is the paper's step 5, "max" takes q % of
+#: the region's SUVmax; grow "none" is the paper's, "slice" grows the mask along SUV >= t_q).
+#: "auto" searches both values; the paper's value comes first, so it wins ties.
+Q_RULE_CHOICES = ("percentile", "max", "auto")
+GROW_CHOICES = ("none", "slice", "auto")
+DEFAULT_Q_RULE = "auto"
+DEFAULT_GROW = "none"
+
+
+def cam_variants(grow: str = DEFAULT_GROW, q_rule: str = DEFAULT_Q_RULE) -> list[tuple[str, str]]:
+    """The (grow, q_rule) pairs the search scores, the paper's Algorithm 1 first when included."""
+    from wsseg_core.segment import GROW_MODES, Q_RULES
+
+    if grow not in GROW_CHOICES or q_rule not in Q_RULE_CHOICES:
+        raise ValueError(f"grow must be one of {GROW_CHOICES} and q_rule one of {Q_RULE_CHOICES}, "
+                         f"got {grow!r}, {q_rule!r}")
+    grows = GROW_MODES if grow == "auto" else (grow,)
+    rules = Q_RULES if q_rule == "auto" else (q_rule,)
+    return [(g, r) for r in rules for g in grows]
 
 
 def _classify_labelled_study(ref: dict, out: str, cam_batch_size: int, num_cpus: float, purpose: str):
@@ -122,14 +148,16 @@ def tuning_refs(train: list, val: list, tune_on: str = DEFAULT_TUNE_ON) -> list:
 
 def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float = 1.0,
                      flag_threshold: float = 0.5, t_grid: list[float] | None = None,
-                     q_grid: list[float] | None = None) -> str | None:
+                     q_grid: list[float] | None = None,
+                     variants: list[tuple[str, str]] | None = None) -> str | None:
     """Classify one validation study, compute its CAMs on flagged slices, save what the Dice grids
     need (a wsseg_core.gridcache.GridCache, npz: the voxel counts of every grid point, |ref|, the
     CAMs) under `<out>/tune/cache/` (uploaded when `out` is a URI, so a trial on any node can read
     it).
 
     `t_grid` / `q_grid`: the grid the trials will score (default the paper's T_GRID, Q_GRID); a
-    trial asking for a value outside it fails.
+    trial asking for a value outside it fails. `variants`: the (grow, q_rule) of Algorithm 1 to
+    count (default the paper's only).
 
     Returns the cache file (path or URI), or None for a study that cannot be used (unlabeled or
     unreadable; logged, never fatal for the search).
@@ -160,7 +188,8 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
     cache = build_grid_cache(study.suv, study.seg, z, {m: maps[m] for m in methods},
                              T_GRID if t_grid is None else t_grid, Q_GRID if q_grid is None else q_grid,
                              reference=THRESHOLD_REFERENCE, ct=study.ct,
-                             cam_index=geo.cam_index(*maps[methods[0]].shape[1:]) if methods else None)
+                             cam_index=geo.cam_index(*maps[methods[0]].shape[1:]) if methods else None,
+                             variants=[tuple(v) for v in (variants or [("none", "percentile")])])
     run.write_npz(path, patient_id=np.array(ref.patient_id), **cache.to_arrays())
     return run.where(path)
 
@@ -168,32 +197,42 @@ def cache_study_cams(ref: dict, out: str, cam_batch_size: int, num_cpus: float =
 def evaluate_cell(config: dict[str, Any], cache_files: list[str], q_grid: list[float]) -> dict:
     """One Tune trial: mean validation Dice over patients at every (t, q) of one method.
 
-    `config["cell"]`: {"method", "ts": [t, ...]} (or "t": one t); the Threshold baseline has no t
-    (give [nan]). Dice is averaged per patient, then over patients. Returns mean_dice, t, q (the
-    best cell), dice_by_tq (len(ts) x len(q_grid)), dice_by_q (the best t's row) and n_patients.
-    The rule is wsseg_core.selection's, shared with the other searches.
+    `config["cell"]`: {"method", "ts": [t, ...]} (or "t": one t), and optionally "variants":
+    [[grow, q_rule], ...] (default the paper's Algorithm 1 only); the Threshold baseline has no t
+    (give [nan]) and no variant. Dice is averaged per patient, then over patients; the best
+    (variant, t, q) is chosen jointly, earlier variants winning ties. Returns mean_dice, t, q, grow,
+    q_rule (the best cell), dice_by_vtq (variants x ts x q_grid), dice_by_tq and dice_by_q (the
+    best variant's table and the best t's row), variants and n_patients. The rule is
+    wsseg_core.selection's, shared with the other searches.
     """
-    from wsseg_core.gridcache import GridCache, cache_dice_grid, cache_threshold_dice_grid
+    from wsseg_core.gridcache import PAPER_VARIANT, GridCache, cache_dice_grid, cache_threshold_dice_grid
     from wsseg_core.selection import best_cell, patient_mean
 
     cell = config["cell"]
     method = cell["method"]
     ts = [float(t) for t in cell.get("ts", [cell.get("t", float("nan"))])]
+    variants = [tuple(v) for v in cell.get("variants", [PAPER_VARIANT])]
+    if method == "Threshold":
+        variants = [PAPER_VARIANT]
     scores = []
     for f in cache_files:
         with np.load(io.BytesIO(read_bytes(f))) as c:
             cache, patient = GridCache.from_arrays(c), str(c["patient_id"])
         if method == "Threshold":
             d = np.asarray(cache_threshold_dice_grid(cache, q_grid),
-                           dtype=float)[None, :].repeat(len(ts), axis=0)
+                           dtype=float)[None, None, :].repeat(len(ts), axis=1)
         else:
-            d = np.asarray(cache_dice_grid(cache, method, ts, q_grid), dtype=float)
+            d = np.stack([np.asarray(cache_dice_grid(cache, method, ts, q_grid, v), dtype=float)
+                          for v in variants])
         scores.append((patient, d))
-    mean, n = patient_mean(scores, (len(ts), len(q_grid)))
-    bt, bq = best_cell(mean) or (0, 0)  # nothing defined: the first cell, reported as Dice 0
-    return {"mean_dice": float(mean[bt, bq]) if np.isfinite(mean[bt, bq]) else 0.0,
-            "t": ts[bt], "q": float(q_grid[bq]), "dice_by_tq": [[float(v) for v in row] for row in mean],
-            "dice_by_q": [float(v) for v in mean[bt]], "n_patients": n}
+    mean, n = patient_mean(scores, (len(variants), len(ts), len(q_grid)))
+    bv, bt, bq = best_cell(mean) or (0, 0, 0)  # nothing defined: the first cell, reported as Dice 0
+    return {"mean_dice": float(mean[bv, bt, bq]) if np.isfinite(mean[bv, bt, bq]) else 0.0,
+            "t": ts[bt], "q": float(q_grid[bq]), "grow": variants[bv][0], "q_rule": variants[bv][1],
+            "variants": [list(v) for v in variants],
+            "dice_by_vtq": [[[float(x) for x in row] for row in tab] for tab in mean],
+            "dice_by_tq": [[float(v) for v in row] for row in mean[bv]],
+            "dice_by_q": [float(v) for v in mean[bv, bt]], "n_patients": n}
 
 
 def grid_from_args(spec: list[float] | None, default: np.ndarray) -> np.ndarray:
@@ -219,11 +258,50 @@ def grid_edges(t: float | None, q: float, t_grid: np.ndarray, q_grid: np.ndarray
     return edges
 
 
+def chosen_entries(grid: Any, t_grid: np.ndarray, q_grid: np.ndarray) -> dict[str, dict[str, Any]]:
+    """thresholds.json's entry per method from the search's grid (a DataFrame with columns method,
+    grow, q_rule, t, q, mean_dice; rows of one method in search order, the paper's variant first):
+    the first row of highest mean Dice, so ties go to the paper's Algorithm 1. A CAM method's entry
+    records t, q, grow, q_rule, val_dice and the best tuning Dice of each variant searched; the
+    Threshold baseline's q and reference. A value on the edge of its grid is logged and listed in
+    "grid_edge"."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for method, g in grid.groupby("method", sort=False):
+        g = g.dropna(subset=["mean_dice"])
+        if g.empty:
+            continue
+        if not (g["mean_dice"] > 0).any():
+            # Nothing overlaps anywhere on the grid (e.g. no slice flagged): idxmax would keep the
+            # first cell at Dice 0 as if it had been chosen. Say so; the record shows it.
+            LOG.error("%s: validation Dice is 0 at every grid cell (flagged slices do not reach "
+                      "the tumour); its (t, q) are not informative", method)
+        best = g.loc[g["mean_dice"].idxmax()]  # first maximum: the paper's variant wins ties
+        entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
+        if method == "Threshold":
+            entry["reference"] = THRESHOLD_REFERENCE
+            edges = grid_edges(None, entry["q"], t_grid, q_grid)
+        else:
+            entry["t"] = float(best["t"])
+            entry["grow"], entry["q_rule"] = str(best["grow"]), str(best["q_rule"])
+            # the best tuning Dice of each variant searched, to see what the choice was between
+            entry["val_dice_by_variant"] = {f"{vg}/{vr}": float(gg["mean_dice"].max())
+                                            for (vg, vr), gg in g.groupby(["grow", "q_rule"], sort=False)}
+            edges = grid_edges(entry["t"], entry["q"], t_grid, q_grid)
+        entry["grid_edge"] = edges
+        if edges:
+            LOG.warning("%s: tuned %s on the edge of the grid (%s); the optimum may lie outside: "
+                        "widen it with --t-grid / --q-grid START STOP N", method,
+                        ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
+        chosen[str(method)] = entry
+    return chosen
+
+
 def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
          storage_path: str | None = None, cpus_per_trial: float = 0.5,
          cpus_per_study: float = 1.0, flag_threshold: float | None = None,
          t_grid: np.ndarray | None = None, q_grid: np.ndarray | None = None,
-         tune_on: str | None = None) -> dict[str, Any]:
+         tune_on: str | None = None, grow: str = DEFAULT_GROW,
+         q_rule: str = DEFAULT_Q_RULE) -> dict[str, Any]:
     """Cache the tuning studies' CAMs, grid-search with Ray Tune, write the grid and the chosen values.
 
     `val_refs`: the studies scored (see :func:`tuning_refs`); `tune_on` names that choice in
@@ -231,6 +309,9 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
     `flag_threshold`: slices with p >= it get CAMs (default: thresholds.json's, see
     `check_classifier`, else 0.5). `t_grid` / `q_grid`: default the paper's (T_GRID, Q_GRID).
     A chosen value on the edge of its grid is logged and recorded ("grid_edge" in its entry).
+    `grow` / `q_rule`: the Algorithm-1 variants searched per CAM method jointly with (t, q)
+    (:func:`cam_variants`); each CAM entry records the chosen "grow" and "q_rule", and
+    thresholds.json the searched "cam_variants".
     """
     import pandas as pd
     import ray
@@ -247,13 +328,14 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         flag_threshold = load_flag_threshold(run.thresholds)
     t_grid = np.asarray(T_GRID if t_grid is None else t_grid, dtype=float)
     q_grid_arr = np.asarray(Q_GRID if q_grid is None else q_grid, dtype=float)
+    variants = cam_variants(grow, q_rule)
     cache_task = ray.remote(num_cpus=cpus_per_study)(cache_study_cams)
     LOG.info("computing CAMs of %d tuning studies (%s) once (slices with p >= %.3f)", len(val_refs),
              tune_on or "given", flag_threshold)
     t0 = time.perf_counter()
     cached = ray.get([cache_task.remote(r.to_dict(), str(out), cam_batch_size, cpus_per_study,
                                         flag_threshold, [float(t) for t in t_grid],
-                                        [float(q) for q in q_grid_arr]) for r in val_refs])
+                                        [float(q) for q in q_grid_arr], variants) for r in val_refs])
     files = [f for f in cached if f]
     used_splits = [r.split for r, f in zip(val_refs, cached) if f]
     t_cache = time.perf_counter() - t0
@@ -261,7 +343,8 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         raise RuntimeError("no usable labeled tuning study: cannot tune thresholds")
 
     q_grid = [float(q) for q in q_grid_arr]
-    cells = [{"method": m, "ts": [float(t) for t in t_grid]} for m in cam_methods]
+    cells = [{"method": m, "ts": [float(t) for t in t_grid], "variants": [list(v) for v in variants]}
+             for m in cam_methods]
     cells.append({"method": "Threshold", "ts": [float("nan")]})
     trainable = rtune.with_resources(
         rtune.with_parameters(evaluate_cell, cache_files=files, q_grid=q_grid), {"cpu": cpus_per_trial})
@@ -284,44 +367,25 @@ def tune(val_refs: list, out: str | Path, *, cam_batch_size: int = 64,
         if r.error:
             raise RuntimeError(f"tuning trial {r.config} failed: {r.error}")
         cell = r.config["cell"]
-        for t, dice_by_q in zip(cell["ts"], r.metrics["dice_by_tq"]):
-            for q, d in zip(q_grid, dice_by_q):
-                rows.append({"method": cell["method"], "t": t, "q": q, "mean_dice": d,
-                             "n_patients": r.metrics["n_patients"]})
+        for (g, qr), tab in zip(r.metrics["variants"], r.metrics["dice_by_vtq"]):
+            if cell["method"] == "Threshold":
+                g = qr = None  # no CAM region: the variants do not apply
+            for t, dice_by_q in zip(cell["ts"], tab):
+                for q, d in zip(q_grid, dice_by_q):
+                    rows.append({"method": cell["method"], "grow": g, "q_rule": qr, "t": t, "q": q,
+                                 "mean_dice": d, "n_patients": r.metrics["n_patients"]})
     grid = pd.DataFrame(rows)
     run.write_parquet(run.tune_grid, grid)
 
-    chosen: dict[str, dict[str, Any]] = {}
-    for method, g in grid.groupby("method", sort=False):
-        g = g.dropna(subset=["mean_dice"])
-        if g.empty:
-            continue
-        if not (g["mean_dice"] > 0).any():
-            # Nothing overlaps anywhere on the grid (e.g. no slice flagged): idxmax would keep the
-            # first cell at Dice 0 as if it had been chosen. Say so; the record shows it.
-            LOG.error("%s: validation Dice is 0 at every grid cell (flagged slices do not reach "
-                      "the tumour); its (t, q) are not informative", method)
-        best = g.loc[g["mean_dice"].idxmax()]
-        entry = {"q": float(best["q"]), "val_dice": float(best["mean_dice"])}
-        if method == "Threshold":
-            entry["reference"] = THRESHOLD_REFERENCE
-            edges = grid_edges(None, entry["q"], t_grid, q_grid_arr)
-        else:
-            entry["t"] = float(best["t"])
-            edges = grid_edges(entry["t"], entry["q"], t_grid, q_grid_arr)
-        entry["grid_edge"] = edges
-        if edges:
-            LOG.warning("%s: tuned %s on the edge of the grid (%s); the optimum may lie outside: "
-                        "widen it with --t-grid / --q-grid START STOP N", method,
-                        ", ".join(f"{k}={entry[k]:.2f}" for k in ("t", "q") if k in entry), ", ".join(edges))
-        chosen[str(method)] = entry
+    chosen = chosen_entries(grid, t_grid, q_grid_arr)
     run.update_thresholds(chosen, tune_on=tune_on, n_tune_studies=len(files),
                           n_train_studies=used_splits.count("train"), n_val_studies=used_splits.count("val"),
                           t_grid=[float(v) for v in t_grid], q_grid=q_grid,
-                          cam_flag_threshold=float(flag_threshold))
+                          cam_flag_threshold=float(flag_threshold),
+                          cam_variants=[list(v) for v in variants])
     for m, e in chosen.items():
-        LOG.info("%-9s t=%s q=%.1f tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
-                 e["q"], e["val_dice"])
+        LOG.info("%-9s t=%s q=%.1f %s tuning Dice %.3f", m, f"{e['t']:.2f}" if "t" in e else "-",
+                 e["q"], f"grow={e['grow']} q_rule={e['q_rule']}" if "grow" in e else "", e["val_dice"])
     return {"thresholds": chosen, "grid": str(run.tune_grid)}
 
 
@@ -349,6 +413,14 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                         "Früh et al.: 'determined empirically on the training and validation sets') "
                         "or val (held-out validation patients only). The flag threshold and the "
                         "classifier gate always use validation.")
+    p.add_argument("--q-rule", choices=Q_RULE_CHOICES, default=DEFAULT_Q_RULE,
+                   help="Algorithm 1's step 5, per CAM method: percentile (the paper's: the q-th "
+                        "percentile of the CAM region's SUVs), max (q %% of the region's SUVmax), "
+                        f"or auto (chosen on the tuning studies with t, q; default {DEFAULT_Q_RULE})")
+    p.add_argument("--grow", choices=GROW_CHOICES, default=DEFAULT_GROW,
+                   help="none (the paper's: the mask stays inside the CAM region), slice (grown "
+                        "within the slice along SUV >= t_q from Algorithm 1's mask), or auto "
+                        f"(chosen on the tuning studies; costs more; default {DEFAULT_GROW})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -361,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from wsseg_core.segment import Q_GRID, T_GRID
 
     res = tune(tuning_refs(labelled(refs, "train"), labelled(refs, "val"), args.tune_on), args.out,
-               tune_on=args.tune_on,
+               tune_on=args.tune_on, grow=args.grow, q_rule=args.q_rule,
                cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
                storage_path=args.storage_path, flag_threshold=args.flag_threshold,
                t_grid=grid_from_args(args.t_grid, T_GRID),

@@ -220,4 +220,9 @@ def test_run_json_records_the_run(finished_run):
     # The paper's 10 t values x the small preset's q grid (20..99, 80 values; the paper's is 20..50).
     th = json.loads((out / "thresholds.json").read_text())
     assert np.allclose(th["q_grid"], np.linspace(20, 99, 80)) and len(th["t_grid"]) == 10
-    assert len(grid[grid["method"] == "CAM"]) == 10 * 80
+    # ... per Algorithm-1 variant searched (default: the paper's percentile and the max rule)
+    assert th["cam_variants"] == [["none", "percentile"], ["none", "max"]]
+    assert len(grid[grid["method"] == "CAM"]) == 10 * 80 * 2
+    cam = th["methods"]["CAM"]
+    assert [cam["grow"], cam["q_rule"]] in th["cam_variants"]
+    assert cam["val_dice"] == pytest.approx(max(cam["val_dice_by_variant"].values()))

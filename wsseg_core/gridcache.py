@@ -21,6 +21,10 @@ slices flagged), far above the 5 % target. The counts cost ``O(|t_grid| |q_grid|
 method whatever the study's size; the price is that the cache answers the grid it was built for
 (a different grid, or a grid point outside it, raises: rebuild the cache).
 
+Variants of Algorithm 1 (``wsseg_core.segment``'s ``grow`` and ``q_rule``, issue 16): the counts of
+the paper's Algorithm 1 are stored under the method's name; those of another ``(grow, q_rule)``
+under ``variant_key(method, variant)``, e.g. ``"CAM|none|max"``.
+
 Units: SUV g/ml, CAMs in [0, 1], ``t`` in [0, 1], ``q`` in percent; volumes ``(X, Y, Z)``.
 """
 
@@ -33,9 +37,23 @@ import numpy as np
 
 from wsseg_core.metrics import dice_from_counts
 from wsseg_core.segment import (THRESHOLD_REFERENCES, _check_cams, _check_flagged, _check_q,
-                                dice_grid_counts, threshold_dice_grid_counts)
+                                _check_grow, _check_q_rule, dice_grid_counts,
+                                threshold_dice_grid_counts)
 
-__all__ = ["GridCache", "build_grid_cache", "cache_dice_grid", "cache_threshold_dice_grid"]
+__all__ = ["GridCache", "PAPER_VARIANT", "variant_key", "build_grid_cache", "cache_dice_grid",
+           "cache_threshold_dice_grid"]
+
+#: ``(grow, q_rule)`` of the paper's Algorithm 1.
+PAPER_VARIANT: tuple[str, str] = ("none", "percentile")
+
+
+def variant_key(method: str, variant: Sequence[str] = PAPER_VARIANT) -> str:
+    """The cache key of a CAM method's counts under an Algorithm-1 variant ``(grow, q_rule)``: the
+    method's name for the paper's variant (caches written before variants existed read the same)."""
+    grow, q_rule = variant
+    _check_grow(grow)
+    _check_q_rule(q_rule)
+    return method if tuple(variant) == PAPER_VARIANT else f"{method}|{grow}|{q_rule}"
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,8 @@ class GridCache:
         flagged_z: ``(n,)`` flagged slice indices.
         n_ref: tumour voxels in the whole volume (``seg > 0``).
         t_grid: ``(T,)`` CAM thresholds the counts were taken at; q_grid: ``(Q,)`` percents.
-        inter, n_pred: CAM method -> ``int64 (T, Q)`` |pred ∩ ref| and |pred| of Algorithm 1.
+        inter, n_pred: CAM method -> ``int64 (T, Q)`` |pred ∩ ref| and |pred| of Algorithm 1 (and
+            ``variant_key(method, variant)`` -> the same for each other variant built).
         thr_inter, thr_n_pred: ``int64 (Q,)`` the same for the Threshold baseline.
         reference: the Threshold reference the baseline's counts used ("max", "body", "slice").
         cams: method -> ``(n, h, w)`` CAMs at map resolution, their own dtype.
@@ -109,6 +128,7 @@ def build_grid_cache(
     reference: str = "max",
     ct: np.ndarray | None = None,
     cam_index: tuple[np.ndarray, np.ndarray] | None = None,
+    variants: Sequence[Sequence[str]] = (PAPER_VARIANT,),
 ) -> GridCache:
     """The cache of one study for the grid ``t_grid x q_grid``.
 
@@ -120,6 +140,8 @@ def build_grid_cache(
         reference, ct: the Threshold baseline's, as for :func:`wsseg_core.segment.threshold_volume`.
         cam_index: the CAM -> voxel map of the study's slices (``SliceGeometry.cam_index``; None:
             the slices were resized to the input), as for :func:`wsseg_core.segment.cam_region`.
+        variants: the ``(grow, q_rule)`` of Algorithm 1 to count (``dice_grid_counts``), each
+            under :func:`variant_key`.
 
     Returns:
         :class:`GridCache`.
@@ -135,7 +157,10 @@ def build_grid_cache(
     cams = {m: np.asarray(_check_cams(c, z.size)) for m, c in cams.items()}
     inter, n_pred, n_ref = {}, {}, 0
     for m, c in cams.items():
-        inter[m], n_pred[m], n_ref = dice_grid_counts(suv, seg, z, c, t_arr, q_arr, cam_index)
+        for v in variants:
+            k = variant_key(m, v)
+            inter[k], n_pred[k], n_ref = dice_grid_counts(suv, seg, z, c, t_arr, q_arr, cam_index,
+                                                          grow=v[0], q_rule=v[1])
     thr_inter, thr_n_pred, n_ref = threshold_dice_grid_counts(suv, seg, z, q_arr, reference, ct)
     return GridCache(flagged_z=z, n_ref=int(n_ref), t_grid=t_arr, q_grid=q_arr, inter=inter,
                      n_pred=n_pred, thr_inter=thr_inter, thr_n_pred=thr_n_pred,
@@ -161,6 +186,7 @@ def cache_dice_grid(
     method: str,
     t_grid: Sequence[float] | np.ndarray,
     q_grid: Sequence[float] | np.ndarray,
+    variant: Sequence[str] = PAPER_VARIANT,
 ) -> np.ndarray:
     """:func:`wsseg_core.segment.dice_grid` of the cached study with its CAMs of ``method``.
 
@@ -168,6 +194,7 @@ def cache_dice_grid(
         cache: from :func:`build_grid_cache`; method: a CAM method it holds.
         t_grid, q_grid: values of the cache's grids, any subset and order; a NaN t (the Threshold
             cell's) selects nothing, as in ``dice_grid`` (Dice 0 where a reference exists).
+        variant: ``(grow, q_rule)`` of Algorithm 1; the cache must have been built with it.
 
     Returns:
         ``float (len(t_grid), len(q_grid))``, bit-identical to ``dice_grid`` on the full volumes.
@@ -176,13 +203,15 @@ def cache_dice_grid(
     q_arr = np.asarray(q_grid, dtype=float).ravel()
     ti = _positions(cache.t_grid, t_arr, "t", nan_ok=True)
     qi = _positions(cache.q_grid, q_arr, "q")
-    if method not in cache.inter:
-        raise KeyError(f"no counts of CAM method {method!r} in the cache ({sorted(cache.inter)})")
+    key = variant_key(method, variant)
+    if key not in cache.inter:
+        raise KeyError(f"no counts of CAM method {key!r} in the cache ({sorted(cache.inter)}); "
+                       "rebuild the cache with this variant")
     inter = np.zeros((t_arr.size, q_arr.size), dtype=np.int64)
     n_pred = np.zeros_like(inter)
     rows = ti >= 0
-    inter[rows] = cache.inter[method][np.ix_(ti[rows], qi)]
-    n_pred[rows] = cache.n_pred[method][np.ix_(ti[rows], qi)]
+    inter[rows] = cache.inter[key][np.ix_(ti[rows], qi)]
+    n_pred[rows] = cache.n_pred[key][np.ix_(ti[rows], qi)]
     return dice_from_counts(inter, n_pred, cache.n_ref)
 
 

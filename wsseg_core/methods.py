@@ -128,8 +128,11 @@ def _cam_method(name: str) -> Segment:
 
         th = ctx.thresholds[name]
         cams = ctx.cams[name]
+        # grow / q_rule: the Algorithm-1 variant tuning chose (absent in older thresholds.json:
+        # the paper's).
         return segment_volume(study.suv, ctx.flagged_z, cams, th["t"], th["q"],
-                              cam_index=ctx.geometry.cam_index(*cams.shape[1:]))
+                              cam_index=ctx.geometry.cam_index(*cams.shape[1:]),
+                              grow=th.get("grow", "none"), q_rule=th.get("q_rule", "percentile"))
 
     segment.__qualname__ = segment.__name__ = f"segment_{name}"
     return segment

@@ -17,6 +17,25 @@ Reading of Algorithm 1 (the paper's text and pseudo-code disagree in two places)
   inside the CAM region even if ``t_q <= 0``, which is what ``X ⊙ H'`` intends.
 * The paper reports q_m as "0.31": the 31st percentile, so ``q`` is stored in percent (31.0), the
   unit ``np.percentile`` takes.
+
+Extension (issue 16), ``grow``: Algorithm 1's mask never leaves the CAM region, so a lesion larger
+than the region (a coarse CAM, or a t chosen on validation studies with smaller lesions) is cut at
+the region's border even where its SUV stays above t_q. ``grow="slice"`` is a hysteresis step:
+the mask becomes the connected components (8-connected, within the slice) of ``SUV >= t_q`` that
+hold at least one voxel of Algorithm 1's mask - the CAM says where, the SUV says how far. It only
+adds voxels (Algorithm 1's mask is a subset), uses the same t_q, and adds no parameter; with
+``--grow auto`` the pipeline chooses it on the tuning studies jointly with (t, q) (``GROW_MODES``;
+"none", the paper's Algorithm 1, wins ties). Not the pipeline's default: it also follows SUV >= t_q
+into physiological uptake connected to the seed (README, issue 16). Step 1 (which slices) is
+unchanged: nothing grows into a slice the classifier did not flag.
+
+Extension (issue 16), ``q_rule``: step 5's percentile of the region's SUVs depends on what the
+region holds: a region mostly inside a large hot lesion keeps only the lesion's hottest (100 - q) %,
+one mostly background keeps background. ``q_rule="max"`` takes ``t_q = q/100 x`` the SUVmax inside
+the region instead: the fixed-%-of-SUVmax isocontour of clinical PET (EANM 41 %), the reading the
+Threshold baseline already uses (``reference="max"``), here local to the CAM region. "percentile"
+is the paper's step 5 and these functions' default; the pipeline's default (``--q-rule auto``)
+chooses between the two on the tuning studies jointly with (t, q) (``Q_RULES``).
 """
 
 from __future__ import annotations
@@ -35,6 +54,9 @@ __all__ = [
     "PAPER_THRESHOLDS",
     "T_GRID",
     "Q_GRID",
+    "GROW_MODES",
+    "Q_RULES",
+    "grow_slice",
     "THRESHOLD_REFERENCE",
     "THRESHOLD_REFERENCES",
     "BODY_CT_HU",
@@ -66,6 +88,15 @@ BODY_CT_HU = -500.0
 BODY_SUV_FLOOR = 0.1
 
 _PERCENTILE_METHOD = "linear"
+
+#: How Algorithm 1's per-slice mask may be extended (module docstring): "none" (the paper's
+#: Algorithm 1) or "slice" (hysteresis growth within the slice along SUV >= t_q).
+GROW_MODES = ("none", "slice")
+#: How step 5 turns q into the SUV threshold t_q (module docstring): "percentile" (the paper's:
+#: the q-th percentile of the region's SUVs) or "max" (q % of the region's SUVmax).
+Q_RULES = ("percentile", "max")
+#: 8-connectivity in the slice: a lesion's diagonal neighbours are the same lesion.
+_GROW_STRUCTURE = np.ones((3, 3), dtype=bool)
 
 #: ``(ri (X,), ci (Y,))``: the CAM cell of each native row and column, -1 outside the network's
 #: input (``wsseg_core.geometry.SliceGeometry.cam_index``).
@@ -219,8 +250,50 @@ def pointing_game(cam: np.ndarray, reference: np.ndarray, body: np.ndarray,
     return bool(hit), float(len(tumour_cells) / max(len(body_cells), 1))
 
 
+def _check_grow(grow: str) -> None:
+    if grow not in GROW_MODES:
+        raise ValueError(f"grow must be one of {GROW_MODES}, got {grow!r}")
+
+
+def _check_q_rule(q_rule: str) -> None:
+    if q_rule not in Q_RULES:
+        raise ValueError(f"q_rule must be one of {Q_RULES}, got {q_rule!r}")
+
+
+def _region_thresholds(vals: np.ndarray, q: float | np.ndarray, q_rule: str) -> np.ndarray:
+    """t_q of step 5 from the region's SUVs (float64, non-empty) for each q (percent)."""
+    if q_rule == "max":
+        return (np.asarray(q, dtype=float) / 100.0) * vals.max()
+    return np.percentile(vals, q, method=_PERCENTILE_METHOD)
+
+
+def grow_slice(seed: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The 8-connected components of ``candidates`` that hold a voxel of ``seed`` (hysteresis).
+
+    Args:
+        seed: ``bool (X, Y)`` (Algorithm 1's mask: the strong voxels).
+        candidates: ``bool (X, Y)`` (``SUV >= t_q``: the weak voxels); seed voxels outside it are
+            not kept, and do not connect anything.
+
+    Returns:
+        ``bool (X, Y)``, a superset of ``seed & candidates``.
+    """
+    seed = np.asarray(seed, dtype=bool)
+    candidates = np.asarray(candidates, dtype=bool)
+    if seed.shape != candidates.shape:
+        raise ValueError(f"seed {seed.shape} and candidates {candidates.shape} differ in shape")
+    lab, n = ndimage.label(candidates, structure=_GROW_STRUCTURE)
+    if n == 0:
+        return np.zeros(seed.shape, dtype=bool)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[lab[seed]] = True
+    keep[0] = False
+    return keep[lab]
+
+
 def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float,
-                  cam_index: CamIndex | None = None) -> np.ndarray:
+                  cam_index: CamIndex | None = None, grow: str = "none",
+                  q_rule: str = "percentile") -> np.ndarray:
     """Algorithm 1, steps 2-6, for one slice the classifier called tumorous.
 
     Args:
@@ -230,11 +303,16 @@ def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float,
         q: SUV percentile q_m in percent, taken over the SUVs *inside* the CAM region (the text's
             reading, not the pseudo-code's ``X ⊙ H'``; see the module docstring).
         cam_index: CAM -> voxel map (:func:`cam_region`); None: the slice was resized.
+        grow: "none" (Algorithm 1) or "slice": grown along ``suv >= t_q`` (:func:`grow_slice`).
+        q_rule: "percentile" (Algorithm 1) or "max": ``t_q`` is q % of the region's SUVmax.
 
     Returns:
-        ``bool (X, Y)``: ``region & (suv >= t_q)``; all False if the region is empty.
+        ``bool (X, Y)``: ``region & (suv >= t_q)`` (grown with ``grow="slice"``); all False if the
+        region is empty.
     """
     _check_q(q)
+    _check_grow(grow)
+    _check_q_rule(q_rule)
     suv_slice = np.asarray(suv_slice)
     if suv_slice.ndim != 2:
         raise ValueError(f"suv_slice must be 2-D (X, Y), got shape {suv_slice.shape}")
@@ -243,8 +321,11 @@ def segment_slice(suv_slice: np.ndarray, cam: np.ndarray, t: float, q: float,
         return region
     # float64 throughout so that dice_grid's vectorised percentiles compare identically.
     suv64 = suv_slice.astype(np.float64, copy=False)
-    t_q = np.percentile(suv64[region], q, method=_PERCENTILE_METHOD)
-    return region & (suv64 >= t_q)
+    t_q = _region_thresholds(suv64[region], q, q_rule)
+    above = suv64 >= t_q
+    if grow == "slice":
+        return grow_slice(region & above, above)
+    return region & above
 
 
 def segment_volume(
@@ -254,6 +335,8 @@ def segment_volume(
     t: float,
     q: float,
     cam_index: CamIndex | None = None,
+    grow: str = "none",
+    q_rule: str = "percentile",
 ) -> np.ndarray:
     """Algorithm 1 over a volume: each flagged slice segmented with its CAM, the rest left empty.
 
@@ -264,10 +347,14 @@ def segment_volume(
         t: CAM threshold t_m in [0, 1].
         q: SUV percentile q_m in percent.
         cam_index: CAM -> voxel map of the study's slices (:func:`cam_region`); None: resized.
+        grow: "none" (Algorithm 1) or "slice" (:func:`segment_slice`).
+        q_rule: "percentile" (Algorithm 1) or "max" (:func:`segment_slice`).
 
     Returns:
         ``uint8 (X, Y, Z)`` mask in {0, 1}.
     """
+    _check_grow(grow)
+    _check_q_rule(q_rule)
     suv = np.asarray(suv)
     if suv.ndim != 3:
         raise ValueError(f"suv must be 3-D (X, Y, Z), got shape {suv.shape}")
@@ -277,7 +364,7 @@ def segment_volume(
         return out
     cams = _check_cams(cams, z.size)
     for zi, cam in zip(z, cams):
-        out[:, :, zi] = segment_slice(suv[:, :, zi], cam, t, q, cam_index)
+        out[:, :, zi] = segment_slice(suv[:, :, zi], cam, t, q, cam_index, grow, q_rule)
     return out
 
 
@@ -289,13 +376,16 @@ def dice_grid(
     t_grid: Sequence[float] | np.ndarray = T_GRID,
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
     cam_index: CamIndex | None = None,
+    grow: str = "none",
+    q_rule: str = "percentile",
 ) -> np.ndarray:
     """3-D Dice of Algorithm 1 for every ``(t, q)`` of one study: :func:`dice_grid_counts` as Dice.
 
     Returns:
         ``float (len(t_grid), len(q_grid))``; all NaN when the reference is empty or None.
     """
-    return dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid, cam_index))
+    return dice_from_counts(*dice_grid_counts(suv, seg, flagged_z, cams, t_grid, q_grid, cam_index, grow,
+                                              q_rule))
 
 
 def dice_grid_counts(
@@ -306,6 +396,8 @@ def dice_grid_counts(
     t_grid: Sequence[float] | np.ndarray = T_GRID,
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
     cam_index: CamIndex | None = None,
+    grow: str = "none",
+    q_rule: str = "percentile",
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The voxel counts behind the 3-D Dice of Algorithm 1 for every ``(t, q)`` of one study.
 
@@ -320,6 +412,9 @@ def dice_grid_counts(
         flagged_z: ``(n,)`` flagged slice indices; cams: ``(n, h, w)`` CAMs in [0, 1].
         t_grid: CAM thresholds in [0, 1]; q_grid: SUV percentiles in percent.
         cam_index: CAM -> voxel map of the study's slices (:func:`cam_region`); None: resized.
+        grow: "none" (Algorithm 1) or "slice" (:func:`segment_slice`); "slice" labels the slice's
+            ``suv >= t_q`` once per grid point (no binary-search shortcut), so it costs more.
+        q_rule: "percentile" (Algorithm 1) or "max" (:func:`segment_slice`).
 
     Returns:
         ``(inter, n_pred, n_ref)``: ``int64 (len(t_grid), len(q_grid))`` |pred ∩ ref| and |pred|,
@@ -328,6 +423,8 @@ def dice_grid_counts(
     suv = np.asarray(suv)
     if suv.ndim != 3:
         raise ValueError(f"suv must be 3-D (X, Y, Z), got shape {suv.shape}")
+    _check_grow(grow)
+    _check_q_rule(q_rule)
     t_arr = np.asarray(t_grid, dtype=float).ravel()
     q_arr = np.asarray(q_grid, dtype=float).ravel()
     _check_q(q_arr)
@@ -350,7 +447,14 @@ def dice_grid_counts(
             if not region.any():
                 continue
             vals = s[region]
-            t_q = np.percentile(vals, q_arr, method=_PERCENTILE_METHOD)
+            t_q = _region_thresholds(vals, q_arr, q_rule)
+            if grow == "slice":
+                for qi, tq in enumerate(t_q):
+                    above = s >= tq
+                    m = grow_slice(region & above, above)
+                    n_pred[ti, qi] += int(m.sum())
+                    inter[ti, qi] += int((m & r).sum())
+                continue
             n_pred[ti] += _n_at_or_above(np.sort(vals), t_q)
             ref_vals = vals[r[region]]
             if ref_vals.size:

@@ -10,7 +10,10 @@ One file per run (`<out>/thresholds.json`)::
      "tune_on": "train+val", "n_tune_studies": 9, ...}
 
 `t` is a CAM threshold on the [0, 1] CAM, `q` a percent (Algorithm 1's SUV percentile; for the
-Threshold baseline a percent of the reference, see `wsseg_core.segment`). Several searches write
+Threshold baseline a percent of the reference, see `wsseg_core.segment`). A CAM method's entry may
+also name the Algorithm-1 variant tuning chose, `"grow"` ("none" / "slice") and `"q_rule"`
+("percentile" / "max"), with `"val_dice_by_variant"`; absent, scoring uses the paper's ("none",
+"percentile"). The top-level `"cam_variants"` lists the variants the search scored. Several searches write
 into the same file (the slice-CAM search, MIP-CAM's, BoxFCN's, the U-Net's), each its own methods'
 entries (:func:`update_thresholds`); the top level holds run-wide values (the flag threshold, which
 studies were tuned on). A method without an entry is scored with the paper's values

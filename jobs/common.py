@@ -50,8 +50,10 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                   input_size=None, q_grid=(20.0, 99.0, 80),
                   phantom_n=24, phantom_shape=(128, 128, 96), cam_batch_size=64),
     # paper: Früh et al. 2.3.3 as published (SGD momentum 0.9, lr 1e-3, batch 64, 50 epochs).
+    # q_rule "percentile": Algorithm 1's step 5 as published (the small preset's "auto" may choose q %
+    # of the region's SUVmax on the tuning studies; jobs.tune_thresholds).
     "paper": dict(model_preset="paper", epochs=50, batch_size=64, lr=1e-3, negative_keep=1.0,
-                  optimizer="sgd", schedule="constant", patience=None,
+                  optimizer="sgd", schedule="constant", patience=None, q_rule="percentile",
                   phantom_n=100, phantom_shape=(256, 256, 326), cam_batch_size=32),
 }
 

@@ -118,6 +118,15 @@ def discard_outputs(layout, storage_path: str | None, out: str) -> None:
     LOG.info("--overwrite: removed earlier outputs of %s", layout.out)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the preset's defaults resolved (recorded and fingerprinted so)."""
+    from jobs.tune_thresholds import preset_q_rule
+
+    args = build_parser().parse_args(argv)
+    args.q_rule = preset_q_rule(args)
+    return args
+
+
 def stage_fingerprint(args, refs: list, model_file) -> dict[str, Any]:
     """What the threshold search computes from: the classifier's sha256, its studies (ids, paths,
     sizes) and the pipeline's settings (less those that only place or pace the work)."""
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from wsseg_core.cohort import cohort_summary, format_cohort_summary
 
     setup_logging()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     preset = PIPELINE_PRESETS[args.preset]
     from wsseg_core.models import PretrainedWeightsUnavailable
     from wsseg_core.storage import join

@@ -398,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preset_q_rule(args: argparse.Namespace) -> str:
+    """--q-rule as given, else the preset's: the paper preset keeps Algorithm 1 as published."""
+    from jobs.common import PIPELINE_PRESETS
+
+    if args.q_rule is not None:
+        return args.q_rule
+    return PIPELINE_PRESETS[args.preset].get("q_rule", DEFAULT_Q_RULE)
+
+
 def add_grid_args(p: argparse.ArgumentParser) -> None:
     """--t-grid / --q-grid / --flag-threshold (shared with jobs.pipeline)."""
     p.add_argument("--t-grid", type=float, nargs=3, default=None, metavar=("START", "STOP", "N"),
@@ -413,10 +422,11 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                         "Früh et al.: 'determined empirically on the training and validation sets') "
                         "or val (held-out validation patients only). The flag threshold and the "
                         "classifier gate always use validation.")
-    p.add_argument("--q-rule", choices=Q_RULE_CHOICES, default=DEFAULT_Q_RULE,
+    p.add_argument("--q-rule", choices=Q_RULE_CHOICES, default=None,
                    help="Algorithm 1's step 5, per CAM method: percentile (the paper's: the q-th "
                         "percentile of the CAM region's SUVs), max (q %% of the region's SUVmax), "
-                        f"or auto (chosen on the tuning studies with t, q; default {DEFAULT_Q_RULE})")
+                        "or auto (chosen on the tuning studies with t, q). Default: the preset's "
+                        f"(small {DEFAULT_Q_RULE}; paper percentile, as published)")
     p.add_argument("--grow", choices=GROW_CHOICES, default=DEFAULT_GROW,
                    help="none (the paper's: the mask stays inside the CAM region), slice (grown "
                         "within the slice along SUV >= t_q from Algorithm 1's mask), or auto "
@@ -428,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     setup_logging()
     args = build_parser().parse_args(argv)
+    args.q_rule = preset_q_rule(args)
     refs = resolve_cohort(args.cohort, seed=args.seed)
     init_ray(args.address)
     from wsseg_core.segment import Q_GRID, T_GRID

@@ -203,13 +203,13 @@ def test_scoring_applies_the_recorded_variant() -> None:
 
 
 def test_variant_options_enter_the_tuning_stage_fingerprint(tmp_path) -> None:
-    from jobs.pipeline import build_parser, stage_change, stage_fingerprint
+    from jobs.pipeline import parse_args, stage_change, stage_fingerprint
 
     model = tmp_path / "classifier.pt"
     model.write_bytes(b"weights")
 
     def stage(*extra: str) -> dict:
-        return stage_fingerprint(build_parser().parse_args(["--out", str(tmp_path), *extra]), [], model)
+        return stage_fingerprint(parse_args(["--out", str(tmp_path), *extra]), [], model)
 
     default = stage()
     assert default["fields"]["args"]["q_rule"] == "auto" and default["fields"]["args"]["grow"] == "none"
@@ -217,3 +217,14 @@ def test_variant_options_enter_the_tuning_stage_fingerprint(tmp_path) -> None:
     assert why is not None and 'q_rule: "auto" -> "percentile"' in why
     why = stage_change(default, stage("--grow", "auto"), outputs_exist=True)
     assert why is not None and 'grow: "none" -> "auto"' in why
+
+
+def test_q_rule_default_is_the_presets_and_the_paper_preset_keeps_algorithm_1() -> None:
+    from jobs.pipeline import parse_args
+    from jobs.tune_thresholds import build_parser as tune_parser, preset_q_rule
+
+    assert parse_args(["--out", "o"]).q_rule == "auto"
+    assert parse_args(["--out", "o", "--preset", "paper"]).q_rule == "percentile"
+    assert parse_args(["--out", "o", "--preset", "paper", "--q-rule", "max"]).q_rule == "max"
+    tune_args = tune_parser().parse_args(["--cohort", "c", "--out", "o", "--preset", "paper"])
+    assert tune_args.q_rule is None and preset_q_rule(tune_args) == "percentile"

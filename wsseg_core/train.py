@@ -7,6 +7,7 @@ momentum 0.9, lr 1e-3, batch 64, augmentation by scaling, rotation, translation 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -276,12 +277,73 @@ class EarlyStopping:
             self.seen = int(state.get("seen", max(self.start, self.seen)))
 
 
+class WeightEMA:
+    """An exponential moving average of a network's weights, updated after every optimizer step:
+    ``avg <- decay * avg + (1 - decay) * live`` for every parameter and every floating-point buffer
+    (BatchNorm running mean / var, so the averaged weights are evaluated with statistics averaged the
+    same way, as timm's ModelEmaV2 and ``AveragedModel(use_buffers=True)`` do); integer buffers
+    (``num_batches_tracked``) are copied. ``module`` is the averaged network: a copy of the live one
+    at construction (so the average starts at the initial weights), in eval mode, without gradients.
+
+    Why (issue 16): with 9-18 training patients the live network's validation AUC moves by a few
+    hundredths from one epoch to the next even in the one-cycle anneal, and on variants the kept
+    network generalised worse than it trained (torso30: train 0.966, validation 0.868). The average
+    of the recent iterates lies nearer the centre of the region SGD explores, which usually
+    generalises better than any one iterate (Polyak averaging; Izmailov et al. 2018, SWA), at the
+    cost of one multiply-add over the weights per step. It changes nothing in the live training.
+
+    A DDP-wrapped network (``.module``) is averaged through its module.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(getattr(model, "module", model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step of the average toward ``model``'s current weights and buffers."""
+        live = getattr(model, "module", model).state_dict()
+        for name, avg in self.module.state_dict().items():
+            cur = live[name].detach().to(avg.device)
+            if avg.dtype.is_floating_point:
+                avg.mul_(self.decay).add_(cur.to(avg.dtype), alpha=1.0 - self.decay)
+            else:
+                avg.copy_(cur)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint carries to resume the average (:meth:`load_state_dict`)."""
+        return {"decay": self.decay, "updates": self.updates,
+                "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state.get("updates", 0))
+
+
+def ema_decay(ema_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of a :class:`WeightEMA` whose time constant is ``ema_epochs`` epochs of
+    ``steps_per_epoch`` optimizer steps: ``exp(-1 / (ema_epochs * steps_per_epoch))``, so the steps
+    of the last ``ema_epochs`` epochs carry 1 - 1/e (63 %) of the average whatever the cohort's
+    size (a per-step decay such as 0.999 would average over 1 epoch of a large cohort and 50 of a
+    small one)."""
+    if not float(ema_epochs) > 0:
+        raise ValueError(f"ema_epochs must be > 0, got {ema_epochs!r}")
+    return math.exp(-1.0 / (float(ema_epochs) * max(1, int(steps_per_epoch))))
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, device: str | torch.device = "cpu", augment: bool = True,
-                    generator: torch.Generator | None = None, scheduler=None) -> float:
+                    generator: torch.Generator | None = None, scheduler=None,
+                    ema: WeightEMA | None = None) -> float:
     """One pass over ``loader`` (batches ``(x (B,2,S,S), y (B,))``); returns the sample-weighted
     mean training loss (NaN for an empty loader). ``scheduler`` (per-step) is stepped after each
-    optimizer step."""
+    optimizer step, and ``ema`` (a :class:`WeightEMA`) updated."""
     model.train()
     loss_fn = loss_fn.to(device)
     total, n = 0.0, 0
@@ -296,6 +358,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(model)
         total += float(loss.detach()) * len(yb)
         n += len(yb)
     return total / n if n else float("nan")
@@ -350,13 +414,17 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
                    *, device: str | torch.device | None = None, augment: bool = True,
                    weight_decay: float = 0.0, optimizer: str = "sgd", schedule: str = "constant",
                    patience: int | None = None,
-                   patience_start: str | None = "first") -> list[dict[str, float]]:
+                   patience_start: str | None = "first",
+                   ema_epochs: float | None = None) -> list[dict[str, float]]:
     """Train for ``epochs`` and validate after each; the single-process reference loop.
 
     ``optimizer`` / ``schedule``: see ``make_optimizer`` / ``make_scheduler`` (``lr`` is the peak lr
     of a one-cycle schedule). ``patience``: stop early after that many epochs without a better
     validation AUC (the caller keeps the best epoch's weights through ``on_epoch``);
     ``patience_start``: from which epoch the patience counts (``early_stop_start``).
+    ``ema_epochs``: when set, a :class:`WeightEMA` of the weights with that time constant in epochs
+    (:func:`ema_decay`) is what is validated each epoch and handed to ``on_epoch`` (so the caller
+    keeps the averaged network); the live network trains exactly as without it.
 
     Shuffling and augmentation draw from generators seeded by ``seed`` (the weight init is the
     caller's: seed torch before building the model). ``device`` defaults to the model's device.
@@ -380,16 +448,18 @@ def fit_classifier(model: nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor]
     opt = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, kind=optimizer)
     sched = make_scheduler(opt, schedule, lr, epochs, len(loader))
     stopper = EarlyStopping(patience, start=early_stop_start(patience_start, schedule, epochs))
+    ema = WeightEMA(model, ema_decay(ema_epochs, len(loader))) if ema_epochs else None
+    validated = ema.module if ema is not None else model
     history: list[dict[str, float]] = []
     for epoch in range(int(epochs)):
         train_loss = train_one_epoch(model, loader, opt, loss_fn, device=device,
-                                     augment=augment, generator=aug_gen, scheduler=sched)
-        val = evaluate(model, x_va, y_va, loss_fn, batch_size=max(256, batch_size), device=device)
+                                     augment=augment, generator=aug_gen, scheduler=sched, ema=ema)
+        val = evaluate(validated, x_va, y_va, loss_fn, batch_size=max(256, batch_size), device=device)
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": val["loss"],
                    "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
         history.append(metrics)
         if on_epoch is not None:
-            on_epoch(epoch, metrics, model)
+            on_epoch(epoch, metrics, validated)
         if stopper.update(val["auc"]):
             break
     return history

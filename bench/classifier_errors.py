@@ -43,6 +43,26 @@ def write_cohort(out: str, n: int, shape, spacing, seed: int, options: ph.Phanto
     return gt
 
 
+def cohort_ground_truth(out: str, n: int, shape, spacing, seed: int, options: ph.PhantomOptions) -> dict:
+    """`write_cohort`'s ground truth without writing anything: the phantom studies regenerated from
+    the same plan and seeds (``wsseg_core.phantom._iter_cohort``), keyed by the folder each was
+    written to. ``main`` checks every loaded SEG against its regenerated one."""
+    root = Path(out).expanduser().resolve()
+    gt = {}
+    for i, (patient, visit, negative, anat_seed, diag) in enumerate(ph._cohort_plan(n, seed, 0.25)):
+        study_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
+        st = ph.make_phantom_study(study_seed, shape=shape, spacing_mm=spacing, negative=negative,
+                                   anatomy_seed=anat_seed, diagnosis=None if negative else diag,
+                                   options=options)
+        date = f"01-01-{2000 + visit}" if visit == 0 else f"{1 + (i % 12):02d}-15-{2000 + visit}"
+        folder = root / f"PETCT_{patient + 1:04d}" / f"{date}-NA-PET-CT Ganzkoerper phantom-{i + 1:04d}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not in the cohort; --no-write needs the cohort as "
+                                    f"written with the same phantom options")
+        gt[str(folder)] = st
+    return gt
+
+
 def slice_table(st, p: np.ndarray, split: str, key: str) -> pd.DataFrame:
     """One row per axial slice: label, p, tumour voxels, organs present, lesion SUV, z distance."""
     from scipy import ndimage
@@ -186,6 +206,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--patience-start", default=None, help="first | half_lr (default: the preset's)")
     ap.add_argument("--map-stride", type=int, default=None)
+    ap.add_argument("--ema-epochs", type=float, default=None,
+                    help="validate and keep an EMA of the weights with this time constant in epochs "
+                         "(wsseg_core.train.WeightEMA); 0: off; default: the preset's recipe")
     ap.add_argument("--pixel-mm", type=float, default=None)
     ap.add_argument("--no-write", action="store_true", help="cohort already written: regenerate ground truth only")
     args = ap.parse_args(argv)
@@ -199,7 +222,11 @@ def main(argv=None) -> dict:
 
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     opts = ph.options_from_args(args)
-    gt = write_cohort(args.cohort, args.n, tuple(args.shape), tuple(args.spacing), args.phantom_seed, opts)
+    if args.no_write:
+        gt = cohort_ground_truth(args.cohort, args.n, tuple(args.shape), tuple(args.spacing),
+                                 args.phantom_seed, opts)
+    else:
+        gt = write_cohort(args.cohort, args.n, tuple(args.shape), tuple(args.spacing), args.phantom_seed, opts)
     refs = resolve_cohort(args.cohort, seed=args.seed)
     preset = PIPELINE_PRESETS["small"]
     recipe = classifier_recipe(preset)
@@ -211,10 +238,20 @@ def main(argv=None) -> dict:
         recipe["patience_start"] = args.patience_start
     if args.map_stride:
         recipe["map_stride"] = args.map_stride
+    if args.ema_epochs is not None:
+        recipe.pop("ema_epochs", None)
+        if args.ema_epochs > 0:
+            recipe["ema_epochs"] = args.ema_epochs
     epochs = args.epochs or preset["epochs"]
     lr = args.lr or preset["lr"]
     by_split = {s: [r for r in refs if r.split == s] for s in ("train", "val", "test")}
     studies = {s: [load_study(r) for r in rs] for s, rs in by_split.items()}
+    for s_, rs in by_split.items():  # the ground truth must be that of the files trained on
+        for r, st in zip(rs, studies[s_]):
+            if not np.array_equal(np.asarray(st.seg).astype(bool),
+                                  np.asarray(gt[str(Path(r.suv_path).parent)].seg).astype(bool)):
+                raise ValueError(f"{r.suv_path}: SEG differs from the regenerated phantom's "
+                                 f"(phantom options or seed not those the cohort was written with)")
     print({s: len(v) for s, v in studies.items()}, "recipe", recipe, "epochs", epochs, flush=True)
 
     torch.manual_seed(args.seed)
@@ -227,14 +264,40 @@ def main(argv=None) -> dict:
     va = slices_from_studies(studies["val"], pre)
     te = slices_from_studies(studies["test"], pre)  # per-epoch test AUC: diagnosis only, never selection
     best = {"auc": -1.0, "state": None, "epoch": -1}
+    # With an EMA, the live network's trajectory is the one the run without it trains (the EMA
+    # draws nothing from any generator), so keeping the live network by its own validation AUC
+    # beside the EMA one gives the before/after of one run ("live": before, "plain": after).
+    best_live = {"auc": -1.0, "state": None, "epoch": -1}
+    cpu = {"live_diag": 0.0, "ema_update": 0.0}
+    use_ema = bool(recipe.get("ema_epochs"))
+    if use_ema:
+        import wsseg_core.train as wt
+
+        _update = wt.WeightEMA.update
+
+        def timed_update(self, m):  # bench instrumentation: the EMA's own CPU cost
+            c0 = time.process_time()
+            _update(self, m)
+            cpu["ema_update"] += time.process_time() - c0
+
+        wt.WeightEMA.update = timed_update
     from wsseg_core.train import early_stop_start
     first_eligible = early_stop_start(recipe.get("patience_start"), recipe["schedule"], epochs)
-    t_fit = time.perf_counter()
+    t_fit, c_fit = time.perf_counter(), time.process_time()
 
     def keep(epoch, m, net):
         m["test_auc"] = roc_auc(predict_proba(net, te[0]), te[1].numpy())
+        live = ""
+        if use_ema:
+            c0 = time.process_time()
+            m["live_val_auc"] = roc_auc(predict_proba(model, va[0]), va[1].numpy())
+            m["live_test_auc"] = roc_auc(predict_proba(model, te[0]), te[1].numpy())
+            if epoch >= first_eligible and m["live_val_auc"] > best_live["auc"]:
+                best_live.update(auc=m["live_val_auc"], state=copy.deepcopy(model.state_dict()), epoch=epoch)
+            cpu["live_diag"] += time.process_time() - c0
+            live = f" | live val_auc {m['live_val_auc']:.4f} test_auc {m['live_test_auc']:.4f}"
         print(f"epoch {epoch} train_loss {m['train_loss']:.4f} val_auc {m['val_auc']:.4f} "
-              f"test_auc {m['test_auc']:.4f} ({time.perf_counter() - t_fit:.0f} s)", flush=True)
+              f"test_auc {m['test_auc']:.4f}{live} ({time.perf_counter() - t_fit:.0f} s)", flush=True)
         if epoch >= first_eligible and m["val_auc"] > best["auc"]:
             best.update(auc=m["val_auc"], state=copy.deepcopy(net.state_dict()), epoch=epoch)
 
@@ -242,32 +305,44 @@ def main(argv=None) -> dict:
                           seed=args.seed, on_epoch=keep, optimizer=recipe["optimizer"],
                           schedule=recipe["schedule"], patience=recipe["patience"],
                           patience_start=recipe.get("patience_start"),
-                          weight_decay=recipe["weight_decay"])
+                          weight_decay=recipe["weight_decay"], ema_epochs=recipe.get("ema_epochs"))
     fit_s = time.perf_counter() - t_fit
-    model.load_state_dict(best["state"])
-    model.eval()
+    fit_cpu_s = time.process_time() - c_fit
 
-    frames, frames_tta = [], []
-    for split in ("val", "test"):
-        for r, st in zip(by_split[split], studies[split]):
-            geo = pre.geometry(st.suv, st.ct, getattr(st, "spacing_mm", None))
-            x = volume_to_batch(st.suv, st.ct, np.arange(st.suv.shape[2]), pre, geometry=geo)
-            p = predict_proba(model, x)
-            p_flip = predict_proba(model, torch.flip(x, dims=[-2]))  # left-right (x axis)
-            key = str(Path(r.suv_path).parent)
-            t = slice_table(gt[key], p, split, f"{r.patient_id}/{Path(key).name[-4:]}")
-            frames.append(t)
-            t2 = t.copy()
-            t2["p"] = (p + p_flip) / 2
-            frames_tta.append(t2)
-    df = pd.concat(frames, ignore_index=True)
-    df_tta = pd.concat(frames_tta, ignore_index=True)
+    def tables(state):
+        model.load_state_dict(state)
+        model.eval()
+        frames, frames_tta = [], []
+        for split in ("val", "test"):
+            for r, st in zip(by_split[split], studies[split]):
+                geo = pre.geometry(st.suv, st.ct, getattr(st, "spacing_mm", None))
+                x = volume_to_batch(st.suv, st.ct, np.arange(st.suv.shape[2]), pre, geometry=geo)
+                p = predict_proba(model, x)
+                p_flip = predict_proba(model, torch.flip(x, dims=[-2]))  # left-right (x axis)
+                key = str(Path(r.suv_path).parent)
+                t = slice_table(gt[key], p, split, f"{r.patient_id}/{Path(key).name[-4:]}")
+                frames.append(t)
+                t2 = t.copy()
+                t2["p"] = (p + p_flip) / 2
+                frames_tta.append(t2)
+        return pd.concat(frames, ignore_index=True), pd.concat(frames_tta, ignore_index=True)
+
+    df, df_tta = tables(best["state"])
     out = Path(args.out or f"{args.cohort}_{args.tag}")
     res = {"cohort": args.cohort, "tag": args.tag, "seed": args.seed, "recipe": recipe, "epochs": epochs,
            "lr": lr, "input_size": pre.input_size, "preprocessing": pre.describe(),
            "n": {s: len(v) for s, v in studies.items()}, "kept_epoch": best["epoch"],
-           "epochs_run": len(hist), "history": hist, "best_val_auc": best["auc"], "fit_s": fit_s}
-    for name, d in (("plain", df), ("flipTTA", df_tta)):
+           "epochs_run": len(hist), "history": hist, "best_val_auc": best["auc"], "fit_s": fit_s,
+           # the fit's CPU without the bench's live-network diagnostics (they exist only with an EMA)
+           "fit_cpu_s": fit_cpu_s - cpu["live_diag"], "ema_update_cpu_s": cpu["ema_update"],
+           "live_diag_cpu_s": cpu["live_diag"]}
+    variants = [("plain", df), ("flipTTA", df_tta)]
+    if use_ema:
+        df_live, _ = tables(best_live["state"])
+        df_live.to_csv(f"{out}.slices_live.csv", index=False)
+        variants.append(("live", df_live))
+        res["live_kept_epoch"], res["live_best_val_auc"] = best_live["epoch"], best_live["auc"]
+    for name, d in variants:
         va_d, te_d = d[d.split == "val"], d[d.split == "test"]
         thr = choose_flag_threshold(va_d.p.to_numpy(), va_d.y.to_numpy())
         res[name] = {"val_auc": roc_auc(va_d.p.to_numpy(), va_d.y.to_numpy()),
@@ -284,6 +359,8 @@ def main(argv=None) -> dict:
     Path(f"{out}.report.txt").write_text(txt + "\n")
     Path(f"{out}.json").write_text(json.dumps(res, indent=1, default=float))
     print(txt)
+    if use_ema:
+        print("live network (kept by its own validation AUC):\n" + report(df_live[df_live.split == "test"]))
     print(json.dumps(res, indent=1, default=float))
     return res
 

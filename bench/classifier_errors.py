@@ -209,6 +209,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ema-epochs", type=float, default=None,
                     help="validate and keep an EMA of the weights with this time constant in epochs "
                          "(wsseg_core.train.WeightEMA); 0: off; default: the preset's recipe")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's (default: the preset's)")
     ap.add_argument("--pixel-mm", type=float, default=None)
     ap.add_argument("--no-write", action="store_true", help="cohort already written: regenerate ground truth only")
     args = ap.parse_args(argv)
@@ -238,6 +239,8 @@ def main(argv=None) -> dict:
         recipe["patience_start"] = args.patience_start
     if args.map_stride:
         recipe["map_stride"] = args.map_stride
+    if args.weight_decay is not None:
+        recipe["weight_decay"] = args.weight_decay
     if args.ema_epochs is not None:
         recipe.pop("ema_epochs", None)
         if args.ema_epochs > 0:

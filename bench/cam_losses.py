@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -50,20 +51,17 @@ from wsseg_core.cams import CamEngine  # noqa: E402
 from wsseg_core.data import StudyRef, load_study  # noqa: E402
 from wsseg_core.inference import classify_volume, flagged_slices, volume_cams  # noqa: E402
 from wsseg_core.models import load_classifier  # noqa: E402
-from wsseg_core.segment import (_upsample_nearest, segment_volume,  # noqa: E402
+from wsseg_core.segment import (THRESHOLD_REFERENCE, cam_region, segment_volume,  # noqa: E402
                                 threshold_volume)
+from jobs.common import labelled, resolve_cohort  # noqa: E402
 
 CATS = ("TP", "unflag", "region", "pct")
 
 
 def _study_refs(run: str, splits: list[str]) -> list[tuple[str, StudyRef]]:
-    cohort = pd.read_parquet(os.path.join(run, "cohort.parquet"))
-    out = []
-    for _, row in cohort[cohort["split"].isin(splits)].iterrows():
-        ref = StudyRef(**{k: row[k] for k in StudyRef.__dataclass_fields__ if k in row})
-        if ref.seg_path:
-            out.append((row["split"], ref))
-    return out
+    """(split, ref) of the run's labelled studies in `splits`, as the run split them."""
+    refs = resolve_cohort(os.path.join(run, "cohort.parquet"))  # the manifest's splits are kept
+    return [(sp, r) for sp in splits for r in labelled(refs, sp)]
 
 
 def study_inputs(run: str, ref: StudyRef, methods: list[str], flag: float, cache_dir: str):
@@ -113,7 +111,7 @@ def categorise(suv, ref, z, cams, cam_index, t, q, grow="none", q_rule="percenti
     cat[ref] = CATS.index("unflag")
     region = np.zeros(suv.shape, dtype=bool)
     for zi, cam in zip(z, cams):
-        region[:, :, zi] = _upsample_nearest(cam, suv.shape[:2], cam_index) >= t
+        region[:, :, zi] = cam_region(cam, t, suv.shape[:2], cam_index)
     flagged = np.zeros(suv.shape[2], dtype=bool)
     flagged[z] = True
     in_flag = ref & flagged[None, None, :]
@@ -199,7 +197,7 @@ def retune(run: str, methods: list[str], cache_dir: str, variants: list[tuple[st
                                                              idx, grow=g, q_rule=r)) for g, r in variants])
             scores[m].append((ref.patient_id, d))
         thr_scores.append((ref.patient_id, dice_from_counts(*threshold_dice_grid_counts(
-            st.suv, st.seg, z, q_grid, "max", st.ct))))
+            st.suv, st.seg, z, q_grid, THRESHOLD_REFERENCE, st.ct))))
     chosen = {}
     for m in methods:
         mean, _ = patient_mean(scores[m], (len(variants), t_grid.size, q_grid.size))
@@ -223,7 +221,8 @@ def main() -> None:
     p.add_argument("run", help="a finished jobs.pipeline run folder")
     p.add_argument("--splits", nargs="+", default=["test"])
     p.add_argument("--methods", nargs="+", default=["CAM", "GradCAM++", "ScoreCAM"])
-    p.add_argument("--cache", default="/tmp/camseg/cam_cache")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "wsseg_cam_losses"),
+                   help="where the CAMs of each study are cached between runs (default: %(default)s)")
     p.add_argument("--grow", action="store_true", help="also the grow='slice' mask at the same (t, q)")
     p.add_argument("--retune", action="store_true",
                    help="choose (t, q, grow in none/slice) on the tuning studies and score with it")

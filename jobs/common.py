@@ -27,7 +27,7 @@ LOG = logging.getLogger("wsseg")
 PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # small: a randomly initialised BN network on CPU. AdamW + one-cycle (warm-up from lr/25, peak
     # 3e-3, cosine anneal) instead of SGD at a fixed 0.01: a fixed large step from a random init
-    # with a 7.7-weighted loss drove the net to a constant output on unseen cohorts (README,
+    # with a 7.7-weighted loss drove the net to a constant output on unseen cohorts (docs/EXPERIMENTS.md,
     # "Früh method"). Every tumour-free slice kept: subsampling them doubles the prior shift the
     # weighted loss already causes. Up to 20 epochs, stopped 6 epochs after the best validation
     # AUC, the patience counting, and the checkpoint chosen, only from the epoch where the
@@ -36,14 +36,14 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # early; the rule matters with --epochs > 20). At the high lr the validation AUC jumps between
     # epochs, and counting there stopped hot15 at epoch 7 with epoch 0 kept (test AUC 0.69 against
     # 0.92 with the rule); end to end hot15 0.937 -> 0.958, demo 0.953 -> 0.970. 30 epochs were measured and not adopted
-    # (hot15 0.94, hot30 and demo no better, demo CAM Dice 0.52 -> 0.38; README, issue 16). Input stays 64: at 128 an epoch of a 15-study cohort took 43-78 s on the shared 2 cores
+    # (hot15 0.94, hot30 and demo no better, demo CAM Dice 0.52 -> 0.38; docs/EXPERIMENTS.md, issue 16). Input stays 64: at 128 an epoch of a 15-study cohort took 43-78 s on the shared 2 cores
     # against ~2 s at 64, which the 10-minute demo cannot hold; the model preset's map stride 4
     # (dilated last block) gives 16x16 CAMs at 64 instead.
     # q_grid: the SUV percentile inside the CAM region, searched up to 99 (the paper: 20-50). The
     # paper's regions come from 32x32 maps of 256^2 slices; an 8x8 cell of the former small preset covered
     # 16x16 voxels of a 128^2 slice, so a lesion fills a far smaller share of its region and the
     # best percentile lies above 50: on the demo every method's tuned q sat on the paper grid's
-    # edge (50) with test Dice 0.02; searched to 98 it chose 98 and reached 0.35 (README).
+    # edge (50) with test Dice 0.02; searched to 98 it chose 98 and reached 0.35 (docs/EXPERIMENTS.md).
     "small": dict(model_preset="small", epochs=20, batch_size=32, lr=3e-3, negative_keep=1.0,
                   optimizer="adamw", schedule="onecycle", patience=6, patience_start="half_lr",
                   weight_decay=1e-4,

@@ -42,7 +42,7 @@ whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs
 "small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
 over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3, epochs kept by median validation Dice, the threshold chosen on validation, L_MS on the
-box-scaled image (`losses.mumford_shah_loss` image_scale "box"; README, "BoxFCN as the pipeline
+box-scaled image (`losses.mumford_shah_loss` image_scale "box"; docs/EXPERIMENTS.md, "BoxFCN as the pipeline
 scores it"). Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
 64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
 train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
@@ -81,7 +81,7 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # keep_by "val_dice" (issue 23): keep (and stop early on) the epoch with the best median
     # validation Dice against SEG, the measure select_variant chooses the variant by. Kept by the
     # validation loss, the demo's L_MDice + L_MS kept an epoch of validation Dice 0.02 (its best
-    # was 0.05): with Eq. 5 the loss falls as the prediction grows (README, "BoxFCN as the
+    # was 0.05): with Eq. 5 the loss falls as the prediction grows (docs/EXPERIMENTS.md, "BoxFCN as the
     # pipeline scores it").
     # warm_epochs 10 (was 6, issue 23): on the demo the box-Dice warm start was still learning at
     # its 6th epoch (validation Dice 0.01 -> 0.08, predicted MTV ~350 ml against 12 ml), and on the
@@ -594,7 +594,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
     choice. The Tune search (`tune_samples` > 0) runs for one form only.
 
     Why choose instead of always scoring L_MDice + L_MS + M: on the CPU preset the fine-tuning can
-    end worse than its own warm start (README, BoxFCN ablation on the demo cohort: test median Dice
+    end worse than its own warm start (docs/EXPERIMENTS.md, BoxFCN ablation on the demo cohort: test median Dice
     0.23 box Dice, 0.34 L_MDice, 0.04 L_MDice + L_MS + M), and only validation can tell which.
     `out` may be a URI: the networks are trained in its staging folder and the chosen one and
     thresholds.json are uploaded.

@@ -35,7 +35,7 @@ def _train(seed: int, train, val):
     # default: on this 12-patient cohort neither network's CAM argmax lands on a tumour
     # (pointing game 0 of 65-66 test slices, chance 10-16 %), and at the paper's q grid only
     # the 8x8 maps beat a uniform CAM (16x16 dilated: 0.014-0.025 against 0.013). The small
-    # preset's 16x16 maps localise on the demo and hot15 (README, "CAM resolution").
+    # preset's 16x16 maps localise on the demo and hot15 (docs/EXPERIMENTS.md, "CAM resolution").
     model, pre = build_slice_classifier("small", map_stride=8)
     x_tr, y_tr = slices_from_studies(train, pre)
     x_va, y_va = slices_from_studies(val, pre)
@@ -121,7 +121,7 @@ def test_each_cam_method_tuned_on_validation_beats_a_uniform_cam_on_test(trained
     # Measured (2026-11-30, one seed, another machine): CAM 0.036, GradCAM 0.037, GradCAM++ 0.037,
     # ScoreCAM 0.088, uniform 0.013, at an 8x8 CAM (input 64). Over SEEDS on an AMD EPYC
     # (2026-12-02): CAM 0.046, GradCAM++ 0.045, ScoreCAM 0.053, uniform 0.013. Far from the
-    # paper's 0.46: the floors say only that the CAMs localise, which a uniform CAM cannot (README,
+    # paper's 0.46: the floors say only that the CAMs localise, which a uniform CAM cannot (docs/EXPERIMENTS.md,
     # "Früh method"); relative to the uniform CAM, since the former absolute floor (0.06, set from
     # the one seed's 0.088) was a property of one draw, not of the method.
     best = max(test_dice[m] for m in CAM_METHODS)

@@ -109,7 +109,7 @@ def test_full_loss_and_batch():
 
 
 def test_mumford_shah_gradient_pushes_voxels_brighter_than_c2_to_foreground():
-    """Why L_MS over-segments (README, BoxFCN): Eq. 5 takes |I H - C|, not Chan-Vese's |I - C|^2 H.
+    """Why L_MS over-segments (docs/EXPERIMENTS.md, BoxFCN): Eq. 5 takes |I H - C|, not Chan-Vese's |I - C|^2 H.
     With C1, C2 fixed (Eq. 7's sharp H), a background voxel's gradient is -2 omega2 I / sum(b) dH/dp
     whenever C2 < I(1 - H) < C1, and 0 below C2: it is pushed to the foreground as soon as it is
     brighter than the background mean, where Chan-Vese would split at (C1 + C2) / 2.

@@ -51,7 +51,7 @@ def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
     from jobs.train_boxfcn import VARIANTS, select_variant
 
     assert len(VARIANTS) == 8  # four networks (L_MS in two forms), each with and without M
-    # The demo's failure (README ablation): L_MDice + L_MS over-segments, L_MDice is best.
+    # The demo's failure (docs/EXPERIMENTS.md ablation): L_MDice + L_MS over-segments, L_MDice is best.
     rows = _val_rows({"L_Dice (box)": [0.2, 0.25, np.nan], "L_Dice (box)+M": [0.21, 0.2, np.nan],
                       "L_MDice": [0.3, 0.22, np.nan], "L_MDice+M": [0.31, 0.24, np.nan],
                       "L_MDice+L_MS": [0.1, 0.15, np.nan], "L_MDice+L_MS+M": [0.12, 0.2, np.nan]})

@@ -29,7 +29,7 @@ the crop is padded at the far end (image with its minimum, labels with 0). Every
 so the Dice terms always have a gradient (unlike random patches, below). Inference (and the
 validation loss) is one fully convolutional pass over the whole volume (:func:`predict_volume`):
 the network has no fully connected layer, so any size divisible by ``2**levels`` goes; the cost is
-memory (README, "BoxFCN memory"; ``bench/bench_boxfcn_memory.py``).
+memory (docs/EXPERIMENTS.md, "BoxFCN memory"; ``bench/bench_boxfcn_memory.py``).
 
 CPU preset ("small") deviations, each because the paper's value cannot train on 2 cores in minutes:
 ``base`` 4 at 3 levels (4..16, bottleneck 32; 88 k parameters); Adam lr 1e-3 for the box-Dice warm

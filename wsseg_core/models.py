@@ -53,7 +53,7 @@ N_VGG16_CONVS = 13
 
 def default_atrous(map_stride: int) -> bool:
     """Whether a network of this map stride dilates its last block when the caller does not say:
-    at stride 4 yes (the plain pool removal measured worse; README, "CAM resolution"), at 8 there
+    at stride 4 yes (the plain pool removal measured worse; docs/EXPERIMENTS.md, "CAM resolution"), at 8 there
     is nothing to dilate."""
     return int(map_stride) == 4
 #: Classifier heads: "gap" (GAP + one linear layer, CAM's architecture) and "fc" (VGG16's fully
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # few epochs a CPU demo affords; batch norm after each conv makes it train in minutes.
     # map_stride 4, atrous: 16x16 CAMs at 64x64 (issue 16 item 4: at 8x8 a CAM cell covered 16x16
     # voxels of a 128^2 slice), the last block dilated so its receptive field stays stride 8's.
-    # Measured end to end (README, "CAM resolution"): demo test AUC 0.966 -> 0.953, CAM test Dice
+    # Measured end to end (docs/EXPERIMENTS.md, "CAM resolution"): demo test AUC 0.966 -> 0.953, CAM test Dice
     # 0.35 -> 0.52, tuned t off the grid's edge; the plain pool removal lost AUC and localisation
     # on a 12-patient cohort, the dilated one did not.
     # No pixel_mm: slices are resized to 64x64 (the whole FOV in view; at 2 mm a 64-pixel canvas
@@ -295,7 +295,7 @@ class SliceClassifier(nn.Module):
         atrous: with map_stride 4, the convs after the removed pool are dilated by 2 (as DeepLab
             keeps its receptive field at a finer output stride), so every conv sees the context,
             in input pixels, it sees at stride 8. Without it the last block's receptive field is
-            halved; measured, that cost test AUC and CAM Dice on a 12-patient cohort (README,
+            halved; measured, that cost test AUC and CAM Dice on a 12-patient cohort (docs/EXPERIMENTS.md,
             "CAM resolution"). Must be False at stride 8.
         head: "gap" (default; GAP + ``fc``) or "fc" (VGG16's classifier; see the module doc).
     Attributes:

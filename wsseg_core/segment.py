@@ -26,7 +26,7 @@ hold at least one voxel of Algorithm 1's mask - the CAM says where, the SUV says
 adds voxels (Algorithm 1's mask is a subset), uses the same t_q, and adds no parameter; with
 ``--grow auto`` the pipeline chooses it on the tuning studies jointly with (t, q) (``GROW_MODES``;
 "none", the paper's Algorithm 1, wins ties). Not the pipeline's default: it also follows SUV >= t_q
-into physiological uptake connected to the seed (README, issue 16). Step 1 (which slices) is
+into physiological uptake connected to the seed (docs/EXPERIMENTS.md, issue 16). Step 1 (which slices) is
 unchanged: nothing grows into a slice the classifier did not flag.
 
 Extension (issue 16), ``q_rule``: step 5's percentile of the region's SUVs depends on what the

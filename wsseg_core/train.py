@@ -212,7 +212,7 @@ def early_stop_start(patience_start: str | None, schedule: str, epochs: int) -> 
     0.88, 0.86, 0.87, 0.83, 0.87 over epochs 0-6), so "no better AUC for ``patience`` epochs"
     there is noise, not a plateau: a patience of 6 stopped such runs at epoch 7-14, before the
     anneal that gives most of the AUC, and a lucky early epoch won the checkpoint (hot15: epoch 0
-    or 1 kept, test AUC 0.68-0.69; README, "classifier recipe"). So those epochs neither count,
+    or 1 kept, test AUC 0.68-0.69; docs/EXPERIMENTS.md, "classifier recipe"). So those epochs neither count,
     nor set the best, nor can be kept (``jobs.train_classifier``'s ``val_auc_eligible``).
     """
     if patience_start in (None, "first"):

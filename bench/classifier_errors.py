@@ -206,6 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--patience-start", default=None, help="first | half_lr (default: the preset's)")
     ap.add_argument("--map-stride", type=int, default=None)
+    ap.add_argument("--width", type=float, default=None,
+                    help="channel multiplier of the VGG (default: the small preset's 0.125)")
     ap.add_argument("--ema-epochs", type=float, default=None,
                     help="validate and keep an EMA of the weights with this time constant in epochs "
                          "(wsseg_core.train.WeightEMA); 0: off; default: the preset's recipe")
@@ -258,8 +260,8 @@ def main(argv=None) -> dict:
     print({s: len(v) for s, v in studies.items()}, "recipe", recipe, "epochs", epochs, flush=True)
 
     torch.manual_seed(args.seed)
-    model, pre = build_slice_classifier("small", input_size=recipe["input_size"], head=recipe["head"],
-                                        map_stride=recipe.get("map_stride"), atrous=recipe.get("atrous"),
+    model, pre = build_slice_classifier("small", width=args.width, input_size=recipe["input_size"],
+                                        head=recipe["head"], map_stride=recipe.get("map_stride"), atrous=recipe.get("atrous"),
                                         pixel_mm=args.pixel_mm)
     print("preprocessing:", pre.describe(), flush=True)
     data_gen = torch.Generator().manual_seed(args.seed * 1000)

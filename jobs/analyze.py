@@ -194,7 +194,8 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
             cams = {m: geo.cam_to_native(c) for m, c in cams.items()}
         name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"
         title = (f"{row.patient_id} / {row.study_id}, slice z={z}, p(tumour)={probs[z]:.2f}"
-                 f" (flag rule {flag_rule.name})"
+                 + (f" (flag threshold {flag_threshold:.2f})" if flag_rule.kind == "threshold"
+                    else f" (flag rule {flag_rule.name})")
                  + ("" if flagged[z] else " (not flagged by the classifier)"))
         written.append(cam_figure(study.suv[:, :, z], study.ct[:, :, z], study.seg[:, :, z], cams, masks,
                                   layout.out / "figures" / name, title=title))

@@ -17,6 +17,13 @@ the same cached CAMs, and the best (variant, t, q) is kept, the paper's variant 
 Default: q_rule "auto" (the paper's percentile or q % of the region's SUVmax), grow "none"; the
 README's issue-16 section has the measurements behind that default.
 
+Algorithm 1's step 1 may also be searched (`--flag-rule`, issue 16): besides the per-slice flag
+threshold, hysteresis along z (seeds p >= the flag threshold grown through contiguous slices with
+p >= lo) and a z-context slice score (wsseg_core.gate). The cache then holds every slice any
+candidate flags, with per-slice counts, so every rule is scored from it; per rule each method's
+(variant, t, q) is chosen as above, and the rule whose cells give the best pooled Dice on the
+validation studies (tumour-free ones included) is kept, the per-slice rule winning ties.
+
     python -m jobs.tune_thresholds --cohort runs/demo/cohort.parquet --out runs/demo
 """
 
@@ -58,8 +65,11 @@ GROW_CHOICES = ("none", "slice", "auto")
 DEFAULT_Q_RULE = "auto"
 DEFAULT_GROW = "none"
 #: `--flag-rule` (wsseg_core.gate.FLAG_RULE_CHOICES): Algorithm 1's step 1 per slice ("threshold"),
-#: or hysteresis along z chosen on validation Dice ("hysteresis", "auto": both, the per-slice rule
-#: winning ties). The README's issue-16 section has the measurements behind the default.
+#: or rules that use the study's z-structure, chosen on pooled validation Dice: "hysteresis" (lo
+#: from --flag-lo), "zctx" (the z-context score), "auto" (all, the per-slice rule winning ties).
+#: Default "threshold": on the demo and three variants the validation choice did not carry to the
+#: test studies (demo: every z-rule lower, tumour-free flagged 6 % -> 12-16 %); the README's
+#: issue-16 section ("Flag rules along z") has the table.
 DEFAULT_FLAG_RULE = "threshold"
 
 

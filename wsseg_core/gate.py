@@ -303,7 +303,7 @@ class FlagRule:
             return rec
         if rec is None:
             return cls()
-        if isinstance(rec, (int, float)):
+        if isinstance(rec, (int, float, np.integer, np.floating)):
             return cls("threshold", float(rec))
         lo = rec.get("lo")
         return cls(str(rec.get("rule", "threshold")), float(rec["threshold"]),

@@ -49,7 +49,9 @@ from scipy import ndimage  # noqa: E402
 
 from wsseg_core.cams import CamEngine  # noqa: E402
 from wsseg_core.data import StudyRef, load_study  # noqa: E402
+from wsseg_core.gate import FlagRule  # noqa: E402
 from wsseg_core.inference import classify_volume, flagged_slices, volume_cams  # noqa: E402
+from wsseg_core.thresholds import load_flag_rule  # noqa: E402
 from wsseg_core.models import load_classifier  # noqa: E402
 from wsseg_core.segment import (THRESHOLD_REFERENCE, cam_region, segment_volume,  # noqa: E402
                                 threshold_volume)
@@ -64,10 +66,12 @@ def _study_refs(run: str, splits: list[str]) -> list[tuple[str, StudyRef]]:
     return [(sp, r) for sp in splits for r in labelled(refs, sp)]
 
 
-def study_inputs(run: str, ref: StudyRef, methods: list[str], flag: float, cache_dir: str):
+def study_inputs(run: str, ref: StudyRef, methods: list[str], flag: "float | FlagRule", cache_dir: str):
     """(study, flagged z, {method: cams}, cam_index) with the run's classifier; CAMs cached."""
     st = load_study(ref)
-    key = hashlib.sha1(f"{os.path.abspath(run)}|{ref.suv_path}|{flag}".encode()).hexdigest()[:16]
+    flag = FlagRule.from_record(flag)
+    tag = flag.threshold if flag.kind == "threshold" else flag.name  # threshold rules keep old keys
+    key = hashlib.sha1(f"{os.path.abspath(run)}|{ref.suv_path}|{tag}".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{key}.npz")
     have = {}
     if os.path.exists(path):
@@ -135,7 +139,7 @@ def threshold_categorise(suv, ref, z, q, ct):
 def diagnose(run: str, splits: list[str], methods: list[str], cache_dir: str, grow: bool,
              params: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     th = json.load(open(os.path.join(run, "thresholds.json")))
-    flag = float(th["flag_threshold"])
+    flag = load_flag_rule(os.path.join(run, "thresholds.json"))  # the run's step-1 rule
     params = params or {m: th["methods"][m] for m in [*methods, "Threshold"]}
     rows, lesions = [], []
     for split, ref in _study_refs(run, splits):
@@ -183,7 +187,7 @@ def retune(run: str, methods: list[str], cache_dir: str, variants: list[tuple[st
     from wsseg_core.selection import best_cell, patient_mean
 
     th = json.load(open(os.path.join(run, "thresholds.json")))
-    flag = float(th["flag_threshold"])
+    flag = load_flag_rule(os.path.join(run, "thresholds.json"))  # the run's step-1 rule
     t_grid, q_grid = np.asarray(th["t_grid"]), np.asarray(th["q_grid"])
     splits = ["val"] if th.get("tune_on") == "val" else ["train", "val"]
     scores = {m: [] for m in methods}

@@ -89,8 +89,12 @@ def pooled_slice_auc(out: str | Path, metrics: pd.DataFrame) -> pd.DataFrame | N
     Reads the scorer's `<out>/slices/*.parquet` (patient_id, study_id, split, z, prob, label) and keeps
     the studies present in ``metrics`` (stale files of studies no longer in the run are ignored),
     with the split the metrics rows give them. Returns rows ``split`` (train, val, test, all),
-    ``n_studies, n_slices, n_tumour_slices, auc``, or None (logged) when the run has no slice files.
+    ``n_studies, n_slices, n_tumour_slices, auc, score, auc_zctx``, or None (logged) when the run
+    has no slice files. ``auc`` is the AUC of the classifier's slice probability p (``score``
+    names it); ``auc_zctx`` that of the z-context score (p + max(p[z-1..z+1])) / 2 a "zctx" flag
+    rule flags on (wsseg_core.gate.z_context_score; issue 16).
     """
+    from wsseg_core.gate import z_context_score
     from wsseg_core.metrics import roc_auc
 
     folder = Path(out) / "slices"
@@ -102,6 +106,10 @@ def pooled_slice_auc(out: str | Path, metrics: pd.DataFrame) -> pd.DataFrame | N
     slices = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     studies = metrics[["patient_id", "study_id", "split"]].drop_duplicates(["patient_id", "study_id"])
     slices = slices.drop(columns=["split"]).merge(studies, on=["patient_id", "study_id"], how="inner")
+    slices = slices.sort_values(["patient_id", "study_id", "z"], kind="stable")
+    slices["p_zctx"] = np.concatenate([z_context_score(g["prob"].to_numpy(float)) for _, g in
+                                       slices.groupby(["patient_id", "study_id"], sort=False)]) \
+        if len(slices) else np.zeros(0)
     slices = slices[slices["label"].notna()]
     rows = []
     for name in (*SPLITS, "all"):
@@ -109,7 +117,9 @@ def pooled_slice_auc(out: str | Path, metrics: pd.DataFrame) -> pd.DataFrame | N
         labels = g["label"].astype(bool).to_numpy()
         rows.append({"split": name, "n_studies": int(g[["patient_id", "study_id"]].drop_duplicates().shape[0]),
                      "n_slices": int(len(g)), "n_tumour_slices": int(labels.sum()),
-                     "auc": roc_auc(g["prob"].to_numpy(float), labels) if len(g) else float("nan")})
+                     "auc": roc_auc(g["prob"].to_numpy(float), labels) if len(g) else float("nan"),
+                     "score": "p",
+                     "auc_zctx": roc_auc(g["p_zctx"].to_numpy(float), labels) if len(g) else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -121,7 +131,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     The classifier and CAMs are recomputed in this process (a few slices: cheap). Returns the PNGs
     written; none (logged) when the run has no classifier or no cohort manifest.
     """
-    from wsseg_core.thresholds import load_flag_threshold, load_thresholds
+    from wsseg_core.thresholds import load_flag_rule, load_thresholds
     from wsseg_core.cams import CamEngine, available_methods
     from wsseg_core.data import StudyRef, load_study
     from wsseg_core.inference import classify_volume, flagged_slices, volume_cams
@@ -150,7 +160,8 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
     thresholds = load_thresholds(layout.thresholds)
     # The run's flag threshold (chosen on validation), not the paper's 0.5: the figure shows a
     # slice the scored method segmented, so it must flag as scoring did.
-    flag_threshold = load_flag_threshold(layout.thresholds)
+    flag_rule = load_flag_rule(layout.thresholds)
+    flag_threshold = flag_rule.threshold
     methods = [m for m in available_methods(model) if m in thresholds]  # no CAM under head "fc"
     written = []
     for row in picks.itertuples():
@@ -165,7 +176,7 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
         probs = classify_volume(model, pre, study.suv, study.ct, geometry=geo)
         tumour = study.seg.reshape(-1, study.seg.shape[2]).sum(axis=0).astype(np.int64)  # signed: -1 below
         flagged = np.zeros(len(probs), dtype=bool)
-        flagged[flagged_slices(probs, flag_threshold)] = True  # as scoring flags (Algorithm 1 step 1)
+        flagged[flagged_slices(probs, flag_rule)] = True  # as scoring flags (Algorithm 1 step 1)
         # The paper shows slices the method actually segments: the flagged slice with most tumour;
         # if the classifier flags none of the tumour slices, the tumour's largest slice (CAMs exist
         # for any slice) and the title says so.
@@ -183,7 +194,8 @@ def cam_overlays(out: str | Path, df: pd.DataFrame, n: int = N_CAM_STUDIES) -> l
             cams = {m: geo.cam_to_native(c) for m, c in cams.items()}
         name = f"cam_{safe_name(row.patient_id)}_{safe_name(row.study_id)}_z{z}.png"
         title = (f"{row.patient_id} / {row.study_id}, slice z={z}, p(tumour)={probs[z]:.2f}"
-                 f" (flag threshold {flag_threshold:.2f})"
+                 + (f" (flag threshold {flag_threshold:.2f})" if flag_rule.kind == "threshold"
+                    else f" (flag rule {flag_rule.name})")
                  + ("" if flagged[z] else " (not flagged by the classifier)"))
         written.append(cam_figure(study.suv[:, :, z], study.ct[:, :, z], study.seg[:, :, z], cams, masks,
                                   layout.out / "figures" / name, title=title))

@@ -22,7 +22,7 @@ from jobs.telemetry import StageClock
 from jobs.train_classifier import (HEAD_CHOICES, HEAD_HELP, MAP_STRIDE_HELP, NO_ATROUS_HELP,
                                    PIXEL_MM_HELP, WEIGHTS_HELP, resolve_weights, weights_arg)
 from wsseg_core.models import MAP_STRIDES
-from wsseg_core.thresholds import load_thresholds
+from wsseg_core.thresholds import load_flag_rule, load_thresholds
 
 LOG = logging.getLogger("wsseg.pipeline")
 
@@ -120,10 +120,11 @@ def discard_outputs(layout, storage_path: str | None, out: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the preset's defaults resolved (recorded and fingerprinted so)."""
-    from jobs.tune_thresholds import preset_q_rule
+    from jobs.tune_thresholds import preset_flag_rule, preset_q_rule
 
     args = build_parser().parse_args(argv)
     args.q_rule = preset_q_rule(args)
+    args.flag_rule = preset_flag_rule(args)
     return args
 
 
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage_file.unlink(missing_ok=True)  # until the new search has finished
             tune_thresholds.tune(search_refs, out, cam_batch_size=preset["cam_batch_size"],
                                  tune_on=args.tune_on, grow=args.grow, q_rule=args.q_rule,
+                                 flag_rule=args.flag_rule, flag_lo=args.flag_lo,
                                  storage_path=args.storage_path, flag_threshold=gate.flag_threshold,
                                  t_grid=tune_thresholds.grid_from_args(args.t_grid, T_GRID),
                                  q_grid=tune_thresholds.grid_from_args(
@@ -338,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         thresholds = load_thresholds(run_folder.thresholds)
         score_kw = dict(methods=args.methods, concurrency=args.concurrency,
                         num_gpus_per_actor=args.num_gpus_per_actor, cam_batch_size=preset["cam_batch_size"],
-                        flag_threshold=gate.flag_threshold)
+                        # the search's rule (p >= gate.flag_threshold unless it chose hysteresis)
+                        flag_threshold=load_flag_rule(run_folder.thresholds))
         try:  # resumes an interrupted scoring of this same classifier and thresholds
             scored = score_cohort.score(refs, out, thresholds, **score_kw)
         except score_cohort.StaleResultsError as e:
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flag_threshold": {"value": gate.flag_threshold,
                            "source": "fixed (--flag-threshold)" if args.flag_threshold is not None
                            else "validation slice F1"},
+        "flag_rule": load_flag_rule(run_folder.thresholds).to_dict(),
         "thresholds": thresholds,
         # Each job's own entry (jobs.ray_train.training_record for the Ray Train networks).
         "classifier": fit["record"],

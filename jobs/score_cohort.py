@@ -230,7 +230,8 @@ class StudyMasker:
     (`masks`, None if the study failed), `error` and its `seconds`."""
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
-                 cam_batch_size: int = 64, num_cpus: float = 1.0, flag_threshold: float = 0.5) -> None:
+                 cam_batch_size: int = 64, num_cpus: float = 1.0,
+                 flag_threshold: "float | FlagRule | dict" = 0.5) -> None:
         import torch
 
         from wsseg_core.cams import CamEngine
@@ -244,7 +245,10 @@ class StudyMasker:
                        *[self.run.model(MODEL_METHODS[m].checkpoint) for m in methods if m in MODEL_METHODS])
         self.model, self.pre, _ = load_classifier(self.run.classifier)
         self.model.to(self.device).eval()
-        self.flag_threshold = float(flag_threshold)  # Algorithm 1 step 1 (thresholds.json)
+        from wsseg_core.gate import FlagRule
+
+        # Algorithm 1 step 1 (thresholds.json): p >= a threshold, or the search's flag rule
+        self.flag_rule = FlagRule.from_record(flag_threshold)
         self.engine = CamEngine(self.model)
         self.thresholds = thresholds
         self.segmenters = {m: MODEL_METHODS[m].load(self.run.model(MODEL_METHODS[m].checkpoint),
@@ -281,7 +285,7 @@ class StudyMasker:
             geo = self.pre.geometry(study.suv, study.ct, study.spacing_mm)
             probs = classify_volume(self.model, self.pre, study.suv, study.ct, self.cam_batch_size,
                                     geometry=geo)
-            z = flagged_slices(probs, self.flag_threshold)
+            z = flagged_slices(probs, self.flag_rule)
         cam_methods = [m for m in self.methods if METHODS[m].is_cam]
         with clock.stage("cams"):
             maps = volume_cams(self.engine, self.pre, study.suv, study.ct, z, cam_methods,
@@ -415,7 +419,7 @@ class StudyScorer:
 
     def __init__(self, thresholds: dict[str, dict], out: str, methods: Sequence[str],
                  cam_batch_size: int = 64, num_cpus: float = 1.0,
-                 kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
+                 kill_once: dict[str, str] | None = None, flag_threshold: "float | FlagRule | dict" = 0.5,
                  skipped: dict[str, str] | None = None) -> None:
         """`out` is the run folder, a local path or a URI: with a URI, the actor works in the node's
         staging folder (`wsseg_core.run_folder.RunFolder`), fetches the networks once and uploads
@@ -451,8 +455,20 @@ class StudyScorer:
         return rows
 
 
+def _flag_fingerprint(flag: "float | FlagRule | dict") -> dict:
+    """The flag rule's part of the scoring fingerprint: a per-slice threshold as before (results
+    of runs from before flag rules stay current), a hysteresis rule with its "flag_rule" too."""
+    from wsseg_core.gate import FlagRule
+
+    rule = FlagRule.from_record(flag)
+    fp: dict = {"flag_threshold": float(rule.threshold)}
+    if rule.kind != "threshold":
+        fp["flag_rule"] = rule.to_dict()
+    return fp
+
+
 def _fingerprint(run: RunFolder, thresholds: dict[str, dict], methods: Sequence[str],
-                 flag_threshold: float = 0.5) -> dict:
+                 flag_threshold: "float | FlagRule | dict" = 0.5) -> dict:
     """What a study's rows depend on besides its input files: reused only if all of it matches.
 
     The schema is part of it: files written before a column was added would not share one schema,
@@ -460,7 +476,7 @@ def _fingerprint(run: RunFolder, thresholds: dict[str, dict], methods: Sequence[
     """
     fp = {"methods": sorted(methods),
           "thresholds": {m: thresholds.get(m) for m in sorted(methods)},
-          "flag_threshold": float(flag_threshold),
+          **_flag_fingerprint(flag_threshold),
           "classifier_sha256": run.sha256(run.classifier),
           "models_sha256": {m: run.sha256(run.model(MODEL_METHODS[m].checkpoint))
                             for m in sorted(methods) if m in MODEL_METHODS},
@@ -472,7 +488,7 @@ def score(refs: list, out: str | Path, thresholds: dict[str, dict], *,
           methods: Sequence[str] = DEFAULT_METHODS, concurrency: int | None = None,
           num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0,
           cam_batch_size: int = 64, overwrite: bool = False,
-          kill_once: dict[str, str] | None = None, flag_threshold: float = 0.5,
+          kill_once: dict[str, str] | None = None, flag_threshold: "float | FlagRule | dict" = 0.5,
           split_cpu_stage: bool | None = None,
           cpu_stage_concurrency: int | None = None,
           num_cpus_per_finisher: float = 1.0) -> dict[str, Any]:
@@ -671,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from wsseg_core.thresholds import load_flag_threshold, load_thresholds
+    from wsseg_core.thresholds import load_flag_rule, load_thresholds
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -686,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_gpus_per_actor=args.num_gpus_per_actor,
                     num_cpus_per_actor=args.num_cpus_per_actor,
                     cam_batch_size=PIPELINE_PRESETS[args.preset]["cam_batch_size"],
-                    overwrite=args.overwrite, flag_threshold=load_flag_threshold(run.thresholds),
+                    overwrite=args.overwrite, flag_threshold=load_flag_rule(run.thresholds),
                     split_cpu_stage=args.split_cpu_stage,
                     cpu_stage_concurrency=args.cpu_stage_concurrency,
                     num_cpus_per_finisher=args.num_cpus_per_finisher)

@@ -181,3 +181,166 @@ class WeakClassifierError(RuntimeError):
     def __init__(self, result: GateResult) -> None:
         super().__init__(result.message())
         self.result = result
+
+
+# --------------------------------------------------------------------------------------------------
+# Flag rules (issue 16): which slices reach the CAM step, using the study's z-structure.
+#
+# Algorithm 1 flags each slice on its own (p >= 0.5; here p >= the validation F1 threshold). A
+# lesion spans contiguous slices, and on the hotter-organ phantoms the classifier gives a lesion's
+# core slices p 0.5-0.8 while its neighbours reach 0.8-1.0, so the F1 threshold drops the slices
+# that hold most of the lesion's voxels. "hysteresis" keeps the F1 threshold as the seed and grows
+# each seed along z through contiguous slices with p >= lo (as Canny's edge hysteresis): a slice
+# below the seed threshold is flagged only when it is connected in z to a confidently flagged one.
+# "zctx" flags on a z-context slice score, p_ctx = (p + max(p[z-1], p[z], p[z+1])) / 2
+# (z_context_score), at its own validation-F1 threshold: a slice next to a confident one is lifted
+# half way towards it. Which rule (and lo) is chosen on segmentation Dice by jobs.tune_thresholds;
+# "threshold" is the per-slice rule, kept so that p >= 0.5 (the paper) and the F1 threshold stay
+# selectable.
+
+#: Flag rule kinds: "threshold" (p >= threshold, Algorithm 1's step 1), "hysteresis", "zctx".
+FLAG_RULES = ("threshold", "hysteresis", "zctx")
+
+
+def z_context_score(probs: np.ndarray | Sequence[float]) -> np.ndarray:
+    """(p + max(p[z-1], p[z], p[z+1])) / 2 per slice (the volume's ends use their one neighbour).
+
+    Args:
+        probs: (Z,) tumour probability per slice, in z order.
+    Returns:
+        (Z,) float64 in [p, max of the 3-slice window].
+    """
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if p.size == 0:
+        return p
+    pad = np.concatenate([p[:1], p, p[-1:]])
+    return 0.5 * (p + np.maximum(np.maximum(pad[:-2], pad[1:-1]), pad[2:]))
+
+
+def hysteresis_flags(probs: np.ndarray | Sequence[float], seed: float, lo: float) -> np.ndarray:
+    """Slices flagged by hysteresis along z: every maximal run of contiguous slices with
+    p >= ``lo`` that holds at least one slice with p >= ``seed``. With ``lo >= seed`` this is
+    ``p >= seed``.
+
+    Args:
+        probs: (Z,) tumour probability per slice, in z order.
+        seed: the seed threshold (a slice with p >= seed is always flagged).
+        lo: the lower threshold the seeds grow through.
+    Returns:
+        (Z,) bool.
+    """
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    seeds = p >= seed
+    if lo >= seed or not seeds.any():
+        return seeds
+    low = p >= lo
+    # label maximal runs of `low`; a run is kept when it holds a seed
+    starts = low & ~np.concatenate([[False], low[:-1]])
+    run_id = np.cumsum(starts) * low  # 0 outside runs, 1..n inside
+    keep = np.zeros(int(run_id.max()) + 1, dtype=bool)
+    keep[run_id[seeds]] = True
+    keep[0] = False
+    return keep[run_id]
+
+
+@dataclass(frozen=True)
+class FlagRule:
+    """How Algorithm 1's step 1 picks the slices that get CAMs.
+
+    Attributes:
+        kind: "threshold" (p >= threshold), "hysteresis" (seeds p >= threshold, grown along z
+            through contiguous slices with p >= lo; :func:`hysteresis_flags`) or "zctx"
+            (:func:`z_context_score` >= threshold).
+        threshold: the flag (seed) threshold; for "zctx" a threshold on the z-context score.
+        lo: the hysteresis lower threshold (None for "threshold").
+    """
+
+    kind: str = "threshold"
+    threshold: float = PAPER_FLAG_THRESHOLD
+    lo: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FLAG_RULES:
+            raise ValueError(f"flag rule must be one of {FLAG_RULES}, got {self.kind!r}")
+        if (self.kind == "hysteresis") != (self.lo is not None):
+            raise ValueError("a hysteresis flag rule needs lo; a threshold rule takes none")
+
+    def flags(self, probs: np.ndarray | Sequence[float]) -> np.ndarray:
+        """(Z,) bool: the flagged slices of one study (probabilities in z order)."""
+        p = np.asarray(probs, dtype=np.float64).reshape(-1)
+        if self.kind == "threshold":
+            return p >= self.threshold
+        if self.kind == "zctx":
+            return z_context_score(p) >= self.threshold
+        return hysteresis_flags(p, self.threshold, float(self.lo))
+
+    @property
+    def floor(self) -> float:
+        """The lowest p this rule can flag (CAMs of slices below it are never needed)."""
+        if self.kind == "zctx":  # p_ctx <= (p + 1) / 2
+            return max(0.0, 2.0 * self.threshold - 1.0)
+        return self.threshold if self.lo is None else min(self.threshold, float(self.lo))
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. "threshold 0.813" or "hysteresis 0.813/0.5"."""
+        if self.kind == "zctx":
+            return f"zctx {self.threshold:.3f}"
+        return (f"threshold {self.threshold:.3f}" if self.kind == "threshold"
+                else f"hysteresis {self.threshold:.3f}/{self.lo:g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rule": self.kind, "threshold": float(self.threshold)}
+        if self.lo is not None:
+            d["lo"] = float(self.lo)
+        return d
+
+    @classmethod
+    def from_record(cls, rec: "FlagRule | dict | float | int | None") -> "FlagRule":
+        """A rule from thresholds.json's "flag_rule" (a dict), a bare flag threshold (a number:
+        older runs), or None (the paper's p >= 0.5)."""
+        if isinstance(rec, FlagRule):
+            return rec
+        if rec is None:
+            return cls()
+        if isinstance(rec, (int, float, np.integer, np.floating)):
+            return cls("threshold", float(rec))
+        lo = rec.get("lo")
+        return cls(str(rec.get("rule", "threshold")), float(rec["threshold"]),
+                   None if lo is None else float(lo))
+
+
+#: `--flag-rule`: "threshold" (the per-slice rule only), "hysteresis" (hysteresis at every lo of
+#: the grid below the seed threshold), "zctx" (the z-context score at its validation-F1
+#: threshold), "auto" (all of them, the per-slice rule first so it wins ties).
+FLAG_RULE_CHOICES = ("threshold", "hysteresis", "zctx", "auto")
+#: `--flag-lo`: the hysteresis lower thresholds searched (absolute p).
+DEFAULT_FLAG_LO = (0.5, 0.6, 0.7)
+
+
+def flag_rule_candidates(threshold: float, mode: str = "threshold",
+                         lo_grid: Sequence[float] = DEFAULT_FLAG_LO,
+                         ctx_threshold: float | None = None) -> list[FlagRule]:
+    """The flag rules a search scores, the per-slice rule first (it wins ties).
+
+    Args:
+        threshold: the flag (seed) threshold (validation F1, or fixed).
+        mode: one of FLAG_RULE_CHOICES.
+        lo_grid: hysteresis lower thresholds; those >= ``threshold`` are dropped (they equal the
+            per-slice rule). "hysteresis" with none left falls back to the per-slice rule.
+        ctx_threshold: the z-context score's flag threshold ("zctx" and "auto"; None: no zctx
+            candidate, and "zctx" falls back to the per-slice rule).
+    """
+    if mode not in FLAG_RULE_CHOICES:
+        raise ValueError(f"flag rule mode must be one of {FLAG_RULE_CHOICES}, got {mode!r}")
+    base = FlagRule("threshold", float(threshold))
+    hyst = [FlagRule("hysteresis", float(threshold), float(lo))
+            for lo in sorted({float(v) for v in lo_grid}, reverse=True) if lo < threshold]
+    ctx = [] if ctx_threshold is None else [FlagRule("zctx", float(ctx_threshold))]
+    if mode == "threshold":
+        return [base]
+    if mode == "hysteresis":
+        return hyst or [base]
+    if mode == "zctx":
+        return ctx or [base]
+    return [base, *hyst, *ctx]

@@ -25,6 +25,12 @@ Variants of Algorithm 1 (``wsseg_core.segment``'s ``grow`` and ``q_rule``, issue
 the paper's Algorithm 1 are stored under the method's name; those of another ``(grow, q_rule)``
 under ``variant_key(method, variant)``, e.g. ``"CAM|none|max"``.
 
+Flag rules (issue 16, ``wsseg_core.gate.FlagRule``): built with ``per_slice=True`` the cache keeps
+the counts of each cached slice (``(n, T, Q)``; every step of Algorithm 1 and of the Threshold
+baseline is per slice, so a subset's counts are the sum of its slices') and the study's slice
+probabilities ``probs``; the cache then holds every slice any candidate rule can flag, and
+``z=`` picks the slices of one rule, exactly as if the cache had been built for them alone.
+
 Units: SUV g/ml, CAMs in [0, 1], ``t`` in [0, 1], ``q`` in percent; volumes ``(X, Y, Z)``.
 """
 
@@ -41,7 +47,7 @@ from wsseg_core.segment import (THRESHOLD_REFERENCES, _check_cams, _check_flagge
                                 threshold_dice_grid_counts)
 
 __all__ = ["GridCache", "PAPER_VARIANT", "variant_key", "build_grid_cache", "cache_dice_grid",
-           "cache_threshold_dice_grid"]
+           "cache_threshold_dice_grid", "cache_grid_counts", "cache_threshold_counts"]
 
 #: ``(grow, q_rule)`` of the paper's Algorithm 1.
 PAPER_VARIANT: tuple[str, str] = ("none", "percentile")
@@ -69,6 +75,9 @@ class GridCache:
         thr_inter, thr_n_pred: ``int64 (Q,)`` the same for the Threshold baseline.
         reference: the Threshold reference the baseline's counts used ("max", "body", "slice").
         cams: method -> ``(n, h, w)`` CAMs at map resolution, their own dtype.
+        probs: ``(Z,)`` the study's slice probabilities (None: not recorded); with per-slice
+            counts (``inter`` arrays ``(n, T, Q)``, ``thr_*`` ``(n, Q)``) a flag rule's slices are
+            chosen from them.
     """
 
     flagged_z: np.ndarray
@@ -81,6 +90,12 @@ class GridCache:
     thr_n_pred: np.ndarray
     reference: str
     cams: dict[str, np.ndarray]
+    probs: np.ndarray | None = None
+
+    @property
+    def per_slice(self) -> bool:
+        """Whether the counts are kept per cached slice (any subset can be scored)."""
+        return np.ndim(self.thr_inter) == 2
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays for ``np.savez``; :meth:`from_arrays` inverts it."""
@@ -91,6 +106,8 @@ class GridCache:
             out[f"inter_{m}"] = self.inter[m]
             out[f"n_pred_{m}"] = self.n_pred[m]
         out.update({f"cam_{m}": c for m, c in self.cams.items()})
+        if self.probs is not None:
+            out["probs"] = np.asarray(self.probs)
         return out
 
     @classmethod
@@ -103,7 +120,8 @@ class GridCache:
                    t_grid=np.asarray(a["t_grid"]), q_grid=np.asarray(a["q_grid"]),
                    inter=by_prefix("inter_"), n_pred=by_prefix("n_pred_"),
                    thr_inter=np.asarray(a["thr_inter"]), thr_n_pred=np.asarray(a["thr_n_pred"]),
-                   reference=str(a["reference"]), cams=by_prefix("cam_"))
+                   reference=str(a["reference"]), cams=by_prefix("cam_"),
+                   probs=np.asarray(a["probs"]) if "probs" in a.keys() else None)
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +147,8 @@ def build_grid_cache(
     ct: np.ndarray | None = None,
     cam_index: tuple[np.ndarray, np.ndarray] | None = None,
     variants: Sequence[Sequence[str]] = (PAPER_VARIANT,),
+    per_slice: bool = False,
+    probs: np.ndarray | None = None,
 ) -> GridCache:
     """The cache of one study for the grid ``t_grid x q_grid``.
 
@@ -142,6 +162,8 @@ def build_grid_cache(
             the slices were resized to the input), as for :func:`wsseg_core.segment.cam_region`.
         variants: the ``(grow, q_rule)`` of Algorithm 1 to count (``dice_grid_counts``), each
             under :func:`variant_key`.
+        per_slice: keep each slice's counts (a flag rule's subset can then be scored, ``z=``).
+        probs: ``(Z,)`` the study's slice probabilities, stored for the flag-rule search.
 
     Returns:
         :class:`GridCache`.
@@ -160,11 +182,82 @@ def build_grid_cache(
         for v in variants:
             k = variant_key(m, v)
             inter[k], n_pred[k], n_ref = dice_grid_counts(suv, seg, z, c, t_arr, q_arr, cam_index,
-                                                          grow=v[0], q_rule=v[1])
-    thr_inter, thr_n_pred, n_ref = threshold_dice_grid_counts(suv, seg, z, q_arr, reference, ct)
+                                                          grow=v[0], q_rule=v[1], per_slice=per_slice)
+    thr_inter, thr_n_pred, n_ref = threshold_dice_grid_counts(suv, seg, z, q_arr, reference, ct,
+                                                              per_slice=per_slice)
+    if probs is not None:
+        probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+        if probs.size != suv.shape[2]:
+            raise ValueError(f"probs has {probs.size} values for {suv.shape[2]} slices")
     return GridCache(flagged_z=z, n_ref=int(n_ref), t_grid=t_arr, q_grid=q_arr, inter=inter,
                      n_pred=n_pred, thr_inter=thr_inter, thr_n_pred=thr_n_pred,
-                     reference=reference, cams=cams)
+                     reference=reference, cams=cams, probs=probs)
+
+
+def _rows(cache: GridCache, z: np.ndarray | Sequence[int] | None) -> np.ndarray | None:
+    """Rows of the cache's per-slice counts that hold slices ``z`` (None: every cached slice).
+    Raises when a slice of ``z`` is not cached, or when the cache only holds totals and ``z`` is
+    not exactly its slices."""
+    if z is None:
+        return None
+    z = np.unique(np.asarray(z, dtype=np.int64))
+    have = np.asarray(cache.flagged_z, dtype=np.int64)
+    missing = np.setdiff1d(z, have)
+    if missing.size:
+        raise ValueError(f"slices {missing.tolist()} are not in the cache (cached: {have.tolist()}); "
+                         "rebuild it with every slice the flag rules can flag")
+    if not cache.per_slice:
+        if z.size != np.unique(have).size:
+            raise ValueError("this cache holds totals over its flagged slices only; rebuild it with "
+                             "per_slice=True to score a subset")
+        return None
+    return np.isin(have, z)
+
+
+def _summed(arr: np.ndarray, rows: np.ndarray | None, per_slice: bool) -> np.ndarray:
+    if not per_slice:
+        return arr
+    return arr.sum(axis=0) if rows is None else arr[rows].sum(axis=0)
+
+
+def cache_grid_counts(
+    cache: GridCache,
+    method: str,
+    t_grid: Sequence[float] | np.ndarray,
+    q_grid: Sequence[float] | np.ndarray,
+    variant: Sequence[str] = PAPER_VARIANT,
+    z: np.ndarray | Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(|pred ∩ ref|, |pred|, |ref|)`` of a CAM method over the grid (``int64 (T, Q)``),
+    summed over the cached slices ``z`` (None: all of them); see :func:`cache_dice_grid`."""
+    t_arr = np.asarray(t_grid, dtype=float).ravel()
+    q_arr = np.asarray(q_grid, dtype=float).ravel()
+    ti = _positions(cache.t_grid, t_arr, "t", nan_ok=True)
+    qi = _positions(cache.q_grid, q_arr, "q")
+    key = variant_key(method, variant)
+    if key not in cache.inter:
+        raise KeyError(f"no counts of CAM method {key!r} in the cache ({sorted(cache.inter)}); "
+                       "rebuild the cache with this variant")
+    rows_z = _rows(cache, z)
+    tot_inter = _summed(cache.inter[key], rows_z, cache.per_slice)
+    tot_pred = _summed(cache.n_pred[key], rows_z, cache.per_slice)
+    inter = np.zeros((t_arr.size, q_arr.size), dtype=np.int64)
+    n_pred = np.zeros_like(inter)
+    rows = ti >= 0
+    inter[rows] = tot_inter[np.ix_(ti[rows], qi)]
+    n_pred[rows] = tot_pred[np.ix_(ti[rows], qi)]
+    return inter, n_pred, cache.n_ref
+
+
+def cache_threshold_counts(cache: GridCache, q_grid: Sequence[float] | np.ndarray,
+                           z: np.ndarray | Sequence[int] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(|pred ∩ ref|, |pred|, |ref|)`` of the Threshold baseline (``int64 (Q,)``) over the
+    cached slices ``z`` (None: all)."""
+    qi = _positions(cache.q_grid, np.asarray(q_grid, dtype=float).ravel(), "q")
+    rows_z = _rows(cache, z)
+    return (_summed(cache.thr_inter, rows_z, cache.per_slice)[qi],
+            _summed(cache.thr_n_pred, rows_z, cache.per_slice)[qi], cache.n_ref)
 
 
 def _positions(cached: np.ndarray, wanted: np.ndarray, name: str, nan_ok: bool = False) -> np.ndarray:
@@ -187,6 +280,7 @@ def cache_dice_grid(
     t_grid: Sequence[float] | np.ndarray,
     q_grid: Sequence[float] | np.ndarray,
     variant: Sequence[str] = PAPER_VARIANT,
+    z: np.ndarray | Sequence[int] | None = None,
 ) -> np.ndarray:
     """:func:`wsseg_core.segment.dice_grid` of the cached study with its CAMs of ``method``.
 
@@ -195,31 +289,22 @@ def cache_dice_grid(
         t_grid, q_grid: values of the cache's grids, any subset and order; a NaN t (the Threshold
             cell's) selects nothing, as in ``dice_grid`` (Dice 0 where a reference exists).
         variant: ``(grow, q_rule)`` of Algorithm 1; the cache must have been built with it.
+        z: the flagged slices to score (a subset of the cached ones; per-slice caches only for a
+            proper subset); None: every cached slice.
 
     Returns:
         ``float (len(t_grid), len(q_grid))``, bit-identical to ``dice_grid`` on the full volumes.
     """
-    t_arr = np.asarray(t_grid, dtype=float).ravel()
-    q_arr = np.asarray(q_grid, dtype=float).ravel()
-    ti = _positions(cache.t_grid, t_arr, "t", nan_ok=True)
-    qi = _positions(cache.q_grid, q_arr, "q")
-    key = variant_key(method, variant)
-    if key not in cache.inter:
-        raise KeyError(f"no counts of CAM method {key!r} in the cache ({sorted(cache.inter)}); "
-                       "rebuild the cache with this variant")
-    inter = np.zeros((t_arr.size, q_arr.size), dtype=np.int64)
-    n_pred = np.zeros_like(inter)
-    rows = ti >= 0
-    inter[rows] = cache.inter[key][np.ix_(ti[rows], qi)]
-    n_pred[rows] = cache.n_pred[key][np.ix_(ti[rows], qi)]
-    return dice_from_counts(inter, n_pred, cache.n_ref)
+    inter, n_pred, n_ref = cache_grid_counts(cache, method, t_grid, q_grid, variant, z)
+    return dice_from_counts(inter, n_pred, n_ref)
 
 
-def cache_threshold_dice_grid(cache: GridCache, q_grid: Sequence[float] | np.ndarray) -> np.ndarray:
-    """:func:`wsseg_core.segment.threshold_dice_grid` (the cache's reference) of the cached study.
+def cache_threshold_dice_grid(cache: GridCache, q_grid: Sequence[float] | np.ndarray,
+                              z: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+    """:func:`wsseg_core.segment.threshold_dice_grid` (the cache's reference) of the cached study,
+    over the cached slices ``z`` (None: all).
 
     Returns:
         ``float (len(q_grid),)``, bit-identical to ``threshold_dice_grid`` on the full volumes.
     """
-    qi = _positions(cache.q_grid, np.asarray(q_grid, dtype=float).ravel(), "q")
-    return dice_from_counts(cache.thr_inter[qi], cache.thr_n_pred[qi], cache.n_ref)
+    return dice_from_counts(*cache_threshold_counts(cache, q_grid, z))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from wsseg_core.cams import CAM_METHODS, CamEngine
+from wsseg_core.gate import FlagRule
 from wsseg_core.geometry import SliceGeometry
 from wsseg_core.models import SliceClassifier, SlicePreprocessor, volume_to_batch
 
@@ -44,9 +45,13 @@ def classify_volume(model: SliceClassifier, pre: SlicePreprocessor, suv: np.ndar
     return out
 
 
-def flagged_slices(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Indices of slices the classifier calls tumorous (Algorithm 1, step 1)."""
-    return np.flatnonzero(np.asarray(probs) >= threshold)
+def flagged_slices(probs: np.ndarray, threshold: "float | FlagRule | dict" = 0.5) -> np.ndarray:
+    """Indices of slices the classifier calls tumorous (Algorithm 1, step 1): p >= ``threshold``,
+    or, given a :class:`wsseg_core.gate.FlagRule` (or its thresholds.json dict), that rule's flags
+    (e.g. hysteresis along z)."""
+    if isinstance(threshold, (int, float, np.floating)):
+        return np.flatnonzero(np.asarray(probs) >= threshold)
+    return np.flatnonzero(FlagRule.from_record(threshold).flags(probs))
 
 
 def volume_cams(engine: CamEngine, pre: SlicePreprocessor, suv: np.ndarray, ct: np.ndarray,

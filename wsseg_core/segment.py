@@ -398,6 +398,7 @@ def dice_grid_counts(
     cam_index: CamIndex | None = None,
     grow: str = "none",
     q_rule: str = "percentile",
+    per_slice: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The voxel counts behind the 3-D Dice of Algorithm 1 for every ``(t, q)`` of one study.
 
@@ -415,10 +416,15 @@ def dice_grid_counts(
         grow: "none" (Algorithm 1) or "slice" (:func:`segment_slice`); "slice" labels the slice's
             ``suv >= t_q`` once per grid point (no binary-search shortcut), so it costs more.
         q_rule: "percentile" (Algorithm 1) or "max" (:func:`segment_slice`).
+        per_slice: return the counts of each flagged slice, ``(n, len(t_grid), len(q_grid))``
+            (every step of Algorithm 1 is per slice, so any subset of the flagged slices sums to
+            its own counts: the flag-rule search, issue 16); |pred| is then counted in tumour-free
+            studies too (no reference: |pred ∩ ref| stays 0).
 
     Returns:
         ``(inter, n_pred, n_ref)``: ``int64 (len(t_grid), len(q_grid))`` |pred ∩ ref| and |pred|,
-        and |ref| over the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN).
+        and |ref| over the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN)
+        unless ``per_slice``.
     """
     suv = np.asarray(suv)
     if suv.ndim != 3:
@@ -431,16 +437,22 @@ def dice_grid_counts(
     ref = _reference_mask(seg, suv.shape)
     shape = (t_arr.size, q_arr.size)
     n_ref = 0 if ref is None else int(ref.sum())
-    n_pred = np.zeros(shape, dtype=np.int64)
-    inter = np.zeros(shape, dtype=np.int64)
-    if n_ref == 0 or t_arr.size == 0 or q_arr.size == 0:
-        return inter, n_pred, n_ref
     z = _check_flagged(flagged_z, suv.shape[2])
+    if per_slice:
+        n_pred = np.zeros((z.size, *shape), dtype=np.int64)
+        inter = np.zeros((z.size, *shape), dtype=np.int64)
+    else:
+        n_pred = np.zeros(shape, dtype=np.int64)
+        inter = np.zeros(shape, dtype=np.int64)
+    if (n_ref == 0 and not per_slice) or t_arr.size == 0 or q_arr.size == 0:
+        return inter, n_pred, n_ref
     if z.size:
         cams = _check_cams(cams, z.size)
-    for zi, cam in zip(z, cams if z.size else ()):
+    for k, (zi, cam) in enumerate(zip(z, cams if z.size else ())):
         s = suv[:, :, zi].astype(np.float64, copy=False)
-        r = ref[:, :, zi]
+        r = ref[:, :, zi] if ref is not None else np.zeros(s.shape, dtype=bool)
+        n_out = n_pred[k] if per_slice else n_pred
+        i_out = inter[k] if per_slice else inter
         up = _upsample_nearest(cam, s.shape, cam_index)
         for ti, t in enumerate(t_arr):
             region = up >= t
@@ -452,13 +464,13 @@ def dice_grid_counts(
                 for qi, tq in enumerate(t_q):
                     above = s >= tq
                     m = grow_slice(region & above, above)
-                    n_pred[ti, qi] += int(m.sum())
-                    inter[ti, qi] += int((m & r).sum())
+                    n_out[ti, qi] += int(m.sum())
+                    i_out[ti, qi] += int((m & r).sum())
                 continue
-            n_pred[ti] += _n_at_or_above(np.sort(vals), t_q)
+            n_out[ti] += _n_at_or_above(np.sort(vals), t_q)
             ref_vals = vals[r[region]]
             if ref_vals.size:
-                inter[ti] += _n_at_or_above(np.sort(ref_vals), t_q)
+                i_out[ti] += _n_at_or_above(np.sort(ref_vals), t_q)
     return inter, n_pred, n_ref
 
 
@@ -629,6 +641,7 @@ def threshold_dice_grid_counts(
     q_grid: Sequence[float] | np.ndarray = Q_GRID,
     reference: str = "max",
     ct: np.ndarray | None = None,
+    per_slice: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The voxel counts behind :func:`threshold_dice_grid`.
 
@@ -636,10 +649,12 @@ def threshold_dice_grid_counts(
         suv: ``(X, Y, Z)`` SUV (g/ml); seg: reference mask (> 0 is tumour) or None.
         flagged_z: ``(n,)`` flagged slice indices.
         q_grid: percents; reference, ct: as for :func:`threshold_volume`.
+        per_slice: the counts of each flagged slice, ``(n, len(q_grid))``, as for
+            :func:`dice_grid_counts` (|pred| counted without a reference too).
 
     Returns:
         ``(inter, n_pred, n_ref)``: ``int64 (len(q_grid),)`` |pred ∩ ref| and |pred|, and |ref| over
-        the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN).
+        the whole volume; the counts are all 0 when ``n_ref`` is 0 (Dice NaN) unless ``per_slice``.
     """
     _check_reference(reference)
     suv = np.asarray(suv)
@@ -651,12 +666,17 @@ def threshold_dice_grid_counts(
     _check_q(q_arr)
     ref = _reference_mask(seg, suv.shape)
     n_ref = 0 if ref is None else int(ref.sum())
-    n_pred = np.zeros(q_arr.size, dtype=np.int64)
-    inter = np.zeros(q_arr.size, dtype=np.int64)
-    if n_ref == 0 or q_arr.size == 0:
-        return inter, n_pred, n_ref
     z = _check_flagged(flagged_z, suv.shape[2])
-    for zi in z:
+    shape = (z.size, q_arr.size) if per_slice else (q_arr.size,)
+    n_pred_all = np.zeros(shape, dtype=np.int64)
+    inter_all = np.zeros(shape, dtype=np.int64)
+    if (n_ref == 0 and not per_slice) or q_arr.size == 0:
+        return inter_all, n_pred_all, n_ref
+    if ref is None:
+        ref = np.zeros(suv.shape, dtype=bool)
+    for k, zi in enumerate(z):
+        n_pred = n_pred_all[k] if per_slice else n_pred_all
+        inter = inter_all[k] if per_slice else inter_all
         s = suv[:, :, zi].astype(np.float64, copy=False)
         body = None
         if reference == "body":
@@ -673,4 +693,4 @@ def threshold_dice_grid_counts(
         n_pred += _n_at_or_above(np.sort(cand), thr)
         if cand_ref.size:
             inter += _n_at_or_above(np.sort(cand_ref), thr)
-    return inter, n_pred, n_ref
+    return inter_all, n_pred_all, n_ref

@@ -18,6 +18,11 @@ into the same file (the slice-CAM search, MIP-CAM's, BoxFCN's, the U-Net's), eac
 entries (:func:`update_thresholds`); the top level holds run-wide values (the flag threshold, which
 studies were tuned on). A method without an entry is scored with the paper's values
 (:func:`load_thresholds`).
+
+`"flag_rule"` (issue 16, written by the slice-CAM search): how step 1 flags slices, e.g.
+``{"rule": "hysteresis", "threshold": 0.81, "lo": 0.5}`` (``wsseg_core.gate.FlagRule``), with
+`"flag_rule_source"` and the candidates' `"flag_rule_scores"`. Absent (files written before it),
+scoring flags p >= `"flag_threshold"` as before (:func:`load_flag_rule`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["PAPER_THRESHOLDS", "THRESHOLD_REFERENCE", "DEFAULT_THRESHOLD_Q", "load_thresholds",
-           "update_thresholds", "load_flag_threshold"]
+           "update_thresholds", "load_flag_threshold", "load_flag_rule"]
 
 #: Paper values (Früh et al. 2021, 3.1): method -> (t_m on the [0, 1] CAM, q_m in percent).
 PAPER_THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -81,3 +86,16 @@ def load_flag_threshold(path: str | os.PathLike | None) -> float:
     if path is not None and Path(path).exists():
         return float(json.loads(Path(path).read_text()).get("flag_threshold", PAPER_FLAG_THRESHOLD))
     return PAPER_FLAG_THRESHOLD
+
+
+def load_flag_rule(path: str | os.PathLike | None) -> "FlagRule":
+    """The flag rule of thresholds.json (``wsseg_core.gate.FlagRule``): its "flag_rule" where the
+    search recorded one, else p >= its "flag_threshold" (older files score as before), else the
+    paper's p >= 0.5."""
+    from wsseg_core.gate import FlagRule
+
+    if path is not None and Path(path).exists():
+        rec = json.loads(Path(path).read_text())
+        if rec.get("flag_rule") is not None:
+            return FlagRule.from_record(rec["flag_rule"])
+    return FlagRule("threshold", load_flag_threshold(path))

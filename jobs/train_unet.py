@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.train_unet --cohort ... --preset paper --use-gpu --num-workers 4
 
 Writes `<out>/models/unet.pt` (the epoch with the best validation pooled Dice at its best
-probability threshold, `KEEP_METRIC`; load it with `wsseg_core.unet.load_unet`). Resume after a
+probability threshold, `KEEP_METRIC`, among the checked epochs; load it with
+`wsseg_core.unet.load_unet`). Validation runs every ceil(`--check-steps` / steps per epoch) epochs
+and at the last (small preset: 50 steps; paper: every epoch); every epoch still checkpoints. Resume after a
 failure: run the same command again (same --out / --storage-path / --name); each worker picks up
 the latest checkpoint (Ray Train V2 semantics). A worker that dies (up to --max-failures times)
 makes Ray Train restart the worker group from the latest checkpoint; each reported epoch carries
@@ -57,12 +59,18 @@ UNET_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # augmentation, SUV being calibrated) raised phantom v2b's test median Dice 0.41 -> 0.51 but
     # lowered the demo's split 0 0.73 -> 0.67 (11 false lesions per study instead of 2.5), so the
     # small preset keeps the gamma; the key says so explicitly.
+    # check_steps (issue 23, time): validate every ceil(check_steps / steps per epoch) epochs and
+    # the last, not every epoch. Every epoch was 35 checks on the demo, 84 on a 15-study cohort,
+    # most of the U-Net's time there; post hoc from saved checkpoints, checks every ~50 steps kept
+    # the same networks on torso30 and hot15, every ~100 cost torso30 0.06 test Dice
+    # (docs/UNET_EXPERIMENTS.md, "Cost of the job's per-epoch checks"). The paper preset (None)
+    # keeps a check every epoch.
     "small": dict(model_preset="small", epochs=None, steps=1000, batch_size=16, lr=2e-3,
                   schedule="cosine", negative_keep=0.2, dice_weight=1.0, input_size="native",
-                  crop=64, pet_gamma=True),
+                  crop=64, pet_gamma=True, check_steps=50),
     "paper": dict(model_preset="paper", epochs=200, steps=None, batch_size=64, lr=5e-5,
                   schedule="constant", negative_keep=1.0, dice_weight=0.0, input_size=None,
-                  crop=None, pet_gamma=True),
+                  crop=None, pet_gamma=True, check_steps=None),
 }
 
 
@@ -143,10 +151,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                world=world).to(device)
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
     epochs = unet_epochs(config.get("epochs"), config.get("steps"), len(sampler))
+    every = check_interval(config.get("check_steps"), len(sampler))
     if rank == 0:
         LOG.info("U-Net: input %dx%d, training windows %s, %d epochs of %d steps (%d optimizer "
                  "steps; dice_weight %g)", pre.input_size, pre.input_size, crop or "none", epochs,
                  len(sampler), epochs * len(sampler), config.get("dice_weight", 0.0))
+        LOG.info("U-Net: checking validation every %d epoch(s) (~%d steps) and at the last epoch "
+                 "(check_steps %s)", every, every * len(sampler), config.get("check_steps"))
 
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, epochs):
@@ -159,22 +170,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                       lesion_uptake=config.get("lesion_uptake"),
                                                       lesion_paste=config.get("lesion_paste")))
         maybe_die(config, epoch, rank)
-        val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
-                                             batch_size=config["batch_size"], device=device,
-                                             thresholds=config.get("threshold_grid",
-                                                                   THRESHOLD_GRID)))
-        dice, best_dice = float(val["dice"]), float(val["best_dice"])
-        metrics = {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val["loss"]),
-                   # NaN (no tumour pixel in validation) would break the checkpoint ranking.
-                   "val_dice": dice if math.isfinite(dice) else 0.0,
-                   "val_dice_defined": math.isfinite(dice),
-                   # The kept epoch's metric (issue 23): the pooled Dice at the epoch's best
-                   # threshold of the grid the threshold search then uses, not at the argmax.
-                   "val_best_dice": best_dice if math.isfinite(best_dice) else 0.0,
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "checked": False,
                    "start_epoch": start_epoch, "workers": world, "steps": len(sampler)}
-        if rank == 0:
-            LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f (best over "
-                     "thresholds %.3f)", epoch + 1, epochs, train_loss, val["loss"], dice, best_dice)
+        if is_check_epoch(epoch, every, epochs):
+            val = on_rank0(lambda: evaluate_unet(bare, x_va, y_va, loss_fn,
+                                                 batch_size=config["batch_size"], device=device,
+                                                 thresholds=config.get("threshold_grid",
+                                                                       THRESHOLD_GRID)))
+            dice, best_dice = float(val["dice"]), float(val["best_dice"])
+            metrics.update({
+                "checked": True, "val_loss": float(val["loss"]),
+                # NaN (no tumour pixel in validation) would break the checkpoint ranking.
+                "val_dice": dice if math.isfinite(dice) else 0.0,
+                "val_dice_defined": math.isfinite(dice),
+                # The kept epoch's metric (issue 23): the pooled Dice at the epoch's best
+                # threshold of the grid the threshold search then uses, not at the argmax.
+                "val_best_dice": best_dice if math.isfinite(best_dice) else 0.0})
+            if rank == 0:
+                LOG.info("epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f (best over "
+                         "thresholds %.3f)", epoch + 1, epochs, train_loss, val["loss"], dice,
+                         best_dice)
+        elif rank == 0:
+            LOG.info("epoch %d/%d train_loss %.4f (not checked: validation every %d epochs)",
+                     epoch + 1, epochs, train_loss, every)
+        # Unchecked epochs still report a checkpoint (a restart loses at most one epoch, as
+        # before), but without KEEP_METRIC: EpochKeeper never ranks such an epoch above a checked
+        # one, and the last epoch is always checked, so the kept network is a checked epoch's.
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_unet(path, bare, pre, meta=metrics))
 
@@ -191,6 +212,24 @@ def unet_epochs(epochs: int | None, steps: int | None, steps_per_epoch: int) -> 
     return max(1, math.ceil(int(steps) / max(1, int(steps_per_epoch))))
 
 
+def check_interval(check_steps: int | None, steps_per_epoch: int) -> int:
+    """Epochs between validation checks: ``ceil(check_steps / steps_per_epoch)``, at least 1
+    (a check at the first epoch end after at least ``check_steps`` optimizer steps); ``check_steps``
+    None (the paper preset) or < 1: every epoch. E.g. 50 steps: every 2nd epoch at 29 steps per
+    epoch (the demo), every 5th at 12 (a 15-study cohort), every epoch at 50 or more."""
+    if check_steps is None or int(check_steps) < 1:
+        return 1
+    return max(1, math.ceil(int(check_steps) / max(1, int(steps_per_epoch))))
+
+
+def is_check_epoch(epoch: int, every: int, epochs: int) -> bool:
+    """Whether 0-based ``epoch`` of ``epochs`` is validated: every ``every``-th epoch (epochs
+    every-1, 2*every-1, ...) and always the last, so a run's kept network is never older than its
+    last check and the final network is always ranked. Absolute epoch numbers: a resumed run keeps
+    the same schedule."""
+    return (epoch + 1) % max(1, int(every)) == 0 or epoch >= epochs - 1
+
+
 def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset: str = "small",
              epochs: int | None = None, steps: int | None = 1000, batch_size: int = 16,
              lr: float = 2e-3, tumour_weight: float = 7.7, dice_weight: float = 1.0,
@@ -198,7 +237,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              input_size: int | str | None = "native", crop: int | None = 64,
              schedule: str = "cosine", pet_gamma: bool = True, context: int = 0,
              lesion_uptake: tuple[float, float] | list[float] | None = None,
-             lesion_paste: float | None = None,
+             lesion_paste: float | None = None, check_steps: int | None = 50,
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -221,7 +260,10 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     nonzero, so it enters the fingerprint the same way. `lesion_uptake` (fraction, low): the
     lesion-uptake augmentation (`wsseg_core.unet.scale_lesion_uptake`); a config key only when
     given. `lesion_paste`: the fraction of `wsseg_core.unet.paste_lesions` (lesion copy-paste);
-    a config key only when given. The defaults are the small preset's.
+    a config key only when given. `check_steps`: validate (and rank for keeping) every
+    ``ceil(check_steps / steps per epoch)`` epochs and the last (`check_interval`); None: every
+    epoch, as before (adds no config key, so such runs keep their fingerprints; a number is a key,
+    since another interval can keep another epoch). The defaults are the small preset's.
     """
     from wsseg_core.train import check_global_batch
     from wsseg_core.unet import THRESHOLD_GRID
@@ -239,6 +281,9 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   **({"context": int(context)} if context else {}),
                   **({"lesion_uptake": [float(v) for v in lesion_uptake]} if lesion_uptake else {}),
                   **({"lesion_paste": float(lesion_paste)} if lesion_paste else {}),
+                  # which epochs are ranked decides the kept network: a fingerprint key, but
+                  # only when set (None, every epoch, is what earlier runs did)
+                  **({"check_steps": int(check_steps)} if check_steps is not None else {}),
                   **(test_hooks or {}))
     return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
                              metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,
@@ -279,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the preset's (small: as many as --steps need, paper 200)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer-step budget when --epochs is not given (small preset: 1000)")
+    p.add_argument("--check-steps", type=int, default=None,
+                   help="validate every ceil(N / steps per epoch) epochs and the last; 0: every "
+                        "epoch (default: the preset's, small 50, paper every epoch)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 2e-3, paper 5e-5)")
@@ -292,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`fit_unet` keywords of the preset, overridden by the options given on the command line
+    (`--check-steps 0`: every epoch, None)."""
+    kw = preset_kwargs(args.preset)
+    kw.update({k: v for k, v in (("epochs", args.epochs), ("steps", args.steps),
+                                 ("batch_size", args.batch_size), ("lr", args.lr)) if v})
+    if args.check_steps is not None:
+        kw["check_steps"] = args.check_steps if args.check_steps > 0 else None
+    return kw
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -301,18 +360,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not train:
         raise SystemExit(f"{args.cohort}: no labelled training studies")
     init_ray(args.address)
-    kw = preset_kwargs(args.preset)
-    kw.update({k: v for k, v in (("epochs", args.epochs), ("steps", args.steps),
-                                 ("batch_size", args.batch_size), ("lr", args.lr)) if v})
-    res = fit_unet(train, val, args.out, **kw, tumour_weight=args.tumour_weight,
+    res = fit_unet(train, val, args.out, **cli_kwargs(args), tumour_weight=args.tumour_weight,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    storage_path=args.storage_path, name=args.name,
                    max_failures=args.max_failures, seed=args.seed)
     dices = [h.get(KEEP_METRIC, float("nan")) for h in res["history"]]
     best = max((d for d in dices if d == d), default=float("nan"))
     res["threshold"] = tune_threshold(val, args.out, train)
-    print(f"U-Net checkpoint: {res['checkpoint']}  (best val pooled Dice over thresholds "
-          f"{best:.3f}; threshold {res['threshold']['threshold']:g}, "
+    print(f"U-Net checkpoint: {res['checkpoint']}  (kept epoch {res.get('kept_epoch')}; best val "
+          f"pooled Dice over thresholds {best:.3f}; threshold {res['threshold']['threshold']:g}, "
           f"{res['threshold']['rule']} val Dice "
           f"{res['threshold']['val_dice']:.3f})")
     return res

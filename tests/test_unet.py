@@ -189,7 +189,8 @@ def test_fit_unet_through_ray_train_writes_a_loadable_model(tmp_path, ray_cluste
     # input_size left at its default, "native": the 48x48 slices' own grid, trained on 16x16 windows.
     res = fit_unet(refs[:2], refs[2:], tmp_path / "out", model_preset="small",
                    base=4, epochs=2, batch_size=16, lr=1e-3, num_workers=1, cpus_per_worker=1.0,
-                   max_failures=0, schedule="cosine", crop=16)
+                   max_failures=0, schedule="cosine", crop=16,
+                   check_steps=None)  # every epoch checked (the interval: test_unet_checks.py)
     print(f"fit_unet through Ray Train (2 epochs): {time.perf_counter() - t0:.1f} s")
     assert Path(res["checkpoint"]) == unet_path(tmp_path / "out") and Path(res["checkpoint"]).is_file()
     assert [int(h["epoch"]) for h in res["history"]] == [0, 1]

@@ -84,6 +84,10 @@ ap.add_argument("--max-checks", type=int, default=0,
 ap.add_argument("--swa-from", type=float, default=0.75,
                 help="also score (paired) the weight average of every check after this fraction of "
                      "the steps (BatchNorm running statistics averaged too); 0: off")
+ap.add_argument("--train-patients", type=int, default=None,
+                help="train on this many of the split's training patients (nested, stratified by "
+                     "tumour, seeded by --split-seed: bench.classifier_errors.train_patient_subset); "
+                     "validation and test unchanged: a learning curve on fixed test studies")
 ap.add_argument("--lesion-report", action="store_true",
                 help="also print, per reference lesion (18-connected) of the training and test "
                      "studies, its voxels, mean SUV, mean SUV of a 2-voxel ring around it and the "
@@ -93,6 +97,13 @@ torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
 t0 = time.time()
 refs = resolve_cohort(a.cohort, seed=a.split_seed)
+if a.train_patients:
+    from bench.classifier_errors import train_patient_subset
+    from wsseg_core.data import seg_has_tumour
+    refs = train_patient_subset(refs, {r.patient_id for r in refs if r.seg_path and seg_has_tumour(r)},
+                                a.train_patients, a.split_seed)
+print("patients", {s: len({r.patient_id for r in refs if r.split == s}) for s in ("train", "val", "test")},
+      "studies", {s: sum(r.split == s for r in refs) for s in ("train", "val", "test")}, flush=True)
 tr, va = load_readable(labelled(refs, "train")), load_readable(labelled(refs, "val"))
 te = load_readable([r for r in refs if r.split == "test"])
 model, pre = U.build_unet("small", base=a.base, input_size=a.size, pet_log=a.pet_log,

@@ -180,6 +180,37 @@ def report(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def train_patient_subset(refs: list, tumour_patients: set[str], k: int, seed: int) -> list:
+    """The training studies of ``k`` of the training patients; validation and test untouched.
+
+    For a learning curve on one fixed validation / test set (issue 16: are the misses data-limited?).
+    The training patients are ranked within each stratum (some tumour / tumour-free) by a seeded
+    permutation of their sorted ids, and the first ``k - round(k * f)`` with tumour and
+    ``round(k * f)`` tumour-free ones are kept, f being the tumour-free share of all training
+    patients: both counts grow with ``k``, so a smaller subset is contained in every larger one
+    (nested curves) and the tumour-free share stays that of the full split. A patient keeps all
+    of its studies (visits). Returns the refs in input order.
+
+    Raises:
+        ValueError: ``k`` < 1 or more than the training patients.
+    """
+    pids = sorted({r.patient_id for r in refs if r.split == "train"})
+    if not 1 <= k <= len(pids):
+        raise ValueError(f"train patients k={k}: must be in [1, {len(pids)}]")
+    free = [p for p in pids if p not in tumour_patients]
+    sick = [p for p in pids if p in tumour_patients]
+    rng = np.random.default_rng([int(seed), 16])
+    free = [free[i] for i in rng.permutation(len(free))]
+    sick = [sick[i] for i in rng.permutation(len(sick))]
+    k_free = int(np.floor(k * len(free) / len(pids) + 0.5))
+    k_free = min(k_free, len(free), k)
+    k_sick = k - k_free
+    if k_sick > len(sick):  # rounding can only be off by one: fill from the other stratum
+        k_free, k_sick = k - len(sick), len(sick)
+    keep = set(free[:k_free]) | set(sick[:k_sick])
+    return [r for r in refs if r.split != "train" or r.patient_id in keep]
+
+
 def flagged_share(df: pd.DataFrame, thr: float) -> list[float]:
     """Per tumour-free study, the share of its slices at p >= thr."""
     out = []
@@ -213,6 +244,11 @@ def main(argv=None) -> dict:
                          "(wsseg_core.train.WeightEMA); 0: off; default: the preset's recipe")
     ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's (default: the preset's)")
     ap.add_argument("--pixel-mm", type=float, default=None)
+    ap.add_argument("--train-patients", type=int, default=None,
+                    help="train on this many of the split's training patients (nested, stratified "
+                         "subsets: train_patient_subset); validation and test unchanged")
+    ap.add_argument("--no-epoch-test", action="store_true",
+                    help="skip the per-epoch test AUC (a diagnosis; the kept network is the same)")
     ap.add_argument("--no-write", action="store_true", help="cohort already written: regenerate ground truth only")
     args = ap.parse_args(argv)
 
@@ -249,6 +285,10 @@ def main(argv=None) -> dict:
             recipe["ema_epochs"] = args.ema_epochs
     epochs = args.epochs or preset["epochs"]
     lr = args.lr or preset["lr"]
+    if args.train_patients:
+        tumour_pids = {r.patient_id for r in refs
+                       if np.asarray(gt[str(Path(r.suv_path).parent)].seg).any()}
+        refs = train_patient_subset(refs, tumour_pids, args.train_patients, args.seed)
     by_split = {s: [r for r in refs if r.split == s] for s in ("train", "val", "test")}
     studies = {s: [load_study(r) for r in rs] for s, rs in by_split.items()}
     for s_, rs in by_split.items():  # the ground truth must be that of the files trained on
@@ -257,7 +297,8 @@ def main(argv=None) -> dict:
                                   np.asarray(gt[str(Path(r.suv_path).parent)].seg).astype(bool)):
                 raise ValueError(f"{r.suv_path}: SEG differs from the regenerated phantom's "
                                  f"(phantom options or seed not those the cohort was written with)")
-    print({s: len(v) for s, v in studies.items()}, "recipe", recipe, "epochs", epochs, flush=True)
+    print({s: len(v) for s, v in studies.items()}, "patients",
+          {s: len({r.patient_id for r in v}) for s, v in by_split.items()}, "recipe", recipe, "epochs", epochs, flush=True)
 
     torch.manual_seed(args.seed)
     model, pre = build_slice_classifier("small", width=args.width, input_size=recipe["input_size"],
@@ -291,7 +332,9 @@ def main(argv=None) -> dict:
     t_fit, c_fit = time.perf_counter(), time.process_time()
 
     def keep(epoch, m, net):
-        m["test_auc"] = roc_auc(predict_proba(net, te[0]), te[1].numpy())
+        # diagnosis only (never selection); --no-epoch-test saves its inference (~1/4 of an epoch
+        # when the test split is as large as the training one) and changes no kept network
+        m["test_auc"] = float("nan") if args.no_epoch_test else roc_auc(predict_proba(net, te[0]), te[1].numpy())
         live = ""
         if use_ema:
             c0 = time.process_time()
@@ -336,7 +379,9 @@ def main(argv=None) -> dict:
     out = Path(args.out or f"{args.cohort}_{args.tag}")
     res = {"cohort": args.cohort, "tag": args.tag, "seed": args.seed, "recipe": recipe, "epochs": epochs,
            "lr": lr, "input_size": pre.input_size, "preprocessing": pre.describe(),
-           "n": {s: len(v) for s, v in studies.items()}, "kept_epoch": best["epoch"],
+           "n": {s: len(v) for s, v in studies.items()},
+           "patients": {s: len({r.patient_id for r in v}) for s, v in by_split.items()},
+           "train_patients": sorted({r.patient_id for r in by_split["train"]}), "kept_epoch": best["epoch"],
            "epochs_run": len(hist), "history": hist, "best_val_auc": best["auc"], "fit_s": fit_s,
            # the fit's CPU without the bench's live-network diagnostics (they exist only with an EMA)
            "fit_cpu_s": fit_cpu_s - cpu["live_diag"], "ema_update_cpu_s": cpu["ema_update"],

@@ -214,7 +214,7 @@ def unet_epochs(epochs: int | None, steps: int | None, steps_per_epoch: int) -> 
 def check_interval(check_steps: int | None, steps_per_epoch: int) -> int:
     """Epochs between validation checks: ``ceil(check_steps / steps_per_epoch)``, at least 1
     (a check at the first epoch end after at least ``check_steps`` optimizer steps); ``check_steps``
-    None (the paper preset) or < 1: every epoch. E.g. 50 steps: every 2nd epoch at 29 steps per
+    None (both presets) or < 1: every epoch. E.g. 50 steps: every 2nd epoch at 29 steps per
     epoch (the demo), every 5th at 12 (a 15-study cohort), every epoch at 50 or more."""
     if check_steps is None or int(check_steps) < 1:
         return 1

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from jobs.common import (RunFolder, auto_parallelism, fit_keeping_ctrl_c, input_record, ray_storage_path,
                          sha256_file)
 from jobs.telemetry import record_epoch
-from wsseg_core.storage import copy_file
+from wsseg_core.storage import copy_file, exists, join, read_bytes, write_bytes
 
 LOG = logging.getLogger("wsseg.ray_train")
 STATE_FILE = "train_state.pt"
@@ -46,6 +46,10 @@ WATCHDOG_ENV = "WSSEG_TRAIN_WATCHDOG_S"
 DEFAULT_WATCHDOG_S = 1800.0
 _WATCHDOG: "Watchdog | None" = None
 KEPT_FILE = "kept.json"
+# Written into a run's storage folder once `trainer.fit` has returned: which checkpoint the finished
+# run ended on. A rerun with the same fingerprint then reads the kept network from it without
+# starting Ray Train (a controller, a worker group and a restore only to train no epoch: 20-50 s).
+FINISHED_FILE = "wsseg-finished.json"
 # Settings that change where or how fast a run trains, not what it computes: a rerun on a bigger
 # cluster resumes the same run; the watchdog only warns. Test hooks (fail_*) only kill a worker.
 UNFINGERPRINTED = frozenset({"cpus_per_worker", "num_workers", "use_gpu", "watchdog_s"})
@@ -511,6 +515,14 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
     if fresh and discard_run(storage_path, run_name):
         LOG.info("%s: discarded the stored run %s (fresh start asked for)", name, run_name)
     _note_run(storage_path, name, run_name, fingerprint)
+    finished = _finished_checkpoint(storage_path, run_name)
+    if finished is not None:
+        LOG.info("%s: run %s had finished: its kept network is read from %s (Ray Train not started)",
+                 name, run_name, finished["location"])
+        state = json.loads(read_bytes(join(finished["location"], KEPT_FILE)))
+        write_bytes(dest, read_bytes(join(finished["location"], best_file(ckpt_file))))
+        return _kept_result(state, dest=dest, ray_checkpoint=finished["ray_checkpoint"], run_name=run_name,
+                            fingerprint=fingerprint, metric=metric, mode=mode)
     trainer = TorchTrainer(
         functools.partial(_run_keeping, train_loop, metric, mode),
         train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
@@ -533,6 +545,29 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
     with latest.as_directory() as d:
         state = json.loads((Path(d) / KEPT_FILE).read_text())
         copy_file(Path(d) / best_file(ckpt_file), dest)
+    # Only now, after the kept network is out: an interrupted run never looks finished.
+    write_bytes(join(storage_path, run_name, FINISHED_FILE),
+                json.dumps({"checkpoint": Path(latest.path).name, "ray_checkpoint": latest.path}).encode())
+    return _kept_result(state, dest=dest, ray_checkpoint=latest.path, run_name=run_name,
+                        fingerprint=fingerprint, metric=metric, mode=mode)
+
+
+def _finished_checkpoint(storage_path: str, run_name: str) -> dict[str, str] | None:
+    """Where the finished run `run_name` ended (dict(location, ray_checkpoint)), or None when it is
+    new, interrupted (no FINISHED_FILE yet) or its checkpoint is gone."""
+    try:
+        record = json.loads(read_bytes(join(storage_path, run_name, FINISHED_FILE)))
+        location = join(storage_path, run_name, record["checkpoint"])
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if not exists(join(location, KEPT_FILE)):
+        return None
+    return {"location": location, "ray_checkpoint": record.get("ray_checkpoint", location)}
+
+
+def _kept_result(state: dict[str, Any], *, dest: str | Path, ray_checkpoint: str, run_name: str,
+                 fingerprint: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """:func:`fit_best`'s return value from the keeper's state in the run's last checkpoint."""
     history = sorted(state["history"], key=lambda h: int(h.get("epoch", 0)))
     kept_epoch = state["kept_epoch"]
     if state["fallback"]:
@@ -543,7 +578,7 @@ def fit_best(train_loop: Callable[[dict], None], config: dict[str, Any], *, dest
         kept_by = f"{mode} {metric}"
     best = next((h for h in history if h.get("epoch") == kept_epoch), {})
     LOG.info("%s: kept epoch %s of %d (%s)", run_name, kept_epoch, len(history), kept_by)
-    return {"checkpoint": str(dest), "ray_checkpoint": latest.path, "run_name": run_name,
+    return {"checkpoint": str(dest), "ray_checkpoint": ray_checkpoint, "run_name": run_name,
             "fingerprint": fingerprint["digest"], "history": history, "best": best,
             "kept_epoch": kept_epoch, "kept_by": kept_by}
 

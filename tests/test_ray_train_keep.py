@@ -17,7 +17,7 @@ import ray.cloudpickle as cloudpickle
 import pytest
 import torch
 
-from jobs.ray_train import EpochKeeper, describe_change, fit_best, report_epoch, resume_from_checkpoint, run_fingerprint
+from jobs.ray_train import FINISHED_FILE, EpochKeeper, describe_change, fit_best, report_epoch, resume_from_checkpoint, run_fingerprint
 
 pytestmark = pytest.mark.slow
 # Ray workers cannot import tests/: ship this module's loop to them by value.
@@ -102,6 +102,24 @@ def test_kept_epoch_history_and_reruns(tmp_path, ray_cluster, caplog):
     assert [h["epoch"] for h in again["history"]] == [0, 1, 2, 3, 4]
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
     assert "resuming it" in caplog.text
+    # ... read from the finished run's last checkpoint, without a Ray Train controller and workers.
+    assert "Ray Train not started" in caplog.text and again["ray_checkpoint"] == res["ray_checkpoint"]
+    assert again["best"] == res["best"] and again["kept_by"] == res["kept_by"]
+
+    # A run finished before the record existed (or whose record is lost) goes through Ray Train's
+    # own restore, trains no epoch, and records itself finished for the next time.
+    finished = Path(storage) / res["run_name"] / FINISHED_FILE
+    finished.unlink()
+    caplog.clear()
+    restored = fit_best(scripted_loop, cfg, dest=tmp_path / "b2.pt", **kw)
+    assert "Ray Train not started" not in caplog.text and finished.is_file()
+    assert restored["kept_epoch"] == 1 and restored["best"] == res["best"]
+    assert (tmp_path / "b2.pt").read_bytes() == (tmp_path / "a.pt").read_bytes()
+    # `fresh` discards the stored run, record included: it trains again.
+    caplog.clear()
+    fresh = fit_best(scripted_loop, cfg, dest=tmp_path / "b3.pt", fresh=True, **kw)
+    assert "discarded the stored run" in caplog.text and "Ray Train not started" not in caplog.text
+    assert fresh["kept_epoch"] == 1 and fresh["ray_checkpoint"] != res["ray_checkpoint"]
 
     # A changed setting trains a new run and the log says what changed.
     caplog.clear()

@@ -17,8 +17,11 @@ WORKDIR /home/ray/wsseg
 # docker does not create it root-owned.
 RUN mkdir -p /home/ray/.ray
 
+# OMP_WAIT_POLICY: torch's OpenMP threads sleep instead of spinning while they wait, so Ray
+# workers sharing a node's cores do not stall each other (jobs/__init__.py says why).
 ENV PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    OMP_WAIT_POLICY=PASSIVE
 
 # 1) Dependencies first, from the one file of exact pins (own layer: code edits do not
 #    re-download torch). torch 2.14.1 from PyPI is the CUDA build on linux/x86_64; it ships its own

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Keep test logs readable: progress bars are for people, not for CI logs.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# As jobs/__init__.py, before any test imports torch: with spinning OpenMP threads a tiny network's
+# training took 444 s instead of 14 s when another process held one of the 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Torch CPU threads when cores are shared: the small classifier's training step under 1 or 2 threads
-and libgomp's OMP_WAIT_POLICY (ACTIVE: threads spin while they wait for each other; PASSIVE: they
-sleep), with `--busy` other processes each holding a core, as Ray's driver, actors and a second
+and libgomp's OMP_WAIT_POLICY (unset: threads spin a while, then sleep; ACTIVE: they spin while
+they wait for each other; PASSIVE: they sleep at once), with `--busy` other processes each holding a core, as Ray's driver, actors and a second
 job do on a small machine.
 
     .venv/bin/python -m bench.bench_threads [--steps 20] [--busy 1] [--threads 1 2]
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--busy", type=int, default=1, help="processes holding a core each while timing")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--policies", nargs="+", default=["ACTIVE", "PASSIVE"])
+    ap.add_argument("--policies", nargs="+", default=["unset", "ACTIVE", "PASSIVE"],
+                    help="OMP_WAIT_POLICY values; 'unset' = libgomp's default")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{'threads':>7} {'OMP_WAIT_POLICY':>15} {'wall s/step':>11} {'CPU s/step':>10}")
         for threads in args.threads:
             for policy in args.policies:
-                env = {**os.environ, "OMP_WAIT_POLICY": policy}
+                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+                if policy != "unset":  # unset: libgomp's default (spin ~300k rounds, then sleep)
+                    env["OMP_WAIT_POLICY"] = policy
                 out = subprocess.run([sys.executable, "-m", "bench.bench_threads", "--child", str(threads),
                                       "--steps", str(args.steps), "--batch", str(args.batch)],
                                      env=env, capture_output=True, text=True, check=True)

@@ -229,6 +229,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--phantom-seed", type=int, default=0)
     ph.add_options_args(ap)
     ap.add_argument("--seed", type=int, default=0, help="the pipeline's --seed (split, init, order)")
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="seed of the weights, the sampling and the augmentation only, the split "
+                         "staying --seed's (default: --seed); members of a seed ensemble differ here")
     ap.add_argument("--tag", default="base")
     ap.add_argument("--out", default=None, help="default: <cohort>_<tag>.*")
     ap.add_argument("--input-size", type=int, default=None)
@@ -300,12 +303,13 @@ def main(argv=None) -> dict:
     print({s: len(v) for s, v in studies.items()}, "patients",
           {s: len({r.patient_id for r in v}) for s, v in by_split.items()}, "recipe", recipe, "epochs", epochs, flush=True)
 
-    torch.manual_seed(args.seed)
+    init_seed = args.seed if args.init_seed is None else args.init_seed
+    torch.manual_seed(init_seed)
     model, pre = build_slice_classifier("small", width=args.width, input_size=recipe["input_size"],
                                         head=recipe["head"], map_stride=recipe.get("map_stride"), atrous=recipe.get("atrous"),
                                         pixel_mm=args.pixel_mm)
     print("preprocessing:", pre.describe(), flush=True)
-    data_gen = torch.Generator().manual_seed(args.seed * 1000)
+    data_gen = torch.Generator().manual_seed(init_seed * 1000)
     tr = slices_from_studies(studies["train"], pre, negative_keep=preset["negative_keep"], generator=data_gen)
     va = slices_from_studies(studies["val"], pre)
     te = slices_from_studies(studies["test"], pre)  # per-epoch test AUC: diagnosis only, never selection
@@ -350,7 +354,7 @@ def main(argv=None) -> dict:
             best.update(auc=m["val_auc"], state=copy.deepcopy(net.state_dict()), epoch=epoch)
 
     hist = fit_classifier(model, tr, va, epochs=epochs, batch_size=preset["batch_size"], lr=lr,
-                          seed=args.seed, on_epoch=keep, optimizer=recipe["optimizer"],
+                          seed=init_seed, on_epoch=keep, optimizer=recipe["optimizer"],
                           schedule=recipe["schedule"], patience=recipe["patience"],
                           patience_start=recipe.get("patience_start"),
                           weight_decay=recipe["weight_decay"], ema_epochs=recipe.get("ema_epochs"))
@@ -377,7 +381,7 @@ def main(argv=None) -> dict:
 
     df, df_tta = tables(best["state"])
     out = Path(args.out or f"{args.cohort}_{args.tag}")
-    res = {"cohort": args.cohort, "tag": args.tag, "seed": args.seed, "recipe": recipe, "epochs": epochs,
+    res = {"cohort": args.cohort, "tag": args.tag, "seed": args.seed, "init_seed": init_seed, "recipe": recipe, "epochs": epochs,
            "lr": lr, "input_size": pre.input_size, "preprocessing": pre.describe(),
            "n": {s: len(v) for s, v in studies.items()},
            "patients": {s: len({r.patient_id for r in v}) for s, v in by_split.items()},

@@ -44,3 +44,22 @@ def test_subset_rejects_bad_k() -> None:
         train_patient_subset(refs, tumour, 0, seed=0)
     with pytest.raises(ValueError):
         train_patient_subset(refs, tumour, 13, seed=0)
+
+
+@pytest.mark.timeout(120)
+def test_init_seed_changes_the_network_not_the_split(tmp_path) -> None:
+    """Members of a seed ensemble (--init-seed) train on the same split as --seed, with other weights."""
+    import json
+
+    from bench.classifier_errors import main
+
+    common = ["--cohort", str(tmp_path / "c"), "--n", "8", "--shape", "48", "48", "24", "--epochs", "1",
+              "--seed", "3", "--no-epoch-test"]
+    a = main(common + ["--out", str(tmp_path / "a")])
+    b = main(common + ["--no-write", "--init-seed", "4", "--out", str(tmp_path / "b")])
+    assert a["init_seed"] == 3 and b["init_seed"] == 4  # default: --seed's
+    assert a["train_patients"] == b["train_patients"] and a["n"] == b["n"]
+    assert json.loads((tmp_path / "b.json").read_text())["init_seed"] == 4
+    pa = (tmp_path / "a.slices.csv").read_text()
+    pb = (tmp_path / "b.slices.csv").read_text()
+    assert pa != pb  # other weights, other probabilities on the same slices

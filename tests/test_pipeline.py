@@ -48,8 +48,9 @@ def finished_run(tmp_path_factory, ray_cluster):
     # --concurrency 2: the scoring must spread over two actors (checked from the `worker` column).
     # The output contract holds whatever 3 epochs on 12 tiny studies learned: go on past the
     # classifier gate (tests/test_pipeline_gate.py tests the gate itself).
+    # --train-seed 7: the networks' draw apart from the split's seed (0), checked below.
     run = pipeline.main(["--cohort", str(cohort), "--out", str(out), "--epochs", "3",
-                         "--concurrency", "2", "--allow-weak-classifier"])
+                         "--concurrency", "2", "--allow-weak-classifier", "--train-seed", "7"])
     return out, run
 
 
@@ -90,6 +91,21 @@ def test_validation_split_is_used(finished_run):
     assert (grid["n_patients"] == len(tumour_patients)).all()  # tumour-bearing train + val patients
     # the flag threshold and the gate stay on validation
     assert thresholds["classifier_gate"]["n_studies"] == len(val)
+
+
+def test_train_seed_draws_the_network_not_the_split(finished_run):
+    """--train-seed reaches the classifier's training (its Ray run's recorded settings) and leaves
+    the patient split to --seed: the split is the one resolve_cohort draws with seed 0."""
+    from jobs.common import resolve_cohort
+
+    out, _ = finished_run
+    rec = json.loads((out / "run.json").read_text())
+    assert (rec["seed"], rec["train_seed"]) == (0, 7)
+    last = json.loads((out / "ray" / "classifier.last-run.json").read_text())
+    assert last["run_name"] == rec["classifier"]["run_name"] and last["fields"]["seed"] == 7
+    written = pd.read_parquet(out / "cohort.parquet").set_index(["patient_id", "study_id"])["split"]
+    drawn = {(r.patient_id, r.study_id): r.split for r in resolve_cohort(out.parent / "cohort", seed=0)}
+    assert written.to_dict() == drawn
 
 
 def test_scoring_spread_over_two_actors(finished_run):

@@ -30,6 +30,7 @@ def test_untrained_classifier_stops_the_pipeline_then_allow_goes_on(cohort, ray_
         pipeline.main([*common, "--out", str(out)])
     msg = str(stop.value)
     assert "CLASSIFIER GATE FAILED" in msg and "slice AUC" in msg and "Try:" in msg
+    assert "--train-seed" in msg  # what to try names the options that exist
     assert "--allow-weak-classifier" in msg
     run = json.loads((out / "run.json").read_text())
     assert run["status"].startswith("stopped") and run["classifier_gate"]["passed"] is False

@@ -75,10 +75,12 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
         "icc": icc, "summary": summary, "comparisons": comparisons, "slice_auc": slice_auc,
         "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
         "figures": [], "report": None, "classifier_gate": read_gate(run.thresholds),
+        "not_learned": read_not_learned(run.thresholds),
     }
     if figures:
         res["figures"], res["report"] = write_figures(run.out, df, icc, summary, slice_auc, split,
-                                                      gate=res["classifier_gate"], comparisons=comparisons)
+                                                      gate=res["classifier_gate"], comparisons=comparisons,
+                                                      not_learned=res["not_learned"])
     run.publish(*(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
 
@@ -213,6 +215,23 @@ def read_gate(thresholds_path: str | Path) -> dict | None:
     return json.loads(p.read_text()).get("classifier_gate")
 
 
+def read_not_learned(thresholds_path: str | Path) -> dict[str, str]:
+    """{method: why} for the networks thresholds.json records as not having learned (BoxFCN's
+    `not_learned`, jobs.train_boxfcn.not_learned_reason)."""
+    import json
+
+    p = Path(thresholds_path)
+    if not p.exists():
+        return {}
+    entries = json.loads(p.read_text()).get("methods", {})
+    return {m: e["not_learned"] for m, e in entries.items() if isinstance(e, dict) and e.get("not_learned")}
+
+
+def format_not_learned(not_learned: dict[str, str]) -> str:
+    """The one-screen summary's warning lines for networks that did not learn ('' when none)."""
+    return "\n".join(f"WARNING {m}: {why}" for m, why in not_learned.items())
+
+
 def format_gate(gate: dict | None) -> str:
     """One line for the one-screen summary: the gate's verdict and what it measured."""
     if not gate:
@@ -249,14 +268,16 @@ def subset_of(table: pd.DataFrame | None, subset: str = DEFAULT_SUBSET) -> pd.Da
 def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary: pd.DataFrame,
                   slice_auc: pd.DataFrame | None, split: str,
                   gate: dict | None = None,
-                  comparisons: pd.DataFrame | None = None) -> tuple[list[Path], Path]:
+                  comparisons: pd.DataFrame | None = None,
+                  not_learned: dict[str, str] | None = None) -> tuple[list[Path], Path]:
     """`<out>/figures/*.png` and `<out>/report.html` for the rows ``df`` of one split.
 
     Figures: dice_boxplot.png (Fig. 5), mtv_scatter.png / tlg_scatter.png (Figs. 6-7),
     mtv_bland_altman.png / tlg_bland_altman.png, table1.png (ICC table) and cam_*.png (Fig. 4).
     The agreement figures and Table 1 show the tumour-bearing studies (``DEFAULT_SUBSET``); the
     page adds Table 1 over all studies and the paired comparisons between methods.
-    A figure with nothing to draw is left out (logged). Returns (PNG paths, report path).
+    A figure with nothing to draw is left out (logged). `not_learned` ({method: why},
+    :func:`read_not_learned`) opens the page as a warning. Returns (PNG paths, report path).
     """
     import html
 
@@ -294,6 +315,10 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     meta = html.escape(f"run {out} · split {split}: {n_studies} studies of {n_patients} patients · "
                        f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
     sections = [
+        *([("Networks that did not learn",
+            "<div style='border:3px solid #c00;padding:6px'><ul>"
+            + "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(why)}</li>" for m, why in not_learned.items())
+            + "</ul></div>")] if not_learned else []),
         ("Classifier quality gate (validation)", report.gate_html(gate)),
         ("Table 1: segmentation and agreement, studies with tumour",
          report.html_table(table1)
@@ -467,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = analyze(args.out, args.split, figures=not args.no_figures)
     print(f"split={args.split}: {res['n_studies']} studies")
     print(format_gate(res["classifier_gate"]))
+    if warn := format_not_learned(res["not_learned"]):
+        print(warn)
     print(format_report(res["icc"], res["summary"], res["slice_auc"], res["comparisons"]))
     if args.papers:
         print("\n" + format_papers(res["icc"], res["summary"], args.split))

@@ -153,6 +153,25 @@ def select_variant(val_rows: "pd.DataFrame") -> dict[str, Any]:  # noqa: F821
             "val_dice": by_t[best][t_best], "medians": medians, "medians_by_threshold": by_t}
 
 
+#: Below this median validation Dice (against SEG) the chosen BoxFCN variant has not learned to
+#: segment: on the demo the box-Dice warm start alone reached 0.124 and the chosen variant 0.403; on
+#: the coarse30 variant (README, "Results per cohort") the warm start fell to all background and
+#: every variant stayed <= 0.048 (test Dice 0.03, |dMTV| 352 ml).
+MIN_LEARNED_VAL_DICE = 0.10
+
+
+def not_learned_reason(choice: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE) -> str | None:
+    """Why the variant `select_variant` chose has not learned (its median validation Dice is under
+    `bar`), naming every variant's median; None when it has."""
+    if choice["val_dice"] >= bar:
+        return None
+    medians = ", ".join(f"{k} {v:.3f}" for k, v in choice["medians"].items() if v == v)
+    return (f"BoxFCN did not learn: the best variant on validation, {choice['variant']} at threshold "
+            f"{choice['threshold']:g}, has median validation Dice {choice['val_dice']:.3f} < {bar:g} "
+            f"(at 0.5: {medians}); its masks are scored but are not a segmentation. Try more warm-start "
+            f"epochs (--warm-epochs) or check the validation boxes")
+
+
 def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
     """Where a trained BoxFCN of a run lives: `<out>/models/<filename>`."""
     return RunLayout(Path(out)).model(filename)
@@ -663,6 +682,11 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                                        for k, ts in choice["medians_by_threshold"].items()},
              "thresholds_tried": [float(t) for t in thresholds],
              "selected_on": "median validation Dice", "tuned_loss": searched is not None}
+    reason = not_learned_reason(choice)
+    entry["learned"] = reason is None
+    if reason is not None:
+        entry["not_learned"] = reason
+        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
     run.update_thresholds({"BoxFCN": entry})
     LOG.info("BoxFCN: scoring %s at threshold %g (validation median Dice %s)", choice["variant"],
              choice["threshold"],

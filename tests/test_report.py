@@ -147,6 +147,24 @@ def test_analyze_figures_and_report(tmp_path, caplog):
     assert autopet.count("<td>CAM</td>") == 1
 
 
+def test_a_network_that_did_not_learn_opens_the_report(tmp_path):
+    """thresholds.json's `not_learned` (jobs.train_boxfcn.not_learned_reason) heads report.html."""
+    import json
+
+    from jobs import analyze
+
+    out = _fake_run(tmp_path)
+    res = analyze.analyze(out, split="test")
+    assert res["not_learned"] == {} and "did not learn" not in (out / "report.html").read_text()
+    why = "BoxFCN did not learn: median validation Dice 0.048 < 0.1 <at 0.5>"
+    (out / "thresholds.json").write_text(json.dumps({"methods": {"BoxFCN": {"not_learned": why}}}))
+    res = analyze.analyze(out, split="test")
+    assert res["not_learned"] == {"BoxFCN": why}
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.index("Networks that did not learn") < page.index("Classifier quality gate")
+    assert "0.048 &lt; 0.1 &lt;at 0.5&gt;" in page  # escaped
+
+
 def test_analyze_tolerates_old_metrics_and_no_figures(tmp_path, capsys):
     from jobs import analyze
 

@@ -72,6 +72,30 @@ def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
         select_variant(_val_rows({"L_MDice": [np.nan]}))
 
 
+def test_a_boxfcn_that_did_not_learn_is_named_in_thresholds_and_the_summary(tmp_path):
+    """coarse30's medians (README, "Results per cohort"): the best variant at 0.042 has not learned;
+    the demo's (0.403) has. The reason reaches the one-screen summary through thresholds.json."""
+    import json
+
+    from jobs.analyze import format_not_learned, read_not_learned
+    from jobs.train_boxfcn import MIN_LEARNED_VAL_DICE, not_learned_reason, select_variant
+
+    collapsed = select_variant(_val_rows({"L_Dice (box)": [0.028, 0.01, 0.05], "L_MDice": [0.041, 0.03, 0.06],
+                                          "L_MDice+M": [0.042, 0.03, 0.06], "L_MDice+L_MS": [0.028, 0.0, 0.04]}))
+    why = not_learned_reason(collapsed)
+    assert collapsed["val_dice"] < MIN_LEARNED_VAL_DICE == 0.10
+    assert why.startswith("BoxFCN did not learn") and "L_MDice+M" in why and "0.042" in why
+    learned = select_variant(_val_rows({"L_Dice (box)": [0.124], "L_MDice+L_MS+M": [0.403]}))
+    assert not_learned_reason(learned) is None
+    assert not_learned_reason(learned, bar=0.5) is not None  # the bar is the argument's
+    (tmp_path / "thresholds.json").write_text(json.dumps(
+        {"methods": {"BoxFCN": {"learned": False, "not_learned": why}, "CAM": {"t": 0.5, "q": 40.0}}}))
+    found = read_not_learned(tmp_path / "thresholds.json")
+    assert found == {"BoxFCN": why}
+    assert format_not_learned(found) == f"WARNING BoxFCN: {why}"
+    assert format_not_learned({}) == "" and read_not_learned(tmp_path / "absent.json") == {}
+
+
 @pytest.mark.slow
 def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_path):
     from jobs.train_boxfcn import fit_boxfcn

@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         init_ray(args.address)
 
     # The split (above) follows --seed; the networks' training draws follow --train-seed.
-    train_seed = args.train_seed
     train = labelled(refs, "train")
     val = labelled(refs, "val")
     tune_refs = val  # the flag threshold, the classifier gate and BoxFCN's early stopping
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               lr=preset["lr"],
                               batch_size=preset["batch_size"], negative_keep=preset["negative_keep"],
                               weights=weights_arg(args.weights),
-                              num_workers=args.num_workers, use_gpu=args.use_gpu, seed=train_seed,
+                              num_workers=args.num_workers, use_gpu=args.use_gpu, seed=args.train_seed,
                               **train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
                                                                 map_stride=args.map_stride, atrous=args.atrous),
                               **({"pixel_mm": args.pixel_mm} if args.pixel_mm is not None else {}))
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=preset["batch_size"], lr=preset["lr"] if args.lr is None else args.lr,
             negative_keep=preset["negative_keep"], tumour_weight=tumour_weight,
             weights=weights_arg(args.weights), num_workers=args.num_workers,
-            use_gpu=args.use_gpu, storage_path=args.storage_path, seed=train_seed,
+            use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.train_seed,
             **{**train_classifier.classifier_recipe(preset, optimizer=args.optimizer, head=args.head,
                                                                 map_stride=args.map_stride, atrous=args.atrous),
                **({"input_size": args.input_size} if args.input_size else {}),
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         with clock.stage("train_unet_s"):
             unet_fit = fit_unet(train, val, out, **preset_kwargs(args.preset), num_workers=args.num_workers,
-                                use_gpu=args.use_gpu, storage_path=args.storage_path, seed=train_seed)
+                                use_gpu=args.use_gpu, storage_path=args.storage_path, seed=args.train_seed)
             from jobs.train_unet import tune_threshold as unet_threshold
 
             unet_record = {**unet_fit["record"], "threshold": unet_threshold(tune_refs, out, train)}
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Ray storage stays in the staging folder for a URI run (unless --storage-path).
             mipcam_fit = mipcam_search(train, val, out, preset=args.preset,
                                        num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                       storage_path=args.storage_path, seed=train_seed)
+                                       storage_path=args.storage_path, seed=args.train_seed)
 
     boxfcn_fit = None
     if "BoxFCN" in args.methods:
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             boxfcn_fit = train_boxfcn.train_boxfcn(
                 train, tune_refs, out, preset=args.preset, tune_samples=args.boxfcn_tune_samples,
                 storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                seed=train_seed, ms_forms=train_boxfcn.ms_forms_arg(args.boxfcn_ms_form))
+                seed=args.train_seed, ms_forms=train_boxfcn.ms_forms_arg(args.boxfcn_ms_form))
 
     with clock.stage("score_s"):
         pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)
@@ -371,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv if argv is None else ["python", "-m", "jobs.pipeline", *argv],
         "config": {**vars(args), "preset_values": preset, "cohort_resolved": str(cohort)},
         "seed": args.seed,
-        "train_seed": train_seed,
+        "train_seed": args.train_seed,
         "status": "ok" if gate.passed else "ok, classifier failed the gate (--allow-weak-classifier)",
         "classifier_gate": gate_record,
         "tumour_weight": tumour_weight,

@@ -168,8 +168,11 @@ def not_learned_reason(choice: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE
     medians = ", ".join(f"{k} {v:.3f}" for k, v in choice["medians"].items() if v == v)
     return (f"BoxFCN did not learn: the best variant on validation, {choice['variant']} at threshold "
             f"{choice['threshold']:g}, has median validation Dice {choice['val_dice']:.3f} < {bar:g} "
-            f"(at 0.5: {medians}); its masks are scored but are not a segmentation. Try more warm-start "
-            f"epochs (--warm-epochs) or check the validation boxes")
+            f"(at 0.5: {medians}); its masks are scored but are not a segmentation. Check the validation "
+            f"boxes; where the box-Dice warm start fell to all background (validation Dice 0 after "
+            f"its first epochs, in run.json's boxfcn history), Adam 3e-4 instead of the preset's 1e-3 "
+            f"avoided it on one phantom variant, not yet a preset (docs/EXPERIMENTS.md, \"BoxFCN on the "
+            f"coarse30 variant\")")
 
 
 def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:

@@ -315,10 +315,7 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     meta = html.escape(f"run {out} · split {split}: {n_studies} studies of {n_patients} patients · "
                        f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
     sections = [
-        *([("Networks that did not learn",
-            "<div style='border:3px solid #c00;padding:6px'><ul>"
-            + "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(why)}</li>" for m, why in not_learned.items())
-            + "</ul></div>")] if not_learned else []),
+        *([("Networks that did not learn", report.not_learned_html(not_learned))] if not_learned else []),
         ("Classifier quality gate (validation)", report.gate_html(gate)),
         ("Table 1: segmentation and agreement, studies with tumour",
          report.html_table(table1)

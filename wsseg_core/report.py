@@ -422,6 +422,17 @@ figcaption { font-size: 13px; color: #5a6573; }
 """
 
 
+_WARNING_STYLE = " style='border:3px solid #c00;padding:6px'"  # a failed gate, a network that did not learn
+
+
+def not_learned_html(not_learned: dict[str, str]) -> str:
+    """The networks that did not learn ({method: why}) as an escaped HTML warning block."""
+    import html
+
+    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(why)}</li>" for m, why in not_learned.items())
+    return f"<div{_WARNING_STYLE}><ul>{items}</ul></div>"
+
+
 def gate_html(gate: dict | None) -> str:
     """The classifier quality gate's figures (``wsseg_core.gate``) as an escaped HTML block; a
     failed gate is shown as a warning."""
@@ -446,7 +457,7 @@ def gate_html(gate: dict | None) -> str:
              f"{gate.get('n_slices')} / {gate.get('n_tumour_slices')} / {gate.get('n_studies')}")]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     fails = "".join(f"<li>{html.escape(x)}</li>" for x in gate.get("failures") or [])
-    style = "" if ok else " style='border:3px solid #c00;padding:6px'"
+    style = "" if ok else _WARNING_STYLE
     bars = html.escape(", ".join(f"{k} {v}" for k, v in (gate.get("bars") or {}).items()))
     return (f"<div{style}><table>{body}</table>" + (f"<ul>{fails}</ul>" if fails else "")
             + f"<p class='note'>Bars: {bars}.</p></div>")

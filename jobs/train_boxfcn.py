@@ -40,7 +40,8 @@ Presets (`BOXFCN_JOB_PRESETS`): "paper" is the paper's setting (base 16, 4 level
 training crops - body-centred, holding the lesion boxes, `wsseg_core.boxfcn.body_crop` - and
 whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs, patience 20).
 "small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
-over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs), fine-tuning with SGD lr 1e-4 (4 epochs),
+over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs, the output bias starting at the
+boxes' voxel fraction), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3, epochs kept by median validation Dice, the threshold chosen on validation, L_MS on the
 box-scaled image (`losses.mumford_shah_loss` image_scale "box"; docs/EXPERIMENTS.md, "BoxFCN as the pipeline
 scores it"). Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
@@ -51,6 +52,7 @@ train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 from pathlib import Path
@@ -86,8 +88,18 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # warm_epochs 10 (was 6, issue 23): on the demo the box-Dice warm start was still learning at
     # its 6th epoch (validation Dice 0.01 -> 0.08, predicted MTV ~350 ml against 12 ml), and on the
     # 64x64x48 seed-3 phantoms its best validation epoch was the 7th of 12.
+    # warm_head_prior, warm_collapse_retries (issue 23): the warm start's output bias starts at the
+    # training boxes' voxel fraction (p = prior, not 0.5, everywhere), and an epoch that ends all
+    # background (wsseg_core.boxfcn.box_dice_collapsed) is undone and the lr cut by
+    # COLLAPSE_LR_FACTOR, at most 3 times. From a zero bias the coarse30 variant's warm start went
+    # to all background by epoch 2 on two training seeds (loss 1.0 for good). The prior alone
+    # gave best validation epochs of 0.11 and 0.60 there and 0.26 on the demo (was 0.12), but one
+    # coarse30 seed still sat at loss 1.0 for five epochs (docs/EXPERIMENTS.md, "BoxFCN on the
+    # coarse30 variant").
     "small": dict(model_preset="small", warm_epochs=10, epochs=4, patience=3, steps_per_epoch=None,
-                  warm_optimizer="adam", warm_lr=1e-3, optimizer="sgd", lr=1e-4, keep_by="val_dice",
+                  warm_optimizer="adam", warm_lr=1e-3, warm_head_prior=True,
+                  warm_collapse_retries=3,
+                  optimizer="sgd", lr=1e-4, keep_by="val_dice",
                   # The probability thresholds tried on validation (issue 23): a few epochs leave p
                   # unsaturated, and 0.5 is then an arbitrary cut; 0.5 wins ties.
                   thresholds=(0.5, 0.3, 0.7, 0.9), ms_scale=MS_SCALE_SMALL),
@@ -97,6 +109,9 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
                   warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5, keep_by="val_loss",
                   thresholds=(0.5,), ms_scale="none"),
 }
+#: The warm start's lr is multiplied by this each time a collapsed epoch is undone
+#: (`warm_collapse_retries`; wsseg_core.boxfcn.box_dice_collapsed).
+COLLAPSE_LR_FACTOR = 0.3
 #: keep_by -> the Ray Train keeper's mode: which epoch is kept and resets the early-stopping count.
 KEEP_MODES: dict[str, str] = {"val_loss": "min", "val_dice": "max"}
 #: Ray Tune space on the CPU preset: a small grid around the paper's values, sampled at random.
@@ -189,8 +204,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from wsseg_core.boxfcn import (BOXFCN_PRESETS, box_volumes, build_boxfcn, evaluate, load_boxfcn,
-                                   make_optimizer, save_boxfcn, train_epoch)
+    from wsseg_core.boxfcn import (BOXFCN_PRESETS, box_dice_collapsed, box_volumes, build_boxfcn,
+                                   evaluate, init_head_to_prior, load_boxfcn, make_optimizer,
+                                   save_boxfcn, train_epoch)
     from wsseg_core.data import StudyRef
 
     rank, world = world_info()
@@ -217,14 +233,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("init_from"):  # warm start (paper: the network trained on the box masks)
         warm, _ = load_boxfcn(config["init_from"])
         model.load_state_dict(warm.state_dict())
+    elif config.get("head_prior"):
+        frac = float(np.mean([v.box.mean() for v in train])) if train else 0.0
+        if 0.0 < frac < 1.0:
+            bias = init_head_to_prior(model, frac)
+            if rank == 0:
+                LOG.info("BoxFCN %s: output bias %.2f (box prior %.4f of the voxels)", config["kind"],
+                         bias, frac)
     keep_by = config.get("keep_by", "val_loss")
     # best: the lowest validation loss, or (keep_by "val_dice") the highest keep_score.
     start_epoch, best, bad, optimizer_state = 0, (math.inf if keep_by == "val_loss" else -math.inf), 0, None
+    rollbacks = 0  # collapses undone so far (config "collapse_retries")
     resumed = resume_from_checkpoint(CKPT_FILE, load_boxfcn)
     if resumed is not None:
         (model, _), start_epoch, optimizer_state = resumed
         extra = resumed_extra_state()
         best, bad = float(extra.get("best", extra.get("best_val_loss"))), int(extra["bad_epochs"])
+        rollbacks = int(extra.get("rollbacks", 0))
     model.train()
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
@@ -248,10 +273,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The global picks of an epoch come from (seed, epoch) alone: the same on every rank and
         # after a resume.
         pick_rng = np.random.default_rng([config["seed"], epoch])
+        before = copy.deepcopy(bare.state_dict())
         train_loss = mean_over_ranks(train_epoch(
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
             rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
             crop=crop))
+        if (config["kind"] == "box_dice" and rollbacks < int(config.get("collapse_retries") or 0)
+                and box_dice_collapsed(train_loss)):
+            # All background, sigmoid saturated: no gradient leads back, so undo the epoch and go on
+            # at a lower lr with fresh Adam moments. train_loss is the mean over ranks, so every
+            # rank decides alike.
+            rollbacks += 1
+            lr_now = optimizer.param_groups[0]["lr"] * COLLAPSE_LR_FACTOR
+            bare.load_state_dict(before)
+            optimizer = make_optimizer(model, config["optimizer"], lr_now)
+            if rank == 0:
+                LOG.warning("%s epoch %d/%d collapsed to all background (train loss %.5f): undone, "
+                            "lr -> %.2g (rollback %d of %d)", config["kind"], epoch + 1,
+                            config["epochs"], train_loss, lr_now, rollbacks, config["collapse_retries"])
         maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         dice = float(ev["dice"])
@@ -263,7 +302,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
                    "val_dice_median": float(ev["dice_median"]),
                    "keep_score": score, "best": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
-                   "workers": world, "steps": steps}
+                   "workers": world, "steps": steps, "rollbacks": rollbacks,
+                   "lr": float(optimizer.param_groups[0]["lr"])}
         if keep_by == "val_loss":
             metrics["best_val_loss"] = float(best)
         if rank == 0:
@@ -274,7 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
                                                                 "loss": config["loss"], **margin,
                                                                 "crop": crop}),
-                     extra_state={"best": best, "bad_epochs": bad})
+                     extra_state={"best": best, "bad_epochs": bad, "rollbacks": rollbacks})
         if bad >= config["patience"]:
             break
 
@@ -334,6 +374,12 @@ def fit_config(train_refs: list, val_refs: list, *, kind: str = "mdice_ms",
     # model preset has one, so the small preset's fingerprints (whole volumes) stay as they were.
     crop = BOXFCN_PRESETS[jp["model_preset"]].get("crop")
     extra = {"crop": [int(c) for c in crop]} if crop else {}
+    # The warm start's output-bias prior (wsseg_core.boxfcn.init_head_to_prior): only where the
+    # preset sets it, so the paper preset's configs (fingerprints) stay as they were.
+    if warm and jp.get("warm_head_prior"):
+        extra["head_prior"] = True
+    if warm and jp.get("warm_collapse_retries"):
+        extra["collapse_retries"] = int(jp["warm_collapse_retries"])
     return dict(train_refs=[r.to_dict() for r in train_refs], val_refs=[r.to_dict() for r in val_refs],
                 model_preset=jp["model_preset"], kind=kind, loss=loss_cfg,
                 init_from=str(init_from) if init_from else None,

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsseg_core.boxfcn import (BoxFCN3D, augment, box_labels, box_volumes, build_boxfcn,
-                               fit_boxfcn_volumes, load_boxfcn, load_segmenter, postprocess,
-                               predict_volume, sample_patch, save_boxfcn, zscore)
+from wsseg_core.boxfcn import (BoxFCN3D, augment, box_dice_collapsed, box_labels, box_volumes,
+                               build_boxfcn, fit_boxfcn_volumes, init_head_to_prior, load_boxfcn,
+                               load_segmenter, postprocess, predict_volume, sample_patch, save_boxfcn,
+                               zscore)
 
 
 def _seg() -> np.ndarray:
@@ -77,6 +78,26 @@ def test_network_shapes_paper_and_small_presets():
     assert p.shape == x.shape and float(p.min()) > 0 and float(p.max()) < 1  # sigmoid
     with pytest.raises(ValueError):
         small(torch.randn(1, 1, 30, 32, 16))
+
+
+def test_head_prior_makes_an_untrained_network_predict_the_box_fraction():
+    net = build_boxfcn("small")
+    bias = init_head_to_prior(net, 0.002)
+    assert bias == pytest.approx(math.log(0.002 / 0.998))  # logit(0.002) = -6.2126
+    assert bias == pytest.approx(-6.2126, abs=1e-4)
+    torch.nn.init.zeros_(net.head.weight)  # the head then sees only its bias
+    with torch.no_grad():
+        p = net(torch.randn(1, 1, 16, 16, 8))
+    assert torch.allclose(p, torch.full_like(p, 0.002), rtol=1e-5)
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="foreground_fraction"):
+            init_head_to_prior(net, bad)
+
+
+def test_box_dice_collapse_is_a_loss_above_the_untrained_prior():
+    # an untrained network at a box prior of 0.002 scores soft Dice ~0.002: loss 0.998, not collapsed
+    assert not box_dice_collapsed(0.998) and not box_dice_collapsed(0.9999)
+    assert box_dice_collapsed(0.99995) and box_dice_collapsed(1.0) and box_dice_collapsed(float("nan"))
 
 
 def test_predict_volume_pads_and_crops_and_checkpoint_roundtrip(tmp_path):

@@ -125,6 +125,37 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert meta["epoch"] == res["kept_epoch"]
 
 
+def test_a_collapsed_warm_start_epoch_is_undone_at_a_lower_lr(ray_cluster, tmp_path):
+    """Issue 23 (coarse30): a box-Dice epoch that ends all background (loss 1.0, sigmoid saturated)
+    is undone and training goes on at COLLAPSE_LR_FACTOR x the lr, at most `collapse_retries` times.
+    The network starts collapsed (head weight 0, bias -60: p = 1e-26 everywhere), so every epoch
+    collapses: the first two are undone, the third is kept as it trained."""
+    import torch
+
+    from jobs.train_boxfcn import COLLAPSE_LR_FACTOR, fit_boxfcn
+    from wsseg_core.boxfcn import build_boxfcn, load_boxfcn, save_boxfcn
+    from wsseg_core.phantom import write_phantom_cohort
+
+    refs = write_phantom_cohort(tmp_path / "cohort", n=2, shape=(48, 48, 16), seed=3, negative_fraction=0.0)
+    dead = build_boxfcn("small")
+    with torch.no_grad():
+        dead.head.weight.zero_()
+        dead.head.bias.fill_(-60.0)
+    save_boxfcn(tmp_path / "dead.pt", dead)
+    res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="box_dice", init_from=tmp_path / "dead.pt",
+                     optimizer="adam", lr=1e-3, epochs=3, patience=5, steps_per_epoch=1,
+                     cpus_per_worker=1, max_failures=0, name="boxfcn_collapse",
+                     test_hooks={"collapse_retries": 2})
+    hist = res["history"]
+    assert [h["train_loss"] for h in hist] == pytest.approx([1.0] * 3)
+    assert [h["rollbacks"] for h in hist] == [1, 2, 2]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3 * COLLAPSE_LR_FACTOR, 1e-3 * COLLAPSE_LR_FACTOR ** 2,
+                                                     1e-3 * COLLAPSE_LR_FACTOR ** 2])
+    model, meta = load_boxfcn(res["checkpoint"])
+    assert meta["epoch"] == 0  # all epochs at Dice 0: the first is kept, and it was undone exactly
+    assert float(model.head.bias.detach()) == -60.0 and not model.head.weight.any()
+
+
 def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
     from jobs.train_boxfcn import VARIANTS, evaluate_study, select_variant
     from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
@@ -214,6 +245,14 @@ def test_ms_form_enters_the_fine_tuning_fingerprint_only(tmp_path):
     # worker's config); the small preset on whole volumes, its config unchanged
     assert fit_config(refs, refs, preset="paper", kind="box_dice")["crop"] == [160, 160, 128]
     assert "crop" not in fit_config(refs, refs, preset="small")
+    # issue 23: the small preset's warm start (and only it) starts its output bias at the box prior
+    # and undoes collapsed epochs; the paper preset keeps the plain initialisation and loop
+    warm = fit_config(refs, refs, preset="small", kind="box_dice")
+    assert warm["head_prior"] is True and warm["collapse_retries"] == 3
+    assert not {"head_prior", "collapse_retries"} & set(fit_config(refs, refs, preset="small", kind="mdice",
+                                                                   init_from="w.pt"))
+    assert "head_prior" not in fit_config(refs, refs, preset="small", kind="box_dice", init_from="w.pt")
+    assert not {"head_prior", "collapse_retries"} & set(fit_config(refs, refs, preset="paper", kind="box_dice"))
     with pytest.raises(ValueError, match="ms_form"):
         fit_config(refs, refs, ms_form="cv")
     # CLI: eq5 is the default; "both" trains one network per form, under distinct roles and files

@@ -33,7 +33,8 @@ memory (docs/EXPERIMENTS.md, "BoxFCN memory"; ``bench/bench_boxfcn_memory.py``).
 
 CPU preset ("small") deviations, each because the paper's value cannot train on 2 cores in minutes:
 ``base`` 4 at 3 levels (4..16, bottleneck 32; 88 k parameters); Adam lr 1e-3 for the box-Dice warm
-start from random init (SGD at 1e-5 does not move a random-init net in minutes) and SGD (momentum
+start from random init (SGD at 1e-5 does not move a random-init net in minutes), its output bias
+starting at the box prior (:func:`init_head_to_prior`), and SGD (momentum
 0.9, wd 1e-6) at lr 1e-4 instead of 1e-5 for the fine-tuning phases; a few epochs with patience 3.
 No crop: it trains on the whole (phantom) volume, padded to a multiple of 8, batch 1 (~4 s a step
 for 128x128x96 on one core; phantoms are smaller than 160x160x128 anyway).
@@ -220,6 +221,39 @@ class BoxFCN3D(nn.Module):
 
     def extra_repr(self) -> str:
         return f"base={self.base}, levels={self.levels}, in_channels={self.in_channels}"
+
+
+def init_head_to_prior(model: BoxFCN3D, foreground_fraction: float) -> float:
+    """Set the output bias so that an untrained network predicts ``foreground_fraction`` everywhere
+    (bias = logit(fraction), Lin et al. 2017's prior initialisation); returns the bias.
+
+    Why: from a zero bias the first prediction is p = 0.5 over the whole volume, so the Dice loss's
+    denominator is ~N/2 voxels against a few hundred box voxels and its gradient pushes every voxel
+    down at once; a large first step drives the logits so far negative that the sigmoid saturates
+    and the loss sits at 1.0 with no gradient (the small preset's warm start on coarse30,
+    docs/EXPERIMENTS.md). Starting at the box prior, foreground and background terms are balanced.
+    """
+    frac = float(foreground_fraction)
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"foreground_fraction must lie in (0, 1), got {foreground_fraction!r}")
+    bias = math.log(frac / (1.0 - frac))
+    with torch.no_grad():
+        model.head.bias.fill_(bias)
+    return bias
+
+
+#: A box-Dice epoch with a mean training loss above this predicted background inside every box:
+#: soft Dice < 1e-4, where an untrained network at the box prior already scores about the prior
+#: (~0.002 on the phantoms, loss ~0.998). The sigmoid is then saturated and the loss has no
+#: gradient left to climb back with (:func:`box_dice_collapsed`).
+COLLAPSED_BOX_DICE_LOSS = 0.9999
+
+
+def box_dice_collapsed(train_loss: float) -> bool:
+    """Whether a box-Dice epoch's mean training loss (Eq. 2, in [0, 1]) says the network collapsed
+    to all background (> :data:`COLLAPSED_BOX_DICE_LOSS`); a NaN loss counts as collapsed."""
+    loss = float(train_loss)
+    return not loss <= COLLAPSED_BOX_DICE_LOSS
 
 
 def build_boxfcn(preset: str = "paper", base: int | None = None, levels: int | None = None) -> BoxFCN3D:

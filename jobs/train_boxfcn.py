@@ -89,9 +89,9 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # its 6th epoch (validation Dice 0.01 -> 0.08, predicted MTV ~350 ml against 12 ml), and on the
     # 64x64x48 seed-3 phantoms its best validation epoch was the 7th of 12.
     # warm_head_prior, warm_collapse_retries (issue 23): the warm start's output bias starts at the
-    # training boxes' voxel fraction (p = prior, not 0.5, everywhere), and an epoch that ends all
-    # background (wsseg_core.boxfcn.box_dice_collapsed) is undone and the lr cut by
-    # COLLAPSE_LR_FACTOR, at most 3 times. From a zero bias the coarse30 variant's warm start went
+    # training boxes' voxel fraction (p = prior, not 0.5, everywhere), and after an epoch that ends
+    # all background (wsseg_core.boxfcn.box_dice_collapsed) it restarts from its first weights at
+    # COLLAPSE_LR_FACTOR x the lr with its epoch budget again, at most 3 times. From a zero bias the coarse30 variant's warm start went
     # to all background by epoch 2 on two training seeds (loss 1.0 for good). The prior alone
     # gave best validation epochs of 0.11 and 0.60 there and 0.26 on the demo (was 0.12), but one
     # coarse30 seed still sat at loss 1.0 for five epochs (docs/EXPERIMENTS.md, "BoxFCN on the
@@ -109,7 +109,7 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
                   warm_optimizer="sgd", warm_lr=1e-5, optimizer="sgd", lr=1e-5, keep_by="val_loss",
                   thresholds=(0.5,), ms_scale="none"),
 }
-#: The warm start's lr is multiplied by this each time a collapsed epoch is undone
+#: The warm start's lr is multiplied by this each time it restarts after a collapsed epoch
 #: (`warm_collapse_retries`; wsseg_core.boxfcn.box_dice_collapsed).
 COLLAPSE_LR_FACTOR = 0.3
 #: keep_by -> the Ray Train keeper's mode: which epoch is kept and resets the early-stopping count.
@@ -240,16 +240,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 LOG.info("BoxFCN %s: output bias %.2f (box prior %.4f of the voxels)", config["kind"],
                          bias, frac)
+    # What a collapsed warm-start epoch restarts from: these first weights (a function of the seed
+    # and the training boxes, so the same after a resume).
+    init_state = copy.deepcopy(model.state_dict())
     keep_by = config.get("keep_by", "val_loss")
     # best: the lowest validation loss, or (keep_by "val_dice") the highest keep_score.
     start_epoch, best, bad, optimizer_state = 0, (math.inf if keep_by == "val_loss" else -math.inf), 0, None
-    rollbacks = 0  # collapses undone so far (config "collapse_retries")
+    rollbacks, extra_epochs = 0, 0  # restarts after a collapse (config "collapse_retries"), epochs they added
     resumed = resume_from_checkpoint(CKPT_FILE, load_boxfcn)
     if resumed is not None:
         (model, _), start_epoch, optimizer_state = resumed
         extra = resumed_extra_state()
         best, bad = float(extra.get("best", extra.get("best_val_loss"))), int(extra["bad_epochs"])
-        rollbacks = int(extra.get("rollbacks", 0))
+        rollbacks, extra_epochs = int(extra.get("rollbacks", 0)), int(extra.get("extra_epochs", 0))
     model.train()
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
@@ -267,30 +270,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_kw = {"kind": config["kind"], **config["loss"]}
     bare = model.module if hasattr(model, "module") else model
 
-    for epoch in range(start_epoch, config["epochs"]):
+    epoch = start_epoch - 1
+    while (epoch := epoch + 1) < config["epochs"] + extra_epochs:
         if bad >= config["patience"]:  # a resumed run that had already stopped early
             break
         # The global picks of an epoch come from (seed, epoch) alone: the same on every rank and
         # after a resume.
         pick_rng = np.random.default_rng([config["seed"], epoch])
-        before = copy.deepcopy(bare.state_dict())
         train_loss = mean_over_ranks(train_epoch(
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
             rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
             crop=crop))
         if (config["kind"] == "box_dice" and rollbacks < int(config.get("collapse_retries") or 0)
                 and box_dice_collapsed(train_loss)):
-            # All background, sigmoid saturated: no gradient leads back, so undo the epoch and go on
-            # at a lower lr with fresh Adam moments. train_loss is the mean over ranks, so every
-            # rank decides alike.
-            rollbacks += 1
+            # All background, sigmoid saturated: no gradient leads back. Restart from the first
+            # weights at a lower lr with fresh Adam moments and the whole epoch budget again; the
+            # best epoch so far stays kept. Not back to the best epoch: on coarse30 that was
+            # itself on the way down (validation Dice 0.006), and from it 3e-4 reached 0.03 in
+            # the 6 epochs left. train_loss is the mean over ranks: every rank decides alike.
+            rollbacks, extra_epochs, bad = rollbacks + 1, epoch + 1, 0
             lr_now = optimizer.param_groups[0]["lr"] * COLLAPSE_LR_FACTOR
-            bare.load_state_dict(before)
+            bare.load_state_dict(init_state)
             optimizer = make_optimizer(model, config["optimizer"], lr_now)
             if rank == 0:
-                LOG.warning("%s epoch %d/%d collapsed to all background (train loss %.5f): undone, "
-                            "lr -> %.2g (rollback %d of %d)", config["kind"], epoch + 1,
-                            config["epochs"], train_loss, lr_now, rollbacks, config["collapse_retries"])
+                LOG.warning("%s epoch %d collapsed to all background (train loss %.5f): restarting "
+                            "from the first weights at lr %.2g for %d more epochs (restart %d of %d)",
+                            config["kind"], epoch + 1, train_loss, lr_now, config["epochs"], rollbacks,
+                            config["collapse_retries"])
         maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
         dice = float(ev["dice"])
@@ -303,18 +309,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "val_dice_median": float(ev["dice_median"]),
                    "keep_score": score, "best": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
                    "workers": world, "steps": steps, "rollbacks": rollbacks,
+                   "epochs_planned": config["epochs"] + extra_epochs,
                    "lr": float(optimizer.param_groups[0]["lr"])}
         if keep_by == "val_loss":
             metrics["best_val_loss"] = float(best)
         if rank == 0:
             LOG.info("%s epoch %d/%d train_loss %.4f val_loss %.4f val_dice %.3f%s", config["kind"],
-                     epoch + 1, config["epochs"], train_loss, ev["loss"], dice,
+                     epoch + 1, config["epochs"] + extra_epochs, train_loss, ev["loss"], dice,
                      "" if bad < config["patience"] else "  (early stop)")
         report_epoch(metrics, epoch, optimizer, CKPT_FILE,
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
                                                                 "loss": config["loss"], **margin,
                                                                 "crop": crop}),
-                     extra_state={"best": best, "bad_epochs": bad, "rollbacks": rollbacks})
+                     extra_state={"best": best, "bad_epochs": bad, "rollbacks": rollbacks,
+                                  "extra_epochs": extra_epochs})
         if bad >= config["patience"]:
             break
 

@@ -125,11 +125,12 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert meta["epoch"] == res["kept_epoch"]
 
 
-def test_a_collapsed_warm_start_epoch_is_undone_at_a_lower_lr(ray_cluster, tmp_path):
-    """Issue 23 (coarse30): a box-Dice epoch that ends all background (loss 1.0, sigmoid saturated)
-    is undone and training goes on at COLLAPSE_LR_FACTOR x the lr, at most `collapse_retries` times.
-    The network starts collapsed (head weight 0, bias -60: p = 1e-26 everywhere), so every epoch
-    collapses: the first two are undone, the third is kept as it trained."""
+def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ray_cluster, tmp_path):
+    """Issue 23 (coarse30): after a box-Dice epoch that ends all background (loss 1.0, sigmoid
+    saturated) the run restarts from its first weights at COLLAPSE_LR_FACTOR x the lr with its epoch
+    budget again, at most `collapse_retries` times. The network starts collapsed (head weight 0,
+    bias -60: p = 1e-26 everywhere), so every epoch collapses: epochs 1 and 2 restart (3 + 1, then
+    3 + 2 epochs planned), the rest train on."""
     import torch
 
     from jobs.train_boxfcn import COLLAPSE_LR_FACTOR, fit_boxfcn
@@ -143,16 +144,18 @@ def test_a_collapsed_warm_start_epoch_is_undone_at_a_lower_lr(ray_cluster, tmp_p
         dead.head.bias.fill_(-60.0)
     save_boxfcn(tmp_path / "dead.pt", dead)
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="box_dice", init_from=tmp_path / "dead.pt",
-                     optimizer="adam", lr=1e-3, epochs=3, patience=5, steps_per_epoch=1,
+                     optimizer="adam", lr=1e-3, epochs=3, patience=10, steps_per_epoch=1,
                      cpus_per_worker=1, max_failures=0, name="boxfcn_collapse",
                      test_hooks={"collapse_retries": 2})
     hist = res["history"]
-    assert [h["train_loss"] for h in hist] == pytest.approx([1.0] * 3)
-    assert [h["rollbacks"] for h in hist] == [1, 2, 2]
-    assert [h["lr"] for h in hist] == pytest.approx([1e-3 * COLLAPSE_LR_FACTOR, 1e-3 * COLLAPSE_LR_FACTOR ** 2,
-                                                     1e-3 * COLLAPSE_LR_FACTOR ** 2])
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3, 4]
+    assert [h["train_loss"] for h in hist] == pytest.approx([1.0] * 5)
+    assert [h["rollbacks"] for h in hist] == [1, 2, 2, 2, 2]
+    assert [h["epochs_planned"] for h in hist] == [4, 5, 5, 5, 5]
+    lr1, lr2 = 1e-3 * COLLAPSE_LR_FACTOR, 1e-3 * COLLAPSE_LR_FACTOR ** 2
+    assert [h["lr"] for h in hist] == pytest.approx([lr1, lr2, lr2, lr2, lr2])
     model, meta = load_boxfcn(res["checkpoint"])
-    assert meta["epoch"] == 0  # all epochs at Dice 0: the first is kept, and it was undone exactly
+    assert meta["epoch"] == 0  # all epochs at Dice 0: the first is kept, and it restarted exactly
     assert float(model.head.bias.detach()) == -60.0 and not model.head.weight.any()
 
 

@@ -91,11 +91,11 @@ BOXFCN_JOB_PRESETS: dict[str, dict[str, Any]] = {
     # warm_head_prior, warm_collapse_retries (issue 23): the warm start's output bias starts at the
     # training boxes' voxel fraction (p = prior, not 0.5, everywhere), and after an epoch that ends
     # all background (wsseg_core.boxfcn.box_dice_collapsed) it restarts from its first weights at
-    # COLLAPSE_LR_FACTOR x the lr with its epoch budget again, at most 3 times. From a zero bias the coarse30 variant's warm start went
-    # to all background by epoch 2 on two training seeds (loss 1.0 for good). The prior alone
-    # gave best validation epochs of 0.11 and 0.60 there and 0.26 on the demo (was 0.12), but one
-    # coarse30 seed still sat at loss 1.0 for five epochs (docs/EXPERIMENTS.md, "BoxFCN on the
-    # coarse30 variant").
+    # COLLAPSE_LR_FACTOR x the lr with its epoch budget again, at most 3 times. From a zero bias
+    # the coarse30 variant's warm start went to all background by epoch 2 on two training seeds
+    # (loss 1.0 for good). The prior alone gave best validation epochs of 0.11 and 0.60 there and
+    # 0.26 on the demo (was 0.12), but one coarse30 seed still sat at loss 1.0 for five epochs
+    # (docs/EXPERIMENTS.md, "The warm-start collapse").
     "small": dict(model_preset="small", warm_epochs=10, epochs=4, patience=3, steps_per_epoch=None,
                   warm_optimizer="adam", warm_lr=1e-3, warm_head_prior=True,
                   warm_collapse_retries=3,

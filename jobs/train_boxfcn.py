@@ -246,13 +246,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keep_by = config.get("keep_by", "val_loss")
     # best: the lowest validation loss, or (keep_by "val_dice") the highest keep_score.
     start_epoch, best, bad, optimizer_state = 0, (math.inf if keep_by == "val_loss" else -math.inf), 0, None
-    rollbacks, extra_epochs = 0, 0  # restarts after a collapse (config "collapse_retries"), epochs they added
+    restarts, extra_epochs = 0, 0  # restarts after a collapse (config "collapse_retries"), epochs they added
     resumed = resume_from_checkpoint(CKPT_FILE, load_boxfcn)
     if resumed is not None:
         (model, _), start_epoch, optimizer_state = resumed
         extra = resumed_extra_state()
         best, bad = float(extra.get("best", extra.get("best_val_loss"))), int(extra["bad_epochs"])
-        rollbacks, extra_epochs = int(extra.get("rollbacks", 0)), int(extra.get("extra_epochs", 0))
+        restarts, extra_epochs = int(extra.get("restarts", 0)), int(extra.get("extra_epochs", 0))
     model.train()
     model = prepare_ddp_model(model)
     device = ray.train.torch.get_device()
@@ -281,21 +281,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, train, optimizer, loss_kw, patch=patch, batch_size=batch_size, steps=steps,
             rng=rng, generator=gen, device=device, pick_rng=pick_rng, rank=rank, world=world,
             crop=crop))
-        if (config["kind"] == "box_dice" and rollbacks < int(config.get("collapse_retries") or 0)
+        if (config["kind"] == "box_dice" and restarts < int(config.get("collapse_retries") or 0)
                 and box_dice_collapsed(train_loss)):
             # All background, sigmoid saturated: no gradient leads back. Restart from the first
             # weights at a lower lr with fresh Adam moments and the whole epoch budget again; the
             # best epoch so far stays kept. Not back to the best epoch: on coarse30 that was
             # itself on the way down (validation Dice 0.006), and from it 3e-4 reached 0.03 in
             # the 6 epochs left. train_loss is the mean over ranks: every rank decides alike.
-            rollbacks, extra_epochs, bad = rollbacks + 1, epoch + 1, 0
+            restarts, extra_epochs, bad = restarts + 1, epoch + 1, 0
             lr_now = optimizer.param_groups[0]["lr"] * COLLAPSE_LR_FACTOR
             bare.load_state_dict(init_state)
             optimizer = make_optimizer(model, config["optimizer"], lr_now)
             if rank == 0:
                 LOG.warning("%s epoch %d collapsed to all background (train loss %.5f): restarting "
                             "from the first weights at lr %.2g for %d more epochs (restart %d of %d)",
-                            config["kind"], epoch + 1, train_loss, lr_now, config["epochs"], rollbacks,
+                            config["kind"], epoch + 1, train_loss, lr_now, config["epochs"], restarts,
                             config["collapse_retries"])
         maybe_die(config, epoch, rank)
         ev = on_rank0(lambda: evaluate(bare, val, loss_kw))
@@ -308,7 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "val_dice": dice if math.isfinite(dice) else 0.0, "val_dice_defined": math.isfinite(dice),
                    "val_dice_median": float(ev["dice_median"]),
                    "keep_score": score, "best": float(best), "bad_epochs": bad, "start_epoch": start_epoch,
-                   "workers": world, "steps": steps, "rollbacks": rollbacks,
+                   "workers": world, "steps": steps, "restarts": restarts,
                    "epochs_planned": config["epochs"] + extra_epochs,
                    "lr": float(optimizer.param_groups[0]["lr"])}
         if keep_by == "val_loss":
@@ -321,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      lambda path: save_boxfcn(path, bare, meta={**metrics, "kind": config["kind"],
                                                                 "loss": config["loss"], **margin,
                                                                 "crop": crop}),
-                     extra_state={"best": best, "bad_epochs": bad, "rollbacks": rollbacks,
+                     extra_state={"best": best, "bad_epochs": bad, "restarts": restarts,
                                   "extra_epochs": extra_epochs})
         if bad >= config["patience"]:
             break

@@ -150,7 +150,7 @@ def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ra
     hist = res["history"]
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3, 4]
     assert [h["train_loss"] for h in hist] == pytest.approx([1.0] * 5)
-    assert [h["rollbacks"] for h in hist] == [1, 2, 2, 2, 2]
+    assert [h["restarts"] for h in hist] == [1, 2, 2, 2, 2]
     assert [h["epochs_planned"] for h in hist] == [4, 5, 5, 5, 5]
     lr1, lr2 = 1e-3 * COLLAPSE_LR_FACTOR, 1e-3 * COLLAPSE_LR_FACTOR ** 2
     assert [h["lr"] for h in hist] == pytest.approx([lr1, lr2, lr2, lr2, lr2])

@@ -72,6 +72,40 @@ def test_select_variant_takes_the_best_validation_median_whatever_the_loss():
         select_variant(_val_rows({"L_MDice": [np.nan]}))
 
 
+def test_select_variant_treats_cells_within_the_margin_as_ties_and_prefers_the_papers_method():
+    """coarse30's validation medians (runs of 2026-12-03, thresholds.json "val_dice_by_threshold"):
+    the highest cell, L_MDice+L_MS+M at p >= 0.9 (0.396), is within 0.05 of the paper's full method
+    at 0.5 (0.375), so the latter is chosen; a cell more than the margin above it still wins."""
+    from jobs.train_boxfcn import SELECTION_MARGIN, select_variant
+
+    medians = {"L_Dice (box)": {0.3: 0.310, 0.5: 0.298, 0.7: 0.294, 0.9: 0.262},
+               "L_MDice": {0.3: 0.312, 0.5: 0.352, 0.7: 0.283, 0.9: 0.219},
+               "L_MDice+L_MS": {0.3: 0.338, 0.5: 0.348, 0.7: 0.358, 0.9: 0.370},
+               "L_MDice+L_MS+M": {0.3: 0.353, 0.5: 0.375, 0.7: 0.383, 0.9: 0.396}}
+
+    def rows(cells):
+        return pd.DataFrame([{"patient_id": "P0", "split": "val", "variant": v, "threshold": t, "dice": d}
+                             for v, ts in cells.items() for t, d in ts.items()])
+
+    assert SELECTION_MARGIN == 0.05
+    c = select_variant(rows(medians))
+    assert (c["variant"], c["threshold"]) == ("L_MDice+L_MS+M", 0.5)
+    assert c["val_dice"] == pytest.approx(0.375) and c["best_val_dice"] == pytest.approx(0.396)
+    # margin 0: the plain maximum, as before the rule.
+    assert (select_variant(rows(medians), margin=0.0)["threshold"]) == 0.9
+    # 0.30 ahead of the paper's method is no tie: L_MDice at 0.5 wins.
+    c = select_variant(rows({**medians, "L_MDice": {0.5: 0.451}}))
+    assert (c["variant"], c["threshold"]) == ("L_MDice", 0.5)
+    # The demo's medians: p never reached 0.7 (every cell 0 there), 0.3 and 0.5 within 0.012.
+    demo = {"L_MDice+L_MS+M": {0.3: 0.561, 0.5: 0.549, 0.7: 0.0, 0.9: 0.0},
+            "L_MDice": {0.3: 0.521, 0.5: 0.534, 0.7: 0.0, 0.9: 0.0}}
+    c = select_variant(rows(demo))
+    assert (c["variant"], c["threshold"]) == ("L_MDice+L_MS+M", 0.5)
+    # Equally far from 0.5 (0.3 and 0.7 when 0.5 is out of the margin): the lower one.
+    c = select_variant(rows({"L_MDice": {0.3: 0.40, 0.5: 0.10, 0.7: 0.40}}))
+    assert c["threshold"] == 0.3
+
+
 def test_a_boxfcn_that_did_not_learn_is_named_in_thresholds_and_the_summary(tmp_path):
     """coarse30's medians (README, "Results per cohort"): the best variant at 0.042 has not learned;
     the demo's (0.403) has. The reason reaches the one-screen summary through thresholds.json."""

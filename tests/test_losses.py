@@ -44,6 +44,30 @@ def test_modified_dice_by_hand():
     assert float(modified_dice_loss(fp.reshape(1, 2, 2, 2), B)) == pytest.approx(1 - 4 / 5)
 
 
+def test_modified_dice_per_box_keeps_an_empty_small_box_pulled_by_hand():
+    """Two boxes on a line: A (voxels 0-3) half foreground, B (5-6) empty. Over the whole volume
+    (the paper's sums) the fraction 2/6 > 0.1 releases every box voxel and the loss is 0, so B is
+    never found; per box only A is released: den = 2 + 6 - (4 - 2) = 6, loss 1 - 4/6."""
+    b = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 0, 0, 0]], dtype=torch.float64)
+    p = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64, requires_grad=True)
+    assert float(modified_dice_loss(p, b)) == pytest.approx(0.0)
+    loss = modified_dice_loss(p, b, per_box=True)
+    assert float(loss) == pytest.approx(1 - 4 / 6)
+    loss.backward()
+    # dL/dp_j = -2 (dI D - I dD) / D^2 with I = 2, D = 6: in A dI = 1, dD = 2 (sum p and A's sum p b);
+    # in B dI = 1, dD = 1; outside dI = 0, dD = 1.
+    a, b_in, out = -2 * (6 - 2 * 2) / 36, -2 * (6 - 2) / 36, -2 * (0 - 2) / 36
+    assert p.grad[0].tolist() == pytest.approx([a] * 4 + [out] + [b_in] * 2 + [out] * 3)
+    # one box region: per box is the paper's loss; through boxfcn_loss too (beta 10)
+    assert float(modified_dice_loss(P, B, per_box=True)) == pytest.approx(1 - 4.2 / 5.4)
+    assert float(boxfcn_loss(P, P, B, kind="mdice", per_box=True)) == pytest.approx(10 * (1 - 4.2 / 5.4))
+    # both boxes above alpha: both released, as over the whole volume
+    both = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 0]], dtype=torch.float64)
+    assert float(modified_dice_loss(both, b, per_box=True)) == pytest.approx(float(modified_dice_loss(both, b)))
+    # an empty box mask: the plain box Dice's 1 (nothing released)
+    assert float(modified_dice_loss(P, torch.zeros_like(B), per_box=True)) == pytest.approx(1.0)
+
+
 def test_regularised_heaviside_by_hand():
     eps = 0.03
     x = torch.tensor([0.0, eps, -eps], dtype=torch.float64)

@@ -89,8 +89,28 @@ def shifted_heaviside(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return (x > alpha).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
+def _released_per_box(pf: torch.Tensor, bf: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per sample, sum over the connected boxes k with more than ``alpha`` of their voxels
+    foreground of ``M_k = sum b_k - sum p b_k``: the part of Eq. 3's ``M H`` each box releases on
+    its own. (B,) like ``M``; no gradient through which boxes are released (H is a switch)."""
+    from scipy import ndimage
+
+    out = []
+    for i in range(pf.shape[0]):
+        lab, n = ndimage.label(b[i].detach().cpu().numpy() > 0)
+        if n == 0:
+            out.append(pf.new_zeros(()))
+            continue
+        idx = torch.from_numpy(lab.reshape(-1)).to(pf.device, torch.long)
+        inter_k = pf.new_zeros(n + 1).index_add(0, idx, pf[i] * bf[i])[1:]
+        size_k = pf.new_zeros(n + 1).index_add(0, idx, bf[i])[1:]
+        released = shifted_heaviside((inter_k / size_k.clamp_min(1.0)).detach(), alpha)
+        out.append(((size_k - inter_k) * released).sum())
+    return torch.stack(out)
+
+
 def modified_dice_loss(p: torch.Tensor, b: torch.Tensor, alpha: float = PAPER_LOSS["alpha"],
-                       reduce: bool = True) -> torch.Tensor:
+                       reduce: bool = True, per_box: bool = False) -> torch.Tensor:
     """Eq. 3-4: ``1 - 2 sum(p b) / (sum p + sum b - M H(sum(p b) / sum b))``, ``M = sum b - sum p b``.
 
     While at most ``alpha`` of the box is foreground (H = 0) this is the box Dice; beyond it the
@@ -100,6 +120,10 @@ def modified_dice_loss(p: torch.Tensor, b: torch.Tensor, alpha: float = PAPER_LO
     Args:
         p, b: as :func:`box_dice_loss`. alpha: the Heaviside shift (paper 0.1: "at least 10 % of the
             voxels inside the box are forced to be predicted as tumor"). reduce: batch mean.
+        per_box: an extension for volumes with many lesions (the paper's head-and-neck volumes
+            hold one box region each): H and M per connected box region instead of over all boxes
+            of the volume, so one large lesion more than alpha foreground no longer releases the
+            boxes of small lesions that are still empty (they keep the box Dice's pull).
     Returns:
         The loss; for an empty box the fraction is taken as 0 (H = 0, the box Dice).
     """
@@ -108,8 +132,11 @@ def modified_dice_loss(p: torch.Tensor, b: torch.Tensor, alpha: float = PAPER_LO
     inter = (pf * bf).sum(1)
     sb = bf.sum(1)
     frac = torch.where(sb > 0, inter / sb.clamp_min(1.0), torch.zeros_like(sb))
-    m = sb - inter
-    den = pf.sum(1) + sb - m * shifted_heaviside(frac.detach(), alpha)
+    if per_box:
+        released = _released_per_box(pf, bf, b, alpha)
+    else:
+        released = (sb - inter) * shifted_heaviside(frac.detach(), alpha)
+    den = pf.sum(1) + sb - released
     loss = torch.where(den > 0, 1.0 - 2.0 * inter / den.clamp_min(torch.finfo(p.dtype).tiny),
                        torch.zeros_like(den))
     return loss.mean() if reduce else loss
@@ -200,7 +227,8 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
                 beta: float = PAPER_LOSS["beta"], lam: float = PAPER_LOSS["lam"],
                 alpha: float = PAPER_LOSS["alpha"], omega1: float = PAPER_LOSS["omega1"],
                 omega2: float = PAPER_LOSS["omega2"], eps: float = EPSILON,
-                region: str = "sharp", ms_form: str = "eq5", ms_scale: str = "none") -> torch.Tensor:
+                region: str = "sharp", ms_form: str = "eq5", ms_scale: str = "none",
+                per_box: bool = False) -> torch.Tensor:
     """The training objective of one variant (``LOSS_KINDS``), batch mean.
 
     * "box_dice": Eq. 2 against the box, unweighted (the warm-start network, the paper's L_Dice).
@@ -208,13 +236,15 @@ def boxfcn_loss(p: torch.Tensor, image: torch.Tensor, b: torch.Tensor, kind: str
     * "mdice_ms": Eq. 1, ``beta * L_MDice + lambda * L_MS`` (``lam`` is the paper's lambda; L_MS in
       the form ``ms_form``, "eq5" or "chan-vese", its image scaled per ``ms_scale``, "none" or
       "box", see :func:`mumford_shah_loss`; the other kinds ignore both).
+
+    ``per_box``: L_MDice's Heaviside per connected box region (:func:`modified_dice_loss`).
     """
     if kind == "box_dice":
         return box_dice_loss(p, b)
     if kind == "mdice":
-        return beta * modified_dice_loss(p, b, alpha)
+        return beta * modified_dice_loss(p, b, alpha, per_box=per_box)
     if kind == "mdice_ms":
-        return (beta * modified_dice_loss(p, b, alpha)
+        return (beta * modified_dice_loss(p, b, alpha, per_box=per_box)
                 + lam * mumford_shah_loss(p, image, b, omega1, omega2, eps, region, form=ms_form,
                                           image_scale=ms_scale))
     raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")

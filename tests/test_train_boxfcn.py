@@ -290,6 +290,15 @@ def test_ms_form_enters_the_fine_tuning_fingerprint_only(tmp_path):
                                                                    init_from="w.pt"))
     assert "head_prior" not in fit_config(refs, refs, preset="small", kind="box_dice", init_from="w.pt")
     assert not {"head_prior", "collapse_retries"} & set(fit_config(refs, refs, preset="paper", kind="box_dice"))
+    # issue 23: the small preset's L_MDice is per box region (in the fine-tuning runs' loss, so
+    # their fingerprints); the warm start and the paper preset keep the paper's sums; a loss that
+    # names it wins
+    assert fit_config(refs, refs, preset="small", kind="mdice")["loss"]["per_box"] is True
+    assert fit_config(refs, refs, preset="small", kind="mdice_ms")["loss"]["per_box"] is True
+    assert "per_box" not in fit_config(refs, refs, preset="small", kind="box_dice")["loss"]
+    assert "per_box" not in fit_config(refs, refs, preset="paper", kind="mdice_ms")["loss"]
+    assert fit_config(refs, refs, preset="small", kind="mdice", loss={"per_box": False})["loss"]["per_box"] is False
+    assert digest(kind="mdice") != digest(kind="mdice", loss={"per_box": False})
     with pytest.raises(ValueError, match="ms_form"):
         fit_config(refs, refs, ms_form="cv")
     # CLI: eq5 is the default; "both" trains one network per form, under distinct roles and files

@@ -128,6 +128,14 @@ def test_boxfcn_trains_on_2_workers(cohort, tmp_path, ray_cluster):
     _check_two_worker_history(res, 2)
     assert [int(h["steps"]) for h in res["history"]] == [2, 2]
     load_boxfcn(res["checkpoint"])
+    # The fine-tuning with the small preset's L_MDice per box region (each rank labels its own
+    # volume's boxes) on 2 workers too.
+    tuned = fit_boxfcn(train, val, tmp_path / "out", kind="mdice_ms", init_from=res["checkpoint"],
+                       filename="boxfcn_mdice_ms.pt", epochs=1, patience=5, steps_per_epoch=2,
+                       num_workers=2, cpus_per_worker=1.0, max_failures=0, name="boxfcn_ms_ddp")
+    _check_two_worker_history(tuned, 1)
+    _, meta = load_boxfcn(tuned["checkpoint"])
+    assert meta["loss"]["per_box"] is True
 
 
 def test_loss_weight_search_runs_train_on_2_workers_inside_tune(cohort, tmp_path, ray_cluster):

@@ -45,7 +45,8 @@ whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs
 over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs, the output bias starting at the
 boxes' voxel fraction), fine-tuning with SGD lr 1e-4 (4 epochs),
 patience 3, epochs kept by median validation Dice, the threshold chosen on validation, L_MDice's
-Heaviside per box region (`losses.modified_dice_loss` per_box), L_MS on the box-scaled image (`losses.mumford_shah_loss` image_scale "box"; docs/EXPERIMENTS.md, "BoxFCN as the pipeline
+Heaviside per box region (`losses.modified_dice_loss` per_box), L_MS on the box-scaled image
+(`losses.mumford_shah_loss` image_scale "box"; docs/EXPERIMENTS.md, "BoxFCN as the pipeline
 scores it"). Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with
 64x64x32 patches: SGD at 1e-3 made L_MDice fine-tuning diverge (val Dice 0.11 -> 0.02 in 2 epochs,
 train loss 8.6 -> 9.6 with beta 10), and at 3e-4 it collapsed to all background by epoch 3.
@@ -730,6 +731,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
         fits["mdice"] = fit_boxfcn(train_refs, val_refs, run.out, kind="mdice", init_from=warm,
                                    filename=MDICE_FILE, **kw)
     loss, searched = dict(PAPER_LOSS), None
+    per_box = bool(BOXFCN_JOB_PRESETS[preset].get("mdice_per_box"))  # fit_config adds it to the runs
     losses_by_role: dict[str, dict[str, Any]] = {}
     for form in ms_forms:
         role, filename = MS_FORM_ROLES[form]
@@ -748,7 +750,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                                     init_from=warm, filename=filename, ms_form=form, **kw)
         losses_by_role[role] = {**loss, "ms_form": form,
                                 "ms_scale": BOXFCN_JOB_PRESETS[preset].get("ms_scale", "none"),
-                                "per_box": bool(BOXFCN_JOB_PRESETS[preset].get("mdice_per_box"))}
+                                "per_box": per_box}
     models = {role: f["checkpoint"] for role, f in fits.items()}
     thresholds = BOXFCN_JOB_PRESETS[preset].get("thresholds", (0.5,))
     val_rows = evaluate_variants(val_refs, models, DEFAULT_POSTPROCESS, thresholds=thresholds)
@@ -759,8 +761,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
              "variant": choice["variant"], "network": choice["role"],
              "checkpoint": Path(models[choice["role"]]).name,
              "loss": losses_by_role.get(choice["role"]) or (
-                 {"beta": loss["beta"], "alpha": loss["alpha"],
-                  "per_box": bool(BOXFCN_JOB_PRESETS[preset].get("mdice_per_box"))}
+                 {"beta": loss["beta"], "alpha": loss["alpha"], "per_box": per_box}
                  if choice["role"] == "mdice" else {}),
              "ms_forms": ms_forms,
              "margin_mm": margin_mm, "val_dice": choice["val_dice"],

@@ -69,6 +69,7 @@ from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepar
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
                             start_watchdog, training_record, training_run, world_info)
 from jobs.telemetry import tune_callback
+from wsseg_core.selection import MIN_LEARNED_VAL_DICE  # re-exported: the bar every network's check uses
 from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
 
 LOG = logging.getLogger("wsseg.train_boxfcn")
@@ -193,11 +194,6 @@ def select_variant(val_rows: "pd.DataFrame", margin: float = SELECTION_MARGIN) -
             "medians": medians, "medians_by_threshold": by_t}
 
 
-#: Below this median validation Dice (against SEG) the chosen BoxFCN variant has not learned to
-#: segment: on the demo the box-Dice warm start alone reached 0.124 and the chosen variant 0.403; on
-#: the coarse30 variant (README, "Results per cohort") the warm start fell to all background and
-#: every variant stayed <= 0.048 (test Dice 0.03, |dMTV| 352 ml).
-MIN_LEARNED_VAL_DICE = 0.10
 
 
 def not_learned_reason(choice: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE) -> str | None:

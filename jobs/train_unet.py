@@ -41,6 +41,7 @@ from jobs.common import add_common_args, init_ray, labelled, resolve_cohort, set
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, start_watchdog, world_info)
 from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
+from wsseg_core.selection import MIN_LEARNED_VAL_DICE
 
 LOG = logging.getLogger("wsseg.train_unet")
 CKPT_FILE = "unet.pt"
@@ -290,6 +291,21 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                              max_failures=max_failures, callbacks=callbacks)
 
 
+def not_learned_reason(entry: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE) -> str | None:
+    """Why the U-Net has not learned: its validation Dice at the chosen threshold (``entry`` is
+    `tune_threshold`'s: `choose_threshold`'s result) is under ``bar``; None when it has, or when no
+    study with tumour could say (n 0: nothing to measure, which the entry's `selected_on` shows)."""
+    dice = float(entry["val_dice"])
+    if not entry.get("n") or not math.isfinite(dice) or dice >= bar:
+        return None
+    return (f"UNet did not learn: its {entry['rule']} validation Dice at the chosen threshold "
+            f"{entry['threshold']:g} (the grid's best) is {dice:.3f} < {bar:g} ({entry['n']} studies with "
+            f"tumour); its masks are scored but are not a segmentation. "
+            f"run.json's unet history has the validation Dice per epoch. What to try: another training "
+            f"draw (jobs.pipeline --train-seed N; the split stays with --seed) or a larger step budget "
+            f"(jobs.train_unet --steps N; the small preset's is {UNET_JOB_PRESETS['small'].get('steps')}).")
+
+
 def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = None) -> dict[str, Any]:
     """Choose the U-Net's probability threshold on the validation studies (3-D Dice pooled over
     them, `wsseg_core.unet.choose_threshold`'s default rule) and write it to thresholds.json's
@@ -309,6 +325,11 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
         source = "training (no validation study with tumour)"
     entry = {**res, "selected_on": f"{res['rule']} 3-D Dice of the {source} studies ({res['n']} "
                                    f"with tumour)"}
+    reason = not_learned_reason(entry)
+    entry["learned"] = reason is None
+    if reason is not None:
+        entry["not_learned"] = reason
+        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
     run.update_thresholds({"UNet": entry})
     LOG.info("U-Net threshold %.2f (%s %s Dice %.3f; by threshold %s)", res["threshold"], res["rule"], source,
              res["val_dice"], res["by_threshold"])

@@ -297,3 +297,21 @@ def test_evaluate_unet_pooled_dice_by_threshold_by_hand():
     assert res["best_dice"] == pytest.approx(1.0)
     assert res["dice"] == 0.0  # the argmax (p > 0.5) finds nothing
     assert np.isnan(evaluate_unet(PetIsProbability(), x, y, make_loss(7.7))["best_dice"])
+
+
+def test_a_unet_that_did_not_learn_says_so_and_one_that_learned_does_not():
+    """`jobs.train_unet.not_learned_reason` on `choose_threshold`'s result, as `tune_threshold`
+    records it: a network that lights the distractor and never the lesion (lesion SUV 0, p ~ 0)
+    scores Dice 0 at every threshold and did not learn; the network above (Dice 1 at 0.4) did."""
+    from jobs.train_unet import not_learned_reason
+
+    pre = SlicePreprocessor(input_size=16)
+    blind = choose_threshold(PetIsProbability(), pre, [_study(lesion_suv=0.0)])
+    assert blind["n"] == 1 and blind["val_dice"] == 0.0
+    why = not_learned_reason(blind)
+    assert why.startswith("UNet did not learn") and "0.000 < 0.1" in why and "--train-seed" in why
+    learned = choose_threshold(PetIsProbability(), pre, [_study()])
+    assert not_learned_reason(learned) is None
+    assert not_learned_reason(learned, bar=1.5) is not None  # the bar is the argument's
+    no_voter = choose_threshold(PetIsProbability(), pre, [_study(with_seg=False)])
+    assert not_learned_reason(no_voter) is None  # nothing measured: selected_on says so, no verdict

@@ -15,7 +15,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["patient_mean", "best_cell", "pooled_dice"]
+__all__ = ["patient_mean", "best_cell", "pooled_dice", "MIN_LEARNED_VAL_DICE"]
+
+#: Below this validation Dice against SEG a segmentation network the pipeline trains (BoxFCN, the
+#: U-Net, MIP-CAM) has not learned to segment, and its thresholds.json entry says so
+#: (``not_learned``, shown first in the run's summary and report.html). Set on BoxFCN: on the demo
+#: the box-Dice warm start alone, a weak but real segmenter, reached 0.124 and the chosen variant
+#: 0.403; on the coarse30 variant the warm start fell to all background and every variant stayed
+#: <= 0.048 (test Dice 0.03, |dMTV| 352 ml). A bar, not a guarantee: torso30's BoxFCN once passed it
+#: at 0.18 and scored 0.00 on test (docs/EXPERIMENTS.md, "Choosing the BoxFCN variant").
+MIN_LEARNED_VAL_DICE = 0.10
 
 
 def patient_mean(study_scores: Iterable[tuple[str, np.ndarray]], shape: tuple[int, ...]

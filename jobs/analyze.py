@@ -75,12 +75,12 @@ def analyze(out: str | Path, split: str = "test", figures: bool = True) -> dict[
         "icc": icc, "summary": summary, "comparisons": comparisons, "slice_auc": slice_auc,
         "n_studies": int(df[["patient_id", "study_id"]].drop_duplicates().shape[0]),
         "figures": [], "report": None, "classifier_gate": read_gate(run.thresholds),
-        "not_learned": read_not_learned(run.thresholds),
+        "not_learned": read_not_learned(run.thresholds), "notes": read_notes(run.thresholds),
     }
     if figures:
         res["figures"], res["report"] = write_figures(run.out, df, icc, summary, slice_auc, split,
                                                       gate=res["classifier_gate"], comparisons=comparisons,
-                                                      not_learned=res["not_learned"])
+                                                      not_learned=res["not_learned"], notes=res["notes"])
     run.publish(*(res["figures"] or []), *([res["report"]] if res["report"] else []))
     return res
 
@@ -215,16 +215,33 @@ def read_gate(thresholds_path: str | Path) -> dict | None:
     return json.loads(p.read_text()).get("classifier_gate")
 
 
-def read_not_learned(thresholds_path: str | Path) -> dict[str, str]:
-    """{method: why} for the networks thresholds.json records as not having learned (BoxFCN's
-    `not_learned`, jobs.train_boxfcn.not_learned_reason)."""
+def read_entry_texts(thresholds_path: str | Path, key: str) -> dict[str, str]:
+    """{method: text} of the thresholds.json entries that carry a non-empty `key` ({} without the
+    file)."""
     import json
 
     p = Path(thresholds_path)
     if not p.exists():
         return {}
     entries = json.loads(p.read_text()).get("methods", {})
-    return {m: e["not_learned"] for m, e in entries.items() if isinstance(e, dict) and e.get("not_learned")}
+    return {m: e[key] for m, e in entries.items() if isinstance(e, dict) and e.get(key)}
+
+
+def read_not_learned(thresholds_path: str | Path) -> dict[str, str]:
+    """{method: why} for the networks thresholds.json records as not having learned (`not_learned`:
+    BoxFCN, the U-Net, MIP-CAM; e.g. jobs.train_boxfcn.not_learned_reason)."""
+    return read_entry_texts(thresholds_path, "not_learned")
+
+
+def read_notes(thresholds_path: str | Path) -> dict[str, str]:
+    """{method: note} for the methods whose thresholds.json entry carries a validation `note` (a
+    warning short of "did not learn", e.g. MIP-CAM's study gate passing every tumour-free study)."""
+    return read_entry_texts(thresholds_path, "note")
+
+
+def format_notes(notes: dict[str, str]) -> str:
+    """The one-screen summary's lines for the methods' validation notes ('' when none)."""
+    return "\n".join(f"NOTE {m}: {why}" for m, why in notes.items())
 
 
 def format_not_learned(not_learned: dict[str, str]) -> str:
@@ -269,7 +286,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
                   slice_auc: pd.DataFrame | None, split: str,
                   gate: dict | None = None,
                   comparisons: pd.DataFrame | None = None,
-                  not_learned: dict[str, str] | None = None) -> tuple[list[Path], Path]:
+                  not_learned: dict[str, str] | None = None,
+                  notes: dict[str, str] | None = None) -> tuple[list[Path], Path]:
     """`<out>/figures/*.png` and `<out>/report.html` for the rows ``df`` of one split.
 
     Figures: dice_boxplot.png (Fig. 5), mtv_scatter.png / tlg_scatter.png (Figs. 6-7),
@@ -277,7 +295,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     The agreement figures and Table 1 show the tumour-bearing studies (``DEFAULT_SUBSET``); the
     page adds Table 1 over all studies and the paired comparisons between methods.
     A figure with nothing to draw is left out (logged). `not_learned` ({method: why},
-    :func:`read_not_learned`) opens the page as a warning. Returns (PNG paths, report path).
+    :func:`read_not_learned`) opens the page as a warning, `notes` (:func:`read_notes`) follow it.
+    Returns (PNG paths, report path).
     """
     import html
 
@@ -315,7 +334,8 @@ def write_figures(out: str | Path, df: pd.DataFrame, icc: pd.DataFrame, summary:
     meta = html.escape(f"run {out} · split {split}: {n_studies} studies of {n_patients} patients · "
                        f"written {pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}")
     sections = [
-        *([("Networks that did not learn", report.not_learned_html(not_learned))] if not_learned else []),
+        *([("Networks that did not learn", report.warnings_html(not_learned))] if not_learned else []),
+        *([("Notes from validation", report.warnings_html(notes))] if notes else []),
         ("Classifier quality gate (validation)", report.gate_html(gate)),
         ("Table 1: segmentation and agreement, studies with tumour",
          report.html_table(table1)
@@ -491,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_gate(res["classifier_gate"]))
     if warn := format_not_learned(res["not_learned"]):
         print(warn)
+    if notes := format_notes(res["notes"]):
+        print(notes)
     print(format_report(res["icc"], res["summary"], res["slice_auc"], res["comparisons"]))
     if args.papers:
         print("\n" + format_papers(res["icc"], res["summary"], args.split))

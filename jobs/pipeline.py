@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(analyze_job.format_gate(gate_record))
     if warn := analyze_job.format_not_learned(analysis["not_learned"]):
         print(warn)
+    if notes := analyze_job.format_notes(analysis["notes"]):
+        print(notes)
     print(analyze_job.format_report(analysis["icc"], analysis["summary"],
                                     comparisons=analysis["comparisons"]))
     print("\n" + analyze_job.format_papers(analysis["icc"], analysis["summary"], analysis_split))

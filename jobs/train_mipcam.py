@@ -35,6 +35,7 @@ from jobs.common import (RunFolder, add_common_args, fit_keeping_ctrl_c, init_ra
                          torch_threads_for)
 from jobs.ray_train import share_cpus
 from jobs.telemetry import tune_callback
+from wsseg_core.selection import MIN_LEARNED_VAL_DICE
 from wsseg_core.storage import write_npz
 
 LOG = logging.getLogger("wsseg.train_mipcam")
@@ -267,9 +268,57 @@ def trial(config: dict[str, Any], train_files: list[str], val_files: list[str], 
         best = {"val_dice": float(mean[i, j]), "t": float(T_GRID[i]), "q": float(Q_GRID[j])}
     else:
         best = {"val_dice": 0.0, "t": float("nan"), "q": float("nan")}
+    gate = gate_check(files)
     return {**best, "n_patients": n, "n_gated": n_gated, "checkpoint": res["checkpoint"],
             "val_peak_mm": float(res["best"].get("val_peak_mm", float("nan"))),
-            "dice_grid": [[float(v) for v in row] for row in mean]}
+            "dice_grid": [[float(v) for v in row] for row in mean],
+            # flat keys: a Tune result's nested dicts are not kept alike by every reader
+            **{f"gate_{k}": v for k, v in gate.items()}}
+
+
+def gate_check(cache_files: Sequence[str], gate_threshold: float | None = None) -> dict[str, Any]:
+    """`wsseg_core.mipcam.gate_separation` of the cached validation studies (`cache_val_cams`):
+    how the study gate treats the studies with tumour and the tumour-free ones."""
+    from wsseg_core.mipcam import DEFAULT_GATE, gate_separation
+
+    probs, has_tumour = [], []
+    for f in cache_files:
+        with np.load(f) as c:
+            if "probs" in c:
+                probs.append(float(np.max(c["probs"])))
+                has_tumour.append(bool(np.asarray(c["seg"]).any()))
+    return gate_separation(probs, has_tumour, DEFAULT_GATE if gate_threshold is None else gate_threshold)
+
+
+def gate_note(gate: dict[str, Any]) -> str | None:
+    """A warning when the study gate passes every tumour-free validation study (it will segment
+    tumour-free studies too); None otherwise."""
+    if not gate.get("passes_every_free_study"):
+        return None
+    span = (lambda v: "none" if not v else f"{v[0]:.2f}" if round(v[0], 2) == round(v[1], 2)
+            else f"{v[0]:.2f}-{v[1]:.2f}")
+    return (f"MIP-CAM's study gate (p >= {gate['gate_threshold']:g}) passed all {gate['n_free']} "
+            f"tumour-free validation studies (p {span(gate['free_p'])}; studies with tumour "
+            f"{span(gate['tumour_p'])}"
+            + (f"; study AUC {gate['auc']:.2f}" if gate.get("auc") is not None and gate["auc"] == gate["auc"] else "")
+            + "): "
+            f"expect it to segment tumour-free studies as well (false positive volume). Its CNN is "
+            f"trained with the paper's unweighted BCE on studies most of which hold tumour, so its "
+            f"probabilities sit above 0.5 (docs/EXPERIMENTS.md, \"MIP-CAM\").")
+
+
+def not_learned_reason(entry: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE) -> str | None:
+    """Why the chosen MIP-CAM has not learned: its validation Dice (mean over patients at the best
+    (t, q)) is under ``bar``; None when it has."""
+    dice = float(entry["val_dice"])
+    if dice == dice and dice >= bar:
+        return None
+    return (f"MIP-CAM did not learn: the chosen distance weight {entry['distance_weight']:g}/mm at t "
+            f"{entry['t']:.2f}, q {entry['q']:.1f} % has validation Dice {dice:.3f} < {bar:g} "
+            f"({entry['n_val_patients']} patients; CAMs alone {entry['cams_alone_val_dice']:.3f}); its "
+            f"masks are scored but are not a segmentation. tune/mipcam_search.parquet has every weight's "
+            f"score. What to try: another training draw (jobs.pipeline --train-seed N), more epochs "
+            f"(jobs.train_mipcam --epochs N) or other weights (--weights).")
 
 
 def search(train_refs: list, val_refs: list, out: str | Path,
@@ -339,7 +388,10 @@ def search(train_refs: list, val_refs: list, out: str | Path,
         rows.append({"variant": CAMS_ALONE if w == 0 else WITH_DISTANCE, "distance_weight": w,
                      "val_dice": m["val_dice"], "t": m["t"], "q": m["q"],
                      "n_patients": m["n_patients"], "n_gated": m["n_gated"],
-                     "val_peak_mm": m["val_peak_mm"], "checkpoint": m["checkpoint"]})
+                     "val_peak_mm": m["val_peak_mm"], "val_study_auc": m["gate_auc"],
+                     "val_free_passed": m["gate_free_passed"], "val_n_free": m["gate_n_free"],
+                     "checkpoint": m["checkpoint"],
+                     "gate": {k[len("gate_"):]: v for k, v in m.items() if k.startswith("gate_")}})
         for i, t in enumerate(T_GRID):
             for j, q in enumerate(Q_GRID):
                 grid_rows.append({"method": "MIP-CAM", "distance_weight": w, "t": float(t),
@@ -348,7 +400,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     table = pd.DataFrame(rows).sort_values(["val_dice", "distance_weight"], ascending=[False, True])
     table = table.reset_index(drop=True)
     grid_path = run.write_parquet("tune/mipcam_grid.parquet", pd.DataFrame(grid_rows))
-    search_path = run.write_parquet("tune/mipcam_search.parquet", table.drop(columns=["checkpoint"]))
+    search_path = run.write_parquet("tune/mipcam_search.parquet", table.drop(columns=["checkpoint", "gate"]))
     win = table.iloc[0]
     dest = run.copy_in(win["checkpoint"], mipcam_path(run.out))
     from wsseg_core.mipcam import DEFAULT_GATE
@@ -357,16 +409,28 @@ def search(train_refs: list, val_refs: list, out: str | Path,
     entry = {"t": float(win["t"]), "q": float(win["q"]), "val_dice": float(win["val_dice"]),
              "distance_weight": float(win["distance_weight"]), "reference": "component_max",
              "gate_threshold": DEFAULT_GATE, "cams_alone_val_dice": float(alone["val_dice"]),
-             "classes": list(class_names), "n_val_patients": int(win["n_patients"])}
+             "classes": list(class_names), "n_val_patients": int(win["n_patients"]),
+             # NaN (an AUC with one kind of study missing) as null: thresholds.json stays strict JSON
+             "gate_check": {k: (None if isinstance(v, float) and v != v else v)
+                            for k, v in dict(win["gate"]).items()}}
+    reason = not_learned_reason(entry)
+    entry["learned"] = reason is None
+    if reason is not None:
+        entry["not_learned"] = reason
+        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
+    if (note := gate_note(entry["gate_check"])) is not None:
+        entry["note"] = note
+        LOG.warning("%s", note)
     run.update_thresholds({"MIP-CAM": entry})
     run.write_json("mipcam/chosen.json", {**entry, "checkpoint": str(dest)})
     LOG.info("MIP-CAM search (%s: w = 0):\n%s", CAMS_ALONE,
-             table.drop(columns=["checkpoint"]).to_string(index=False))
+             table.drop(columns=["checkpoint", "gate"]).to_string(index=False))
     LOG.info("MIP-CAM: %s validation Dice %.3f; chosen w = %g/mm: %.3f", CAMS_ALONE,
              entry["cams_alone_val_dice"], entry["distance_weight"], entry["val_dice"])
     record = {"path": str(dest), "sha256": run.sha256(dest), "distance_weight": entry["distance_weight"],
               "t": entry["t"], "q": entry["q"], "val_dice": entry["val_dice"], "classes": entry["classes"],
-              "grid": str(grid_path), "search": table.drop(columns=["checkpoint"]).to_dict("records")}
+              "grid": str(grid_path), "gate_check": entry["gate_check"],
+              "search": table.drop(columns=["checkpoint", "gate"]).to_dict("records")}
     return {"checkpoint": str(dest), **entry, "table": table, "grid": str(grid_path),
             "search": str(search_path), "record": record}
 

@@ -358,3 +358,20 @@ def test_parts_are_reexported_and_never_import_ray():
         # one direction only: the parts never import the module that re-exports them
         if mod is not mc:
             assert "wsseg_core.mipcam" not in names, mod.__name__
+
+
+def test_gate_separation_by_hand():
+    """Three studies with tumour (p 0.9, 0.6, 0.3), two without (0.6, 0.55), gate 0.5. Of the 6
+    (tumour, tumour-free) pairs 0.9 wins 2, 0.6 wins 1 and ties 1 (1/2), 0.3 wins 0: AUC 3.5 / 6."""
+    from wsseg_core.mipcam import gate_separation
+
+    g = gate_separation([0.9, 0.6, 0.3, 0.6, 0.55], [True, True, True, False, False])
+    assert g["auc"] == pytest.approx(3.5 / 6)
+    assert (g["n_tumour"], g["n_free"], g["free_passed"], g["tumour_gated"]) == (3, 2, 2, 1)
+    assert g["tumour_p"] == [0.3, 0.9] and g["free_p"] == [0.55, 0.6] and g["passes_every_free_study"]
+    g = gate_separation([0.9, 0.6, 0.3, 0.6, 0.55], [True, True, True, False, False], gate_threshold=0.58)
+    assert (g["free_passed"], g["passes_every_free_study"]) == (1, False)
+    only = gate_separation([0.9, 0.2], [True, True])
+    assert np.isnan(only["auc"]) and only["free_p"] == [] and not only["passes_every_free_study"]
+    with pytest.raises(ValueError, match="2 probabilities for 3 studies"):
+        gate_separation([0.9, 0.2], [True, True, False])

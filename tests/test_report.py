@@ -163,6 +163,16 @@ def test_a_network_that_did_not_learn_opens_the_report(tmp_path):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.index("Networks that did not learn") < page.index("Classifier quality gate")
     assert "0.048 &lt; 0.1 &lt;at 0.5&gt;" in page  # escaped
+    # A validation note (MIP-CAM's gate passing every tumour-free study) follows the warnings.
+    note = "MIP-CAM's study gate (p >= 0.5) passed all 1 tumour-free validation studies"
+    (out / "thresholds.json").write_text(json.dumps(
+        {"methods": {"BoxFCN": {"not_learned": why}, "MIP-CAM": {"note": note}}}))
+    res = analyze.analyze(out, split="test")
+    assert res["notes"] == {"MIP-CAM": note}
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert (page.index("Networks that did not learn") < page.index("Notes from validation")
+            < page.index("Classifier quality gate"))
+    assert "p &gt;= 0.5" in page
 
 
 def test_analyze_tolerates_old_metrics_and_no_figures(tmp_path, capsys):

@@ -46,6 +46,12 @@ def test_search_trains_tunes_and_writes_the_winner(tmp_path, ray_cluster):
     assert (entry["t"], entry["q"]) in cells
     assert entry["val_dice"] == pytest.approx(grid["mean_dice"].max())
     assert np.isfinite(res["table"]["val_dice"]).all()
+    # The study gate's check on the validation study (one, with tumour: no AUC, nothing to pass)
+    # and the "did not learn" verdict are recorded with the winner.
+    gate = entry["gate_check"]
+    assert (gate["n_tumour"], gate["n_free"], gate["auc"]) == (1, 0, None)
+    assert entry["learned"] == (entry["val_dice"] >= 0.10) and ("not_learned" in entry) != entry["learned"]
+    assert "note" not in entry and {"val_study_auc", "val_free_passed"} <= set(table.columns)
 
 
 def test_search_always_includes_cams_alone():
@@ -94,3 +100,37 @@ def test_grid_dice_applies_the_study_gate(tmp_path):
     mean, n, n_gated = grid_dice([flagged, missed, free], ts, qs, gate_threshold=0.0)  # gate off
     np.testing.assert_allclose(mean, expected)
     assert n_gated == 0
+    # The gate's separation of the same cached studies: P1 and P2 hold tumour (p 0.9, 0.2), P3 none
+    # (p 0.2): by hand, the pairs (0.9 > 0.2) and (0.2 = 0.2) give AUC (1 + 1/2) / 2 = 0.75.
+    from jobs.train_mipcam import gate_check
+
+    gate = gate_check([flagged, missed, free])
+    assert gate["auc"] == 0.75 and (gate["n_tumour"], gate["n_free"]) == (2, 1)
+    assert (gate["free_passed"], gate["tumour_gated"], gate["passes_every_free_study"]) == (0, 1, False)
+
+
+def test_gate_note_and_not_learned_reach_the_summary(tmp_path):
+    """coarse30's chosen MIP-CAM CNN (w 0.01/mm): every validation study above 0.5, the tumour-free
+    one at 0.675 below the five with tumour (0.726-0.804). The ranking is perfect and the gate
+    passes it anyway: the run says so in a note; a validation Dice under the bar says "did not learn"."""
+    from jobs.analyze import format_notes, read_not_learned, read_notes
+    from jobs.train_mipcam import gate_note, not_learned_reason
+    from wsseg_core.mipcam import gate_separation
+
+    gate = gate_separation([0.726, 0.736, 0.756, 0.761, 0.804, 0.675], [1, 1, 1, 1, 1, 0])
+    assert gate["auc"] == 1.0 and gate["free_passed"] == 1 and gate["passes_every_free_study"]
+    note = gate_note(gate)
+    assert "passed all 1 tumour-free" in note and "(p 0.68;" in note and "0.73-0.80" in note
+    assert gate_note(gate_separation([0.726, 0.4], [1, 0])) is None  # the gate empties it
+    assert gate_note(gate_separation([0.726, 0.8], [1, 1])) is None  # no tumour-free study to judge
+    entry = {"val_dice": 0.51, "distance_weight": 0.01, "t": 0.54, "q": 37.4, "n_val_patients": 5,
+             "cams_alone_val_dice": 0.10}
+    assert not_learned_reason(entry) is None
+    why = not_learned_reason({**entry, "val_dice": 0.04})
+    assert why.startswith("MIP-CAM did not learn") and "0.040 < 0.1" in why
+    assert not_learned_reason({**entry, "val_dice": float("nan")}) is not None
+    (tmp_path / "thresholds.json").write_text(json.dumps(
+        {"methods": {"MIP-CAM": {"note": note, "not_learned": why}, "CAM": {"t": 0.5}}}))
+    assert read_notes(tmp_path / "thresholds.json") == {"MIP-CAM": note}
+    assert read_not_learned(tmp_path / "thresholds.json") == {"MIP-CAM": why}
+    assert format_notes({"MIP-CAM": note}) == f"NOTE MIP-CAM: {note}" and format_notes({}) == ""

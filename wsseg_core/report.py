@@ -425,11 +425,12 @@ figcaption { font-size: 13px; color: #5a6573; }
 _WARNING_STYLE = " style='border:3px solid #c00;padding:6px'"  # a failed gate, a network that did not learn
 
 
-def not_learned_html(not_learned: dict[str, str]) -> str:
-    """The networks that did not learn ({method: why}) as an escaped HTML warning block."""
+def warnings_html(warnings: dict[str, str]) -> str:
+    """{method: text} (the networks that did not learn, the validation notes) as an escaped HTML
+    warning block."""
     import html
 
-    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(why)}</li>" for m, why in not_learned.items())
+    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(why)}</li>" for m, why in warnings.items())
     return f"<div{_WARNING_STYLE}><ul>{items}</ul></div>"
 
 

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxfcn-ms-form", choices=("eq5", "chan-vese", "both"), default="eq5",
                    help="with BoxFCN: L_MS as the paper's Eq. 5 (default), in Chan-Vese form, or both "
                         "networks trained and chosen between on validation (jobs.train_boxfcn --ms-form)")
+    p.add_argument("--boxfcn-warm-epochs", type=int, default=None,
+                   help="with BoxFCN: box-Dice warm-start epochs (default: the preset's, small 10)")
+    p.add_argument("--boxfcn-patience", type=int, default=None,
+                   help="with BoxFCN: stop each of its runs after this many epochs without a better "
+                        "validation Dice (default: the preset's, small 3); more warm-start epochs "
+                        "need a patience that lets them run")
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of every network's training (initial weights, slice order, augmentation); "
                         "default: --seed. The split and the synthetic cohort follow --seed alone, so another "
@@ -339,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             boxfcn_fit = train_boxfcn.train_boxfcn(
                 train, tune_refs, out, preset=args.preset, tune_samples=args.boxfcn_tune_samples,
                 storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                seed=args.train_seed, ms_forms=train_boxfcn.ms_forms_arg(args.boxfcn_ms_form))
+                seed=args.train_seed, ms_forms=train_boxfcn.ms_forms_arg(args.boxfcn_ms_form),
+                warm_epochs=args.boxfcn_warm_epochs, patience=args.boxfcn_patience)
 
     with clock.stage("score_s"):
         pause = float(os.environ.get("WSSEG_TEST_PAUSE_BEFORE_SCORING_S") or 0)

@@ -205,11 +205,13 @@ def not_learned_reason(choice: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE
     return (f"BoxFCN did not learn: the variant chosen on validation, {choice['variant']} at threshold "
             f"{choice['threshold']:g}, has median validation Dice {choice['val_dice']:.3f} < {bar:g} "
             f"(at 0.5: {medians}); its masks are scored but are not a segmentation. Check the validation "
-            f"boxes; where the box-Dice warm start stayed near all background (run.json's boxfcn "
-            f"history: validation Dice near 0, `restarts` after collapsed epochs), another training draw "
-            f"(jobs.pipeline --train-seed N; the split stays with --seed) or more warm-start epochs "
-            f"(jobs.train_boxfcn --warm-epochs) are what to try (docs/EXPERIMENTS.md, \"The warm-start "
-            f"collapse\")")
+            f"boxes, then run.json's boxfcn history of the box-Dice warm start. Where it stopped early "
+            f"while still learning (few epochs, training loss still falling), give it more epochs and the "
+            f"patience to use them: jobs.pipeline --boxfcn-warm-epochs 20 --boxfcn-patience 20 (on the "
+            f"hot30 variant the preset's patience stopped it at its 5th epoch, validation Dice 0.07; 20 "
+            f"epochs reached 0.38). Where it collapsed to all background (`restarts`), another training "
+            f"draw: jobs.pipeline --train-seed N (the split stays with --seed). docs/EXPERIMENTS.md, "
+            f"\"The warm-start collapse\" and \"BoxFCN on hot30\".")
 
 
 def boxfcn_path(out: str | Path, filename: str = CKPT_FILE) -> Path:
@@ -683,7 +685,8 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                  tune_samples: int = 0, margin_mm: float = 0.0, storage_path: str | None = None,
                  num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
                  seed: int = 0, with_mdice: bool = True, warm_epochs: int | None = None,
-                 epochs: int | None = None, ms_forms: Sequence[str] = ("eq5",)) -> dict[str, Any]:
+                 epochs: int | None = None, ms_forms: Sequence[str] = ("eq5",),
+                 patience: int | None = None) -> dict[str, Any]:
     """Warm start (box Dice) -> fine-tune with L_MDice (`with_mdice`) and with L_MDice + L_MS (paper
     weights, or the best of a Ray Tune search with `tune_samples` > 0) -> score every network with
     and without the post-processing M on the validation studies -> the best variant
@@ -716,7 +719,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
                          f"got {ms_forms}")
     run = RunFolder(out)
     kw = dict(preset=preset, margin_mm=margin_mm, storage_path=storage_path, num_workers=num_workers,
-              use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, seed=seed)
+              use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, seed=seed, patience=patience)
     fits: dict[str, Any] = {}
     # The networks train into the local (staging) folder: only the chosen one is uploaded, below.
     fits["box_dice"] = fit_boxfcn(train_refs, val_refs, run.out, kind="box_dice", filename=WARM_FILE,
@@ -863,6 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box-Dice warm-start epochs (default: the preset's, small 10, paper 100)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fine-tuning epochs (default: the preset's, small 4, paper 100)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop a run after this many epochs without a better validation score "
+                        "(default: the preset's, small 3, paper 20); more --warm-epochs need a "
+                        "patience that lets them run")
     p.add_argument("--num-workers", type=int, default=1,
                    help="Ray Train workers (DDP); the batch is the global batch, split across them")
     p.add_argument("--cpus-per-worker", type=float, default=None,
@@ -888,7 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kw = dict(preset=args.preset, tune_samples=args.samples if args.tune else 0, margin_mm=args.margin_mm,
               storage_path=args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,
               cpus_per_worker=args.cpus_per_worker, seed=args.seed, warm_epochs=args.warm_epochs,
-              epochs=args.epochs, ms_forms=ms_forms_arg(args.ms_form))
+              epochs=args.epochs, ms_forms=ms_forms_arg(args.ms_form), patience=args.patience)
     if args.ablation:
         res = ablation(refs, args.out, **kw)
         print(format_ablation(res["table"]))

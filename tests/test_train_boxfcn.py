@@ -139,15 +139,22 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     refs = write_phantom_cohort(tmp_path / "cohort", n=2, shape=(48, 48, 16), seed=3, negative_fraction=0.0)
     warm = tmp_path / "warm.pt"
     save_boxfcn(warm, build_boxfcn("small"))
+    # The small preset's per-box L_MDice, and a lost node: rank 0 is SIGKILLed once during epoch 2
+    # (test hook); Ray Train restarts the worker from the epoch-1 checkpoint and the run ends whole.
+    marker = tmp_path / "killed"
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="mdice_ms", init_from=warm,
-                     epochs=2, patience=5, steps_per_epoch=1, cpus_per_worker=1, max_failures=0,
-                     name="boxfcn_test", test_hooks={"crop": [32, 32, 16]})
+                     loss={"per_box": True}, epochs=3, patience=5, steps_per_epoch=1,
+                     cpus_per_worker=1, max_failures=1, name="boxfcn_test",
+                     test_hooks={"crop": [32, 32, 16], "fail_after_epoch": 1, "fail_marker": str(marker),
+                                 "fail_delay_s": 8.0})
+    assert marker.is_file()  # the worker really was killed
     model, meta = load_boxfcn(res["checkpoint"])
     assert res["checkpoint"].endswith("models/boxfcn.pt")
     assert meta["kind"] == "mdice_ms" and meta["loss"]["beta"] == 10.0 and meta["loss"]["omega2"] == 3.0
     assert meta["loss"]["ms_form"] == "eq5"  # the literal Eq. 5 by default, recorded in the checkpoint
+    assert meta["loss"]["per_box"] is True
     assert meta["crop"] == [32, 32, 16]  # the worker trained on body crops (the paper preset's input)
-    assert [h["epoch"] for h in res["history"]] == [0, 1]
+    assert [h["epoch"] for h in res["history"]] == [0, 1, 2]  # each epoch once, the kill redid none
     assert all(math.isfinite(h["val_loss"]) for h in res["history"])
     # the small preset keeps the epoch with the best validation Dice (issue 23; the second
     # volume has tumour, so the score is the Dice, not the fallback -val_loss)
@@ -320,6 +327,16 @@ def test_pipeline_forwards_the_ms_form_into_its_stage_fingerprint(tmp_path):
     fp_eq5, fp_cv = stage_fingerprint(eq5, [], model), stage_fingerprint(cv, [], model)
     assert fp_eq5["digest"] != fp_cv["digest"]
     assert fp_cv["fields"]["args"]["boxfcn_ms_form"] == "chan-vese"
+    # The warm start's budget and patience (what the "did not learn" message tells a user to raise)
+    # reach the pipeline's arguments, and jobs.train_boxfcn's CLI takes the patience too.
+    from jobs.train_boxfcn import build_parser as boxfcn_parser
+    from jobs.train_boxfcn import fit_config
+
+    longer = build_parser().parse_args(out + ["--boxfcn-warm-epochs", "20", "--boxfcn-patience", "20"])
+    assert (longer.boxfcn_warm_epochs, longer.boxfcn_patience) == (20, 20)
+    assert (eq5.boxfcn_warm_epochs, eq5.boxfcn_patience) == (None, None)  # the preset's
+    assert boxfcn_parser().parse_args(["--cohort", "c", "--out", "o", "--patience", "20"]).patience == 20
+    assert fit_config([], [], kind="box_dice", epochs=20, patience=20)["patience"] == 20
 
 
 def test_keep_score_follows_the_rule_and_falls_back_to_the_loss_without_tumour():

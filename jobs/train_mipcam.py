@@ -297,12 +297,11 @@ def gate_note(gate: dict[str, Any]) -> str | None:
         return None
     span = (lambda v: "none" if not v else f"{v[0]:.2f}" if round(v[0], 2) == round(v[1], 2)
             else f"{v[0]:.2f}-{v[1]:.2f}")
+    auc = gate.get("auc")
+    auc_text = f"; study AUC {auc:.2f}" if auc is not None and auc == auc else ""  # NaN / null: none
     return (f"MIP-CAM's study gate (p >= {gate['gate_threshold']:g}) passed all {gate['n_free']} "
             f"tumour-free validation studies (p {span(gate['free_p'])}; studies with tumour "
-            f"{span(gate['tumour_p'])}"
-            + (f"; study AUC {gate['auc']:.2f}" if gate.get("auc") is not None and gate["auc"] == gate["auc"] else "")
-            + "): "
-            f"expect it to segment tumour-free studies as well (false positive volume). Its CNN is "
+            f"{span(gate['tumour_p'])}{auc_text}): expect it to segment tumour-free studies as well (false positive volume). Its CNN is "
             f"trained with the paper's unweighted BCE on studies most of which hold tumour, so its "
             f"probabilities sit above 0.5 (docs/EXPERIMENTS.md, \"MIP-CAM\").")
 

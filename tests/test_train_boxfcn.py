@@ -200,6 +200,36 @@ def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ra
     assert float(model.head.bias.detach()) == -60.0 and not model.head.weight.any()
 
 
+@pytest.mark.slow
+def test_the_warm_start_does_not_stop_early_before_it_has_learned(ray_cluster, tmp_path):
+    """Issue 23 (hot30): with patience 1 a warm start whose validation Dice stays 0 would stop after
+    its 2nd epoch; under the small preset's bar (`patience_from_dice`, the "did not learn" bar) it
+    runs its whole budget, its early-stopping count held at 0. The network starts dead (head weight
+    0, bias -60: p = 1e-26 everywhere) so the Dice is 0 whatever it trains."""
+    import torch
+
+    from jobs.train_boxfcn import MIN_LEARNED_VAL_DICE, fit_boxfcn, fit_config
+    from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
+    from wsseg_core.phantom import write_phantom_cohort
+
+    assert fit_config([], [], kind="box_dice")["patience_from_dice"] == MIN_LEARNED_VAL_DICE
+    assert "patience_from_dice" not in fit_config([], [], kind="mdice", init_from="warm.pt")
+    assert "patience_from_dice" not in fit_config([], [], kind="box_dice", preset="paper")
+    refs = write_phantom_cohort(tmp_path / "cohort", n=2, shape=(48, 48, 16), seed=3, negative_fraction=0.0)
+    dead = build_boxfcn("small")
+    with torch.no_grad():
+        dead.head.weight.zero_()
+        dead.head.bias.fill_(-60.0)
+    save_boxfcn(tmp_path / "dead.pt", dead)
+    res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="box_dice", init_from=tmp_path / "dead.pt",
+                     optimizer="adam", lr=1e-3, epochs=3, patience=1, steps_per_epoch=1,
+                     cpus_per_worker=1, max_failures=0, name="boxfcn_floor",
+                     test_hooks={"patience_from_dice": MIN_LEARNED_VAL_DICE})
+    hist = res["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]  # without the bar: [0, 1]
+    assert [h["keep_score"] for h in hist] == [0.0, 0.0, 0.0] and [h["bad_epochs"] for h in hist] == [0, 0, 0]
+
+
 def test_evaluate_study_scores_every_network_with_and_without_m(tmp_path):
     from jobs.train_boxfcn import VARIANTS, evaluate_study, select_variant
     from wsseg_core.boxfcn import build_boxfcn, save_boxfcn

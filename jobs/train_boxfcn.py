@@ -44,7 +44,8 @@ whole-volume inference, batch 1, SGD lr 1e-5 momentum 0.9 wd 1e-6, <= 100 epochs
 "small" (CPU, minutes; see `wsseg_core.boxfcn`): base 4, 3 levels, whole volumes, batch 1, one pass
 over the training volumes per epoch; warm start with Adam lr 1e-3 (10 epochs, the output bias starting at the
 boxes' voxel fraction), fine-tuning with SGD lr 1e-4 (4 epochs),
-patience 3, epochs kept by median validation Dice, the threshold chosen on validation, L_MDice's
+patience 3 (for the warm start counted only once its best median validation Dice reaches the
+"did not learn" bar, 0.10), epochs kept by median validation Dice, the threshold chosen on validation, L_MDice's
 Heaviside per box region (`losses.modified_dice_loss` per_box), L_MS on the box-scaled image
 (`losses.mumford_shah_loss` image_scale "box"; docs/EXPERIMENTS.md, "BoxFCN as the pipeline
 scores it"). Measured on the 128x128x96 phantoms (12 lesion-bearing train / 3 val volumes) with

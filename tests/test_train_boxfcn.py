@@ -166,16 +166,12 @@ def test_fit_boxfcn_fine_tunes_from_warm_start_with_ray_train(ray_cluster, tmp_p
     assert meta["epoch"] == res["kept_epoch"]
 
 
-def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ray_cluster, tmp_path):
-    """Issue 23 (coarse30): after a box-Dice epoch that ends all background (loss 1.0, sigmoid
-    saturated) the run restarts from its first weights at COLLAPSE_LR_FACTOR x the lr with its epoch
-    budget again, at most `collapse_retries` times. The network starts collapsed (head weight 0,
-    bias -60: p = 1e-26 everywhere), so every epoch collapses: epochs 1 and 2 restart (3 + 1, then
-    3 + 2 epochs planned), the rest train on."""
+def _dead_warm_start(tmp_path) -> list:
+    """Two tiny phantom studies, and at tmp_path/dead.pt a small BoxFCN born collapsed (head weight
+    0, bias -60: p = 1e-26 everywhere, no gradient back), so every epoch ends all background."""
     import torch
 
-    from jobs.train_boxfcn import COLLAPSE_LR_FACTOR, fit_boxfcn
-    from wsseg_core.boxfcn import build_boxfcn, load_boxfcn, save_boxfcn
+    from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
     from wsseg_core.phantom import write_phantom_cohort
 
     refs = write_phantom_cohort(tmp_path / "cohort", n=2, shape=(48, 48, 16), seed=3, negative_fraction=0.0)
@@ -184,6 +180,19 @@ def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ra
         dead.head.weight.zero_()
         dead.head.bias.fill_(-60.0)
     save_boxfcn(tmp_path / "dead.pt", dead)
+    return refs
+
+
+def test_a_collapsed_warm_start_restarts_from_its_first_weights_at_a_lower_lr(ray_cluster, tmp_path):
+    """Issue 23 (coarse30): after a box-Dice epoch that ends all background (loss 1.0, sigmoid
+    saturated) the run restarts from its first weights at COLLAPSE_LR_FACTOR x the lr with its epoch
+    budget again, at most `collapse_retries` times. The network starts collapsed (head weight 0,
+    bias -60: p = 1e-26 everywhere), so every epoch collapses: epochs 1 and 2 restart (3 + 1, then
+    3 + 2 epochs planned), the rest train on."""
+    from jobs.train_boxfcn import COLLAPSE_LR_FACTOR, fit_boxfcn
+    from wsseg_core.boxfcn import load_boxfcn
+
+    refs = _dead_warm_start(tmp_path)
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="box_dice", init_from=tmp_path / "dead.pt",
                      optimizer="adam", lr=1e-3, epochs=3, patience=10, steps_per_epoch=1,
                      cpus_per_worker=1, max_failures=0, name="boxfcn_collapse",
@@ -206,21 +215,12 @@ def test_the_warm_start_does_not_stop_early_before_it_has_learned(ray_cluster, t
     its 2nd epoch; under the small preset's bar (`patience_from_dice`, the "did not learn" bar) it
     runs its whole budget, its early-stopping count held at 0. The network starts dead (head weight
     0, bias -60: p = 1e-26 everywhere) so the Dice is 0 whatever it trains."""
-    import torch
-
     from jobs.train_boxfcn import MIN_LEARNED_VAL_DICE, fit_boxfcn, fit_config
-    from wsseg_core.boxfcn import build_boxfcn, save_boxfcn
-    from wsseg_core.phantom import write_phantom_cohort
 
     assert fit_config([], [], kind="box_dice")["patience_from_dice"] == MIN_LEARNED_VAL_DICE
     assert "patience_from_dice" not in fit_config([], [], kind="mdice", init_from="warm.pt")
     assert "patience_from_dice" not in fit_config([], [], kind="box_dice", preset="paper")
-    refs = write_phantom_cohort(tmp_path / "cohort", n=2, shape=(48, 48, 16), seed=3, negative_fraction=0.0)
-    dead = build_boxfcn("small")
-    with torch.no_grad():
-        dead.head.weight.zero_()
-        dead.head.bias.fill_(-60.0)
-    save_boxfcn(tmp_path / "dead.pt", dead)
+    refs = _dead_warm_start(tmp_path)
     res = fit_boxfcn(refs[:1], refs[1:], tmp_path / "out", kind="box_dice", init_from=tmp_path / "dead.pt",
                      optimizer="adam", lr=1e-3, epochs=3, patience=1, steps_per_epoch=1,
                      cpus_per_worker=1, max_failures=0, name="boxfcn_floor",

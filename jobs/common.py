@@ -59,6 +59,17 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def mark_learned(entry: dict[str, Any], reason: str | None, log: logging.Logger = LOG) -> dict[str, Any]:
+    """Record a network's verdict in its thresholds.json `entry`: `learned`, and when it did not
+    learn (`reason`, e.g. jobs.train_unet.not_learned_reason) `not_learned` with a banner in the log;
+    jobs.analyze shows it first in the summary and report.html. Returns `entry`."""
+    entry["learned"] = reason is None
+    if reason is not None:
+        entry["not_learned"] = reason
+        log.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
+    return entry
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One readable line per event, on stderr (Ray forwards it into the job log)."""
     logging.basicConfig(level=level, stream=sys.stderr,

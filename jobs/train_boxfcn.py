@@ -65,7 +65,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs.common import (RunFolder, RunLayout, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
-                         ray_storage_path, resolve_cohort, safe_name, setup_logging)
+                         mark_learned, ray_storage_path, resolve_cohort, safe_name, setup_logging)
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, resumed_extra_state,
                             start_watchdog, training_record, training_run, world_info)
@@ -216,9 +216,9 @@ def not_learned_reason(choice: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE
             f"(at 0.5: {medians}); its masks are scored but are not a segmentation. Check the validation "
             f"boxes, then run.json's boxfcn history of the box-Dice warm start. Where it stopped early "
             f"while still learning (few epochs, training loss still falling), give it more epochs and the "
-            f"patience to use them: jobs.pipeline --boxfcn-warm-epochs 20 --boxfcn-patience 20 (on the "
-            f"hot30 variant the preset's patience stopped it at its 5th epoch, validation Dice 0.07; 20 "
-            f"epochs reached 0.38). Where it collapsed to all background (`restarts`), another training "
+            f"patience to use them: jobs.pipeline --boxfcn-warm-epochs 20 --boxfcn-patience 20 (the "
+            f"small preset's warm start runs its whole budget while under {bar:g}; on the hot30 variant "
+            f"20 epochs without early stop reached validation 0.38). Where it collapsed to all background (`restarts`), another training "
             f"draw: jobs.pipeline --train-seed N (the split stays with --seed). docs/EXPERIMENTS.md, "
             f"\"The warm-start collapse\" and \"BoxFCN on hot30\".")
 
@@ -787,11 +787,7 @@ def train_boxfcn(train_refs: list, val_refs: list, out: str | Path, *, preset: s
              "selected_on": (f"median validation Dice: of the cells within {choice['margin']:g} of the "
                              f"best, the paper's full method first, the threshold nearest 0.5"),
              "tuned_loss": searched is not None}
-    reason = not_learned_reason(choice)
-    entry["learned"] = reason is None
-    if reason is not None:
-        entry["not_learned"] = reason
-        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
+    mark_learned(entry, not_learned_reason(choice), LOG)
     run.update_thresholds({"BoxFCN": entry})
     LOG.info("BoxFCN: scoring %s at threshold %g (validation median Dice %s)", choice["variant"],
              choice["threshold"],

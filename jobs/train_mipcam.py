@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs.common import (RunFolder, add_common_args, fit_keeping_ctrl_c, init_ray, labelled,
-                         ray_storage_path, resolve_cohort, safe_name, setup_logging, study_key,
-                         torch_threads_for)
+                         mark_learned, ray_storage_path, resolve_cohort, safe_name, setup_logging,
+                         study_key, torch_threads_for)
 from jobs.ray_train import share_cpus
 from jobs.telemetry import tune_callback
 from wsseg_core.selection import MIN_LEARNED_VAL_DICE
@@ -412,11 +412,7 @@ def search(train_refs: list, val_refs: list, out: str | Path,
              # NaN (an AUC with one kind of study missing) as null: thresholds.json stays strict JSON
              "gate_check": {k: (None if isinstance(v, float) and v != v else v)
                             for k, v in dict(win["gate"]).items()}}
-    reason = not_learned_reason(entry)
-    entry["learned"] = reason is None
-    if reason is not None:
-        entry["not_learned"] = reason
-        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
+    mark_learned(entry, not_learned_reason(entry), LOG)
     if (note := gate_note(entry["gate_check"])) is not None:
         entry["note"] = note
         LOG.warning("%s", note)

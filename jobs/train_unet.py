@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_common_args, init_ray, labelled, resolve_cohort, setup_logging
+from jobs.common import add_common_args, init_ray, labelled, mark_learned, resolve_cohort, setup_logging
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
                             report_epoch, resume_from_checkpoint, start_watchdog, world_info)
 from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
@@ -325,11 +325,7 @@ def tune_threshold(val_refs: list, out: str | Path, train_refs: list | None = No
         source = "training (no validation study with tumour)"
     entry = {**res, "selected_on": f"{res['rule']} 3-D Dice of the {source} studies ({res['n']} "
                                    f"with tumour)"}
-    reason = not_learned_reason(entry)
-    entry["learned"] = reason is None
-    if reason is not None:
-        entry["not_learned"] = reason
-        LOG.warning("%s\n%s\n%s", "=" * 78, reason, "=" * 78)
+    mark_learned(entry, not_learned_reason(entry), LOG)
     run.update_thresholds({"UNet": entry})
     LOG.info("U-Net threshold %.2f (%s %s Dice %.3f; by threshold %s)", res["threshold"], res["rule"], source,
              res["val_dice"], res["by_threshold"])

@@ -39,7 +39,8 @@ from typing import Any
 
 from jobs.common import add_common_args, init_ray, labelled, mark_learned, resolve_cohort, setup_logging
 from jobs.ray_train import (fit_and_keep_best, mean_over_ranks, on_rank0, prepare_ddp_model,
-                            report_epoch, resume_from_checkpoint, start_watchdog, world_info)
+                            report_epoch, resume_from_checkpoint, start_watchdog, training_run,
+                            world_info)
 from jobs.ray_train import load_readable, maybe_die  # shared with the other train loops
 from wsseg_core.selection import MIN_LEARNED_VAL_DICE
 
@@ -237,7 +238,7 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
              input_size: int | str | None = "native", crop: int | None = 64,
              schedule: str = "cosine", pet_gamma: bool = True, context: int = 0,
              lesion_uptake: tuple[float, float] | list[float] | None = None,
-             lesion_paste: float | None = None, check_steps: int | None = None,
+             lesion_paste: float | None = None, check_steps: int | None = None, members: int = 1,
              num_workers: int = 1,
              use_gpu: bool = False,
              cpus_per_worker: float | None = None, storage_path: str | None = None,
@@ -264,6 +265,14 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
     ``ceil(check_steps / steps per epoch)`` epochs and the last (`check_interval`); None: every
     epoch, as before (adds no config key, so such runs keep their fingerprints; a number is a key,
     since another interval can keep another epoch). The defaults are the small preset's.
+
+    `members` N > 1: an ensemble of N networks (`wsseg_core.unet.UNetEnsemble`, the mean of their
+    probabilities), each this configuration with training seed `seed + k` (k = 0 ... N - 1: another
+    initialisation, batch order and augmentation draw on the same split), trained one after the
+    other as Ray runs `name` (k = 0, the run a single network would be, so it is reused),
+    `name_m1`, ...; each member's kept network is `<out>/models/unet_m<k>.pt` and `unet.pt` holds
+    the ensemble. It costs N trainings. The returned dict then also has `members` (each member's
+    `fit_and_keep_best` result) and `training_runs` (run.json's entries, one per member).
     """
     from wsseg_core.train import check_global_batch
     from wsseg_core.unet import THRESHOLD_GRID
@@ -285,10 +294,60 @@ def fit_unet(train_refs: list, val_refs: list, out: str | Path, *, model_preset:
                   # only when set (None, every epoch, is what earlier runs did)
                   **({"check_steps": int(check_steps)} if check_steps is not None else {}),
                   **(test_hooks or {}))
-    return fit_and_keep_best(train_loop_per_worker, config, out=out, ckpt_file=CKPT_FILE,
-                             metric=KEEP_METRIC, name=name, num_workers=num_workers, use_gpu=use_gpu,
-                             cpus_per_worker=cpus_per_worker, storage_path=storage_path,
-                             max_failures=max_failures, callbacks=callbacks)
+    fit_kw = dict(out=out, ckpt_file=CKPT_FILE, metric=KEEP_METRIC, num_workers=num_workers,
+                  use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage_path=storage_path,
+                  max_failures=max_failures, callbacks=callbacks)
+    if int(members) != members or members < 1:
+        raise ValueError(f"members must be an integer >= 1, got {members!r}")
+    if members == 1:
+        fit = fit_and_keep_best(train_loop_per_worker, config, name=name, **fit_kw)
+        fit["training_runs"] = {"unet": training_run(fit)}
+        return fit
+    fits = []
+    for k in range(int(members)):
+        LOG.info("U-Net ensemble: member %d of %d (training seed %d)", k + 1, members, seed + k)
+        fits.append(fit_and_keep_best(train_loop_per_worker, {**config, "seed": seed + k},
+                                      name=member_name(name, k), model_file=member_file(k), **fit_kw))
+    return combine_members(fits, out)
+
+
+def member_name(name: str, k: int) -> str:
+    """Ray run name of ensemble member k: `name` itself for k = 0 (the single network's run)."""
+    return name if k == 0 else f"{name}_m{k}"
+
+
+def member_file(k: int) -> str:
+    """Model file of ensemble member k under `<out>/models/`."""
+    return f"unet_m{k}.pt"
+
+
+def combine_members(fits: list[dict[str, Any]], out: str | Path) -> dict[str, Any]:
+    """Write the members' kept networks as one `UNetEnsemble` to `<out>/models/unet.pt` and return
+    `fit_unet`'s dict: the first member's history and metrics (as a single run's), `members`,
+    `training_runs` and `record` (run.json's "unet" entry: the ensemble's path and sha256, the
+    first member's history, and each member's own record under "members")."""
+    from jobs.common import RunFolder, sha256_file
+    from wsseg_core.unet import UNetEnsemble, load_unet, save_unet
+
+    run = RunFolder(out)
+    nets, pre = [], None
+    for fit in fits:
+        net, p, _ = load_unet(fit["checkpoint"])
+        if pre is not None and p.to_dict() != pre.to_dict():
+            raise ValueError(f"{fit['checkpoint']}: ensemble members were trained with different "
+                             f"preprocessors ({p.to_dict()} vs {pre.to_dict()})")
+        nets.append(net)
+        pre = p
+    dest = run.model(CKPT_FILE)
+    save_unet(dest, UNetEnsemble(nets), pre,
+              meta={"members": [{"run_name": f.get("run_name"), "kept_epoch": f.get("kept_epoch"),
+                                 KEEP_METRIC: f["best"].get(KEEP_METRIC)} for f in fits]})
+    run.publish(dest)
+    first = fits[0]
+    record = {**first["record"], "path": run.where(dest), "sha256": sha256_file(dest),
+              "members": [f["record"] for f in fits]}
+    return {**first, "checkpoint": str(dest), "members": fits, "record": record,
+            "training_runs": {member_name("unet", k): training_run(f) for k, f in enumerate(fits)}}
 
 
 def not_learned_reason(entry: dict[str, Any], bar: float = MIN_LEARNED_VAL_DICE) -> str | None:
@@ -343,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-steps", type=int, default=None,
                    help="validate every ceil(N / steps per epoch) epochs and the last; 0: every "
                         "epoch (default: every epoch, both presets; 50 cost the demo's U-Net 0.06 test Dice)")
+    p.add_argument("--members", type=int, default=1,
+                   help="an ensemble of N networks (training seeds --seed ... --seed + N - 1; N trainings), "
+                        "scored as the mean of their probabilities (default 1: one network)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch, split across --num-workers (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the preset's (small 2e-3, paper 5e-5)")
@@ -379,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = fit_unet(train, val, args.out, **cli_kwargs(args), tumour_weight=args.tumour_weight,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    storage_path=args.storage_path, name=args.name,
-                   max_failures=args.max_failures, seed=args.seed)
+                   max_failures=args.max_failures, seed=args.seed, members=args.members)
     dices = [h.get(KEEP_METRIC, float("nan")) for h in res["history"]]
     best = max((d for d in dices if d == d), default=float("nan"))
     res["threshold"] = tune_threshold(val, args.out, train)

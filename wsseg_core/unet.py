@@ -64,7 +64,9 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHECKPOINT_FORMAT = "wsseg.UNet2D"
-CHECKPOINT_VERSION = 1
+#: 2: a file may hold a ``UNetEnsemble`` (config ``{"members": [...]}``); a single network is
+#: still written as version 1, so older code keeps reading those.
+CHECKPOINT_VERSION = 2
 
 # Paper training hyper-parameters (Sec. 2.3.3).
 PAPER_LR = 5e-5
@@ -191,6 +193,46 @@ class UNet2D(nn.Module):
                 f"context={self.context}")
 
 
+class UNetEnsemble(nn.Module):
+    """U-Nets of the same configuration trained from different seeds, used as one network.
+
+    ``forward`` returns ``log`` of the members' mean softmax, so ``softmax(forward(x))`` is their
+    mean tumour probability: every consumer of a U-Net's logits (``predict_volume_unet``,
+    ``choose_threshold``, the scorer) averages the members without knowing it.
+
+    Why (issue 23): one training draw of the small preset moved the test median Dice by up to 0.13
+    on the same split (demo 0.62-0.74, hot30 0.38-0.51), more than any training change measured.
+    Averaging three draws' probabilities was at or above the mean of the three single networks on
+    all five cohorts measured (docs/UNET_EXPERIMENTS.md, "U-Net: an ensemble of training draws").
+
+    Args:
+        members: one or more ``UNet2D`` of equal ``in_channels``, ``num_classes`` and ``context``.
+    """
+
+    def __init__(self, members: Sequence[UNet2D]) -> None:
+        super().__init__()
+        members = list(members)
+        if not members or not all(isinstance(m, UNet2D) for m in members):
+            raise ValueError(f"an ensemble needs one or more UNet2D members, got {members!r}")
+        for key in ("in_channels", "num_classes", "context"):
+            vals = {getattr(m, key) for m in members}
+            if len(vals) > 1:
+                raise ValueError(f"ensemble members differ in {key}: {sorted(vals)}")
+        self.members = nn.ModuleList(members)
+        self.context = members[0].context
+        self.in_channels = members[0].in_channels
+        self.num_classes = members[0].num_classes
+        self.input_size = members[0].input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x as ``UNet2D.forward`` -> (B, num_classes, H, W) log mean probability."""
+        prob = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(prob.clamp_min(1e-12))
+
+    def extra_repr(self) -> str:
+        return f"members={len(self.members)}"
+
+
 def pet_log_transform(pet: torch.Tensor, k: float) -> torch.Tensor:
     """``log(1 + k p) / log(1 + k)`` of the PET channel p in [0, 1] (``k`` > 0): 0 -> 0, 1 -> 1,
     monotone, and with p = SUV / suv_max and k = suv_max it is ``log(1 + SUV) / log(1 + suv_max)``.
@@ -266,39 +308,50 @@ def build_unet(preset: str = "paper", base: int | None = None, input_size: int |
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+def _unet_config(net: UNet2D) -> dict[str, Any]:
+    return {"base": int(net.base), "input_size": int(net.input_size),
+            "in_channels": int(net.in_channels), "num_classes": int(net.num_classes),
+            "batch_norm": bool(net.batch_norm), "pet_log": float(net.pet_log),
+            "ct_soft": None if net.ct_soft is None else list(net.ct_soft),
+            "context": int(net.context)}
+
+
+def _build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
+    if "members" in cfg:
+        return UNetEnsemble([_build_from_config(c) for c in cfg["members"]])
+    return UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
+                  in_channels=int(cfg.get("in_channels", 2)), num_classes=int(cfg.get("num_classes", 2)),
+                  batch_norm=bool(cfg.get("batch_norm", True)), pet_log=float(cfg.get("pet_log", 0.0)),
+                  ct_soft=cfg.get("ct_soft"), context=int(cfg.get("context", 0)))
+
+
 def save_unet(path: str | os.PathLike, model: nn.Module, pre: SlicePreprocessor,
               meta: Mapping[str, Any] | None = None) -> None:
     """Write {format, version, state_dict, config, preprocessor, meta} atomically (temp + replace).
 
-    ``model`` may be DDP-wrapped (its ``.module`` is saved), weights go to CPU; ``meta`` must be
-    JSON-able so the file loads with ``torch.load(weights_only=True)``.
+    ``model`` is a ``UNet2D`` (written as version 1) or a ``UNetEnsemble`` (version 2, config
+    ``{"members": [config, ...]}``); it may be DDP-wrapped (its ``.module`` is saved), weights go
+    to CPU; ``meta`` must be JSON-able so the file loads with ``torch.load(weights_only=True)``.
     """
     bare = getattr(model, "module", model)
-    if not isinstance(bare, UNet2D):
-        raise TypeError(f"expected a UNet2D, got {type(bare).__name__}")
-    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
-                    config={"base": int(bare.base), "input_size": int(bare.input_size),
-                            "in_channels": int(bare.in_channels), "num_classes": int(bare.num_classes),
-                            "batch_norm": bool(bare.batch_norm), "pet_log": float(bare.pet_log),
-                            "ct_soft": None if bare.ct_soft is None else list(bare.ct_soft),
-                            "context": int(bare.context)},
+    if isinstance(bare, UNetEnsemble):
+        config, version = {"members": [_unet_config(m) for m in bare.members]}, CHECKPOINT_VERSION
+    elif isinstance(bare, UNet2D):
+        config, version = _unet_config(bare), 1
+    else:
+        raise TypeError(f"expected a UNet2D or UNetEnsemble, got {type(bare).__name__}")
+    save_checkpoint(path, bare, fmt=CHECKPOINT_FORMAT, version=version, config=config,
                     meta=meta, preprocessor=pre.to_dict())
 
 
-def load_unet(path: str | os.PathLike) -> tuple[UNet2D, SlicePreprocessor, dict]:
-    """Load a ``save_unet`` file -> (model in eval mode on CPU, preprocessor, meta dict).
+def load_unet(path: str | os.PathLike) -> tuple[nn.Module, SlicePreprocessor, dict]:
+    """Load a ``save_unet`` file -> (``UNet2D`` or ``UNetEnsemble`` in eval mode on CPU,
+    preprocessor, meta dict).
 
     Raises ValueError (naming the path) for a missing, unreadable or foreign file.
     """
-    model, ckpt = load_checkpoint(
-        path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="U-Net",
-        build=lambda cfg: UNet2D(base=int(cfg["base"]), input_size=int(cfg["input_size"]),
-                                 in_channels=int(cfg.get("in_channels", 2)),
-                                 num_classes=int(cfg.get("num_classes", 2)),
-                                 batch_norm=bool(cfg.get("batch_norm", True)),
-                                 pet_log=float(cfg.get("pet_log", 0.0)),
-                                 ct_soft=cfg.get("ct_soft"),
-                                 context=int(cfg.get("context", 0))))
+    model, ckpt = load_checkpoint(path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                                  what="U-Net", build=_build_from_config)
     return model, SlicePreprocessor.from_dict(ckpt["preprocessor"]), dict(ckpt.get("meta") or {})
 
 

@@ -20,7 +20,7 @@ demo: setup  ## phantom cohort -> train -> tune -> score -> analyze, on the smal
 	$(BIN)/python -m jobs.pipeline --out $(OUT)
 
 demo-all: setup  ## all eight methods in one run on the small preset; prints them beside the papers' numbers
-	$(BIN)/python -m jobs.pipeline --out $(OUT_ALL) --methods CAM GradCAM GradCAM++ ScoreCAM Threshold UNet MIP-CAM BoxFCN
+	$(BIN)/python -m jobs.pipeline --out $(OUT_ALL) --methods CAM GradCAM GradCAM++ ScoreCAM Threshold UNet MIP-CAM BoxFCN --unet-members 3
 
 test: setup  ## the whole test suite (CI runs exactly this)
 	$(BIN)/python -m pytest -q
